@@ -1,0 +1,2 @@
+//! Files of a Hugging Face checkpoint directory.
+pub mod tokenizer;

@@ -1,0 +1,66 @@
+//! One error type for the whole crate. Every error names the file and, where
+//! there is one, the tensor; `exit_code` maps errors to the CLI contract
+//! (1 = bad input or failed check, 2 = usage error).
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command line itself is wrong (conflicting flags, missing arguments).
+    #[error("usage: {0}")]
+    Usage(String),
+    /// A file is malformed or does not match what the recipe expects.
+    #[error("{}: {msg}", path.display())]
+    Input { path: PathBuf, msg: String },
+    /// One tensor inside a file is malformed (shape, dtype, values).
+    #[error("{}: tensor '{tensor}': {msg}", path.display())]
+    Tensor { path: PathBuf, tensor: String, msg: String },
+    /// An operating-system error while reading or writing a path.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    /// Anything else (numerical backends, CUDA, internal invariants).
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+    pub fn tensor(path: impl AsRef<Path>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Tensor { path: path.as_ref().to_path_buf(), tensor: tensor.into(), msg: msg.into() }
+    }
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+    pub fn other(msg: impl Into<String>) -> Self {
+        Error::Other(msg.into())
+    }
+    /// The process exit code this error maps to.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Other(format!("tensor backend: {e}"))
+    }
+}
+
+/// Attach a path to an io::Result.
+pub trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

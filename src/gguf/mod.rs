@@ -1,0 +1,3 @@
+//! The GGUF container: value types, a streaming writer and an mmap reader.
+pub mod types;
+pub use types::*;

@@ -1,0 +1,1 @@
+//! Model runtime (owned by the model helper).

@@ -1,0 +1,1 @@
+//! Block quantizers (owned by the quant helper).
