@@ -1,2 +1,6 @@
-//! Files of a Hugging Face checkpoint directory.
+//! Files of a Hugging Face checkpoint directory: config.json, weights, tokenizer, vision tower.
+pub mod config;
+pub mod store;
 pub mod tokenizer;
+pub use config::{LlavaConfig, SelectLayers};
+pub use store::{SrcTensor, TensorStore};

@@ -1,0 +1,284 @@
+//! Source tensors of a checkpoint: safetensors (memory-mapped, zero-copy) or PyTorch zip
+//! pickles (read lazily, one tensor at a time), single file or shards with an index.
+use crate::error::{Error, IoContext, Result};
+use crate::gguf::GgmlType;
+use memmap2::Mmap;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+/// Element types accepted in source checkpoints.
+pub fn src_dtype_name(ty: GgmlType) -> &'static str {
+    match ty {
+        GgmlType::BF16 => "bf16",
+        GgmlType::F16 => "f16",
+        GgmlType::F32 => "f32",
+        _ => "?",
+    }
+}
+
+/// A tensor read from a source file: its element type (F32/F16/BF16), PyTorch shape and bytes.
+#[derive(Debug)]
+pub struct SrcTensor<'a> {
+    pub ty: GgmlType,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub ty: GgmlType,
+    pub shape: Vec<usize>,
+    pub file: usize,
+    /// Byte range inside the mmap (safetensors) — unused for pickles.
+    pub range: (usize, usize),
+}
+
+enum Backing {
+    Safetensors(Mmap),
+    Pth(candle_core::pickle::PthTensors),
+}
+
+/// All tensors of a set of files, addressed by name.
+pub struct TensorStore {
+    files: Vec<(PathBuf, Backing)>,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Resolve a shard name from an index file, refusing anything that leaves the checkpoint directory.
+fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if name.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::input(index, format!("shard path '{name}' must be a plain file name inside the checkpoint directory")));
+    }
+    Ok(dir.join(p))
+}
+
+fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
+    let text = std::fs::read_to_string(index).at(index)?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input(index, format!("invalid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::input(index, "no \"weight_map\" object"))?;
+    let mut shards: Vec<PathBuf> = vec![];
+    let mut routing = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::input(index, format!("weight_map['{tensor}'] is not a string")))?;
+        let path = shard_path(dir, index, file)?;
+        let i = match shards.iter().position(|s| *s == path) {
+            Some(i) => i,
+            None => {
+                shards.push(path);
+                shards.len() - 1
+            }
+        };
+        routing.insert(tensor.clone(), i);
+    }
+    // Shard order by name, so "last shard" has its usual meaning.
+    let mut order: Vec<usize> = (0..shards.len()).collect();
+    order.sort_by(|&a, &b| shards[a].cmp(&shards[b]));
+    let remap: BTreeMap<usize, usize> = order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let sorted = order.iter().map(|&i| shards[i].clone()).collect();
+    Ok((sorted, routing.into_iter().map(|(k, i)| (k, remap[&i])).collect()))
+}
+
+fn safetensors_dtype(path: &Path, name: &str, d: safetensors::Dtype) -> Result<GgmlType> {
+    Ok(match d {
+        safetensors::Dtype::BF16 => GgmlType::BF16,
+        safetensors::Dtype::F16 => GgmlType::F16,
+        safetensors::Dtype::F32 => GgmlType::F32,
+        other => return Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"))),
+    })
+}
+
+impl TensorStore {
+    /// Open the weights of a checkpoint directory: `model.safetensors.index.json`, `model.safetensors`,
+    /// `pytorch_model.bin.index.json` or `pytorch_model.bin`, in that order of preference.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let st_index = dir.join("model.safetensors.index.json");
+        let st_single = dir.join("model.safetensors");
+        let pt_index = dir.join("pytorch_model.bin.index.json");
+        let pt_single = dir.join("pytorch_model.bin");
+        if st_index.exists() {
+            let (shards, routing) = parse_index(dir, &st_index)?;
+            Self::open_safetensors(&shards, Some((&st_index, routing)))
+        } else if st_single.exists() {
+            Self::open_safetensors(&[st_single], None)
+        } else if pt_index.exists() {
+            let (shards, routing) = parse_index(dir, &pt_index)?;
+            Self::open_pth(&shards, Some((&pt_index, routing)))
+        } else if pt_single.exists() {
+            Self::open_pth(&[pt_single], None)
+        } else {
+            Err(Error::input(
+                dir,
+                "no weights found (looked for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json, pytorch_model.bin)",
+            ))
+        }
+    }
+
+    /// Check that every tensor the index names is in the shard it names, and nothing else is there.
+    fn check_routing(&self, index: &Path, routing: &BTreeMap<String, usize>) -> Result<()> {
+        for (name, &shard) in routing {
+            match self.entries.get(name) {
+                None => {
+                    return Err(Error::tensor(index, name, format!("listed in the index but not found in {}", self.files[shard].0.display())))
+                }
+                Some(e) if e.file != shard => {
+                    return Err(Error::tensor(
+                        index,
+                        name,
+                        format!("index says {}, but it is in {}", self.files[shard].0.display(), self.files[e.file].0.display()),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(extra) = self.entries.keys().find(|k| !routing.contains_key(*k)) {
+            let e = &self.entries[extra];
+            return Err(Error::tensor(&self.files[e.file].0, extra, format!("not listed in {}", index.display())));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, path: &Path, name: String, entry: Entry) -> Result<()> {
+        if let Some(prev) = self.entries.get(&name) {
+            return Err(Error::tensor(path, &name, format!("also present in {}", self.files[prev.file].0.display())));
+        }
+        self.entries.insert(name, entry);
+        Ok(())
+    }
+
+    pub fn open_safetensors(paths: &[PathBuf], index: Option<(&Path, BTreeMap<String, usize>)>) -> Result<Self> {
+        let mut store = TensorStore { files: vec![], entries: BTreeMap::new() };
+        for (fi, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| match index {
+                Some((ix, _)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Error::input(path, format!("shard named in {} is missing", ix.display()))
+                }
+                _ => Error::io(path, e),
+            })?;
+            // SAFETY: read-only map of a file we do not modify; safetensors validates the header.
+            let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+            let _ = mmap.advise(memmap2::Advice::Sequential);
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+                .map_err(|e| Error::input(path, format!("invalid safetensors file: {e}")))?;
+            let data_start = 8 + header_len;
+            let mut entries = vec![];
+            for (name, info) in meta.tensors() {
+                let ty = safetensors_dtype(path, &name, info.dtype)?;
+                let (s, e) = info.data_offsets;
+                entries.push((name, Entry { ty, shape: info.shape.clone(), file: fi, range: (data_start + s, data_start + e) }));
+            }
+            store.files.push((path.clone(), Backing::Safetensors(mmap)));
+            for (name, e) in entries {
+                store.insert(path, name, e)?;
+            }
+        }
+        if let Some((ix, routing)) = index {
+            store.check_routing(ix, &routing)?;
+        }
+        Ok(store)
+    }
+
+    pub fn open_pth(paths: &[PathBuf], index: Option<(&Path, BTreeMap<String, usize>)>) -> Result<Self> {
+        let mut store = TensorStore { files: vec![], entries: BTreeMap::new() };
+        for (fi, path) in paths.iter().enumerate() {
+            if !path.exists() {
+                let why = match &index {
+                    Some((ix, _)) => format!("shard named in {} is missing", ix.display()),
+                    None => "file is missing".into(),
+                };
+                return Err(Error::input(path, why));
+            }
+            let pth = candle_core::pickle::PthTensors::new(path, None)
+                .map_err(|e| Error::input(path, format!("cannot read PyTorch checkpoint: {e}")))?;
+            let mut entries = vec![];
+            for (name, info) in pth.tensor_infos() {
+                let ty = match info.dtype {
+                    candle_core::DType::BF16 => GgmlType::BF16,
+                    candle_core::DType::F16 => GgmlType::F16,
+                    candle_core::DType::F32 => GgmlType::F32,
+                    other => return Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"))),
+                };
+                entries.push((name.clone(), Entry { ty, shape: info.layout.dims().to_vec(), file: fi, range: (0, 0) }));
+            }
+            store.files.push((path.clone(), Backing::Pth(pth)));
+            for (name, e) in entries {
+                store.insert(path, name, e)?;
+            }
+        }
+        if let Some((ix, routing)) = index {
+            store.check_routing(ix, &routing)?;
+        }
+        Ok(store)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|e| self.files[e.file].0.as_path())
+    }
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+    pub fn last_file(&self) -> Option<&Path> {
+        self.files.last().map(|(p, _)| p.as_path())
+    }
+
+    /// The bytes of one tensor, little-endian, C order.
+    pub fn get(&self, name: &str) -> Result<SrcTensor<'_>> {
+        let e = self.entries.get(name).ok_or_else(|| Error::other(format!("tensor '{name}' is not in the checkpoint")))?;
+        let (path, backing) = &self.files[e.file];
+        match backing {
+            Backing::Safetensors(mmap) => Ok(SrcTensor { ty: e.ty, shape: e.shape.clone(), data: Cow::Borrowed(&mmap[e.range.0..e.range.1]) }),
+            Backing::Pth(pth) => {
+                let t = pth
+                    .get(name)
+                    .map_err(|err| Error::tensor(path, name, format!("cannot read tensor data: {err}")))?
+                    .ok_or_else(|| Error::tensor(path, name, "not found"))?;
+                let flat = t.flatten_all().map_err(|err| Error::tensor(path, name, err.to_string()))?;
+                let bytes: Vec<u8> = match e.ty {
+                    GgmlType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
+                    GgmlType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
+                    _ => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
+                };
+                Ok(SrcTensor { ty: e.ty, shape: e.shape.clone(), data: Cow::Owned(bytes) })
+            }
+        }
+    }
+
+    /// Tell the kernel we are done with a tensor's pages (keeps RSS near one tensor).
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            if let Backing::Safetensors(mmap) = &self.files[e.file].1 {
+                let (s, end) = e.range;
+                let page = 4096;
+                let s = s / page * page;
+                if end > s {
+                    // SAFETY: the pages are clean, read-only file pages; dropping them only forces re-reads.
+                    let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s) };
+                }
+            }
+        }
+    }
+}
+
+/// Convert source bytes of type F32/F16/BF16 to f32.
+pub fn to_f32(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
+    out.clear();
+    match ty {
+        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
+        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        _ => unreachable!("source tensors are F32/F16/BF16"),
+    }
+}

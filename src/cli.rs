@@ -1,0 +1,286 @@
+//! Command-line interface: clap definitions, output formatting, exit codes. No conversion logic.
+use crate::convert::{self, ConvertOptions};
+use crate::error::{Error, Result};
+use crate::gguf::{FileType, GgmlType};
+use crate::quantize::{self, QuantizeOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// The bundled fixture, used when hf-to-gguf is run without a checkpoint.
+pub const FIXTURE_CHECKPOINT: &str = "fixtures/tiny-llava-mmfuser";
+pub const FIXTURE_TOWER: &str = "fixtures/tiny-clip";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mmfuser-convert",
+    version,
+    about = "Convert LLaVA-MMFuser checkpoints to GGUF, quantize them, and verify the result.",
+    long_about = "Convert LLaVA-MMFuser (and plain LLaVA-1.5) checkpoints into the two GGUF files llama.cpp-style \
+runtimes use: the language model (which stock llama.cpp loads) and an mmproj file (CLIP tower + MMFuser fuser + \
+MLP projector). Quantize the language model to Q8_0 / Q4_K_M byte-identically to llama.cpp's llama-quantize, \
+keeping the fuser in F16.\n\nExit codes: 0 success, 1 bad input or failed check, 2 usage error.",
+    after_help = "Examples:\n  mmfuser-convert hf-to-gguf                       # the bundled tiny fixture -> ./out\n  \
+mmfuser-convert hf-to-gguf ~/llava-mmfuser-7b --vision-tower ~/clip-vit-large-patch14-336\n  \
+mmfuser-convert quantize --bits 4 out/llava-mmfuser-7b-F16.gguf\n  \
+mmfuser-convert quantize --bits 4 ~/llava-mmfuser-7b --vision-tower ~/clip   # checkpoint -> Q4_K_M in one pass"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OutType {
+    F16,
+    Bf16,
+    F32,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert a Hugging Face checkpoint directory into <name>-F16.gguf (LLM) and mmproj-<name>-F16.gguf.
+    #[command(
+        long_about = "Convert a LLaVA-MMFuser (or LLaVA-1.5) checkpoint directory into two GGUF files:\n  \
+<name>-<TYPE>.gguf         the LLaMA language model, loadable by stock llama.cpp\n  \
+mmproj-<name>-<TYPE>.gguf  CLIP vision tower (only the blocks needed) + MMFuser fuser + MLP projector\n\
+and <name>-<TYPE>.manifest.json (sha256 of every input and output, the tensor mapping).\n\n\
+Reads safetensors (single or sharded) or PyTorch .bin (single or sharded) in bf16/f16/f32, one tensor at a \
+time (memory stays near the largest tensor). Output goes to a temporary file renamed into place when complete: \
+on any error nothing is left behind.\n\nWithout CHECKPOINT_DIR, converts the bundled fixture \
+(fixtures/tiny-llava-mmfuser with --vision-tower fixtures/tiny-clip)."
+    )]
+    HfToGguf {
+        /// Checkpoint directory (config.json, weights, tokenizer.model). Default: the bundled fixture.
+        checkpoint: Option<PathBuf>,
+        /// Hugging Face CLIP directory (the model named by mm_vision_tower), if the checkpoint does not embed the tower.
+        #[arg(long, value_name = "DIR")]
+        vision_tower: Option<PathBuf>,
+        /// Output directory.
+        #[arg(short = 'o', long, value_name = "DIR", default_value = "out")]
+        out_dir: PathBuf,
+        /// Type of the 2-D weights (norms, biases and other 1-D tensors stay F32; the fuser stays F16 unless f32).
+        #[arg(long, value_enum, default_value = "f16")]
+        outtype: OutType,
+        /// Model name for file names and general.name (default: the checkpoint directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Convert tensors that contain NaN or Inf instead of failing.
+        #[arg(long)]
+        allow_nonfinite: bool,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print a JSON summary on stdout (schema: schemas/hf-to-gguf-summary.schema.json).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quantize an LLM GGUF (or a checkpoint directory, in one pass) to Q8_0, Q4_K_M, ... like llama-quantize.
+    #[command(
+        long_about = "Quantize the language model byte-identically to llama.cpp's llama-quantize (reference \
+quantizers, no importance matrix): the same type per tensor (Q4_K_M keeps output.weight and some attn_v / \
+ffn_down layers in Q6_K), the same block bytes, the same metadata.\n\n\
+INPUT is an F32/F16/BF16 LLM GGUF, or a checkpoint directory (then conversion and quantization happen in one \
+streaming pass with no F16 intermediate, and the mmproj is written alongside).\n\
+An mmproj file is only quantized with --vision-type Q8_0, which quantizes the CLIP encoder blocks; the MMFuser \
+fuser is never quantized.\n\nDefault output: <name>-<TYPE>.gguf beside the input (<name> without its -F16 suffix)."
+    )]
+    Quantize {
+        /// LLM GGUF file, mmproj GGUF file, or checkpoint directory.
+        input: PathBuf,
+        /// Output file (GGUF input) .
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// 8 -> Q8_0, 4 -> Q4_K_M.
+        #[arg(long, value_parser = ["8", "4"], conflicts_with = "type")]
+        bits: Option<String>,
+        /// Explicit llama.cpp file type: Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q6_K, F16.
+        #[arg(long = "type", value_name = "TYPE")]
+        r#type: Option<String>,
+        /// Quantize the CLIP tower's matrices too (mmproj or checkpoint input): Q8_0.
+        #[arg(long, value_name = "TYPE")]
+        vision_type: Option<String>,
+        /// CLIP directory for a checkpoint input (see hf-to-gguf).
+        #[arg(long, value_name = "DIR")]
+        vision_tower: Option<PathBuf>,
+        /// Output directory for a checkpoint input.
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        out_dir: PathBuf,
+        /// Quantize tensors containing NaN or Inf values anyway (F16 passes them; quantizers still refuse).
+        #[arg(long)]
+        allow_nonfinite: bool,
+        /// Threads (default: all cores). Output bytes do not depend on it.
+        #[arg(short = 't', long)]
+        threads: Option<usize>,
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print a JSON summary on stdout, with each tensor's type and relative RMS quantization error.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn outtype_file_type(o: OutType) -> FileType {
+    match o {
+        OutType::F16 => FileType::MostlyF16,
+        OutType::Bf16 => FileType::MostlyBF16,
+        OutType::F32 => FileType::AllF32,
+    }
+}
+
+/// Accepted --type names: the quantize targets.
+pub const QUANT_TYPES: &[&str] = &["Q8_0", "Q4_0", "Q4_K_S", "Q4_K_M", "Q6_K", "F16"];
+
+fn parse_file_type(bits: Option<&str>, ty: Option<&str>) -> Result<Option<FileType>> {
+    match (bits, ty) {
+        (Some("8"), None) => Ok(Some(FileType::MostlyQ8_0)),
+        (Some("4"), None) => Ok(Some(FileType::MostlyQ4KM)),
+        (None, Some(t)) => {
+            let ok = QUANT_TYPES.iter().any(|q| q.eq_ignore_ascii_case(t));
+            match FileType::from_name(t) {
+                Some(ft) if ok => Ok(Some(ft)),
+                _ => Err(Error::usage(format!("--type {t} is not supported; choose one of {}", QUANT_TYPES.join(", ")))),
+            }
+        }
+        (None, None) => Ok(None),
+        _ => Err(Error::usage("give either --bits or --type, not both")),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    let mb = b as f64 / (1u64 << 20) as f64;
+    if mb >= 1024.0 {
+        format!("{:.2} GiB", mb / 1024.0)
+    } else {
+        format!("{mb:.2} MiB")
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::other(e.to_string()))?);
+    Ok(())
+}
+
+fn print_convert(s: &convert::ConvertSummary) {
+    for o in &s.outputs {
+        println!("wrote {}  ({}, {} tensors, {}, sha256 {})", o.path.display(), o.kind, o.tensors, human_bytes(o.bytes), &o.sha256[..16]);
+    }
+    println!("wrote {}", s.manifest.display());
+    println!(
+        "recipe {}: {} tensors written, {} dropped (unused vision blocks etc.), {} in {:.2} s, peak memory {}",
+        s.recipe,
+        s.tensors_written,
+        s.tensors_dropped,
+        human_bytes(s.bytes_written),
+        s.seconds,
+        human_bytes(s.peak_rss_bytes)
+    );
+}
+
+fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
+    match cli.command {
+        Command::HfToGguf { checkpoint, vision_tower, out_dir, outtype, name, allow_nonfinite, quiet, json } => {
+            let (checkpoint, vision_tower) = match checkpoint {
+                Some(c) => (c, vision_tower),
+                None => {
+                    let c = PathBuf::from(FIXTURE_CHECKPOINT);
+                    if !c.is_dir() {
+                        return Err(Error::usage(format!("no CHECKPOINT_DIR given and the bundled fixture {FIXTURE_CHECKPOINT} is not here (run from the repository root)")));
+                    }
+                    eprintln!("no checkpoint given: converting the bundled fixture {FIXTURE_CHECKPOINT} (vision tower {FIXTURE_TOWER})");
+                    (c, vision_tower.or_else(|| Some(PathBuf::from(FIXTURE_TOWER))))
+                }
+            };
+            let opts = ConvertOptions {
+                checkpoint,
+                vision_tower,
+                out_dir,
+                file_type: outtype_file_type(outtype),
+                vision_type: None,
+                name,
+                allow_nonfinite,
+                quiet,
+                command_line: argv,
+            };
+            let s = convert::run(&opts)?;
+            if json {
+                print_json(&s)
+            } else {
+                print_convert(&s);
+                Ok(())
+            }
+        }
+        Command::Quantize { input, output, bits, r#type, vision_type, vision_tower, out_dir, allow_nonfinite, threads, quiet, json } => {
+            if let Some(n) = threads {
+                rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().map_err(|e| Error::other(e.to_string()))?;
+            }
+            let ft = parse_file_type(bits.as_deref(), r#type.as_deref())?;
+            let vt = match vision_type.as_deref() {
+                None => None,
+                Some(v) => match GgmlType::from_name(v) {
+                    Some(GgmlType::Q8_0) => Some(GgmlType::Q8_0),
+                    Some(GgmlType::F16) => None,
+                    _ => return Err(Error::usage(format!("--vision-type {v} is not supported (Q8_0, F16)"))),
+                },
+            };
+            if input.is_dir() {
+                let ft = ft.ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
+                if output.is_some() {
+                    return Err(Error::usage("-o names one file; with a checkpoint directory use --out-dir"));
+                }
+                let opts = ConvertOptions {
+                    checkpoint: input,
+                    vision_tower,
+                    out_dir,
+                    file_type: ft,
+                    vision_type: vt,
+                    name: None,
+                    allow_nonfinite,
+                    quiet,
+                    command_line: argv,
+                };
+                let s = convert::run(&opts)?;
+                return if json {
+                    print_json(&s)
+                } else {
+                    print_convert(&s);
+                    Ok(())
+                };
+            }
+            if vision_tower.is_some() {
+                return Err(Error::usage("--vision-tower applies to a checkpoint directory input"));
+            }
+            let opts = QuantizeOptions { input, output, file_type: ft, vision_type: vt, quiet, allow_nonfinite, command_line: argv };
+            let s = quantize::quantize_file(&opts)?;
+            if json {
+                print_json(&s)
+            } else {
+                let counts: Vec<String> = s.type_counts.iter().map(|(k, v)| format!("{v} x {k}")).collect();
+                println!("wrote {} ({}, {} tensors: {}, {}) in {:.2} s", s.output.path.display(), s.file_type, s.output.tensors, counts.join(", "), human_bytes(s.output.bytes), s.seconds);
+                println!("wrote {}", s.manifest.display());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Parse arguments, run, print errors; returns the process exit code.
+pub fn main() -> i32 {
+    let argv: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 2,
+            };
+        }
+    };
+    match run(cli, argv) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! hf-to-gguf: stream a checkpoint into the LLM GGUF and the mmproj GGUF, one tensor at a time,
+//! and write a manifest (sha256 of inputs and outputs, per-tensor mapping).
+use crate::checkpoint::tokenizer::{load_vocab, GgufVocab};
+use crate::error::{Error, Result};
+use crate::gguf::{FileType, GgmlType, GgufWriter, Metadata, TensorInfo, Value};
+use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
+use crate::progress::Progress;
+use crate::recipe::{DtypePolicy, Var};
+use crate::source::{Source, SourceRow};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub checkpoint: PathBuf,
+    pub vision_tower: Option<PathBuf>,
+    pub out_dir: PathBuf,
+    /// F32, F16 or BF16 (hf-to-gguf), or a quantized file type (direct quantization).
+    pub file_type: FileType,
+    /// Type for the CLIP tower's matrices when quantizing (default: stays F16).
+    pub vision_type: Option<GgmlType>,
+    pub name: Option<String>,
+    pub allow_nonfinite: bool,
+    pub quiet: bool,
+    pub command_line: Vec<String>,
+}
+
+/// What was written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertSummary {
+    pub recipe: String,
+    pub outputs: Vec<OutputRecord>,
+    pub manifest: PathBuf,
+    pub tensors_written: usize,
+    pub tensors_dropped: usize,
+    pub bytes_written: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// One planned output tensor.
+pub struct OutTensor {
+    pub info: TensorInfo,
+    pub row: usize,
+}
+
+/// An artefact about to be written.
+pub struct ArtefactPlan {
+    pub kind: String,
+    pub path: PathBuf,
+    pub file_type: FileType,
+    pub meta: Metadata,
+    pub tensors: Vec<OutTensor>,
+}
+
+/// GGUF tokenizer keys (convert_hf_to_gguf.py `_set_vocab_sentencepiece`; types as llama.cpp reads them).
+pub fn vocab_metadata(v: &GgufVocab, meta: &mut Metadata) {
+    meta.set("tokenizer.ggml.model", Value::String(v.model.clone()));
+    meta.set("tokenizer.ggml.pre", Value::String(v.pre.clone()));
+    meta.set("tokenizer.ggml.tokens", Value::strings(v.tokens.iter().cloned()));
+    meta.set("tokenizer.ggml.scores", Value::f32s(v.scores.iter().copied()));
+    meta.set("tokenizer.ggml.token_type", Value::i32s(v.token_types.iter().copied()));
+    for (k, id) in [
+        ("tokenizer.ggml.bos_token_id", v.bos_id),
+        ("tokenizer.ggml.eos_token_id", v.eos_id),
+        ("tokenizer.ggml.unknown_token_id", v.unk_id),
+        ("tokenizer.ggml.padding_token_id", v.pad_id),
+    ] {
+        if let Some(id) = id {
+            meta.set(k, Value::U32(id));
+        }
+    }
+    for (k, b) in [
+        ("tokenizer.ggml.add_bos_token", v.add_bos),
+        ("tokenizer.ggml.add_eos_token", v.add_eos),
+        ("tokenizer.ggml.add_space_prefix", v.add_space_prefix),
+    ] {
+        if let Some(b) = b {
+            meta.set(k, Value::Bool(b));
+        }
+    }
+    if let Some(t) = &v.chat_template {
+        meta.set("tokenizer.chat_template", Value::String(t.clone()));
+    }
+}
+
+/// GGUF `ne` (reverse of the PyTorch shape).
+pub fn ne_of(shape: &[usize]) -> Vec<u64> {
+    shape.iter().rev().map(|&d| d as u64).collect()
+}
+
+/// Decide every output tensor's type and build the artefacts' metadata.
+pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<ArtefactPlan>> {
+    let name = opts.name.clone().unwrap_or_else(|| src.name.clone());
+    src.vars.set("name", Var::Str(name.clone()));
+    let ft = opts.file_type;
+    // The base type for non-quantized outputs; quantized file types start from F16 for the mmproj.
+    let float_out = match ft {
+        FileType::AllF32 => GgmlType::F32,
+        FileType::MostlyBF16 => GgmlType::BF16,
+        _ => GgmlType::F16,
+    };
+    let policy = DtypePolicy::load();
+    let vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
+    let mut plans = vec![];
+    for (ai, art) in src.recipe.artefacts.iter().enumerate() {
+        let art_ft = if art.kind == "llm" { ft } else { mmproj_file_type(ft, opts.vision_type) };
+        src.vars.set("file_type", Var::Int(art_ft.id() as i64));
+        let mut meta = src.vars.metadata(&art.metadata)?;
+        if art.tokenizer {
+            vocab_metadata(&vocab, &mut meta);
+        }
+        let mut tensors: Vec<OutTensor> = src
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.artefact == ai)
+            .map(|(i, r)| {
+                let ty = policy.choose(&r.row.dst, r.row.shape.len(), float_out);
+                OutTensor { info: TensorInfo { name: r.row.dst.clone(), ne: ne_of(&r.row.shape), ty }, row: i }
+            })
+            .collect();
+        crate::quantize::apply_mixture(&art.kind, ft, opts.vision_type, &src.hparams, &mut tensors, &mut meta)?;
+        let file = art.file.replace("{name}", &name).replace("{ftype}", ft.name());
+        plans.push(ArtefactPlan { kind: art.kind.clone(), path: opts.out_dir.join(file), file_type: art_ft, meta, tensors });
+    }
+    Ok(plans)
+}
+
+/// The mmproj's own file type: F16/F32/BF16 follow --outtype; under quantization it stays F16
+/// unless the vision tower is quantized too.
+fn mmproj_file_type(ft: FileType, vision_type: Option<GgmlType>) -> FileType {
+    match (ft, vision_type) {
+        (FileType::AllF32 | FileType::MostlyBF16 | FileType::MostlyF16, _) => ft,
+        (_, Some(GgmlType::Q8_0)) => FileType::MostlyQ8_0,
+        _ => FileType::MostlyF16,
+    }
+}
+
+/// True if any value is NaN or ±Inf; returns the first index.
+pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
+    match ty {
+        GgmlType::F32 => bytes.chunks_exact(4).position(|c| u32::from_le_bytes(c.try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000),
+        GgmlType::F16 => bytes.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        GgmlType::BF16 => bytes.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        _ => None,
+    }
+}
+
+/// Write one artefact. Returns the record for the manifest and per-tensor records.
+pub fn write_artefact(src: &Source, plan: &ArtefactPlan, opts: &ConvertOptions, progress: &Progress) -> Result<(OutputRecord, Vec<TensorRecord>)> {
+    let infos: Vec<TensorInfo> = plan.tensors.iter().map(|t| t.info.clone()).collect();
+    let mut w = GgufWriter::create(&plan.path, &plan.meta, infos)?;
+    let mut records = vec![];
+    for t in &plan.tensors {
+        let r: &SourceRow = &src.rows[t.row];
+        let file = src.file_of(r);
+        let data = src.read(r)?;
+        if !opts.allow_nonfinite {
+            if let Some(i) = first_nonfinite(data.ty, &data.data) {
+                return Err(Error::tensor(&file, &r.row.src, format!("element {i} is NaN or infinite (pass --allow-nonfinite to convert it anyway)")));
+            }
+        }
+        let row_len = *r.row.shape.last().unwrap_or(&1);
+        w.begin_tensor(&t.info.name)?;
+        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, |b| w.put_data(b)).map_err(|e| match e {
+            Error::Other(m) => Error::tensor(&file, &r.row.src, m),
+            e => e,
+        })?;
+        w.end_tensor()?;
+        src.store(r.store).release(&r.row.src);
+        progress.inc(data.data.len() as u64, &t.info.name);
+        records.push(TensorRecord {
+            source: r.row.src.clone(),
+            source_file: file.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+            dtype: src.dtype_name(r).to_string(),
+            shape: r.row.shape.clone(),
+            gguf: t.info.name.clone(),
+            artefact: plan.kind.clone(),
+            ggml_type: t.info.ty.name().to_string(),
+            quant_rel_rms: if t.info.ty.is_quantized() { Some(stats.rel_rms()) } else { None },
+        });
+    }
+    let (path, bytes, sha) = w.finish()?;
+    Ok((
+        OutputRecord { kind: plan.kind.clone(), path: path.clone(), bytes, sha256: sha, file_type: plan.file_type.name().to_string(), tensors: plan.tensors.len() },
+        records,
+    ))
+}
+
+/// The whole hf-to-gguf (or checkpoint -> quantized) run.
+pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
+    let t0 = Instant::now();
+    let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
+    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    crate::fsutil::cleanup_stale_temps(&opts.out_dir);
+    let plans = plan_artefacts(&mut src, opts)?;
+    // Hash the inputs on another thread while converting (the OS shares the page cache).
+    let inputs = src.input_files();
+    let hasher = std::thread::spawn(move || manifest::hash_files(&inputs));
+    let total: u64 = plans
+        .iter()
+        .flat_map(|p| p.tensors.iter())
+        .map(|t| src.store(src.rows[t.row].store).entry(&src.rows[t.row].row.src).map(|e| (e.range.1 - e.range.0) as u64).unwrap_or(0))
+        .sum();
+    let progress = Progress::new(total, plans.iter().map(|p| p.tensors.len() as u64).sum(), opts.quiet);
+    let mut outputs = vec![];
+    let mut tensors = vec![];
+    let mut written_paths: Vec<PathBuf> = vec![];
+    for plan in &plans {
+        match write_artefact(&src, plan, opts, &progress) {
+            Ok((o, t)) => {
+                written_paths.push(o.path.clone());
+                outputs.push(o);
+                tensors.extend(t);
+            }
+            Err(e) => {
+                // All or nothing: remove artefacts of this run that were already renamed into place.
+                for p in &written_paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
+    progress.finish();
+    let input_hashes = hasher.join().map_err(|_| Error::other("input hashing thread panicked"))??;
+    let stem = format!("{}-{}", opts.name.clone().unwrap_or_else(|| src.name.clone()), opts.file_type.name());
+    let m = Manifest::new(&opts.command_line, &src.recipe.name, input_hashes, outputs.clone(), tensors, src.dropped.iter().map(|(_, n)| n.clone()).collect());
+    let manifest_path = opts.out_dir.join(format!("{stem}.manifest.json"));
+    if let Err(e) = m.write(&manifest_path) {
+        for p in &written_paths {
+            let _ = std::fs::remove_file(p);
+        }
+        return Err(e);
+    }
+    Ok(ConvertSummary {
+        recipe: src.recipe.name.clone(),
+        tensors_written: outputs.iter().map(|o| o.tensors).sum(),
+        tensors_dropped: src.dropped.len(),
+        bytes_written: outputs.iter().map(|o| o.bytes).sum(),
+        outputs,
+        manifest: manifest_path,
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: crate::progress::peak_rss_bytes(),
+    })
+}

@@ -1,0 +1,94 @@
+//! Writing files safely: everything goes to a temporary file in the destination directory
+//! and is renamed into place only when complete, so a crash or an error never leaves a
+//! half-written file under the final name.
+use crate::error::{Error, IoContext, Result};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Prefix of every temporary file we create; `cleanup_stale_temps` removes old ones.
+pub const TEMP_MARK: &str = ".mmfuser-partial-";
+
+/// A file being written. Dropped without `commit` => the temporary file is removed.
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    pub fn create(dest: impl AsRef<Path>) -> Result<Self> {
+        let dest = dest.as_ref().to_path_buf();
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::input(&dest, "destination has no file name"))?
+            .to_string_lossy()
+            .to_string();
+        let tmp = dir.join(format!("{TEMP_MARK}{}-{name}", std::process::id()));
+        let file = File::create(&tmp).at(&tmp)?;
+        Ok(AtomicFile { tmp, dest, file: Some(file) })
+    }
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("file is open until commit")
+    }
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+    /// Flush, fsync and rename into place.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let f = self.file.take().expect("commit once");
+        f.sync_all().at(&self.tmp)?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file().flush()
+    }
+}
+
+/// Write a whole small file atomically.
+pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(dest)?;
+    let tmp = f.temp_path().to_path_buf();
+    f.write_all(bytes).at(&tmp)?;
+    f.commit()?;
+    Ok(())
+}
+
+/// Remove temporary files left by a killed earlier run (their process no longer exists).
+pub fn cleanup_stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let mut removed = vec![];
+    let Ok(rd) = std::fs::read_dir(dir) else { return removed };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix(TEMP_MARK) else { continue };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}

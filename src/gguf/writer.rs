@@ -1,0 +1,202 @@
+//! Streaming GGUF v3 writer. Every tensor's size is known from its type and shape, so the
+//! whole header (metadata + tensor infos with offsets) is written first and tensor data then
+//! streams in order: memory holds one tensor at a time. Output goes to a temporary file that
+//! is renamed into place only after the last byte (see `fsutil::AtomicFile`).
+//! Hand-written: candle's writer needs every tensor in RAM and writes v2 (rust-crates.md §3).
+use super::types::*;
+use super::value::{encode_str, Metadata, Value};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::AtomicFile;
+use sha2::{Digest, Sha256};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// One tensor as it will appear in the file. `ne` is GGUF order (ne[0] contiguous).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub ne: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.ne.iter().product()
+    }
+    pub fn n_bytes(&self) -> Result<u64> {
+        if self.ne.first().copied().unwrap_or(1) % self.ty.block_size() as u64 != 0 {
+            return Err(Error::other(format!(
+                "tensor '{}': row length {} is not a multiple of the {} block size {}",
+                self.name,
+                self.ne[0],
+                self.ty,
+                self.ty.block_size()
+            )));
+        }
+        self.ty
+            .bytes_for(self.n_elements())
+            .ok_or_else(|| Error::other(format!("tensor '{}': size overflow", self.name)))
+    }
+}
+
+pub fn align_offset(x: u64, alignment: u64) -> u64 {
+    x + (alignment - x % alignment) % alignment
+}
+
+/// Validate names, dims and types, then lay out offsets. Returns (header bytes, data offsets).
+pub fn encode_header(meta: &Metadata, tensors: &[TensorInfo]) -> Result<(Vec<u8>, Vec<u64>)> {
+    let alignment = match meta.get("general.alignment") {
+        None => GGUF_DEFAULT_ALIGNMENT,
+        Some(Value::U32(a)) if a.is_power_of_two() => *a as u64,
+        Some(v) => return Err(Error::other(format!("general.alignment must be a UINT32 power of two, got {v:?}"))),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    out.extend_from_slice(&GGUF_MAGIC);
+    out.extend_from_slice(&GGUF_VERSION.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in &meta.entries {
+        encode_str(k, &mut out);
+        out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
+        v.encode(&mut out);
+    }
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut offset = 0u64;
+    for t in tensors {
+        if t.name.len() >= GGML_MAX_NAME {
+            return Err(Error::other(format!("tensor name '{}' is longer than {} bytes", t.name, GGML_MAX_NAME - 1)));
+        }
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::other(format!("duplicate tensor name '{}'", t.name)));
+        }
+        if t.ne.is_empty() || t.ne.len() > GGML_MAX_DIMS {
+            return Err(Error::other(format!("tensor '{}' has {} dimensions", t.name, t.ne.len())));
+        }
+        encode_str(&t.name, &mut out);
+        out.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
+        for d in &t.ne {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&t.ty.id().to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offsets.push(offset);
+        offset = align_offset(offset + t.n_bytes()?, alignment);
+    }
+    let padded = align_offset(out.len() as u64, alignment) as usize;
+    out.resize(padded, 0);
+    Ok((out, offsets))
+}
+
+/// Writes one GGUF file: header at creation, then `write_tensor` for each tensor in order.
+pub struct GgufWriter {
+    out: BufWriter<AtomicFile>,
+    tmp: PathBuf,
+    tensors: Vec<TensorInfo>,
+    next: usize,
+    alignment: u64,
+    written: u64,
+    tensor_start: u64,
+    hasher: Sha256,
+}
+
+impl GgufWriter {
+    pub fn create(dest: &Path, meta: &Metadata, tensors: Vec<TensorInfo>) -> Result<Self> {
+        let (header, _) = encode_header(meta, &tensors).map_err(|e| Error::input(dest, e.to_string()))?;
+        let alignment = meta.get("general.alignment").and_then(Value::as_u32).map(u64::from).unwrap_or(GGUF_DEFAULT_ALIGNMENT);
+        let file = AtomicFile::create(dest)?;
+        let tmp = file.temp_path().to_path_buf();
+        let mut w = GgufWriter {
+            out: BufWriter::with_capacity(8 << 20, file),
+            tmp,
+            tensors,
+            next: 0,
+            alignment,
+            written: 0,
+            tensor_start: 0,
+            hasher: Sha256::new(),
+        };
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).at(&self.tmp)?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The tensor expected next.
+    pub fn next_tensor(&self) -> Option<&TensorInfo> {
+        self.tensors.get(self.next)
+    }
+
+    /// Append the data of the next tensor in pieces: `begin_tensor`, `put_data`..., `end_tensor`.
+    pub fn begin_tensor(&mut self, name: &str) -> Result<u64> {
+        let t = self
+            .tensors
+            .get(self.next)
+            .ok_or_else(|| Error::other(format!("tensor '{name}' written after the last declared tensor")))?;
+        if t.name != name {
+            return Err(Error::other(format!("tensor '{name}' written where '{}' was declared", t.name)));
+        }
+        self.tensor_start = self.written;
+        t.n_bytes()
+    }
+    pub fn put_data(&mut self, data: &[u8]) -> Result<()> {
+        self.put(data)
+    }
+    pub fn end_tensor(&mut self) -> Result<()> {
+        let t = &self.tensors[self.next];
+        let want = t.n_bytes()?;
+        let got = self.written - self.tensor_start;
+        if got != want {
+            return Err(Error::other(format!("tensor '{}': {got} bytes written, {want} expected for {} {:?}", t.name, t.ty, t.ne)));
+        }
+        let pad = (align_offset(self.written, self.alignment) - self.written) as usize;
+        self.put(&vec![0u8; pad])?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Append the data of the next tensor (must be exactly its size).
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let t = self
+            .tensors
+            .get(self.next)
+            .ok_or_else(|| Error::other(format!("tensor '{name}' written after the last declared tensor")))?;
+        if t.name != name {
+            return Err(Error::other(format!("tensor '{name}' written where '{}' was declared", t.name)));
+        }
+        let want = t.n_bytes()?;
+        if data.len() as u64 != want {
+            return Err(Error::other(format!("tensor '{name}': {} bytes given, {} expected for {} {:?}", data.len(), want, t.ty, t.ne)));
+        }
+        self.put(data)?;
+        let pad = (align_offset(self.written, self.alignment) - self.written) as usize;
+        self.put(&vec![0u8; pad])?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Check every tensor was written, flush, fsync and rename into place. Returns (path, bytes, sha256 hex).
+    pub fn finish(mut self) -> Result<(PathBuf, u64, String)> {
+        if self.next != self.tensors.len() {
+            return Err(Error::other(format!(
+                "only {} of {} tensors were written (next: '{}')",
+                self.next,
+                self.tensors.len(),
+                self.tensors[self.next].name
+            )));
+        }
+        self.out.flush().at(&self.tmp)?;
+        let file = self.out.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let path = file.commit()?;
+        Ok((path, self.written, hex(&self.hasher.finalize())))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

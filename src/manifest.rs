@@ -1,0 +1,122 @@
+//! The manifest written next to the artefacts: tool version, command line, sha256 of every input
+//! and output file, and the per-tensor mapping. `verify` checks artefacts against it.
+use crate::error::{Error, IoContext, Result};
+use crate::gguf::writer::hex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_SCHEMA: &str = "mmfuser-convert/manifest/v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileHash {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputRecord {
+    pub kind: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub sha256: String,
+    pub file_type: String,
+    pub tensors: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorRecord {
+    pub source: String,
+    pub source_file: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub gguf: String,
+    pub artefact: String,
+    pub ggml_type: String,
+    /// Relative RMS error of dequant(quant(x)) - x, for quantized tensors.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub quant_rel_rms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub tool: String,
+    pub version: String,
+    pub command: Vec<String>,
+    pub created_unix: u64,
+    pub recipe: String,
+    pub inputs: Vec<FileHash>,
+    pub outputs: Vec<OutputRecord>,
+    pub tensors: Vec<TensorRecord>,
+    pub dropped: Vec<String>,
+}
+
+impl Manifest {
+    pub fn new(command: &[String], recipe: &str, inputs: Vec<FileHash>, outputs: Vec<OutputRecord>, tensors: Vec<TensorRecord>, dropped: Vec<String>) -> Self {
+        Manifest {
+            schema: MANIFEST_SCHEMA.into(),
+            tool: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            command: command.to_vec(),
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            recipe: recipe.into(),
+            inputs,
+            outputs,
+            tensors,
+            dropped,
+        }
+    }
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::other(e.to_string()))?;
+        crate::fsutil::write_atomic(path, text.as_bytes())
+    }
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        serde_json::from_str(&text).map_err(|e| Error::input(path, format!("not a manifest: {e}")))
+    }
+    /// Manifests in `dir` that list an output with this file name.
+    pub fn find_for(artefact: &Path) -> Vec<(PathBuf, Manifest)> {
+        let dir = artefact.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let fname = artefact.file_name().map(|f| f.to_os_string());
+        let mut found = vec![];
+        let Ok(rd) = std::fs::read_dir(dir) else { return found };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.to_string_lossy().ends_with(".manifest.json") {
+                continue;
+            }
+            if let Ok(m) = Manifest::read(&p) {
+                if m.outputs.iter().any(|o| o.path.file_name().map(|f| f.to_os_string()) == fname) {
+                    found.push((p, m));
+                }
+            }
+        }
+        found
+    }
+}
+
+pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).at(path)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, hex(&h.finalize())))
+}
+
+pub fn hash_files(paths: &[PathBuf]) -> Result<Vec<FileHash>> {
+    paths
+        .iter()
+        .map(|p| sha256_file(p).map(|(bytes, sha256)| FileHash { path: p.clone(), bytes, sha256 }))
+        .collect()
+}

@@ -1,0 +1,121 @@
+//! Where the model's weights come from: one trait over source checkpoints and GGUF files.
+//!
+//! Names are GGUF names (llama.cpp naming; `v.*` for the CLIP tower, `mm.*` for the projector);
+//! shapes are PyTorch order ([out, in] for linear weights). The model fetches each weight when the
+//! layer that uses it runs and drops it afterwards, so a source should hand out borrowed bytes
+//! (an mmap) wherever it can.
+use crate::error::{Error, Result};
+use crate::gguf::types::GgmlType;
+use candle_core::{Device, Tensor};
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+/// One stored tensor: its type, its PyTorch-order shape and its bytes (little-endian, as in GGUF).
+#[derive(Debug, Clone)]
+pub struct RawTensor<'a> {
+    pub ty: GgmlType,
+    /// PyTorch order, e.g. [out, in] (the reverse of GGUF `ne`).
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+impl RawTensor<'_> {
+    pub fn n_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub trait WeightSource: Send + Sync {
+    /// A weight by its GGUF name, in its stored type (F32/F16/BF16 or a block-quantized type).
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>>;
+    fn has(&self, name: &str) -> bool;
+    /// The file or directory the weights come from, for error messages.
+    fn origin(&self) -> PathBuf {
+        PathBuf::from("<weights>")
+    }
+    /// f32 candle Tensor (CPU) of the weight, in its PyTorch shape.
+    fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        let raw = self.raw(name)?;
+        let n = raw.n_elements();
+        let values = dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
+        Ok(Tensor::from_vec(values, raw.shape.as_slice(), &Device::Cpu)?)
+    }
+}
+
+/// Selected rows of a 2-D weight (an embedding table) as f32 [ids.len(), cols], dequantizing only
+/// those rows (a quantized row is a whole number of blocks for every model this tool handles).
+pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tensor> {
+    let raw = ws.raw(name)?;
+    let err = |m: String| Error::tensor(ws.origin(), name, m);
+    let [n_rows, cols] = raw.shape[..] else {
+        return Err(err(format!("expected a 2-D table, found shape {:?}", raw.shape)));
+    };
+    let row_bytes = raw
+        .ty
+        .bytes_for(cols as u64)
+        .ok_or_else(|| err(format!("a row of {cols} values is not a whole number of {} blocks", raw.ty)))?
+        as usize;
+    if raw.data.len() != row_bytes * n_rows {
+        return Err(err(format!("{} bytes for shape {:?} of type {}", raw.data.len(), raw.shape, raw.ty)));
+    }
+    let mut out = Vec::with_capacity(ids.len() * cols);
+    for &id in ids {
+        if id >= n_rows {
+            return Err(err(format!("row {id} is out of range (the table has {n_rows} rows)")));
+        }
+        let bytes = &raw.data[id * row_bytes..(id + 1) * row_bytes];
+        out.extend(dequantize(raw.ty, bytes, cols).map_err(err)?);
+    }
+    Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
+}
+
+// TODO(lead): use quant::dequantize (crate::quant::dequantize(ty, bytes, n)) once src/quant/ has it;
+// this private helper only knows the float types.
+fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
+    let need = ty
+        .bytes_for(n as u64)
+        .ok_or_else(|| format!("{n} values are not a whole number of {ty} blocks"))? as usize;
+    if bytes.len() != need {
+        return Err(format!("expected {need} bytes of {ty} for {n} values, found {}", bytes.len()));
+    }
+    Ok(match ty {
+        GgmlType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        GgmlType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        GgmlType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => return Err(format!("dequantizing {other} is not available yet")),
+    })
+}
+
+/// An in-memory weight source (tests, small probes): name -> (type, shape, bytes).
+#[derive(Debug, Default, Clone)]
+pub struct MemWeights {
+    pub tensors: std::collections::HashMap<String, (GgmlType, Vec<usize>, Vec<u8>)>,
+}
+
+impl MemWeights {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Insert an f32 tensor.
+    pub fn insert_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) {
+        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}: shape/value count mismatch");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.insert(name.to_string(), (GgmlType::F32, shape.to_vec(), bytes));
+    }
+}
+
+impl WeightSource for MemWeights {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (ty, shape, data) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor("<memory>", name, "no such tensor"))?;
+        Ok(RawTensor { ty: *ty, shape: shape.clone(), data: Cow::Borrowed(data) })
+    }
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn origin(&self) -> PathBuf {
+        PathBuf::from("<memory>")
+    }
+}

@@ -1,0 +1,434 @@
+//! Tests of the block formats: hand-checked vectors, round-trip error bounds, and byte parity
+//! with third-party outputs stored under fixtures/quant/ (made by make_quant_refs.py and
+//! make_mixture_refs.py; no Python needed here).
+
+use super::*;
+use crate::gguf::FileType;
+use std::path::PathBuf;
+
+const QUANT_TYPES: [GgmlType; 7] =
+    [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+const ALL_TYPES: [GgmlType; 10] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
+
+/// A small seeded generator (xorshift64*) for test data; Box-Muller for normals.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+    }
+}
+
+fn round_trip(ty: GgmlType, x: &[f32]) -> Vec<f32> {
+    let q = quantize(ty, x).unwrap();
+    assert_eq!(q.len() as u64, ty.bytes_for(x.len() as u64).unwrap());
+    dequantize(ty, &q, x.len()).unwrap()
+}
+
+fn rel_rms(x: &[f32], y: &[f32]) -> f64 {
+    let num: f64 = x.iter().zip(y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn quant_block_geometry_matches_type_table() {
+    fn check<B: Block>() {
+        assert_eq!(B::QK, B::TYPE.block_size(), "{}", B::TYPE);
+        assert_eq!(B::SIZE, B::TYPE.type_size(), "{}", B::TYPE);
+    }
+    check::<BlockQ8_0>();
+    check::<BlockQ4_0>();
+    check::<BlockQ5_0>();
+    check::<BlockQ5_1>();
+    check::<BlockQ4K>();
+    check::<BlockQ5K>();
+    check::<BlockQ6K>();
+}
+
+#[test]
+fn quant_all_zeros() {
+    let x = vec![0f32; 512];
+    for ty in ALL_TYPES {
+        let q = quantize(ty, &x).unwrap();
+        let y = dequantize(ty, &q, x.len()).unwrap();
+        assert!(y.iter().all(|v| *v == 0.0), "{ty}");
+        match ty {
+            // d = 0 / -8 = -0.0 (fp16 0x8000, as ggml stores it) and every value takes the
+            // middle level: 8 (Q4_0) or 16 (Q5_0, i.e. only the fifth bit set).
+            GgmlType::Q4_0 => assert!(q.chunks(18).all(|b| b[..2] == [0, 0x80] && b[2..].iter().all(|&v| v == 0x88))),
+            GgmlType::Q5_0 => assert!(q
+                .chunks(22)
+                .all(|b| b[..2] == [0, 0x80] && b[2..6] == [0xFF; 4] && b[6..].iter().all(|&v| v == 0))),
+            _ => assert!(q.iter().all(|&b| b == 0), "{ty}: {:?}", &q[..8]),
+        }
+    }
+}
+
+#[test]
+fn quant_single_spike() {
+    for (pos, amp) in [(5usize, 1.0f32), (200, -3.5), (31, 0.01)] {
+        let mut x = vec![0f32; 256];
+        x[pos] = amp;
+        for ty in QUANT_TYPES {
+            let y = round_trip(ty, &x);
+            for (i, v) in y.iter().enumerate() {
+                if i == pos {
+                    // fp16 d (and the 6-bit sub-block scale of the K-quants) limit the precision
+                    let tol = if ty.block_size() == 256 { 5e-3 } else { 2e-3 };
+                    assert!((v - amp).abs() <= amp.abs() * tol, "{ty}: spike {amp} -> {v}");
+                } else {
+                    // symmetric formats store 0 exactly; those with a min offset only nearly
+                    let tol = if matches!(ty, GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K) { 2e-3 } else { 0.0 };
+                    assert!(v.abs() <= amp.abs() * tol, "{ty}: zero at {i} -> {v}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_q8_0_ties_round_half_away() {
+    // amax 127 => d = 1, id = 1: x*id is exact and C roundf sends .5 away from zero.
+    let mut x = [0f32; 32];
+    x[0] = 127.0;
+    x[1..9].copy_from_slice(&[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, -126.5]);
+    let q = quantize(GgmlType::Q8_0, &x).unwrap();
+    assert_eq!(&q[0..2], &half::f16::from_f32(1.0).to_le_bytes());
+    let qs: Vec<i8> = q[2..11].iter().map(|&b| b as i8).collect();
+    assert_eq!(qs, [127, 1, 2, 3, -1, -2, -3, 3, -127]);
+}
+
+#[test]
+fn quant_q4_0_and_q5_0_ties_truncate_after_offset() {
+    // max = -8 => d = 1, id = 1: level = trunc(x + 8.5), so x.5 always rounds up.
+    let mut x = [0f32; 32];
+    x[0] = -8.0;
+    x[1..7].copy_from_slice(&[-0.5, 0.5, 1.5, 6.5, 7.0, -7.5]);
+    let b = BlockQ4_0::quantize(&x);
+    assert_eq!(b.d.to_f32(), 1.0);
+    let lv: Vec<u8> = (0..7).map(|j| b.qs[j] & 0xF).collect();
+    assert_eq!(lv, [0, 8, 9, 10, 15, 15, 1]);
+    // Q5_0: max = -16 => d = 1.
+    let mut x = [0f32; 32];
+    x[0] = -16.0;
+    x[1..5].copy_from_slice(&[-0.5, 0.5, 14.5, 15.0]);
+    x[20] = 2.5;
+    let b = BlockQ5_0::quantize(&x);
+    let mut y = [0f32; 32];
+    b.dequantize(&mut y);
+    assert_eq!(&y[..5], &[-16.0, 0.0, 1.0, 15.0, 15.0]);
+    assert_eq!(y[20], 3.0);
+}
+
+#[test]
+fn quant_constant_blocks() {
+    // (magnitudes kept where the fp16 super-block scale is a normal number: Q6_K stores
+    // d = c/4096, which is subnormal -- and coarse -- below c ~ 0.25)
+    for c in [0.5f32, -0.75, 0.3, 1234.0] {
+        let x = vec![c; 256];
+        for ty in QUANT_TYPES {
+            let y = round_trip(ty, &x);
+            for v in &y {
+                // fp16 storage of the scale (or of the min for Q5_1) and, for the K-quants, the
+                // 6-bit sub-block scale bound the error.
+                let tol = if ty.block_size() == 256 { 1e-2 } else { 2e-3 };
+                assert!((v - c).abs() <= c.abs() * tol, "{ty}: {c} -> {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_huge_and_tiny_magnitudes() {
+    let mut rng = Rng(7);
+    for scale in [1e-30f32, 1e-12, 1e-6, 1e3, 1e4] {
+        let x: Vec<f32> = (0..512).map(|_| rng.normal() * scale).collect();
+        for ty in QUANT_TYPES {
+            let y = round_trip(ty, &x);
+            assert!(y.iter().all(|v| v.is_finite()), "{ty} {scale}");
+            if scale <= 1e-12 {
+                // scales underflow fp16 (or fall below GROUP_MAX_EPS): everything decodes to ~0
+                assert!(y.iter().all(|v| v.abs() <= 1e-6), "{ty} {scale}");
+            } else if scale >= 1e-3 {
+                assert!(rel_rms(&x, &y) < 0.2, "{ty} {scale}: {}", rel_rms(&x, &y));
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_non_finite_rejected() {
+    for ty in ALL_TYPES {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x = vec![0.1f32; 512];
+            x[300] = bad;
+            x[400] = f32::NAN;
+            assert!(matches!(quantize(ty, &x), Err(QuantError::NonFinite { index: 300 })), "{ty}");
+            assert!(matches!(quantize_par(ty, &x, 256), Err(QuantError::NonFinite { index: 300 })), "{ty}");
+        }
+    }
+}
+
+#[test]
+fn quant_bad_lengths_and_unsupported() {
+    assert!(matches!(quantize(GgmlType::Q4K, &[0.0; 32]), Err(QuantError::BadLength { .. })));
+    let mut small = [0u8; 10];
+    assert!(matches!(quantize_into(GgmlType::Q8_0, &[0.0; 32], &mut small), Err(QuantError::BadLength { .. })));
+    assert!(matches!(dequantize(GgmlType::Q6K, &[0u8; 209], 256), Err(QuantError::BadLength { .. })));
+    assert!(matches!(quantize_par(GgmlType::Q8_0, &[0.0; 96], 64), Err(QuantError::BadLength { .. })));
+    assert!(matches!(quantize(GgmlType::Q4_1, &[0.0; 32]), Err(QuantError::Unsupported(GgmlType::Q4_1))));
+}
+
+#[test]
+fn quant_dequantize_hand_built_blocks() {
+    let h = |v: f32| half::f16::from_f32(v);
+    // Q8_0: d = 0.5
+    let mut b = vec![0u8; 34];
+    BlockQ8_0 { d: h(0.5), qs: std::array::from_fn(|i| i as i8 - 16) }.write(&mut b);
+    let y = dequantize(GgmlType::Q8_0, &b, 32).unwrap();
+    assert_eq!(y[0], -8.0);
+    assert_eq!(y[31], 7.5);
+    // Q4_0: low nibble = element j, high nibble = element j+16
+    let mut b = vec![0u8; 18];
+    BlockQ4_0 { d: h(2.0), qs: [0x3F; 16] }.write(&mut b);
+    let y = dequantize(GgmlType::Q4_0, &b, 32).unwrap();
+    assert_eq!((y[0], y[16]), (14.0, -10.0));
+    // Q5_0: element 0 has its fifth bit set, element 17 not
+    let mut b = vec![0u8; 22];
+    BlockQ5_0 { d: h(1.0), qh: 1u32.to_le_bytes(), qs: [0x21; 16] }.write(&mut b);
+    let y = dequantize(GgmlType::Q5_0, &b, 32).unwrap();
+    assert_eq!((y[0], y[1], y[17]), (1.0, -15.0, -14.0));
+    // Q5_1: value = d*q + m
+    let mut b = vec![0u8; 24];
+    BlockQ5_1 { d: h(0.25), m: h(-1.0), qh: (1u32 << 31).to_le_bytes(), qs: [0xF0; 16] }.write(&mut b);
+    let y = dequantize(GgmlType::Q5_1, &b, 32).unwrap();
+    assert_eq!((y[0], y[16], y[31]), (-1.0, 2.75, 6.75));
+    // Q4_K: sub-block j has scale j+1 and min 2j; d = 1, dmin = 0.5
+    let ls: [u8; 8] = std::array::from_fn(|j| j as u8 + 1);
+    let lm: [u8; 8] = std::array::from_fn(|j| if j == 7 { 63 } else { 2 * j as u8 });
+    let scales = math::pack_scale_min_k4(&ls, &lm);
+    let mut b = vec![0u8; 144];
+    BlockQ4K { d: h(1.0), dmin: h(0.5), scales, qs: [0x52; 128] }.write(&mut b);
+    let y = dequantize(GgmlType::Q4K, &b, 256).unwrap();
+    // element 0 (sub-block 0, low nibble 2): 1*1*2 - 0.5*0; element 32 (sub-block 1, high 5): 2*5 - 0.5*2
+    assert_eq!((y[0], y[32], y[255]), (2.0, 9.0, 8.0 * 5.0 - 0.5 * 63.0));
+    // Q5_K: same, with the fifth bit from qh bit 2c / 2c+1
+    let mut qh = [0u8; 32];
+    qh[0] = 0b0000_0011;
+    let mut b = vec![0u8; 176];
+    BlockQ5K { d: h(1.0), dmin: h(0.5), scales, qh, qs: [0x52; 128] }.write(&mut b);
+    let y = dequantize(GgmlType::Q5K, &b, 256).unwrap();
+    assert_eq!((y[0], y[32], y[1], y[64]), (18.0, 2.0 * 21.0 - 1.0, 2.0, 3.0 * 2.0 - 2.0));
+    // Q6_K: value = d * scale * (q - 32); d stored last
+    let mut scales = [0i8; 16];
+    scales[0] = 2;
+    scales[15] = -3;
+    let mut b = vec![0u8; 210];
+    BlockQ6K { ql: [0x01; 128], qh: [0b1110_0100; 64], scales, d: h(0.5) }.write(&mut b);
+    assert_eq!(&b[208..], &h(0.5).to_le_bytes());
+    let y = dequantize(GgmlType::Q6K, &b, 256).unwrap();
+    // element 0: q = 1 | (0<<4) = 1 -> 0.5*2*(1-32); element 255 (half 1, l=31, +96): q = 0 | 3<<4 = 48
+    assert_eq!((y[0], y[255]), (-31.0, 0.5 * -3.0 * 16.0));
+}
+
+#[test]
+fn quant_round_trip_error_bounds() {
+    let mut rng = Rng(42);
+    let x: Vec<f32> = (0..256 * 64).map(|_| rng.normal() * 0.02).collect();
+    // Relative RMS error of each format on Gaussian data (printed with --nocapture); the bounds
+    // leave headroom over the measured values.
+    let bounds = [
+        (GgmlType::F16, 5e-4),
+        (GgmlType::BF16, 3e-3),
+        (GgmlType::Q8_0, 0.007),
+        (GgmlType::Q6K, 0.022),
+        (GgmlType::Q5K, 0.045),
+        (GgmlType::Q5_1, 0.047),
+        (GgmlType::Q5_0, 0.053),
+        (GgmlType::Q4K, 0.09),
+        (GgmlType::Q4_0, 0.11),
+    ];
+    let errors: Vec<(GgmlType, f64, f64)> =
+        bounds.iter().map(|&(ty, bound)| (ty, rel_rms(&x, &round_trip(ty, &x)), bound)).collect();
+    for (ty, e, _) in &errors {
+        eprintln!("{ty}: relative RMS {e:.5}");
+    }
+    for (ty, e, bound) in errors {
+        assert!(e < bound, "{ty}: {e} >= {bound}");
+    }
+    assert_eq!(round_trip(GgmlType::F32, &x), x);
+}
+
+#[test]
+fn quant_par_matches_serial_for_any_thread_count() {
+    let mut rng = Rng(3);
+    let x: Vec<f32> = (0..1024 * 96).map(|_| rng.normal()).collect();
+    for ty in ALL_TYPES {
+        let serial = quantize(ty, &x).unwrap();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let par = pool.install(|| quantize_par(ty, &x, 1024)).unwrap();
+            assert!(par == serial, "{ty} with {threads} threads");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byte parity with llama.cpp (ggml_quantize_chunk) and gguf-py, from fixtures/quant/.
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("quant")
+}
+
+/// The byte references: fixtures/quant/, or QUANT_FIXTURE_DIR (e.g. a large set written by
+/// `make_quant_refs.py --stress ROWS --outdir DIR`).
+fn parity_dir() -> PathBuf {
+    std::env::var_os("QUANT_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(fixture_dir)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn quant_parity_with_llamacpp_and_ggufpy() {
+    let dir = parity_dir();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("fixtures/quant/manifest.json"))
+            .expect("manifest is JSON");
+    let mut compared_blocks = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    let mut failures = Vec::new();
+    for case in manifest["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().unwrap();
+        let (shape, x) = npy::read_f32(&dir.join(case["npy"].as_str().unwrap())).unwrap();
+        let row_len = *shape.last().unwrap();
+        for (tyname, r) in case["types"].as_object().unwrap() {
+            let ty = GgmlType::from_name(tyname).unwrap_or_else(|| panic!("type {tyname}"));
+            let ours = quantize_par(ty, &x, row_len).unwrap();
+            let sha = sha256_hex(&ours);
+            let entry = compared_blocks.entry(tyname.clone()).or_default();
+            if let Some(file) = r.get("ggml").and_then(|v| v.as_str()) {
+                let theirs = std::fs::read(dir.join(file)).unwrap();
+                if theirs != ours {
+                    let bs = ty.type_size();
+                    let bad = theirs.chunks(bs).zip(ours.chunks(bs)).position(|(a, b)| a != b);
+                    failures.push(format!("{name} {tyname}: bytes differ from llama.cpp (first block {bad:?})"));
+                } else {
+                    entry.0 += ours.len() / ty.type_size();
+                }
+            }
+            if let Some(s) = r.get("ggufpy_sha256").and_then(|v| v.as_str()) {
+                if s != sha {
+                    failures.push(format!("{name} {tyname}: bytes differ from gguf-py"));
+                } else {
+                    entry.1 += ours.len() / ty.type_size();
+                }
+            }
+            if let Some(s) = r.get("ggml_dequant_sha256").and_then(|v| v.as_str()) {
+                let y = dequantize(ty, &ours, x.len()).unwrap();
+                let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+                if sha256_hex(&yb) != s {
+                    failures.push(format!("{name} {tyname}: dequantized values differ from ggml's to_float"));
+                }
+            }
+        }
+    }
+    for (ty, (n_ggml, n_py)) in &compared_blocks {
+        eprintln!("{ty}: {n_ggml} blocks equal to llama.cpp, {n_py} blocks equal to gguf-py");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(!compared_blocks.is_empty());
+}
+
+#[test]
+fn quant_mixture_matches_llama_quantize() {
+    let path = fixture_dir().join("mixture_refs.json");
+    let refs: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("fixtures/quant/mixture_refs.json")).unwrap();
+    let mut checked = 0;
+    for model in refs["models"].as_array().unwrap() {
+        let mname = model["name"].as_str().unwrap();
+        let n_layer = model["n_layer"].as_u64().unwrap() as usize;
+        // tensors as written in the input file (not sorted)
+        let inputs: Vec<(String, Vec<u64>, GgmlType)> = model["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let ne = t[1].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+                (t[0].as_str().unwrap().to_string(), ne, GgmlType::from_name(t[2].as_str().unwrap()).unwrap())
+            })
+            .collect();
+        let mut names: Vec<String> = inputs.iter().map(|t| t.0.clone()).collect();
+        mixture::llama_quantize_order(&mut names);
+        let order: Vec<&str> = model["order"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(names, order, "{mname}: tensor order");
+        let sorted: Vec<&(String, Vec<u64>, GgmlType)> =
+            names.iter().map(|n| inputs.iter().find(|t| &t.0 == n).unwrap()).collect();
+        let descs: Vec<mixture::TensorDesc> =
+            sorted.iter().map(|t| mixture::TensorDesc { name: &t.0, ne: &t.1, ty: t.2 }).collect();
+        for (ftname, expected) in model["types"].as_object().unwrap() {
+            let ftype = FileType::from_name(ftname).unwrap();
+            let got = mixture::choose_types(ftype, &descs, n_layer);
+            let expected: Vec<&str> = expected.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            assert_eq!(got.len(), expected.len(), "{mname} {ftname}");
+            for ((name, (ty, _)), exp) in names.iter().zip(&got).zip(&expected) {
+                assert_eq!(ty.name(), *exp, "{mname} {ftname}: {name}");
+            }
+            // the fallback flag: set exactly where llama.cpp's chosen type differs from what the
+            // rules asked for because of the row length; check it is only set on quantized files
+            // for tensors whose ne[0] is not a multiple of 256
+            for ((t, (_, fb)), name) in descs.iter().zip(&got).zip(&names) {
+                if *fb {
+                    assert!(t.ne[0] % 256 != 0, "{mname} {ftname}: {name} fallback with ne0 {}", t.ne[0]);
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+    eprintln!("{checked} (model, file type) combinations match llama-quantize");
+}
+
+/// Single-threaded throughput of every quantizer on a 4096x11008 matrix (prints MB/s of f32
+/// input). `cargo test --release --lib quant_speed -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn quant_speed() {
+    let mut rng = Rng(1);
+    let (rows, cols) = (4096usize, 11008usize);
+    let x: Vec<f32> = (0..rows * cols).map(|_| rng.normal() * 0.02).collect();
+    let mb = (x.len() * 4) as f64 / 1e6;
+    for ty in ALL_TYPES {
+        let mut out = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
+        let t0 = std::time::Instant::now();
+        quantize_into(ty, &x, &mut out).unwrap();
+        let dt = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let y = dequantize(ty, &out, x.len()).unwrap();
+        let dq = t1.elapsed().as_secs_f64();
+        eprintln!("{ty:>5}: quantize {:8.1} MB/s ({dt:.2} s), dequantize {:8.1} MB/s", mb / dt, mb / dq);
+        std::hint::black_box(y);
+    }
+}

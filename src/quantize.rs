@@ -1,0 +1,258 @@
+//! Quantization of whole files: a GGUF in, a GGUF out, with llama-quantize's type mixture, tensor
+//! order and metadata layout; and the per-tensor encoder shared with checkpoint conversion.
+use crate::error::{Error, Result};
+use crate::gguf::{FileType, GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo, Value, GGML_QNT_VERSION};
+use crate::hparams::ModelHParams;
+use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
+use crate::progress::Progress;
+use crate::quant::mixture::{choose_types, weight_name_cmp, TensorDesc};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Metadata keys llama-quantize (re)sets at the end of the KV list.
+pub const KEY_QUANT_VERSION: &str = "general.quantization_version";
+pub const KEY_FILE_TYPE: &str = "general.file_type";
+/// Prefix of the fuser's tensors in an mmproj: never quantized.
+pub const FUSER_PREFIX: &str = "mm.fuser.";
+
+/// Squared-error sums of one encoded tensor (for the relative RMS quantization error).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ErrStats {
+    pub sum_sq_err: f64,
+    pub sum_sq: f64,
+}
+impl ErrStats {
+    pub fn rel_rms(&self) -> f64 {
+        if self.sum_sq > 0.0 {
+            (self.sum_sq_err / self.sum_sq).sqrt()
+        } else {
+            self.sum_sq_err.sqrt()
+        }
+    }
+}
+
+fn to_f32(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
+    let n = bytes.len() / ty.type_size() * ty.block_size();
+    crate::quant::dequantize(ty, bytes, n).map_err(|e| Error::other(e.to_string()))
+}
+
+/// Encode a row-major tensor from `src_ty` bytes into `out` bytes, in chunks of whole rows converted
+/// in parallel and handed to `sink` in order. Bytes do not depend on the thread count. Returns the
+/// quantization error statistics (zero work when the types are equal).
+pub fn encode_tensor(src_ty: GgmlType, data: &[u8], row_len: usize, out: GgmlType, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<ErrStats> {
+    if src_ty == out {
+        sink(data)?;
+        return Ok(ErrStats::default());
+    }
+    let in_row = src_ty.bytes_for(row_len as u64).ok_or_else(|| Error::other(format!("row length {row_len} does not fit {src_ty} blocks")))? as usize;
+    let rows_per_chunk = (1usize << 20).div_ceil(row_len).max(1);
+    let chunks: Vec<&[u8]> = data.chunks(rows_per_chunk * in_row).collect();
+    let mut stats = ErrStats::default();
+    for batch in chunks.chunks(rayon::current_num_threads() * 4) {
+        let outs: Vec<Result<(Vec<u8>, ErrStats)>> = batch
+            .par_iter()
+            .map(|c| {
+                let f = to_f32(src_ty, c)?;
+                let q = crate::quant::quantize(out, &f).map_err(|e| Error::other(e.to_string()))?;
+                let back = crate::quant::dequantize(out, &q, f.len()).map_err(|e| Error::other(e.to_string()))?;
+                let mut s = ErrStats::default();
+                for (a, b) in f.iter().zip(&back) {
+                    s.sum_sq += (*a as f64) * (*a as f64);
+                    s.sum_sq_err += ((*a - *b) as f64).powi(2);
+                }
+                Ok((q, s))
+            })
+            .collect();
+        for o in outs {
+            let (q, s) = o?;
+            stats.sum_sq += s.sum_sq;
+            stats.sum_sq_err += s.sum_sq_err;
+            sink(&q)?;
+        }
+    }
+    Ok(stats)
+}
+
+pub fn is_float_type(ft: FileType) -> bool {
+    matches!(ft, FileType::AllF32 | FileType::MostlyF16 | FileType::MostlyBF16)
+}
+
+/// Apply llama-quantize's choices to planned LLM tensors (types, order, trailing metadata keys),
+/// or the vision type to an mmproj's CLIP matrices. `tensors` carry their planned input types.
+pub fn apply_mixture(kind: &str, ft: FileType, vision_type: Option<GgmlType>, hp: &ModelHParams, tensors: &mut [crate::convert::OutTensor], meta: &mut Metadata) -> Result<()> {
+    if kind == "llm" {
+        if is_float_type(ft) {
+            return Ok(());
+        }
+        let infos: Vec<TensorInfo> = tensors.iter().map(|t| t.info.clone()).collect();
+        let types = mixture(ft, &infos, hp.llama.n_layer);
+        for (t, ty) in tensors.iter_mut().zip(types) {
+            t.info.ty = ty;
+        }
+        tensors.sort_by(|a, b| weight_name_cmp(&a.info.name, &b.info.name));
+        set_quant_keys(meta, ft);
+    } else if let Some(vt) = vision_type {
+        for t in tensors.iter_mut() {
+            if vision_quantizable(&t.info) && t.info.ne[0] % vt.block_size() as u64 == 0 {
+                t.info.ty = vt;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// CLIP encoder matrices an mmproj may quantize with --vision-type (never the fuser, the
+/// embeddings or the projector MLP).
+pub fn vision_quantizable(t: &TensorInfo) -> bool {
+    t.name.starts_with("v.blk.") && t.name.ends_with(".weight") && t.ne.len() == 2 && !t.name.starts_with(FUSER_PREFIX)
+}
+
+/// Types for every tensor, exactly as llama-quantize chooses them.
+pub fn mixture(ft: FileType, infos: &[TensorInfo], n_layer: usize) -> Vec<GgmlType> {
+    let descs: Vec<TensorDesc> = infos.iter().map(|t| TensorDesc { name: &t.name, ne: &t.ne, ty: t.ty }).collect();
+    choose_types(ft, &descs, n_layer).into_iter().map(|(t, _)| t).collect()
+}
+
+/// llama-quantize removes and re-appends these two keys, so they end the KV list.
+pub fn set_quant_keys(meta: &mut Metadata, ft: FileType) {
+    meta.set_last(KEY_QUANT_VERSION, Value::U32(GGML_QNT_VERSION));
+    meta.set_last(KEY_FILE_TYPE, Value::U32(ft.id()));
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub input: PathBuf,
+    pub output: Option<PathBuf>,
+    pub file_type: Option<FileType>,
+    pub vision_type: Option<GgmlType>,
+    pub quiet: bool,
+    pub allow_nonfinite: bool,
+    pub command_line: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantizeSummary {
+    pub input: PathBuf,
+    pub output: OutputRecord,
+    pub manifest: PathBuf,
+    pub file_type: String,
+    pub seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub type_counts: std::collections::BTreeMap<String, usize>,
+    pub tensors: Vec<TensorRecord>,
+}
+
+/// Default output name: `<name>-<TYPE>.gguf` beside the input, where `<name>` drops a trailing
+/// `-F16`/`-F32`/`-BF16` (llama.cpp's naming).
+pub fn default_output(input: &Path, tag: &str) -> PathBuf {
+    let stem = input.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let base = ["-F16", "-F32", "-BF16", "-f16", "-f32", "-bf16"].iter().find_map(|s| stem.strip_suffix(s)).unwrap_or(&stem).to_string();
+    input.with_file_name(format!("{base}-{tag}.gguf"))
+}
+
+/// Quantize a GGUF file (LLM: llama-quantize's mixture; mmproj: only with --vision-type).
+pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
+    let t0 = Instant::now();
+    let g = GgufFile::open(&opts.input)?;
+    let arch = g.get_str("general.architecture")?.to_string();
+    let is_mmproj = arch == "clip";
+    let (ft, tag) = if is_mmproj {
+        match (opts.file_type, opts.vision_type) {
+            (Some(ft), _) if !is_float_type(ft) => {
+                return Err(Error::input(
+                    &opts.input,
+                    format!("this is an mmproj file: its MMFuser fuser is never quantized and --type/--bits {} would do that; use --vision-type Q8_0 to quantize only the CLIP tower", ft.name()),
+                ))
+            }
+            (_, Some(GgmlType::Q8_0)) => (FileType::MostlyQ8_0, "Q8_0".to_string()),
+            (_, Some(other)) => return Err(Error::usage(format!("--vision-type {other} is not supported (Q8_0 is)"))),
+            (_, None) => return Err(Error::usage("an mmproj file is only quantized with --vision-type Q8_0 (the fuser always stays F16)")),
+        }
+    } else {
+        if opts.vision_type.is_some() {
+            return Err(Error::usage("--vision-type applies to mmproj files (or checkpoint directories), not to an LLM GGUF"));
+        }
+        let ft = opts.file_type.ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
+        (ft, ft.name().to_string())
+    };
+    let out_path = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &tag));
+    if out_path.canonicalize().ok() == opts.input.canonicalize().ok() {
+        return Err(Error::usage("the output would overwrite the input; choose another -o"));
+    }
+    // Plan types.
+    let mut infos: Vec<(TensorInfo, usize)> = g.tensors.iter().enumerate().map(|(i, t)| (t.info.clone(), i)).collect();
+    for (t, _) in &infos {
+        if t.ty.is_quantized() {
+            return Err(Error::tensor(&opts.input, &t.name, format!("is already quantized ({}); quantize from an F32/F16/BF16 file", t.ty)));
+        }
+    }
+    let mut meta = g.metadata.clone();
+    if is_mmproj {
+        for (t, _) in infos.iter_mut() {
+            if vision_quantizable(t) && t.ne[0] % 32 == 0 {
+                t.ty = GgmlType::Q8_0;
+            }
+        }
+        meta.set(KEY_FILE_TYPE, Value::U32(ft.id()));
+    } else {
+        let n_layer = g.get_u32("llama.block_count").or_else(|_| g.get_u32(&format!("{arch}.block_count")))? as usize;
+        let plain: Vec<TensorInfo> = infos.iter().map(|(t, _)| t.clone()).collect();
+        for ((t, _), ty) in infos.iter_mut().zip(mixture(ft, &plain, n_layer)) {
+            t.ty = ty;
+        }
+        infos.sort_by(|a, b| weight_name_cmp(&a.0.name, &b.0.name));
+        set_quant_keys(&mut meta, ft);
+    }
+    let mut w = GgufWriter::create(&out_path, &meta, infos.iter().map(|(t, _)| t.clone()).collect())?;
+    let progress = Progress::new(g.tensors.iter().map(|t| t.n_bytes).sum(), infos.len() as u64, opts.quiet);
+    let mut records = vec![];
+    let mut counts = std::collections::BTreeMap::new();
+    for (t, i) in &infos {
+        let rt = &g.tensors[*i];
+        let data = g.data(rt);
+        if !opts.allow_nonfinite {
+            if let Some(k) = crate::convert::first_nonfinite(rt.info.ty, data) {
+                return Err(Error::tensor(&opts.input, &t.name, format!("element {k} is NaN or infinite")));
+            }
+        }
+        w.begin_tensor(&t.name)?;
+        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| w.put_data(b)).map_err(|e| match e {
+            Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
+            e => e,
+        })?;
+        w.end_tensor()?;
+        progress.inc(rt.n_bytes, &t.name);
+        *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
+        records.push(TensorRecord {
+            source: t.name.clone(),
+            source_file: opts.input.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+            dtype: rt.info.ty.name().to_string(),
+            shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
+            gguf: t.name.clone(),
+            artefact: if is_mmproj { "mmproj".into() } else { "llm".into() },
+            ggml_type: t.ty.name().to_string(),
+            quant_rel_rms: if t.ty != rt.info.ty { Some(stats.rel_rms()) } else { None },
+        });
+    }
+    progress.finish();
+    let (path, bytes, sha256) = w.finish()?;
+    let output = OutputRecord { kind: if is_mmproj { "mmproj".into() } else { "llm".into() }, path: path.clone(), bytes, sha256, file_type: ft.name().into(), tensors: infos.len() };
+    let inputs = manifest::hash_files(std::slice::from_ref(&opts.input))?;
+    let m = Manifest::new(&opts.command_line, "quantize", inputs, vec![output.clone()], records.clone(), vec![]);
+    let mpath = path.with_file_name(format!("{}.manifest.json", path.file_stem().unwrap_or_default().to_string_lossy()));
+    if let Err(e) = m.write(&mpath) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(QuantizeSummary {
+        input: opts.input.clone(),
+        output,
+        manifest: mpath,
+        file_type: ft.name().into(),
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: crate::progress::peak_rss_bytes(),
+        type_counts: counts,
+        tensors: records,
+    })
+}
