@@ -121,7 +121,8 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
             })
             .collect();
         crate::quantize::apply_mixture(&art.kind, ft, opts.vision_type, &src.hparams, &mut tensors, &mut meta)?;
-        let file = art.file.replace("{name}", &name).replace("{ftype}", ft.name());
+        // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
+        let file = art.file.replace("{name}", &name).replace("{ftype}", art_ft.name());
         plans.push(ArtefactPlan { kind: art.kind.clone(), path: opts.out_dir.join(file), file_type: art_ft, meta, tensors });
     }
     Ok(plans)

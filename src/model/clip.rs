@@ -16,14 +16,17 @@ pub fn patchify(pixel_values: &Tensor, image_size: usize, patch: usize) -> Resul
         [3, h, w] | [1, 3, h, w] => h == image_size && w == image_size,
         _ => false,
     };
-    if !ok || patch == 0 || image_size % patch != 0 {
+    if !ok || patch == 0 || !image_size.is_multiple_of(patch) {
         return Err(Error::other(format!(
             "pixel_values: expected [3, {image_size}, {image_size}] (patch {patch}), found {dims:?}"
         )));
     }
     let s = image_size;
     let e = s / patch;
-    let px = pixel_values.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let px = pixel_values
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let cols = 3 * patch * patch;
     let mut out = Vec::with_capacity(e * e * cols);
     for gy in 0..e {
@@ -60,7 +63,11 @@ pub fn clip_hidden_states<B: Backend>(
     }
     let n = hp.n_patches();
     let patches = b.upload(&patchify(pixel_values, hp.image_size, hp.patch_size)?)?;
-    let bias = if ws.has("v.patch_embd.bias") { Some("v.patch_embd.bias") } else { None };
+    let bias = if ws.has("v.patch_embd.bias") {
+        Some("v.patch_embd.bias")
+    } else {
+        None
+    };
     let x = linear(b, ws, &patches, "v.patch_embd.weight", bias)?;
     drop(patches);
     let cls = b.param(ws, "v.class_embd")?;
@@ -69,7 +76,12 @@ pub fn clip_hidden_states<B: Backend>(
         return Err(Error::tensor(
             ws.origin(),
             "v.position_embd.weight",
-            format!("expected [{}, {}] (and a class embedding [{}])", n + 1, hp.n_embd, hp.n_embd),
+            format!(
+                "expected [{}, {}] (and a class embedding [{}])",
+                n + 1,
+                hp.n_embd,
+                hp.n_embd
+            ),
         ));
     }
     let x = b.add(&b.concat_rows(&[&cls, &x])?, &pos)?;
@@ -89,16 +101,35 @@ pub fn clip_hidden_states<B: Backend>(
     }
     hp.feature_layers
         .iter()
-        .map(|k| Ok(kept.iter().find(|(j, _)| j == k).expect("every selected layer was kept").1.clone()))
+        .map(|k| {
+            Ok(kept
+                .iter()
+                .find(|(j, _)| j == k)
+                .expect("every selected layer was kept")
+                .1
+                .clone())
+        })
         .collect()
 }
 
 /// One pre-LN encoder block: x + attn(ln1(x)), then + mlp(ln2(.)).
-fn clip_block<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &ClipHParams, x: &B::T, i: usize) -> Result<B::T> {
+fn clip_block<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &ClipHParams,
+    x: &B::T,
+    i: usize,
+) -> Result<B::T> {
     let p = format!("v.blk.{i}");
     let h = layer_norm(b, ws, x, &format!("{p}.ln1"), hp.eps)?;
     let lin = |x: &B::T, name: &str| {
-        linear(b, ws, x, &format!("{p}.{name}.weight"), Some(format!("{p}.{name}.bias").as_str()))
+        linear(
+            b,
+            ws,
+            x,
+            &format!("{p}.{name}.weight"),
+            Some(format!("{p}.{name}.bias").as_str()),
+        )
     };
     let q = lin(&h, "attn_q")?;
     let k = lin(&h, "attn_k")?;
@@ -107,6 +138,10 @@ fn clip_block<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &ClipHParams, x: &B:
     let x = b.add(x, &lin(&a, "attn_out")?)?;
     let h = layer_norm(b, ws, &x, &format!("{p}.ln2"), hp.eps)?;
     let h = lin(&h, "ffn_up")?;
-    let h = if hp.quick_gelu { b.quick_gelu(&h)? } else { b.gelu_erf(&h)? };
+    let h = if hp.quick_gelu {
+        b.quick_gelu(&h)?
+    } else {
+        b.gelu_erf(&h)?
+    };
     b.add(&x, &lin(&h, "ffn_down")?)
 }

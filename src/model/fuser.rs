@@ -31,13 +31,22 @@ fn msdeform_attn<B: Backend>(
     grid: (usize, usize),
 ) -> Result<B::T> {
     let name = |s: &str| format!("{prefix}.{s}");
-    let lin = |x: &B::T, s: &str| linear(b, ws, x, &name(&format!("{s}.weight")), Some(name(&format!("{s}.bias")).as_str()));
+    let lin = |x: &B::T, s: &str| {
+        linear(
+            b,
+            ws,
+            x,
+            &name(&format!("{s}.weight")),
+            Some(name(&format!("{s}.bias")).as_str()),
+        )
+    };
     let (nq, c) = b.dims(query);
     let per_q = fh.n_heads * levels.len() * fh.n_points;
     let value = lin(value_in, "value_proj")?;
     let offsets = lin(query, "sampling_offsets")?;
     let logits = lin(query, "attention_weights")?;
-    if b.dims(&offsets) != (nq, 2 * per_q) || b.dims(&logits) != (nq, per_q) || c % fh.n_heads != 0 {
+    if b.dims(&offsets) != (nq, 2 * per_q) || b.dims(&logits) != (nq, per_q) || c % fh.n_heads != 0
+    {
         return Err(Error::tensor(
             ws.origin(),
             name("sampling_offsets.weight"),
@@ -52,7 +61,15 @@ fn msdeform_attn<B: Backend>(
     }
     let weights = b.softmax_groups(&logits, levels.len() * fh.n_points)?;
     drop(logits);
-    let sampled = b.msda(&value, levels, &offsets, &weights, grid, fh.n_heads, fh.n_points)?;
+    let sampled = b.msda(
+        &value,
+        levels,
+        &offsets,
+        &weights,
+        grid,
+        fh.n_heads,
+        fh.n_points,
+    )?;
     lin(&sampled, "output_proj")
 }
 
@@ -74,7 +91,10 @@ pub fn fuser<B: Backend>(
     }
     for s in srcs {
         if b.dims(s).0 != e * e {
-            return Err(Error::other(format!("fuser: a level has {} tokens, expected {e}x{e}", b.dims(s).0)));
+            return Err(Error::other(format!(
+                "fuser: a level has {} tokens, expected {e}x{e}",
+                b.dims(s).0
+            )));
         }
     }
     let q = &srcs[fh.n_levels];
@@ -86,12 +106,30 @@ pub fn fuser<B: Backend>(
     let fnorm = layer_norm(b, ws, &feat, &format!("{P}.feat_norm"), eps)?;
     drop(feat);
     let levels = vec![(e, e); fh.n_levels];
-    let a = msdeform_attn(b, ws, &format!("{P}.cross_attn"), fh, &qn, &fnorm, &levels, (e, e))?;
+    let a = msdeform_attn(
+        b,
+        ws,
+        &format!("{P}.cross_attn"),
+        fh,
+        &qn,
+        &fnorm,
+        &levels,
+        (e, e),
+    )?;
     drop((qn, fnorm));
 
     // Self attention, one level: A = A + gamma2 * MSDA_1(norm1(A), norm1(A)).
     let a1 = layer_norm(b, ws, &a, &format!("{P}.norm1"), eps)?;
-    let s = msdeform_attn(b, ws, &format!("{P}.self_attn"), fh, &a1, &a1, &[(e, e)], (e, e))?;
+    let s = msdeform_attn(
+        b,
+        ws,
+        &format!("{P}.self_attn"),
+        fh,
+        &a1,
+        &a1,
+        &[(e, e)],
+        (e, e),
+    )?;
     let gamma2 = b.param(ws, &format!("{P}.gamma2"))?;
     let a2 = b.add(&a, &b.mul(&s, &gamma2)?)?;
 

@@ -1,8 +1,8 @@
 //! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope):
 //! RMSNorm, rotary embeddings, causal attention with GQA, SwiGLU MLP, output head.
+use super::linear;
 use super::ops::Backend;
 use super::weights::{rows_f32, WeightSource};
-use super::linear;
 use crate::error::{Error, Result};
 use crate::hparams::LlamaHParams;
 use candle_core::Tensor;
@@ -13,14 +13,33 @@ pub const IMAGE_TOKEN: i64 = -200;
 /// Input embeddings [n, H] for `ids`, with the image embeddings [N, H] spliced in place of the
 /// single -200 marker (so n = ids.len() - 1 + N). Token rows are dequantized one by one from
 /// token_embd.weight, never the whole table.
-pub fn build_inputs(ws: &dyn WeightSource, ids: &[i64], image_embeds: Option<&Tensor>) -> Result<Tensor> {
+pub fn build_inputs(
+    ws: &dyn WeightSource,
+    ids: &[i64],
+    image_embeds: Option<&Tensor>,
+) -> Result<Tensor> {
     let origin = ws.origin();
     let markers = ids.iter().filter(|&&t| t == IMAGE_TOKEN).count();
     match (markers, image_embeds) {
         (0, None) | (1, Some(_)) => {}
-        (0, Some(_)) => return Err(Error::input(&origin, "image embeddings given but the prompt has no <image> marker (-200)")),
-        (1, None) => return Err(Error::input(&origin, "the prompt has an <image> marker (-200) but no image was given")),
-        (k, _) => return Err(Error::input(&origin, format!("the prompt has {k} <image> markers; one image is supported"))),
+        (0, Some(_)) => {
+            return Err(Error::input(
+                &origin,
+                "image embeddings given but the prompt has no <image> marker (-200)",
+            ))
+        }
+        (1, None) => {
+            return Err(Error::input(
+                &origin,
+                "the prompt has an <image> marker (-200) but no image was given",
+            ))
+        }
+        (k, _) => {
+            return Err(Error::input(
+                &origin,
+                format!("the prompt has {k} <image> markers; one image is supported"),
+            ))
+        }
     }
     if let Some(&bad) = ids.iter().find(|&&t| t < 0 && t != IMAGE_TOKEN) {
         return Err(Error::input(&origin, format!("negative token id {bad}")));
@@ -33,7 +52,12 @@ pub fn build_inputs(ws: &dyn WeightSource, ids: &[i64], image_embeds: Option<&Te
             parts.push(match img.rank() {
                 2 => img,
                 3 if img.dim(0)? == 1 => img.squeeze(0)?,
-                _ => return Err(Error::other(format!("image embeddings: expected [N, H], found {:?}", img.dims()))),
+                _ => {
+                    return Err(Error::other(format!(
+                        "image embeddings: expected [N, H], found {:?}",
+                        img.dims()
+                    )))
+                }
             });
         }
         if !chunk.is_empty() {
@@ -55,7 +79,13 @@ pub fn build_inputs(ws: &dyn WeightSource, ids: &[i64], image_embeds: Option<&Te
 }
 
 /// One decoder layer: x + attn(rms(x)), then + mlp(rms(.)).
-fn layer<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &LlamaHParams, x: &B::T, i: usize) -> Result<B::T> {
+fn layer<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &LlamaHParams,
+    x: &B::T,
+    i: usize,
+) -> Result<B::T> {
     let p = format!("blk.{i}");
     let norm = |x: &B::T, n: &str| -> Result<B::T> {
         let w = b.param(ws, &format!("{p}.{n}.weight"))?;
@@ -75,10 +105,19 @@ fn layer<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &LlamaHParams, x: &B::T, 
 }
 
 /// The decoder on input embeddings [n, H]: logits [n, vocab]. Weights are fetched per layer.
-pub fn decode<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &LlamaHParams, embeds: &Tensor) -> Result<B::T> {
+pub fn decode<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &LlamaHParams,
+    embeds: &Tensor,
+) -> Result<B::T> {
     let mut x = b.upload(embeds)?;
     if b.dims(&x).1 != hp.n_embd {
-        return Err(Error::other(format!("decoder input has {} columns, n_embd is {}", b.dims(&x).1, hp.n_embd)));
+        return Err(Error::other(format!(
+            "decoder input has {} columns, n_embd is {}",
+            b.dims(&x).1,
+            hp.n_embd
+        )));
     }
     for i in 0..hp.n_layer {
         x = layer(b, ws, hp, &x, i)?;
@@ -86,6 +125,10 @@ pub fn decode<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &LlamaHParams, embed
     let w = b.param(ws, "output_norm.weight")?;
     let x = b.rms_norm(&x, &w, hp.rms_eps)?;
     // Tied embeddings: no output.weight.
-    let head = if ws.has("output.weight") { "output.weight" } else { "token_embd.weight" };
+    let head = if ws.has("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
     linear(b, ws, &x, head, None)
 }

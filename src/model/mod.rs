@@ -31,35 +31,77 @@ pub struct ImageOutputs {
 }
 
 /// linear with the weight (and bias) fetched now and dropped on return.
-pub(crate) fn linear<B: Backend>(b: &B, ws: &dyn WeightSource, x: &B::T, w: &str, bias: Option<&str>) -> Result<B::T> {
+pub(crate) fn linear<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    x: &B::T,
+    w: &str,
+    bias: Option<&str>,
+) -> Result<B::T> {
     let wt = b.weight(ws, w)?;
     let (_, win) = b.weight_dims(&wt);
     if b.dims(x).1 != win {
-        return Err(Error::tensor(ws.origin(), w, format!("input has {} columns, weight expects {win}", b.dims(x).1)));
+        return Err(Error::tensor(
+            ws.origin(),
+            w,
+            format!("input has {} columns, weight expects {win}", b.dims(x).1),
+        ));
     }
     let bt = bias.map(|n| b.param(ws, n)).transpose()?;
     b.linear(x, &wt, bt.as_ref())
 }
 
 /// LayerNorm with `{prefix}.weight` / `{prefix}.bias`.
-pub(crate) fn layer_norm<B: Backend>(b: &B, ws: &dyn WeightSource, x: &B::T, prefix: &str, eps: f32) -> Result<B::T> {
+pub(crate) fn layer_norm<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    x: &B::T,
+    prefix: &str,
+    eps: f32,
+) -> Result<B::T> {
     let w = b.param(ws, &format!("{prefix}.weight"))?;
     let bias = b.param(ws, &format!("{prefix}.bias"))?;
     if b.dims(&w) != (1, b.dims(x).1) || b.dims(&bias) != b.dims(&w) {
-        return Err(Error::tensor(ws.origin(), format!("{prefix}.weight"), format!("expected [{}]", b.dims(x).1)));
+        return Err(Error::tensor(
+            ws.origin(),
+            format!("{prefix}.weight"),
+            format!("expected [{}]", b.dims(x).1),
+        ));
     }
     b.layer_norm(x, &w, &bias, eps)
 }
 
 /// Linear, exact GELU, Linear.
-fn mlp<B: Backend>(b: &B, ws: &dyn WeightSource, x: &B::T, first: &str, second: &str) -> Result<B::T> {
-    let h = linear(b, ws, x, &format!("{first}.weight"), Some(format!("{first}.bias").as_str()))?;
+fn mlp<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    x: &B::T,
+    first: &str,
+    second: &str,
+) -> Result<B::T> {
+    let h = linear(
+        b,
+        ws,
+        x,
+        &format!("{first}.weight"),
+        Some(format!("{first}.bias").as_str()),
+    )?;
     let h = b.gelu_erf(&h)?;
-    linear(b, ws, &h, &format!("{second}.weight"), Some(format!("{second}.bias").as_str()))
+    linear(
+        b,
+        ws,
+        &h,
+        &format!("{second}.weight"),
+        Some(format!("{second}.bias").as_str()),
+    )
 }
 
 /// The image side on the CPU backend: pixel_values [3, S, S] (CLIP-normalized) -> ImageOutputs.
-pub fn encode_image(ws: &dyn WeightSource, hp: &ModelHParams, pixel_values: &Tensor) -> Result<ImageOutputs> {
+pub fn encode_image(
+    ws: &dyn WeightSource,
+    hp: &ModelHParams,
+    pixel_values: &Tensor,
+) -> Result<ImageOutputs> {
     encode_image_with(&CpuBackend, ws, hp, pixel_values)
 }
 
@@ -71,11 +113,17 @@ pub fn encode_image_with<B: Backend>(
     pixel_values: &Tensor,
 ) -> Result<ImageOutputs> {
     let srcs = clip::clip_hidden_states(b, ws, &hp.clip, pixel_values)?;
-    let selected = srcs.iter().map(|s| b.download(s)).collect::<Result<Vec<_>>>()?;
+    let selected = srcs
+        .iter()
+        .map(|s| b.download(s))
+        .collect::<Result<Vec<_>>>()?;
     let (cross, fused, embeds) = match &hp.projector {
         ProjectorHParams::Mlp => {
             if srcs.len() != 1 {
-                return Err(Error::other(format!("plain LLaVA projector needs one selected layer, got {}", srcs.len())));
+                return Err(Error::other(format!(
+                    "plain LLaVA projector needs one selected layer, got {}",
+                    srcs.len()
+                )));
             }
             let embeds = mlp(b, ws, &srcs[0], "mm.0", "mm.2")?;
             (None, None, embeds)
@@ -84,14 +132,28 @@ pub fn encode_image_with<B: Backend>(
             let out = fuser::fuser(b, ws, fh, &srcs, hp.clip.patches_per_side())?;
             drop(srcs);
             let embeds = mlp(b, ws, &out.out, "mm.1", "mm.3")?;
-            (Some(b.download(&out.cross_attn)?), Some(b.download(&out.out)?), embeds)
+            (
+                Some(b.download(&out.cross_attn)?),
+                Some(b.download(&out.out)?),
+                embeds,
+            )
         }
     };
-    Ok(ImageOutputs { selected, fuser_cross_attn: cross, fuser_out: fused, image_embeds: b.download(&embeds)? })
+    Ok(ImageOutputs {
+        selected,
+        fuser_cross_attn: cross,
+        fuser_out: fused,
+        image_embeds: b.download(&embeds)?,
+    })
 }
 
 /// Logits [n, vocab] for `ids` (with the image spliced at the -200 marker) on the CPU backend.
-pub fn logits(ws: &dyn WeightSource, hp: &ModelHParams, ids: &[i64], image_embeds: Option<&Tensor>) -> Result<Tensor> {
+pub fn logits(
+    ws: &dyn WeightSource,
+    hp: &ModelHParams,
+    ids: &[i64],
+    image_embeds: Option<&Tensor>,
+) -> Result<Tensor> {
     logits_with(&CpuBackend, ws, hp, ids, image_embeds)
 }
 
@@ -203,9 +265,21 @@ mod tests {
             ProjectorHParams::MmFuser(f) => {
                 for (att, lv) in [("cross_attn", f.n_levels), ("self_attn", 1)] {
                     let k = f.n_heads * lv * f.n_points;
-                    put(&format!("mm.fuser.{att}.sampling_offsets.weight"), &[2 * k, c], 0.3);
-                    put(&format!("mm.fuser.{att}.sampling_offsets.bias"), &[2 * k], 1.0);
-                    put(&format!("mm.fuser.{att}.attention_weights.weight"), &[k, c], 0.3);
+                    put(
+                        &format!("mm.fuser.{att}.sampling_offsets.weight"),
+                        &[2 * k, c],
+                        0.3,
+                    );
+                    put(
+                        &format!("mm.fuser.{att}.sampling_offsets.bias"),
+                        &[2 * k],
+                        1.0,
+                    );
+                    put(
+                        &format!("mm.fuser.{att}.attention_weights.weight"),
+                        &[k, c],
+                        0.3,
+                    );
                     put(&format!("mm.fuser.{att}.attention_weights.bias"), &[k], 0.1);
                     for t in ["value_proj", "output_proj"] {
                         put(&format!("mm.fuser.{att}.{t}.weight"), &[c, c], 0.3);
@@ -233,9 +307,21 @@ mod tests {
             put(&format!("blk.{i}.attn_norm.weight"), &[h], 1.0);
             put(&format!("blk.{i}.ffn_norm.weight"), &[h], 1.0);
             put(&format!("blk.{i}.attn_q.weight"), &[l.n_head * hd, h], 0.3);
-            put(&format!("blk.{i}.attn_k.weight"), &[l.n_head_kv * hd, h], 0.3);
-            put(&format!("blk.{i}.attn_v.weight"), &[l.n_head_kv * hd, h], 0.3);
-            put(&format!("blk.{i}.attn_output.weight"), &[h, l.n_head * hd], 0.3);
+            put(
+                &format!("blk.{i}.attn_k.weight"),
+                &[l.n_head_kv * hd, h],
+                0.3,
+            );
+            put(
+                &format!("blk.{i}.attn_v.weight"),
+                &[l.n_head_kv * hd, h],
+                0.3,
+            );
+            put(
+                &format!("blk.{i}.attn_output.weight"),
+                &[h, l.n_head * hd],
+                0.3,
+            );
             put(&format!("blk.{i}.ffn_gate.weight"), &[l.n_ff, h], 0.3);
             put(&format!("blk.{i}.ffn_up.weight"), &[l.n_ff, h], 0.3);
             put(&format!("blk.{i}.ffn_down.weight"), &[h, l.n_ff], 0.3);
@@ -250,12 +336,22 @@ mod tests {
     }
 
     fn finite(t: &Tensor) -> bool {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite())
     }
 
     #[test]
     fn tiny_mmfuser_shapes() {
-        let fh = FuserHParams { n_heads: 4, n_levels: 3, n_points: 2, eps: 1e-6 };
+        let fh = FuserHParams {
+            n_heads: 4,
+            n_levels: 3,
+            n_points: 2,
+            eps: 1e-6,
+        };
         let hp = tiny_hparams(ProjectorHParams::MmFuser(fh), vec![0, 1, 3, 2]);
         let ws = tiny_weights(&hp);
         let out = encode_image(&ws, &hp, &pixels(&hp)).unwrap();
@@ -288,9 +384,27 @@ mod tests {
         assert_eq!(out.image_embeds.dims(), &[9, 32]);
         // Causal: the logits of a prefix do not depend on what follows.
         let a = logits(&ws, &hp, &[1, IMAGE_TOKEN, 4, 5], Some(&out.image_embeds)).unwrap();
-        let b = logits(&ws, &hp, &[1, IMAGE_TOKEN, 4, 6, 7], Some(&out.image_embeds)).unwrap();
-        let a = a.narrow(0, 0, 11).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.narrow(0, 0, 11).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = logits(
+            &ws,
+            &hp,
+            &[1, IMAGE_TOKEN, 4, 6, 7],
+            Some(&out.image_embeds),
+        )
+        .unwrap();
+        let a = a
+            .narrow(0, 0, 11)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = b
+            .narrow(0, 0, 11)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5);
         }
@@ -306,12 +420,27 @@ mod tests {
         let got = got[0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
         let get = |n: &str| -> Vec<f64> {
-            ws.tensor_f32(n).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+            ws.tensor_f32(n)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64)
+                .collect()
         };
         let c = hp.clip.n_embd;
         let (s, p) = (hp.clip.image_size, hp.clip.patch_size);
         let e = s / p;
-        let pv: Vec<f64> = px.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+        let pv: Vec<f64> = px
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         // Conv2d stride p.
         let pw = get("v.patch_embd.weight");
         let mut x = vec![get("v.class_embd")];
@@ -322,7 +451,8 @@ mod tests {
                     for ch in 0..3 {
                         for ky in 0..p {
                             for kx in 0..p {
-                                *r += pw[((o * 3 + ch) * p + ky) * p + kx] * pv[(ch * s + gy * p + ky) * s + gx * p + kx];
+                                *r += pw[((o * 3 + ch) * p + ky) * p + kx]
+                                    * pv[(ch * s + gy * p + ky) * s + gx * p + kx];
                             }
                         }
                     }
@@ -342,7 +472,10 @@ mod tests {
                 .map(|r| {
                     let m = r.iter().sum::<f64>() / c as f64;
                     let v = r.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / c as f64;
-                    r.iter().enumerate().map(|(j, a)| (a - m) / (v + 1e-5).sqrt() * w[j] + b[j]).collect()
+                    r.iter()
+                        .enumerate()
+                        .map(|(j, a)| (a - m) / (v + 1e-5).sqrt() * w[j] + b[j])
+                        .collect()
                 })
                 .collect()
         };
@@ -350,7 +483,13 @@ mod tests {
             let (w, b) = (get(&format!("{pre}.weight")), get(&format!("{pre}.bias")));
             let nout = b.len();
             let nin = w.len() / nout;
-            x.iter().map(|r| (0..nout).map(|o| b[o] + (0..nin).map(|i| w[o * nin + i] * r[i]).sum::<f64>()).collect()).collect()
+            x.iter()
+                .map(|r| {
+                    (0..nout)
+                        .map(|o| b[o] + (0..nin).map(|i| w[o * nin + i] * r[i]).sum::<f64>())
+                        .collect()
+                })
+                .collect()
         };
         let mut x = ln(&x, "v.pre_ln");
         let nh = hp.clip.n_head;
@@ -366,12 +505,19 @@ mod tests {
             for hh in 0..nh {
                 for i in 0..nt {
                     let sc: Vec<f64> = (0..nt)
-                        .map(|j| (0..hd).map(|d| q[i][hh * hd + d] * k[j][hh * hd + d]).sum::<f64>() / (hd as f64).sqrt())
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| q[i][hh * hd + d] * k[j][hh * hd + d])
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
                         .collect();
                     let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|v| (v - mx).exp()).sum();
                     for d in 0..hd {
-                        a[i][hh * hd + d] = (0..nt).map(|j| (sc[j] - mx).exp() / z * v[j][hh * hd + d]).sum();
+                        a[i][hh * hd + d] = (0..nt)
+                            .map(|j| (sc[j] - mx).exp() / z * v[j][hh * hd + d])
+                            .sum();
                     }
                 }
             }
@@ -384,7 +530,11 @@ mod tests {
             let h = ln(&x, &format!("{pre}.ln2"));
             let h: Vec<Vec<f64>> = lin(&h, &format!("{pre}.ffn_up"))
                 .into_iter()
-                .map(|r| r.into_iter().map(|v| v / (1.0 + (-1.702 * v).exp())).collect())
+                .map(|r| {
+                    r.into_iter()
+                        .map(|v| v / (1.0 + (-1.702 * v).exp()))
+                        .collect()
+                })
                 .collect();
             let o = lin(&h, &format!("{pre}.ffn_down"));
             for i in 0..nt {

@@ -37,8 +37,13 @@ pub trait WeightSource: Send + Sync {
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let raw = self.raw(name)?;
         let n = raw.n_elements();
-        let values = dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
-        Ok(Tensor::from_vec(values, raw.shape.as_slice(), &Device::Cpu)?)
+        let values =
+            dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
+        Ok(Tensor::from_vec(
+            values,
+            raw.shape.as_slice(),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -48,20 +53,31 @@ pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tens
     let raw = ws.raw(name)?;
     let err = |m: String| Error::tensor(ws.origin(), name, m);
     let [n_rows, cols] = raw.shape[..] else {
-        return Err(err(format!("expected a 2-D table, found shape {:?}", raw.shape)));
+        return Err(err(format!(
+            "expected a 2-D table, found shape {:?}",
+            raw.shape
+        )));
     };
-    let row_bytes = raw
-        .ty
-        .bytes_for(cols as u64)
-        .ok_or_else(|| err(format!("a row of {cols} values is not a whole number of {} blocks", raw.ty)))?
-        as usize;
+    let row_bytes = raw.ty.bytes_for(cols as u64).ok_or_else(|| {
+        err(format!(
+            "a row of {cols} values is not a whole number of {} blocks",
+            raw.ty
+        ))
+    })? as usize;
     if raw.data.len() != row_bytes * n_rows {
-        return Err(err(format!("{} bytes for shape {:?} of type {}", raw.data.len(), raw.shape, raw.ty)));
+        return Err(err(format!(
+            "{} bytes for shape {:?} of type {}",
+            raw.data.len(),
+            raw.shape,
+            raw.ty
+        )));
     }
     let mut out = Vec::with_capacity(ids.len() * cols);
     for &id in ids {
         if id >= n_rows {
-            return Err(err(format!("row {id} is out of range (the table has {n_rows} rows)")));
+            return Err(err(format!(
+                "row {id} is out of range (the table has {n_rows} rows)"
+            )));
         }
         let bytes = &raw.data[id * row_bytes..(id + 1) * row_bytes];
         out.extend(dequantize(raw.ty, bytes, cols).map_err(err)?);
@@ -74,14 +90,27 @@ pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tens
 fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
     let need = ty
         .bytes_for(n as u64)
-        .ok_or_else(|| format!("{n} values are not a whole number of {ty} blocks"))? as usize;
+        .ok_or_else(|| format!("{n} values are not a whole number of {ty} blocks"))?
+        as usize;
     if bytes.len() != need {
-        return Err(format!("expected {need} bytes of {ty} for {n} values, found {}", bytes.len()));
+        return Err(format!(
+            "expected {need} bytes of {ty} for {n} values, found {}",
+            bytes.len()
+        ));
     }
     Ok(match ty {
-        GgmlType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        GgmlType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        GgmlType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        GgmlType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        GgmlType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => return Err(format!("dequantizing {other} is not available yet")),
     })
 }
@@ -98,9 +127,14 @@ impl MemWeights {
     }
     /// Insert an f32 tensor.
     pub fn insert_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}: shape/value count mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "{name}: shape/value count mismatch"
+        );
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.tensors.insert(name.to_string(), (GgmlType::F32, shape.to_vec(), bytes));
+        self.tensors
+            .insert(name.to_string(), (GgmlType::F32, shape.to_vec(), bytes));
     }
 }
 
@@ -110,7 +144,11 @@ impl WeightSource for MemWeights {
             .tensors
             .get(name)
             .ok_or_else(|| Error::tensor("<memory>", name, "no such tensor"))?;
-        Ok(RawTensor { ty: *ty, shape: shape.clone(), data: Cow::Borrowed(data) })
+        Ok(RawTensor {
+            ty: *ty,
+            shape: shape.clone(),
+            data: Cow::Borrowed(data),
+        })
     }
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

@@ -22,8 +22,10 @@
 //!   `ql[l+32]` = v[l+32] | v[l+96]<<4 (low 4 bits each); `qh[l]` holds the top 2 bits of
 //!   v[l], v[l+32], v[l+64], v[l+96] at shifts 0, 2, 4, 6.
 
-use super::math::{fp16, get_scale_min_k4, make_qkx2_quants, make_qx_quants, nearest_int, pack_scale_min_k4};
 use super::math::GROUP_MAX_EPS;
+use super::math::{
+    fp16, get_scale_min_k4, make_qkx2_quants, make_qx_quants, nearest_int, pack_scale_min_k4,
+};
 use super::{Block, GgmlType};
 use half::f16;
 
@@ -36,7 +38,13 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
 
 /// Steps (1)-(3) shared by Q4_K and Q5_K: returns (d, dmin, packed scales, levels 0..=nmax).
 /// `rmin/rdelta/nstep` are the make_qkx2_quants search parameters of the format.
-fn quantize_scale_min_k(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+fn quantize_scale_min_k(
+    x: &[f32],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f16, f16, [u8; 12], [u8; QK_K]) {
     let mut levels = [0u8; QK_K];
     let mut laux = [0u8; 32];
     let mut weights = [0f32; 32];
@@ -45,7 +53,9 @@ fn quantize_scale_min_k(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
+        let xs: &[f32; 32] = x[32 * j..32 * j + 32]
+            .try_into()
+            .expect("256 values per super-block");
         let mut sum_x2 = 0.0f32;
         for &v in xs {
             sum_x2 += v * v;
@@ -56,7 +66,10 @@ fn quantize_scale_min_k(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32
         for (w, &v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let sm = make_qkx2_quants(nmax, xs, &weights, &mut levels[32 * j..32 * j + 32], &mut laux, rmin, rdelta, nstep);
+        let lj: &mut [u8; 32] = (&mut levels[32 * j..32 * j + 32])
+            .try_into()
+            .expect("32 levels");
+        let sm = make_qkx2_quants(nmax, xs, &weights, lj, &mut laux, rmin, rdelta, nstep);
         scales[j] = sm.scale;
         mins[j] = sm.min;
         if sm.scale > max_scale {
@@ -66,7 +79,11 @@ fn quantize_scale_min_k(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32
             max_min = sm.min;
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -116,7 +133,12 @@ impl Block for BlockQ4K {
                 qs[32 * c + i] = l[64 * c + i] | (l[64 * c + 32 + i] << 4);
             }
         }
-        BlockQ4K { d, dmin, scales, qs }
+        BlockQ4K {
+            d,
+            dmin,
+            scales,
+            qs,
+        }
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -146,7 +168,12 @@ impl Block for BlockQ4K {
         scales.copy_from_slice(&b[4..16]);
         let mut qs = [0u8; QK_K / 2];
         qs.copy_from_slice(&b[16..144]);
-        BlockQ4K { d: f16_at(b, 0), dmin: f16_at(b, 2), scales, qs }
+        BlockQ4K {
+            d: f16_at(b, 0),
+            dmin: f16_at(b, 2),
+            scales,
+            qs,
+        }
     }
 }
 
@@ -176,7 +203,13 @@ impl Block for BlockQ5K {
                 qh[i] |= ((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1));
             }
         }
-        BlockQ5K { d, dmin, scales, qh, qs }
+        BlockQ5K {
+            d,
+            dmin,
+            scales,
+            qh,
+            qs,
+        }
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -212,7 +245,13 @@ impl Block for BlockQ5K {
         qh.copy_from_slice(&b[16..48]);
         let mut qs = [0u8; QK_K / 2];
         qs.copy_from_slice(&b[48..176]);
-        BlockQ5K { d: f16_at(b, 0), dmin: f16_at(b, 2), scales, qh, qs }
+        BlockQ5K {
+            d: f16_at(b, 0),
+            dmin: f16_at(b, 2),
+            scales,
+            qh,
+            qs,
+        }
     }
 }
 
@@ -236,21 +275,32 @@ impl Block for BlockQ6K {
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
         for ib in 0..16 {
-            let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+            let xs: &[f32; 16] = x[16 * ib..16 * ib + 16]
+                .try_into()
+                .expect("256 values per super-block");
+            let ls: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16])
+                .try_into()
+                .expect("16 levels");
+            let s = make_qx_quants(32, xs, ls);
             scales_f[ib] = s;
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
                 max_scale = s; // signed: the largest scale maps to -128 below
             }
         }
-        let mut blk = BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; 16], d: fp16(0.0) };
+        let mut blk = BlockQ6K {
+            ql: [0; QK_K / 2],
+            qh: [0; QK_K / 4],
+            scales: [0; 16],
+            d: fp16(0.0),
+        };
         if max_abs_scale < GROUP_MAX_EPS {
             return blk; // all-zero block (ggml memsets it)
         }
         let iscale = -128.0 / max_scale;
         blk.d = fp16(1.0 / iscale);
-        for ib in 0..16 {
-            blk.scales[ib] = nearest_int(iscale * scales_f[ib]).min(127) as i8;
+        for (s, &sf) in blk.scales.iter_mut().zip(&scales_f) {
+            *s = nearest_int(iscale * sf).min(127) as i8;
         }
         let df = blk.d.to_f32();
         for j in 0..16 {
@@ -264,11 +314,18 @@ impl Block for BlockQ6K {
             }
         }
         for h in 0..2 {
-            let (lv, ql, qh) = (&l[128 * h..128 * h + 128], &mut blk.ql[64 * h..64 * h + 64], &mut blk.qh[32 * h..32 * h + 32]);
+            let (lv, ql, qh) = (
+                &l[128 * h..128 * h + 128],
+                &mut blk.ql[64 * h..64 * h + 64],
+                &mut blk.qh[32 * h..32 * h + 32],
+            );
             for i in 0..32 {
                 ql[i] = (lv[i] & 0xF) | ((lv[i + 64] & 0xF) << 4);
                 ql[i + 32] = (lv[i + 32] & 0xF) | ((lv[i + 96] & 0xF) << 4);
-                qh[i] = (lv[i] >> 4) | ((lv[i + 32] >> 4) << 2) | ((lv[i + 64] >> 4) << 4) | ((lv[i + 96] >> 4) << 6);
+                qh[i] = (lv[i] >> 4)
+                    | ((lv[i + 32] >> 4) << 2)
+                    | ((lv[i + 64] >> 4) << 4)
+                    | ((lv[i + 96] >> 4) << 6);
             }
         }
         blk
@@ -277,7 +334,11 @@ impl Block for BlockQ6K {
     fn dequantize(&self, y: &mut [f32]) {
         let d = self.d.to_f32();
         for h in 0..2 {
-            let (ql, qh, sc) = (&self.ql[64 * h..], &self.qh[32 * h..], &self.scales[8 * h..]);
+            let (ql, qh, sc) = (
+                &self.ql[64 * h..],
+                &self.qh[32 * h..],
+                &self.scales[8 * h..],
+            );
             let y = &mut y[128 * h..128 * h + 128];
             for i in 0..32 {
                 let is = i / 16;
@@ -312,6 +373,11 @@ impl Block for BlockQ6K {
         for (s, &v) in scales.iter_mut().zip(&b[192..208]) {
             *s = v as i8;
         }
-        BlockQ6K { ql, qh, scales, d: f16_at(b, 208) }
+        BlockQ6K {
+            ql,
+            qh,
+            scales,
+            d: f16_at(b, 208),
+        }
     }
 }

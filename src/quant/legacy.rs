@@ -53,7 +53,11 @@ fn pack_5bit(q: &[u8; QK]) -> ([u8; 16], [u8; 4]) {
 /// The 5-bit level of element j (0..32).
 fn level_5bit(qs: &[u8; 16], qh: &[u8; 4], j: usize) -> u8 {
     let h = u32::from_le_bytes(*qh);
-    let lo = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
+    let lo = if j < 16 {
+        qs[j] & 0x0F
+    } else {
+        qs[j - 16] >> 4
+    };
     lo | ((((h >> j) & 1) as u8) << 4)
 }
 
@@ -103,7 +107,10 @@ impl Block for BlockQ8_0 {
         for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
             *q = v as i8;
         }
-        BlockQ8_0 { d: f16_at(b, 0), qs }
+        BlockQ8_0 {
+            d: f16_at(b, 0),
+            qs,
+        }
     }
 }
 
@@ -151,7 +158,10 @@ impl Block for BlockQ4_0 {
     fn read(b: &[u8]) -> Self {
         let mut qs = [0u8; 16];
         qs.copy_from_slice(&b[2..18]);
-        BlockQ4_0 { d: f16_at(b, 0), qs }
+        BlockQ4_0 {
+            d: f16_at(b, 0),
+            qs,
+        }
     }
 }
 
@@ -198,7 +208,11 @@ impl Block for BlockQ5_0 {
         qh.copy_from_slice(&b[2..6]);
         let mut qs = [0u8; 16];
         qs.copy_from_slice(&b[6..22]);
-        BlockQ5_0 { d: f16_at(b, 0), qh, qs }
+        BlockQ5_0 {
+            d: f16_at(b, 0),
+            qh,
+            qs,
+        }
     }
 }
 
@@ -236,7 +250,12 @@ impl Block for BlockQ5_1 {
             *l = (((v - min) * id + 0.5) as u8).min(31);
         }
         let (qs, qh) = pack_5bit(&q);
-        BlockQ5_1 { d: fp16(d), m: fp16(min), qh, qs }
+        BlockQ5_1 {
+            d: fp16(d),
+            m: fp16(min),
+            qh,
+            qs,
+        }
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -259,6 +278,11 @@ impl Block for BlockQ5_1 {
         qh.copy_from_slice(&b[4..8]);
         let mut qs = [0u8; 16];
         qs.copy_from_slice(&b[8..24]);
-        BlockQ5_1 { d: f16_at(b, 0), m: f16_at(b, 2), qh, qs }
+        BlockQ5_1 {
+            d: f16_at(b, 0),
+            m: f16_at(b, 2),
+            qh,
+            qs,
+        }
     }
 }

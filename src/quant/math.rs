@@ -42,18 +42,20 @@ pub struct ScaleMin {
 /// `(rmin + rdelta*is + nmax)/(max-min)` and keeping the weighted-least-squares (scale, min)
 /// of the best quantization. `L` receives the levels; `laux` is scratch of the same length.
 /// Used by Q4_K (nmax 15, rmin -1, rdelta 0.1, nstep 20) and Q5_K (31, -0.5, 0.1, 15).
+/// (Fixed-size arrays let the compiler drop bounds checks: this is the hot loop of Q4_K/Q5_K.)
 #[allow(clippy::too_many_arguments)]
-pub fn make_qkx2_quants(
+#[inline]
+pub fn make_qkx2_quants<const N: usize>(
     nmax: i32,
-    x: &[f32],
-    w: &[f32],
-    l_out: &mut [u8],
-    laux: &mut [u8],
+    x: &[f32; N],
+    w: &[f32; N],
+    l_out: &mut [u8; N],
+    laux: &mut [u8; N],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
 ) -> ScaleMin {
-    let n = x.len();
+    let n = N;
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = w[0];
@@ -75,7 +77,10 @@ pub fn make_qkx2_quants(
     }
     if max == min {
         l_out[..n].fill(0);
-        return ScaleMin { scale: 0.0, min: -min };
+        return ScaleMin {
+            scale: 0.0,
+            min: -min,
+        };
     }
     let nmax_f = nmax as f32;
     let mut iscale = nmax_f / (max - min);
@@ -129,8 +134,9 @@ pub fn make_qkx2_quants(
 /// (i.e. minimising weighted squared error with the least-squares scale). `max` is the
 /// signed element of largest magnitude, so the largest value always maps to level `-nmax`.
 /// Returns the scale; `l_out` gets `L = l + nmax` in `0..2*nmax`.
-pub fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
-    let n = x.len();
+#[inline]
+pub fn make_qx_quants<const N: usize>(nmax: i32, x: &[f32; N], l_out: &mut [u8; N]) -> f32 {
+    let n = N;
     let mut max = 0.0f32;
     let mut amax = 0.0f32;
     for &v in x {
@@ -190,7 +196,10 @@ pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 

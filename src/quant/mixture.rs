@@ -44,7 +44,9 @@ pub struct TensorDesc<'a> {
 /// `%d` skips leading white space and takes an optional sign; the trailing "." is not checked
 /// once the number has been read.
 fn layer_of(name: &str) -> i64 {
-    let Some(rest) = name.strip_prefix("blk.") else { return -1 };
+    let Some(rest) = name.strip_prefix("blk.") else {
+        return -1;
+    };
     let rest = rest.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
     let (neg, digits) = match rest.as_bytes().first() {
         Some(b'-') => (true, &rest[1..]),
@@ -55,7 +57,10 @@ fn layer_of(name: &str) -> i64 {
     if n == 0 {
         return -1;
     }
-    let v = digits[..n].parse::<i64>().unwrap_or(i64::MAX).min(i32::MAX as i64);
+    let v = digits[..n]
+        .parse::<i64>()
+        .unwrap_or(i64::MAX)
+        .min(i32::MAX as i64);
     if neg {
         -v
     } else {
@@ -66,13 +71,16 @@ fn layer_of(name: &str) -> i64 {
 /// llama.cpp's `weight_name_comparer`: tensors without a "blk.N." prefix first (layer -1), then
 /// by layer number, then by name (byte order).
 pub fn weight_name_cmp(a: &str, b: &str) -> Ordering {
-    layer_of(a).cmp(&layer_of(b)).then_with(|| a.as_bytes().cmp(b.as_bytes()))
+    layer_of(a)
+        .cmp(&layer_of(b))
+        .then_with(|| a.as_bytes().cmp(b.as_bytes()))
 }
 
 /// Sorts `names` into the order llama-quantize writes tensors in (its `weights_map` order),
 /// e.g. output.weight, output_norm.weight, token_embd.weight, blk.0.attn_k.weight, ...,
 /// blk.2.*, ..., blk.10.*.
-pub fn llama_quantize_order(names: &mut Vec<String>) {
+/// (Takes a slice, so `&mut Vec<String>` works too.)
+pub fn llama_quantize_order(names: &mut [String]) {
     names.sort_by(|a, b| weight_name_cmp(a, b));
 }
 
@@ -94,11 +102,23 @@ fn category(name: &str) -> Category {
     if name == "token_embd.weight" || name == "per_layer_token_embd.weight" {
         return Category::TokenEmbd;
     }
-    if ["attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight"].iter().any(|p| name.contains(p)) {
+    if ["attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight"]
+        .iter()
+        .any(|p| name.contains(p))
+    {
         return Category::AttnV;
     }
     // llama.cpp tests attn_k/q/output, then "ffn_up" and "ffn_gate" before "ffn_down".
-    if ["attn_k.weight", "attn_q.weight", "attn_output.weight", "ffn_up", "ffn_gate"].iter().any(|p| name.contains(p)) {
+    if [
+        "attn_k.weight",
+        "attn_q.weight",
+        "attn_output.weight",
+        "ffn_up",
+        "ffn_gate",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+    {
         return Category::Other;
     }
     if name.contains("ffn_down") {
@@ -148,7 +168,10 @@ const NEVER_QUANTIZED_PARTS: &[&str] = &[
 
 /// `ggml_n_dims`: 1 + index of the last dimension > 1 (trailing 1s do not count).
 fn n_dims(ne: &[u64]) -> usize {
-    (1..ne.len()).rev().find(|&i| ne[i] > 1).map_or(1, |i| i + 1)
+    (1..ne.len())
+        .rev()
+        .find(|&i| ne[i] > 1)
+        .map_or(1, |i| i + 1)
 }
 
 /// `tensor_allows_quantization` with default params.
@@ -180,7 +203,7 @@ fn use_more_bits(i: i64, n: i64) -> bool {
 
 /// `tensor_type_fallback`: the type actually used when `target`'s block does not divide ne[0].
 fn fallback(target: GgmlType, ne0: u64) -> (GgmlType, bool) {
-    if ne0 % target.block_size() as u64 == 0 {
+    if ne0.is_multiple_of(target.block_size() as u64) {
         return (target, false);
     }
     let demoted = match target {
@@ -189,7 +212,7 @@ fn fallback(target: GgmlType, ne0: u64) -> (GgmlType, bool) {
         GgmlType::Q6K => GgmlType::Q8_0,
         other => other, // 32-block types have nothing smaller to demote to
     };
-    if ne0 % demoted.block_size() as u64 != 0 {
+    if !ne0.is_multiple_of(demoted.block_size() as u64) {
         (GgmlType::F16, true)
     } else {
         (demoted, true)
@@ -200,17 +223,30 @@ fn fallback(target: GgmlType, ne0: u64) -> (GgmlType, bool) {
 /// llama-quantize does for `ftype`, with `n_layer` = the model's block count. The running
 /// counters follow llama-quantize's processing order ([`weight_name_cmp`]), whatever the
 /// order of `tensors`. The bool is true where the shape forced a fallback type.
-pub fn choose_types(ftype: FileType, tensors: &[TensorDesc], n_layer: usize) -> Vec<(GgmlType, bool)> {
+pub fn choose_types(
+    ftype: FileType,
+    tensors: &[TensorDesc],
+    n_layer: usize,
+) -> Vec<(GgmlType, bool)> {
     let default = default_type(ftype);
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| weight_name_cmp(tensors[a].name, tensors[b].name));
 
-    let n_attention_wv = tensors.iter().filter(|t| category(t.name) == Category::AttnV).count() as i64;
+    let n_attention_wv = tensors
+        .iter()
+        .filter(|t| category(t.name) == Category::AttnV)
+        .count() as i64;
     let tied_embeddings = !tensors.iter().any(|t| t.name == "output.weight");
     let n_layer = n_layer as i64;
     // LLM_TYPE_70B (llama: 80 layers and n_head != n_head_kv), read off the q/k shapes.
-    let ne1_of = |suffix: &str| tensors.iter().find(|t| t.name.ends_with(suffix)).and_then(|t| t.ne.get(1).copied());
-    let is_70b = n_layer == 80 && matches!((ne1_of("attn_q.weight"), ne1_of("attn_k.weight")), (Some(q), Some(k)) if q != k);
+    let ne1_of = |suffix: &str| {
+        tensors
+            .iter()
+            .find(|t| t.name.ends_with(suffix))
+            .and_then(|t| t.ne.get(1).copied())
+    };
+    let is_70b = n_layer == 80
+        && matches!((ne1_of("attn_q.weight"), ne1_of("attn_k.weight")), (Some(q), Some(k)) if q != k);
 
     let mut i_attention_wv = 0i64;
     let mut i_ffn_down = 0i64;
@@ -228,8 +264,10 @@ pub fn choose_types(ftype: FileType, tensors: &[TensorDesc], n_layer: usize) -> 
         let ne0 = t.ne.first().copied().unwrap_or(1);
         let mut ty = default;
         match category(t.name) {
-            Category::Output | Category::TokenEmbd if t.name == "output.weight" || tied_embeddings => {
-                if ne0 % default.block_size() as u64 != 0 {
+            Category::Output | Category::TokenEmbd
+                if t.name == "output.weight" || tied_embeddings =>
+            {
+                if !ne0.is_multiple_of(default.block_size() as u64) {
                     ty = GgmlType::Q8_0;
                 } else if default != GgmlType::Q8_0 {
                     ty = GgmlType::Q6K;
@@ -266,19 +304,39 @@ mod tests {
     use super::*;
 
     fn desc<'a>(name: &'a str, ne: &'a [u64]) -> TensorDesc<'a> {
-        TensorDesc { name, ne, ty: GgmlType::F32 }
+        TensorDesc {
+            name,
+            ne,
+            ty: GgmlType::F32,
+        }
     }
 
     #[test]
     fn quant_mixture_order() {
-        let mut names: Vec<String> = ["blk.10.attn_q.weight", "blk.2.ffn_down.weight", "token_embd.weight", "blk.2.attn_k.weight", "output.weight", "output_norm.weight", "blk.0.attn_v.weight"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut names: Vec<String> = [
+            "blk.10.attn_q.weight",
+            "blk.2.ffn_down.weight",
+            "token_embd.weight",
+            "blk.2.attn_k.weight",
+            "output.weight",
+            "output_norm.weight",
+            "blk.0.attn_v.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         llama_quantize_order(&mut names);
         assert_eq!(
             names,
-            ["output.weight", "output_norm.weight", "token_embd.weight", "blk.0.attn_v.weight", "blk.2.attn_k.weight", "blk.2.ffn_down.weight", "blk.10.attn_q.weight"]
+            [
+                "output.weight",
+                "output_norm.weight",
+                "token_embd.weight",
+                "blk.0.attn_v.weight",
+                "blk.2.attn_k.weight",
+                "blk.2.ffn_down.weight",
+                "blk.10.attn_q.weight"
+            ]
         );
         assert_eq!(layer_of("blk.7x"), 7);
         assert_eq!(layer_of("blk. 3.a"), 3);
@@ -290,16 +348,36 @@ mod tests {
     #[test]
     fn quant_mixture_use_more_bits_sets() {
         let set = |n: i64| (0..n).filter(|&i| use_more_bits(i, n)).collect::<Vec<_>>();
-        assert_eq!(set(32), [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        assert_eq!(set(40), [0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 35, 36, 37, 38, 39]);
+        assert_eq!(
+            set(32),
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        assert_eq!(
+            set(40),
+            [0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 35, 36, 37, 38, 39]
+        );
     }
 
     #[test]
     fn quant_mixture_llama7b_counts() {
         // facts §11: a LLaMA-7B-shaped model, 32 layers, untied output.
-        let mut names = vec!["token_embd.weight".to_string(), "output_norm.weight".into(), "output.weight".into()];
+        let mut names = vec![
+            "token_embd.weight".to_string(),
+            "output_norm.weight".into(),
+            "output.weight".into(),
+        ];
         for i in 0..32 {
-            for t in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"] {
+            for t in [
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ] {
                 names.push(format!("blk.{i}.{t}.weight"));
             }
         }
@@ -323,9 +401,19 @@ mod tests {
         let descs: Vec<TensorDesc> = names.iter().zip(&shapes).map(|(n, s)| desc(n, s)).collect();
         let count = |v: &[(GgmlType, bool)], ty: GgmlType| v.iter().filter(|r| r.0 == ty).count();
         let m = choose_types(FileType::MostlyQ4KM, &descs, 32);
-        assert_eq!((count(&m, GgmlType::Q4K), count(&m, GgmlType::Q6K), count(&m, GgmlType::F32)), (193, 33, 65));
+        assert_eq!(
+            (
+                count(&m, GgmlType::Q4K),
+                count(&m, GgmlType::Q6K),
+                count(&m, GgmlType::F32)
+            ),
+            (193, 33, 65)
+        );
         let q40 = choose_types(FileType::MostlyQ4_0, &descs, 32);
-        assert_eq!((count(&q40, GgmlType::Q4_0), count(&q40, GgmlType::Q6K)), (225, 1));
+        assert_eq!(
+            (count(&q40, GgmlType::Q4_0), count(&q40, GgmlType::Q6K)),
+            (225, 1)
+        );
         let q8 = choose_types(FileType::MostlyQ8_0, &descs, 32);
         assert_eq!(count(&q8, GgmlType::Q8_0), 226);
         let s = choose_types(FileType::MostlyQ4KS, &descs, 32);
@@ -345,8 +433,21 @@ mod tests {
         // ineligible and F16-file tensors
         let ne1 = [256u64];
         let ne2 = [172u64, 8];
-        let t = [TensorDesc { name: "blk.0.attn_norm.weight", ne: &ne1, ty: GgmlType::F16 }, desc("blk.0.ffn_down.weight", &ne2)];
-        assert_eq!(choose_types(FileType::MostlyQ4KM, &t, 1), [(GgmlType::F16, false), (GgmlType::F16, true)]);
-        assert_eq!(choose_types(FileType::MostlyF16, &t, 1), [(GgmlType::F16, false), (GgmlType::F16, false)]);
+        let t = [
+            TensorDesc {
+                name: "blk.0.attn_norm.weight",
+                ne: &ne1,
+                ty: GgmlType::F16,
+            },
+            desc("blk.0.ffn_down.weight", &ne2),
+        ];
+        assert_eq!(
+            choose_types(FileType::MostlyQ4KM, &t, 1),
+            [(GgmlType::F16, false), (GgmlType::F16, true)]
+        );
+        assert_eq!(
+            choose_types(FileType::MostlyF16, &t, 1),
+            [(GgmlType::F16, false), (GgmlType::F16, false)]
+        );
     }
 }

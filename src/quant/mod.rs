@@ -17,8 +17,6 @@ mod legacy;
 mod math;
 pub mod mixture;
 #[cfg(test)]
-mod npy;
-#[cfg(test)]
 mod tests;
 
 pub use crate::gguf::GgmlType;
@@ -36,7 +34,13 @@ pub enum QuantError {
     NonFinite { index: usize },
     /// `values` elements do not fill whole blocks of `ty`, or the byte buffer has the wrong size.
     #[error("{ty}: {values} values need {expected} bytes (whole blocks of {block}), got {bytes}")]
-    BadLength { ty: GgmlType, values: usize, block: usize, expected: String, bytes: usize },
+    BadLength {
+        ty: GgmlType,
+        values: usize,
+        block: usize,
+        expected: String,
+        bytes: usize,
+    },
     /// A ggml type this module does not (de)quantize.
     #[error("quantization type {0} is not supported")]
     Unsupported(GgmlType),
@@ -65,7 +69,13 @@ fn bad_len(ty: GgmlType, values: usize, bytes: usize) -> QuantError {
         Some(n) => n.to_string(),
         None => "n/a".to_string(),
     };
-    QuantError::BadLength { ty, values, block: ty.block_size(), expected, bytes }
+    QuantError::BadLength {
+        ty,
+        values,
+        block: ty.block_size(),
+        expected,
+        bytes,
+    }
 }
 
 /// Checks that `values` elements of `ty` fit exactly in `bytes` bytes.
@@ -148,7 +158,9 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qu
 
 /// [`quantize_into`] into a new buffer.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
-    let n = ty.bytes_for(src.len() as u64).ok_or_else(|| bad_len(ty, src.len(), 0))?;
+    let n = ty
+        .bytes_for(src.len() as u64)
+        .ok_or_else(|| bad_len(ty, src.len(), 0))?;
     let mut out = vec![0u8; n as usize];
     quantize_into(ty, src, &mut out)?;
     Ok(out)
@@ -160,8 +172,10 @@ pub fn quantize_par(ty: GgmlType, src: &[f32], row_len: usize) -> Result<Vec<u8>
     if ty == GgmlType::Q4_1 {
         return Err(QuantError::Unsupported(ty));
     }
-    let row_bytes = ty.bytes_for(row_len as u64).ok_or_else(|| bad_len(ty, row_len, 0))? as usize;
-    if row_len == 0 || src.len() % row_len != 0 {
+    let row_bytes = ty
+        .bytes_for(row_len as u64)
+        .ok_or_else(|| bad_len(ty, row_len, 0))? as usize;
+    if row_len == 0 || !src.len().is_multiple_of(row_len) {
         return Err(bad_len(ty, src.len(), 0));
     }
     if let Some(index) = src.par_iter().position_first(|v| !v.is_finite()) {

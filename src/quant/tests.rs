@@ -6,8 +6,15 @@ use super::*;
 use crate::gguf::FileType;
 use std::path::PathBuf;
 
-const QUANT_TYPES: [GgmlType; 7] =
-    [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+const QUANT_TYPES: [GgmlType; 7] = [
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+];
 const ALL_TYPES: [GgmlType; 10] = [
     GgmlType::F32,
     GgmlType::F16,
@@ -76,10 +83,12 @@ fn quant_all_zeros() {
         match ty {
             // d = 0 / -8 = -0.0 (fp16 0x8000, as ggml stores it) and every value takes the
             // middle level: 8 (Q4_0) or 16 (Q5_0, i.e. only the fifth bit set).
-            GgmlType::Q4_0 => assert!(q.chunks(18).all(|b| b[..2] == [0, 0x80] && b[2..].iter().all(|&v| v == 0x88))),
-            GgmlType::Q5_0 => assert!(q
-                .chunks(22)
-                .all(|b| b[..2] == [0, 0x80] && b[2..6] == [0xFF; 4] && b[6..].iter().all(|&v| v == 0))),
+            GgmlType::Q4_0 => assert!(q
+                .chunks(18)
+                .all(|b| b[..2] == [0, 0x80] && b[2..].iter().all(|&v| v == 0x88))),
+            GgmlType::Q5_0 => assert!(q.chunks(22).all(|b| b[..2] == [0, 0x80]
+                && b[2..6] == [0xFF; 4]
+                && b[6..].iter().all(|&v| v == 0))),
             _ => assert!(q.iter().all(|&b| b == 0), "{ty}: {:?}", &q[..8]),
         }
     }
@@ -96,10 +105,17 @@ fn quant_single_spike() {
                 if i == pos {
                     // fp16 d (and the 6-bit sub-block scale of the K-quants) limit the precision
                     let tol = if ty.block_size() == 256 { 5e-3 } else { 2e-3 };
-                    assert!((v - amp).abs() <= amp.abs() * tol, "{ty}: spike {amp} -> {v}");
+                    assert!(
+                        (v - amp).abs() <= amp.abs() * tol,
+                        "{ty}: spike {amp} -> {v}"
+                    );
                 } else {
                     // symmetric formats store 0 exactly; those with a min offset only nearly
-                    let tol = if matches!(ty, GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K) { 2e-3 } else { 0.0 };
+                    let tol = if matches!(ty, GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K) {
+                        2e-3
+                    } else {
+                        0.0
+                    };
                     assert!(v.abs() <= amp.abs() * tol, "{ty}: zero at {i} -> {v}");
                 }
             }
@@ -184,20 +200,44 @@ fn quant_non_finite_rejected() {
             let mut x = vec![0.1f32; 512];
             x[300] = bad;
             x[400] = f32::NAN;
-            assert!(matches!(quantize(ty, &x), Err(QuantError::NonFinite { index: 300 })), "{ty}");
-            assert!(matches!(quantize_par(ty, &x, 256), Err(QuantError::NonFinite { index: 300 })), "{ty}");
+            assert!(
+                matches!(quantize(ty, &x), Err(QuantError::NonFinite { index: 300 })),
+                "{ty}"
+            );
+            assert!(
+                matches!(
+                    quantize_par(ty, &x, 256),
+                    Err(QuantError::NonFinite { index: 300 })
+                ),
+                "{ty}"
+            );
         }
     }
 }
 
 #[test]
 fn quant_bad_lengths_and_unsupported() {
-    assert!(matches!(quantize(GgmlType::Q4K, &[0.0; 32]), Err(QuantError::BadLength { .. })));
+    assert!(matches!(
+        quantize(GgmlType::Q4K, &[0.0; 32]),
+        Err(QuantError::BadLength { .. })
+    ));
     let mut small = [0u8; 10];
-    assert!(matches!(quantize_into(GgmlType::Q8_0, &[0.0; 32], &mut small), Err(QuantError::BadLength { .. })));
-    assert!(matches!(dequantize(GgmlType::Q6K, &[0u8; 209], 256), Err(QuantError::BadLength { .. })));
-    assert!(matches!(quantize_par(GgmlType::Q8_0, &[0.0; 96], 64), Err(QuantError::BadLength { .. })));
-    assert!(matches!(quantize(GgmlType::Q4_1, &[0.0; 32]), Err(QuantError::Unsupported(GgmlType::Q4_1))));
+    assert!(matches!(
+        quantize_into(GgmlType::Q8_0, &[0.0; 32], &mut small),
+        Err(QuantError::BadLength { .. })
+    ));
+    assert!(matches!(
+        dequantize(GgmlType::Q6K, &[0u8; 209], 256),
+        Err(QuantError::BadLength { .. })
+    ));
+    assert!(matches!(
+        quantize_par(GgmlType::Q8_0, &[0.0; 96], 64),
+        Err(QuantError::BadLength { .. })
+    ));
+    assert!(matches!(
+        quantize(GgmlType::Q4_1, &[0.0; 32]),
+        Err(QuantError::Unsupported(GgmlType::Q4_1))
+    ));
 }
 
 #[test]
@@ -205,23 +245,42 @@ fn quant_dequantize_hand_built_blocks() {
     let h = |v: f32| half::f16::from_f32(v);
     // Q8_0: d = 0.5
     let mut b = vec![0u8; 34];
-    BlockQ8_0 { d: h(0.5), qs: std::array::from_fn(|i| i as i8 - 16) }.write(&mut b);
+    BlockQ8_0 {
+        d: h(0.5),
+        qs: std::array::from_fn(|i| i as i8 - 16),
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q8_0, &b, 32).unwrap();
     assert_eq!(y[0], -8.0);
     assert_eq!(y[31], 7.5);
     // Q4_0: low nibble = element j, high nibble = element j+16
     let mut b = vec![0u8; 18];
-    BlockQ4_0 { d: h(2.0), qs: [0x3F; 16] }.write(&mut b);
+    BlockQ4_0 {
+        d: h(2.0),
+        qs: [0x3F; 16],
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q4_0, &b, 32).unwrap();
     assert_eq!((y[0], y[16]), (14.0, -10.0));
     // Q5_0: element 0 has its fifth bit set, element 17 not
     let mut b = vec![0u8; 22];
-    BlockQ5_0 { d: h(1.0), qh: 1u32.to_le_bytes(), qs: [0x21; 16] }.write(&mut b);
+    BlockQ5_0 {
+        d: h(1.0),
+        qh: 1u32.to_le_bytes(),
+        qs: [0x21; 16],
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q5_0, &b, 32).unwrap();
     assert_eq!((y[0], y[1], y[17]), (1.0, -15.0, -14.0));
     // Q5_1: value = d*q + m
     let mut b = vec![0u8; 24];
-    BlockQ5_1 { d: h(0.25), m: h(-1.0), qh: (1u32 << 31).to_le_bytes(), qs: [0xF0; 16] }.write(&mut b);
+    BlockQ5_1 {
+        d: h(0.25),
+        m: h(-1.0),
+        qh: (1u32 << 31).to_le_bytes(),
+        qs: [0xF0; 16],
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q5_1, &b, 32).unwrap();
     assert_eq!((y[0], y[16], y[31]), (-1.0, 2.75, 6.75));
     // Q4_K: sub-block j has scale j+1 and min 2j; d = 1, dmin = 0.5
@@ -229,7 +288,13 @@ fn quant_dequantize_hand_built_blocks() {
     let lm: [u8; 8] = std::array::from_fn(|j| if j == 7 { 63 } else { 2 * j as u8 });
     let scales = math::pack_scale_min_k4(&ls, &lm);
     let mut b = vec![0u8; 144];
-    BlockQ4K { d: h(1.0), dmin: h(0.5), scales, qs: [0x52; 128] }.write(&mut b);
+    BlockQ4K {
+        d: h(1.0),
+        dmin: h(0.5),
+        scales,
+        qs: [0x52; 128],
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q4K, &b, 256).unwrap();
     // element 0 (sub-block 0, low nibble 2): 1*1*2 - 0.5*0; element 32 (sub-block 1, high 5): 2*5 - 0.5*2
     assert_eq!((y[0], y[32], y[255]), (2.0, 9.0, 8.0 * 5.0 - 0.5 * 63.0));
@@ -237,15 +302,31 @@ fn quant_dequantize_hand_built_blocks() {
     let mut qh = [0u8; 32];
     qh[0] = 0b0000_0011;
     let mut b = vec![0u8; 176];
-    BlockQ5K { d: h(1.0), dmin: h(0.5), scales, qh, qs: [0x52; 128] }.write(&mut b);
+    BlockQ5K {
+        d: h(1.0),
+        dmin: h(0.5),
+        scales,
+        qh,
+        qs: [0x52; 128],
+    }
+    .write(&mut b);
     let y = dequantize(GgmlType::Q5K, &b, 256).unwrap();
-    assert_eq!((y[0], y[32], y[1], y[64]), (18.0, 2.0 * 21.0 - 1.0, 2.0, 3.0 * 2.0 - 2.0));
+    assert_eq!(
+        (y[0], y[32], y[1], y[64]),
+        (18.0, 2.0 * 21.0 - 1.0, 2.0, 3.0 * 2.0 - 2.0)
+    );
     // Q6_K: value = d * scale * (q - 32); d stored last
     let mut scales = [0i8; 16];
     scales[0] = 2;
     scales[15] = -3;
     let mut b = vec![0u8; 210];
-    BlockQ6K { ql: [0x01; 128], qh: [0b1110_0100; 64], scales, d: h(0.5) }.write(&mut b);
+    BlockQ6K {
+        ql: [0x01; 128],
+        qh: [0b1110_0100; 64],
+        scales,
+        d: h(0.5),
+    }
+    .write(&mut b);
     assert_eq!(&b[208..], &h(0.5).to_le_bytes());
     let y = dequantize(GgmlType::Q6K, &b, 256).unwrap();
     // element 0: q = 1 | (0<<4) = 1 -> 0.5*2*(1-32); element 255 (half 1, l=31, +96): q = 0 | 3<<4 = 48
@@ -269,8 +350,10 @@ fn quant_round_trip_error_bounds() {
         (GgmlType::Q4K, 0.09),
         (GgmlType::Q4_0, 0.11),
     ];
-    let errors: Vec<(GgmlType, f64, f64)> =
-        bounds.iter().map(|&(ty, bound)| (ty, rel_rms(&x, &round_trip(ty, &x)), bound)).collect();
+    let errors: Vec<(GgmlType, f64, f64)> = bounds
+        .iter()
+        .map(|&(ty, bound)| (ty, rel_rms(&x, &round_trip(ty, &x)), bound))
+        .collect();
     for (ty, e, _) in &errors {
         eprintln!("{ty}: relative RMS {e:.5}");
     }
@@ -287,7 +370,10 @@ fn quant_par_matches_serial_for_any_thread_count() {
     for ty in ALL_TYPES {
         let serial = quantize(ty, &x).unwrap();
         for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             let par = pool.install(|| quantize_par(ty, &x, 1024)).unwrap();
             assert!(par == serial, "{ty} with {threads} threads");
         }
@@ -298,32 +384,42 @@ fn quant_par_matches_serial_for_any_thread_count() {
 // Byte parity with llama.cpp (ggml_quantize_chunk) and gguf-py, from fixtures/quant/.
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("quant")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("quant")
 }
 
 /// The byte references: fixtures/quant/, or QUANT_FIXTURE_DIR (e.g. a large set written by
 /// `make_quant_refs.py --stress ROWS --outdir DIR`).
 fn parity_dir() -> PathBuf {
-    std::env::var_os("QUANT_FIXTURE_DIR").map(PathBuf::from).unwrap_or_else(fixture_dir)
+    std::env::var_os("QUANT_FIXTURE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(fixture_dir)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
 fn quant_parity_with_llamacpp_and_ggufpy() {
     let dir = parity_dir();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).expect("fixtures/quant/manifest.json"))
-            .expect("manifest is JSON");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("manifest.json")).expect("fixtures/quant/manifest.json"),
+    )
+    .expect("manifest is JSON");
     let mut compared_blocks = std::collections::BTreeMap::<String, (usize, usize)>::new();
     let mut failures = Vec::new();
     for case in manifest["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().unwrap();
-        let (shape, x) = npy::read_f32(&dir.join(case["npy"].as_str().unwrap())).unwrap();
-        let row_len = *shape.last().unwrap();
+        let arr = crate::npy::read(dir.join(case["npy"].as_str().unwrap())).unwrap();
+        assert_eq!(arr.descr, "<f4", "{name}");
+        let x = arr.to_f32().unwrap();
+        let row_len = *arr.shape.last().unwrap();
         for (tyname, r) in case["types"].as_object().unwrap() {
             let ty = GgmlType::from_name(tyname).unwrap_or_else(|| panic!("type {tyname}"));
             let ours = quantize_par(ty, &x, row_len).unwrap();
@@ -333,8 +429,13 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
                 let theirs = std::fs::read(dir.join(file)).unwrap();
                 if theirs != ours {
                     let bs = ty.type_size();
-                    let bad = theirs.chunks(bs).zip(ours.chunks(bs)).position(|(a, b)| a != b);
-                    failures.push(format!("{name} {tyname}: bytes differ from llama.cpp (first block {bad:?})"));
+                    let bad = theirs
+                        .chunks(bs)
+                        .zip(ours.chunks(bs))
+                        .position(|(a, b)| a != b);
+                    failures.push(format!(
+                        "{name} {tyname}: bytes differ from llama.cpp (first block {bad:?})"
+                    ));
                 } else {
                     entry.0 += ours.len() / ty.type_size();
                 }
@@ -350,7 +451,9 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
                 let y = dequantize(ty, &ours, x.len()).unwrap();
                 let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
                 if sha256_hex(&yb) != s {
-                    failures.push(format!("{name} {tyname}: dequantized values differ from ggml's to_float"));
+                    failures.push(format!(
+                        "{name} {tyname}: dequantized values differ from ggml's to_float"
+                    ));
                 }
             }
         }
@@ -365,7 +468,9 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
 #[test]
 fn quant_mixture_matches_llama_quantize() {
     let path = fixture_dir().join("mixture_refs.json");
-    let refs: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("fixtures/quant/mixture_refs.json")).unwrap();
+    let refs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("fixtures/quant/mixture_refs.json"))
+            .unwrap();
     let mut checked = 0;
     for model in refs["models"].as_array().unwrap() {
         let mname = model["name"].as_str().unwrap();
@@ -376,22 +481,49 @@ fn quant_mixture_matches_llama_quantize() {
             .unwrap()
             .iter()
             .map(|t| {
-                let ne = t[1].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-                (t[0].as_str().unwrap().to_string(), ne, GgmlType::from_name(t[2].as_str().unwrap()).unwrap())
+                let ne = t[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
+                (
+                    t[0].as_str().unwrap().to_string(),
+                    ne,
+                    GgmlType::from_name(t[2].as_str().unwrap()).unwrap(),
+                )
             })
             .collect();
         let mut names: Vec<String> = inputs.iter().map(|t| t.0.clone()).collect();
         mixture::llama_quantize_order(&mut names);
-        let order: Vec<&str> = model["order"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let order: Vec<&str> = model["order"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         assert_eq!(names, order, "{mname}: tensor order");
-        let sorted: Vec<&(String, Vec<u64>, GgmlType)> =
-            names.iter().map(|n| inputs.iter().find(|t| &t.0 == n).unwrap()).collect();
-        let descs: Vec<mixture::TensorDesc> =
-            sorted.iter().map(|t| mixture::TensorDesc { name: &t.0, ne: &t.1, ty: t.2 }).collect();
+        let sorted: Vec<&(String, Vec<u64>, GgmlType)> = names
+            .iter()
+            .map(|n| inputs.iter().find(|t| &t.0 == n).unwrap())
+            .collect();
+        let descs: Vec<mixture::TensorDesc> = sorted
+            .iter()
+            .map(|t| mixture::TensorDesc {
+                name: &t.0,
+                ne: &t.1,
+                ty: t.2,
+            })
+            .collect();
         for (ftname, expected) in model["types"].as_object().unwrap() {
             let ftype = FileType::from_name(ftname).unwrap();
             let got = mixture::choose_types(ftype, &descs, n_layer);
-            let expected: Vec<&str> = expected.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+            let expected: Vec<&str> = expected
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
             assert_eq!(got.len(), expected.len(), "{mname} {ftname}");
             for ((name, (ty, _)), exp) in names.iter().zip(&got).zip(&expected) {
                 assert_eq!(ty.name(), *exp, "{mname} {ftname}: {name}");
@@ -401,7 +533,11 @@ fn quant_mixture_matches_llama_quantize() {
             // for tensors whose ne[0] is not a multiple of 256
             for ((t, (_, fb)), name) in descs.iter().zip(&got).zip(&names) {
                 if *fb {
-                    assert!(t.ne[0] % 256 != 0, "{mname} {ftname}: {name} fallback with ne0 {}", t.ne[0]);
+                    assert!(
+                        t.ne[0] % 256 != 0,
+                        "{mname} {ftname}: {name} fallback with ne0 {}",
+                        t.ne[0]
+                    );
                 }
             }
             checked += 1;
@@ -428,7 +564,11 @@ fn quant_speed() {
         let t1 = std::time::Instant::now();
         let y = dequantize(ty, &out, x.len()).unwrap();
         let dq = t1.elapsed().as_secs_f64();
-        eprintln!("{ty:>5}: quantize {:8.1} MB/s ({dt:.2} s), dequantize {:8.1} MB/s", mb / dt, mb / dq);
+        eprintln!(
+            "{ty:>5}: quantize {:8.1} MB/s ({dt:.2} s), dequantize {:8.1} MB/s",
+            mb / dt,
+            mb / dq
+        );
         std::hint::black_box(y);
     }
 }
