@@ -117,6 +117,85 @@ fuser is never quantized.\n\nDefault output: <name>-<TYPE>.gguf beside the input
         #[arg(long)]
         json: bool,
     },
+    /// The whole pipeline on the bundled fixture: hf-to-gguf, quantize to Q4_K_M, verify (ends with the verify table).
+    Demo {
+        /// Output directory.
+        #[arg(short = 'o', long, value_name = "DIR", default_value = "out")]
+        out_dir: PathBuf,
+    },
+    /// Run the model from the checkpoint and from the GGUF artefacts on the same probe and compare logits.
+    #[command(
+        long_about = "Run the whole LLaVA-MMFuser forward pass (CLIP, deformable-attention fuser, MLP, LLaMA) twice \
+on the CPU, from the source checkpoint and from the artefacts, on the same image and prompt, and compare.\n\n\
+Metrics over all positions: max |diff|, relative RMS error, cosine similarity, mean and max KL divergence of \
+the softmaxes, top-1 agreement, top-5 overlap; the same (without the distribution metrics) for the image \
+embeddings alone, so a fuser fault is told apart from an LLM fault. First checks the artefacts' sha256 \
+against the manifest written beside them, when there is one.\n\n\
+Default probe: a deterministic synthetic image and the llava_v1 prompt \"Describe the image.\".\n\
+Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 usage or input error."
+    )]
+    Verify {
+        /// Source checkpoint directory.
+        checkpoint: PathBuf,
+        /// The LLM GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_K_S, Q4_K_M, Q6_K).
+        #[arg(long, value_name = "FILE")]
+        gguf: PathBuf,
+        /// The mmproj GGUF.
+        #[arg(long, value_name = "FILE")]
+        mmproj: PathBuf,
+        /// CLIP directory, as for hf-to-gguf.
+        #[arg(long, value_name = "DIR")]
+        vision_tower: Option<PathBuf>,
+        /// Bound on the mean KL divergence (default: per LLM file type, see the README).
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// cpu, cuda or auto (auto: CUDA when usable, else CPU).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+        device: String,
+        /// A PNG or JPEG, preprocessed as LLaVA does (pad to square, resize, centre crop, normalise).
+        #[arg(long, conflicts_with = "pixel_values")]
+        image: Option<PathBuf>,
+        /// Already normalised pixels, a [3,H,W] f32 .npy.
+        #[arg(long, value_name = "NPY")]
+        pixel_values: Option<PathBuf>,
+        /// The question in the llava_v1 template (or a whole prompt containing <image>).
+        #[arg(long, conflicts_with = "input_ids")]
+        prompt: Option<String>,
+        /// A JSON list of token ids; -200 marks the image.
+        #[arg(long, value_name = "JSON")]
+        input_ids: Option<PathBuf>,
+        /// Write source.npy and artefact.npy ([positions, vocab] f32 logits) here.
+        #[arg(long, value_name = "DIR")]
+        dump_logits: Option<PathBuf>,
+        /// Print the report as JSON (schemas/verify-report.schema.json) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a synthetic LLaVA-MMFuser checkpoint at real scale (random weights, real names and shapes).
+    #[command(
+        long_about = "Write a synthetic LLaVA-MMFuser checkpoint with the real tensor names and shapes and seeded \
+random values, for benchmarks and scale tests:\n  OUT_DIR/checkpoint/  config.json, bf16 safetensors shards + index, \
+tokenizer.model (32000 pieces for 7b/13b)\n  OUT_DIR/clip/        the CLIP vision tower (CLIPVisionModel, f16)\n  \
+OUT_DIR/llama/       with --llama-view: the same LLM as a plain LlamaForCausalLM directory (for llama.cpp's converter)"
+    )]
+    Synth {
+        /// Model size: 7b (about 14 GB), 13b (about 26 GB) or tiny (a few MB).
+        #[arg(long, value_enum)]
+        size: crate::synth::SynthSize,
+        /// Output directory (its checkpoint/, clip/ and llama/ subdirectories are replaced).
+        out_dir: PathBuf,
+        /// Seed of the random values.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write OUT_DIR/llama/, a plain LlamaForCausalLM directory with the same LLM tensors.
+        #[arg(long)]
+        llama_view: bool,
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn outtype_file_type(o: OutType) -> FileType {
@@ -138,7 +217,10 @@ fn parse_file_type(bits: Option<&str>, ty: Option<&str>) -> Result<Option<FileTy
             let ok = QUANT_TYPES.iter().any(|q| q.eq_ignore_ascii_case(t));
             match FileType::from_name(t) {
                 Some(ft) if ok => Ok(Some(ft)),
-                _ => Err(Error::usage(format!("--type {t} is not supported; choose one of {}", QUANT_TYPES.join(", ")))),
+                _ => Err(Error::usage(format!(
+                    "--type {t} is not supported; choose one of {}",
+                    QUANT_TYPES.join(", ")
+                ))),
             }
         }
         (None, None) => Ok(None),
@@ -156,13 +238,23 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v).map_err(|e| Error::other(e.to_string()))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| Error::other(e.to_string()))?
+    );
     Ok(())
 }
 
 fn print_convert(s: &convert::ConvertSummary) {
     for o in &s.outputs {
-        println!("wrote {}  ({}, {} tensors, {}, sha256 {})", o.path.display(), o.kind, o.tensors, human_bytes(o.bytes), &o.sha256[..16]);
+        println!(
+            "wrote {}  ({}, {} tensors, {}, sha256 {})",
+            o.path.display(),
+            o.kind,
+            o.tensors,
+            human_bytes(o.bytes),
+            &o.sha256[..16]
+        );
     }
     println!("wrote {}", s.manifest.display());
     println!(
@@ -178,7 +270,16 @@ fn print_convert(s: &convert::ConvertSummary) {
 
 fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
     match cli.command {
-        Command::HfToGguf { checkpoint, vision_tower, out_dir, outtype, name, allow_nonfinite, quiet, json } => {
+        Command::HfToGguf {
+            checkpoint,
+            vision_tower,
+            out_dir,
+            outtype,
+            name,
+            allow_nonfinite,
+            quiet,
+            json,
+        } => {
             let (checkpoint, vision_tower) = match checkpoint {
                 Some(c) => (c, vision_tower),
                 None => {
@@ -187,7 +288,10 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                         return Err(Error::usage(format!("no CHECKPOINT_DIR given and the bundled fixture {FIXTURE_CHECKPOINT} is not here (run from the repository root)")));
                     }
                     eprintln!("no checkpoint given: converting the bundled fixture {FIXTURE_CHECKPOINT} (vision tower {FIXTURE_TOWER})");
-                    (c, vision_tower.or_else(|| Some(PathBuf::from(FIXTURE_TOWER))))
+                    (
+                        c,
+                        vision_tower.or_else(|| Some(PathBuf::from(FIXTURE_TOWER))),
+                    )
                 }
             };
             let opts = ConvertOptions {
@@ -209,9 +313,135 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 Ok(())
             }
         }
-        Command::Quantize { input, output, bits, r#type, vision_type, vision_tower, out_dir, allow_nonfinite, threads, quiet, json } => {
+        Command::Demo { out_dir } => {
+            let ck = PathBuf::from(FIXTURE_CHECKPOINT);
+            let tower = PathBuf::from(FIXTURE_TOWER);
+            if !ck.is_dir() {
+                return Err(Error::usage(format!("the bundled fixture {FIXTURE_CHECKPOINT} is not here (run from the repository root)")));
+            }
+            println!("== 1/3 hf-to-gguf {FIXTURE_CHECKPOINT} --vision-tower {FIXTURE_TOWER}");
+            let conv = ConvertOptions {
+                checkpoint: ck.clone(),
+                vision_tower: Some(tower.clone()),
+                out_dir: out_dir.clone(),
+                file_type: FileType::MostlyF16,
+                vision_type: None,
+                name: None,
+                allow_nonfinite: false,
+                quiet: true,
+                command_line: argv.clone(),
+            };
+            let s = convert::run(&conv)?;
+            print_convert(&s);
+            let llm = s
+                .outputs
+                .iter()
+                .find(|o| o.kind == "llm")
+                .map(|o| o.path.clone())
+                .ok_or_else(|| Error::other("no LLM written"))?;
+            let mmproj = s
+                .outputs
+                .iter()
+                .find(|o| o.kind == "mmproj")
+                .map(|o| o.path.clone())
+                .ok_or_else(|| Error::other("no mmproj written"))?;
+            println!("\n== 2/3 quantize --bits 4 {}", llm.display());
+            let q = quantize::quantize_file(&QuantizeOptions {
+                input: llm,
+                output: None,
+                file_type: Some(FileType::MostlyQ4KM),
+                vision_type: None,
+                quiet: true,
+                allow_nonfinite: false,
+                command_line: argv.clone(),
+            })?;
+            let counts: Vec<String> = q
+                .type_counts
+                .iter()
+                .map(|(k, v)| format!("{v} x {k}"))
+                .collect();
+            println!("wrote {} ({})", q.output.path.display(), counts.join(", "));
+            println!("\n== 3/3 verify (source checkpoint vs Q4_K_M + F16 mmproj)");
+            let opts = crate::verify::VerifyOptions {
+                checkpoint: ck,
+                gguf: q.output.path.clone(),
+                mmproj,
+                vision_tower: Some(tower),
+                tolerance: None,
+                image: None,
+                pixel_values: None,
+                prompt: None,
+                input_ids: None,
+                dump_logits: None,
+            };
+            let r = crate::verify::run(&opts, &argv)?;
+            print!("{}", crate::verify::render(&r));
+            if r.passed {
+                Ok(())
+            } else {
+                Err(Error::Other("verification failed".into()))
+            }
+        }
+        Command::Verify {
+            checkpoint,
+            gguf,
+            mmproj,
+            vision_tower,
+            tolerance,
+            device,
+            image,
+            pixel_values,
+            prompt,
+            input_ids,
+            dump_logits,
+            json,
+        } => {
+            let dev = crate::device::select(&device)?;
+            let opts = crate::verify::VerifyOptions {
+                checkpoint,
+                gguf,
+                mmproj,
+                vision_tower,
+                tolerance,
+                image,
+                pixel_values,
+                prompt,
+                input_ids,
+                dump_logits,
+            };
+            // Everything that stops verify from running is a usage or input error (exit 2).
+            let mut r =
+                crate::verify::run(&opts, &argv).map_err(|e| Error::usage(e.to_string()))?;
+            r.device = dev;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", crate::verify::render(&r));
+            }
+            if r.passed {
+                Ok(())
+            } else {
+                Err(Error::Other("verification failed".into()))
+            }
+        }
+        Command::Quantize {
+            input,
+            output,
+            bits,
+            r#type,
+            vision_type,
+            vision_tower,
+            out_dir,
+            allow_nonfinite,
+            threads,
+            quiet,
+            json,
+        } => {
             if let Some(n) = threads {
-                rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().map_err(|e| Error::other(e.to_string()))?;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build_global()
+                    .map_err(|e| Error::other(e.to_string()))?;
             }
             let ft = parse_file_type(bits.as_deref(), r#type.as_deref())?;
             let vt = match vision_type.as_deref() {
@@ -219,13 +449,19 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 Some(v) => match GgmlType::from_name(v) {
                     Some(GgmlType::Q8_0) => Some(GgmlType::Q8_0),
                     Some(GgmlType::F16) => None,
-                    _ => return Err(Error::usage(format!("--vision-type {v} is not supported (Q8_0, F16)"))),
+                    _ => {
+                        return Err(Error::usage(format!(
+                            "--vision-type {v} is not supported (Q8_0, F16)"
+                        )))
+                    }
                 },
             };
             if input.is_dir() {
                 let ft = ft.ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
                 if output.is_some() {
-                    return Err(Error::usage("-o names one file; with a checkpoint directory use --out-dir"));
+                    return Err(Error::usage(
+                        "-o names one file; with a checkpoint directory use --out-dir",
+                    ));
                 }
                 let opts = ConvertOptions {
                     checkpoint: input,
@@ -247,16 +483,72 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 };
             }
             if vision_tower.is_some() {
-                return Err(Error::usage("--vision-tower applies to a checkpoint directory input"));
+                return Err(Error::usage(
+                    "--vision-tower applies to a checkpoint directory input",
+                ));
             }
-            let opts = QuantizeOptions { input, output, file_type: ft, vision_type: vt, quiet, allow_nonfinite, command_line: argv };
+            let opts = QuantizeOptions {
+                input,
+                output,
+                file_type: ft,
+                vision_type: vt,
+                quiet,
+                allow_nonfinite,
+                command_line: argv,
+            };
             let s = quantize::quantize_file(&opts)?;
             if json {
                 print_json(&s)
             } else {
-                let counts: Vec<String> = s.type_counts.iter().map(|(k, v)| format!("{v} x {k}")).collect();
-                println!("wrote {} ({}, {} tensors: {}, {}) in {:.2} s", s.output.path.display(), s.file_type, s.output.tensors, counts.join(", "), human_bytes(s.output.bytes), s.seconds);
+                let counts: Vec<String> = s
+                    .type_counts
+                    .iter()
+                    .map(|(k, v)| format!("{v} x {k}"))
+                    .collect();
+                println!(
+                    "wrote {} ({}, {} tensors: {}, {}) in {:.2} s",
+                    s.output.path.display(),
+                    s.file_type,
+                    s.output.tensors,
+                    counts.join(", "),
+                    human_bytes(s.output.bytes),
+                    s.seconds
+                );
                 println!("wrote {}", s.manifest.display());
+                Ok(())
+            }
+        }
+        Command::Synth {
+            size,
+            out_dir,
+            seed,
+            llama_view,
+            quiet,
+            json,
+        } => {
+            let s = crate::synth::run(&crate::synth::SynthOptions {
+                size,
+                out_dir,
+                seed,
+                llama_view,
+                quiet,
+            })?;
+            if json {
+                print_json(&s)
+            } else {
+                println!(
+                    "wrote {} and {}{} ({:.3e} parameters, {} in {:.1} s, {:.2} GB/s)",
+                    s.checkpoint.display(),
+                    s.clip.display(),
+                    s.llama
+                        .as_ref()
+                        .map(|l| format!(" and {}", l.display()))
+                        .unwrap_or_default(),
+                    s.parameters as f64,
+                    human_bytes(s.bytes_written),
+                    s.seconds,
+                    s.bytes_written as f64 / 1e9 / s.seconds.max(1e-9)
+                );
                 Ok(())
             }
         }

@@ -57,9 +57,18 @@ pub struct ArtefactPlan {
 pub fn vocab_metadata(v: &GgufVocab, meta: &mut Metadata) {
     meta.set("tokenizer.ggml.model", Value::String(v.model.clone()));
     meta.set("tokenizer.ggml.pre", Value::String(v.pre.clone()));
-    meta.set("tokenizer.ggml.tokens", Value::strings(v.tokens.iter().cloned()));
-    meta.set("tokenizer.ggml.scores", Value::f32s(v.scores.iter().copied()));
-    meta.set("tokenizer.ggml.token_type", Value::i32s(v.token_types.iter().copied()));
+    meta.set(
+        "tokenizer.ggml.tokens",
+        Value::strings(v.tokens.iter().cloned()),
+    );
+    meta.set(
+        "tokenizer.ggml.scores",
+        Value::f32s(v.scores.iter().copied()),
+    );
+    meta.set(
+        "tokenizer.ggml.token_type",
+        Value::i32s(v.token_types.iter().copied()),
+    );
     for (k, id) in [
         ("tokenizer.ggml.bos_token_id", v.bos_id),
         ("tokenizer.ggml.eos_token_id", v.eos_id),
@@ -104,7 +113,11 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
     let vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
     let mut plans = vec![];
     for (ai, art) in src.recipe.artefacts.iter().enumerate() {
-        let art_ft = if art.kind == "llm" { ft } else { mmproj_file_type(ft, opts.vision_type) };
+        let art_ft = if art.kind == "llm" {
+            ft
+        } else {
+            mmproj_file_type(ft, opts.vision_type)
+        };
         src.vars.set("file_type", Var::Int(art_ft.id() as i64));
         let mut meta = src.vars.metadata(&art.metadata)?;
         if art.tokenizer {
@@ -117,13 +130,36 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
             .filter(|(_, r)| r.artefact == ai)
             .map(|(i, r)| {
                 let ty = policy.choose(&r.row.dst, r.row.shape.len(), float_out);
-                OutTensor { info: TensorInfo { name: r.row.dst.clone(), ne: ne_of(&r.row.shape), ty }, row: i }
+                OutTensor {
+                    info: TensorInfo {
+                        name: r.row.dst.clone(),
+                        ne: ne_of(&r.row.shape),
+                        ty,
+                    },
+                    row: i,
+                }
             })
             .collect();
-        crate::quantize::apply_mixture(&art.kind, ft, opts.vision_type, &src.hparams, &mut tensors, &mut meta)?;
+        crate::quantize::apply_mixture(
+            &art.kind,
+            ft,
+            opts.vision_type,
+            &src.hparams,
+            &mut tensors,
+            &mut meta,
+        )?;
         // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
-        let file = art.file.replace("{name}", &name).replace("{ftype}", art_ft.name());
-        plans.push(ArtefactPlan { kind: art.kind.clone(), path: opts.out_dir.join(file), file_type: art_ft, meta, tensors });
+        let file = art
+            .file
+            .replace("{name}", &name)
+            .replace("{ftype}", art_ft.name());
+        plans.push(ArtefactPlan {
+            kind: art.kind.clone(),
+            path: opts.out_dir.join(file),
+            file_type: art_ft,
+            meta,
+            tensors,
+        });
     }
     Ok(plans)
 }
@@ -141,15 +177,26 @@ fn mmproj_file_type(ft: FileType, vision_type: Option<GgmlType>) -> FileType {
 /// True if any value is NaN or ±Inf; returns the first index.
 pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
     match ty {
-        GgmlType::F32 => bytes.chunks_exact(4).position(|c| u32::from_le_bytes(c.try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000),
-        GgmlType::F16 => bytes.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
-        GgmlType::BF16 => bytes.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        GgmlType::F32 => bytes
+            .chunks_exact(4)
+            .position(|c| u32::from_le_bytes(c.try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000),
+        GgmlType::F16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+        GgmlType::BF16 => bytes
+            .chunks_exact(2)
+            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
         _ => None,
     }
 }
 
 /// Write one artefact. Returns the record for the manifest and per-tensor records.
-pub fn write_artefact(src: &Source, plan: &ArtefactPlan, opts: &ConvertOptions, progress: &Progress) -> Result<(OutputRecord, Vec<TensorRecord>)> {
+pub fn write_artefact(
+    src: &Source,
+    plan: &ArtefactPlan,
+    opts: &ConvertOptions,
+    progress: &Progress,
+) -> Result<(OutputRecord, Vec<TensorRecord>)> {
     let infos: Vec<TensorInfo> = plan.tensors.iter().map(|t| t.info.clone()).collect();
     let mut w = GgufWriter::create(&plan.path, &plan.meta, infos)?;
     let mut records = vec![];
@@ -164,7 +211,10 @@ pub fn write_artefact(src: &Source, plan: &ArtefactPlan, opts: &ConvertOptions, 
         }
         let row_len = *r.row.shape.last().unwrap_or(&1);
         w.begin_tensor(&t.info.name)?;
-        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, |b| w.put_data(b)).map_err(|e| match e {
+        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, |b| {
+            w.put_data(b)
+        })
+        .map_err(|e| match e {
             Error::Other(m) => Error::tensor(&file, &r.row.src, m),
             e => e,
         })?;
@@ -173,18 +223,32 @@ pub fn write_artefact(src: &Source, plan: &ArtefactPlan, opts: &ConvertOptions, 
         progress.inc(data.data.len() as u64, &t.info.name);
         records.push(TensorRecord {
             source: r.row.src.clone(),
-            source_file: file.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+            source_file: file
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default(),
             dtype: src.dtype_name(r).to_string(),
             shape: r.row.shape.clone(),
             gguf: t.info.name.clone(),
             artefact: plan.kind.clone(),
             ggml_type: t.info.ty.name().to_string(),
-            quant_rel_rms: if t.info.ty.is_quantized() { Some(stats.rel_rms()) } else { None },
+            quant_rel_rms: if t.info.ty.is_quantized() {
+                Some(stats.rel_rms())
+            } else {
+                None
+            },
         });
     }
     let (path, bytes, sha) = w.finish()?;
     Ok((
-        OutputRecord { kind: plan.kind.clone(), path: path.clone(), bytes, sha256: sha, file_type: plan.file_type.name().to_string(), tensors: plan.tensors.len() },
+        OutputRecord {
+            kind: plan.kind.clone(),
+            path: path.clone(),
+            bytes,
+            sha256: sha,
+            file_type: plan.file_type.name().to_string(),
+            tensors: plan.tensors.len(),
+        },
         records,
     ))
 }
@@ -202,9 +266,18 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let total: u64 = plans
         .iter()
         .flat_map(|p| p.tensors.iter())
-        .map(|t| src.store(src.rows[t.row].store).entry(&src.rows[t.row].row.src).map(|e| (e.range.1 - e.range.0) as u64).unwrap_or(0))
+        .map(|t| {
+            src.store(src.rows[t.row].store)
+                .entry(&src.rows[t.row].row.src)
+                .map(|e| (e.range.1 - e.range.0) as u64)
+                .unwrap_or(0)
+        })
         .sum();
-    let progress = Progress::new(total, plans.iter().map(|p| p.tensors.len() as u64).sum(), opts.quiet);
+    let progress = Progress::new(
+        total,
+        plans.iter().map(|p| p.tensors.len() as u64).sum(),
+        opts.quiet,
+    );
     let mut outputs = vec![];
     let mut tensors = vec![];
     let mut written_paths: Vec<PathBuf> = vec![];
@@ -225,9 +298,22 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
         }
     }
     progress.finish();
-    let input_hashes = hasher.join().map_err(|_| Error::other("input hashing thread panicked"))??;
-    let stem = format!("{}-{}", opts.name.clone().unwrap_or_else(|| src.name.clone()), opts.file_type.name());
-    let m = Manifest::new(&opts.command_line, &src.recipe.name, input_hashes, outputs.clone(), tensors, src.dropped.iter().map(|(_, n)| n.clone()).collect());
+    let input_hashes = hasher
+        .join()
+        .map_err(|_| Error::other("input hashing thread panicked"))??;
+    let stem = format!(
+        "{}-{}",
+        opts.name.clone().unwrap_or_else(|| src.name.clone()),
+        opts.file_type.name()
+    );
+    let m = Manifest::new(
+        &opts.command_line,
+        &src.recipe.name,
+        input_hashes,
+        outputs.clone(),
+        tensors,
+        src.dropped.iter().map(|(_, n)| n.clone()).collect(),
+    );
     let manifest_path = opts.out_dir.join(format!("{stem}.manifest.json"));
     if let Err(e) = m.write(&manifest_path) {
         for p in &written_paths {

@@ -13,10 +13,17 @@ pub enum Error {
     Input { path: PathBuf, msg: String },
     /// One tensor inside a file is malformed (shape, dtype, values).
     #[error("{}: tensor '{tensor}': {msg}", path.display())]
-    Tensor { path: PathBuf, tensor: String, msg: String },
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
     /// An operating-system error while reading or writing a path.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Anything else (numerical backends, CUDA, internal invariants).
     #[error("{0}")]
     Other(String),
@@ -26,13 +33,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Input {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
-    pub fn tensor(path: impl AsRef<Path>, tensor: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor { path: path.as_ref().to_path_buf(), tensor: tensor.into(), msg: msg.into() }
+    pub fn tensor(
+        path: impl AsRef<Path>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.as_ref().to_path_buf(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
     pub fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())

@@ -30,7 +30,11 @@ impl AtomicFile {
             .to_string();
         let tmp = dir.join(format!("{TEMP_MARK}{}-{name}", std::process::id()));
         let file = File::create(&tmp).at(&tmp)?;
-        Ok(AtomicFile { tmp, dest, file: Some(file) })
+        Ok(AtomicFile {
+            tmp,
+            dest,
+            file: Some(file),
+        })
     }
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("file is open until commit")
@@ -80,10 +84,14 @@ pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 /// Remove temporary files left by a killed earlier run (their process no longer exists).
 pub fn cleanup_stale_temps(dir: &Path) -> Vec<PathBuf> {
     let mut removed = vec![];
-    let Ok(rd) = std::fs::read_dir(dir) else { return removed };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return removed;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(TEMP_MARK) else { continue };
+        let Some(rest) = name.strip_prefix(TEMP_MARK) else {
+            continue;
+        };
         let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
         let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive && std::fs::remove_file(e.path()).is_ok() {

@@ -55,13 +55,23 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn new(command: &[String], recipe: &str, inputs: Vec<FileHash>, outputs: Vec<OutputRecord>, tensors: Vec<TensorRecord>, dropped: Vec<String>) -> Self {
+    pub fn new(
+        command: &[String],
+        recipe: &str,
+        inputs: Vec<FileHash>,
+        outputs: Vec<OutputRecord>,
+        tensors: Vec<TensorRecord>,
+        dropped: Vec<String>,
+    ) -> Self {
         Manifest {
             schema: MANIFEST_SCHEMA.into(),
             tool: env!("CARGO_PKG_NAME").into(),
             version: env!("CARGO_PKG_VERSION").into(),
             command: command.to_vec(),
-            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
             recipe: recipe.into(),
             inputs,
             outputs,
@@ -79,17 +89,25 @@ impl Manifest {
     }
     /// Manifests in `dir` that list an output with this file name.
     pub fn find_for(artefact: &Path) -> Vec<(PathBuf, Manifest)> {
-        let dir = artefact.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = artefact
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let fname = artefact.file_name().map(|f| f.to_os_string());
         let mut found = vec![];
-        let Ok(rd) = std::fs::read_dir(dir) else { return found };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return found;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if !p.to_string_lossy().ends_with(".manifest.json") {
                 continue;
             }
             if let Ok(m) = Manifest::read(&p) {
-                if m.outputs.iter().any(|o| o.path.file_name().map(|f| f.to_os_string()) == fname) {
+                if m.outputs
+                    .iter()
+                    .any(|o| o.path.file_name().map(|f| f.to_os_string()) == fname)
+                {
                     found.push((p, m));
                 }
             }
@@ -117,6 +135,12 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
 pub fn hash_files(paths: &[PathBuf]) -> Result<Vec<FileHash>> {
     paths
         .iter()
-        .map(|p| sha256_file(p).map(|(bytes, sha256)| FileHash { path: p.clone(), bytes, sha256 }))
+        .map(|p| {
+            sha256_file(p).map(|(bytes, sha256)| FileHash {
+                path: p.clone(),
+                bytes,
+                sha256,
+            })
+        })
         .collect()
 }

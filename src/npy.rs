@@ -24,21 +24,37 @@ impl NpyArray {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let d = &self.data;
         Ok(match self.descr.as_str() {
-            "<f4" => d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            "<f8" => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            "<f4" => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            "<f8" => d
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
             "<f2" => d
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f32())
                 .collect(),
-            "<i8" => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            "<i4" => d.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+            "<i8" => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+            "<i4" => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
             "|u1" => d.iter().map(|&b| b as f32).collect(),
             other => return Err(Error::other(format!("npy dtype {other} is not supported"))),
         })
     }
     pub fn to_f64(&self) -> Result<Vec<f64>> {
         if self.descr == "<f8" {
-            return Ok(self.data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect());
+            return Ok(self
+                .data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect());
         }
         Ok(self.to_f32()?.into_iter().map(|v| v as f64).collect())
     }
@@ -53,10 +69,18 @@ fn parse_header(path: &Path, header: &str) -> Result<(String, bool, Vec<usize>)>
         Some(rest[colon + 1..].trim_start())
     };
     let descr = field("descr").ok_or_else(|| bad("no descr"))?;
-    let descr = descr.strip_prefix('\'').and_then(|s| s.split('\'').next()).ok_or_else(|| bad("descr"))?;
-    let fortran = field("fortran_order").ok_or_else(|| bad("no fortran_order"))?.starts_with("True");
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|s| s.split('\'').next())
+        .ok_or_else(|| bad("descr"))?;
+    let fortran = field("fortran_order")
+        .ok_or_else(|| bad("no fortran_order"))?
+        .starts_with("True");
     let shape = field("shape").ok_or_else(|| bad("no shape"))?;
-    let shape = shape.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| bad("shape"))?;
+    let shape = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("shape"))?;
     let dims = shape
         .split(',')
         .map(str::trim)
@@ -74,8 +98,16 @@ pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
     }
     let (hlen, hstart) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
-        v => return Err(Error::input(path, format!(".npy version {v} is not supported"))),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+        v => {
+            return Err(Error::input(
+                path,
+                format!(".npy version {v} is not supported"),
+            ))
+        }
     };
     let header = bytes
         .get(hstart..hstart + hlen)
@@ -83,15 +115,31 @@ pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
         .ok_or_else(|| Error::input(path, "truncated .npy header"))?;
     let (descr, fortran, shape) = parse_header(path, header)?;
     if fortran {
-        return Err(Error::input(path, "Fortran-order .npy arrays are not supported"));
+        return Err(Error::input(
+            path,
+            "Fortran-order .npy arrays are not supported",
+        ));
     }
-    let itemsize: usize = descr[2..].parse().map_err(|_| Error::input(path, format!("npy dtype {descr}")))?;
+    let itemsize: usize = descr[2..]
+        .parse()
+        .map_err(|_| Error::input(path, format!("npy dtype {descr}")))?;
     let n: usize = shape.iter().product();
     let data = &bytes[hstart + hlen..];
     if data.len() != n * itemsize {
-        return Err(Error::input(path, format!("expected {} data bytes for shape {shape:?}, found {}", n * itemsize, data.len())));
+        return Err(Error::input(
+            path,
+            format!(
+                "expected {} data bytes for shape {shape:?}, found {}",
+                n * itemsize,
+                data.len()
+            ),
+        ));
     }
-    Ok(NpyArray { shape, descr, data: data.to_vec() })
+    Ok(NpyArray {
+        shape,
+        descr,
+        data: data.to_vec(),
+    })
 }
 
 /// Write an f32 array (C order) as .npy version 1.0.
@@ -99,7 +147,14 @@ pub fn write_f32(path: impl AsRef<Path>, shape: &[usize], values: &[f32]) -> Res
     let path = path.as_ref();
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
     // Pad so that the data starts at a multiple of 64 bytes, header ends with '\n'.

@@ -1,7 +1,9 @@
 //! Quantization of whole files: a GGUF in, a GGUF out, with llama-quantize's type mixture, tensor
 //! order and metadata layout; and the per-tensor encoder shared with checkpoint conversion.
 use crate::error::{Error, Result};
-use crate::gguf::{FileType, GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo, Value, GGML_QNT_VERSION};
+use crate::gguf::{
+    FileType, GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo, Value, GGML_QNT_VERSION,
+};
 use crate::hparams::ModelHParams;
 use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
 use crate::progress::Progress;
@@ -37,15 +39,50 @@ fn to_f32(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
     crate::quant::dequantize(ty, bytes, n).map_err(|e| Error::other(e.to_string()))
 }
 
+/// A float output type (F32, F16, BF16) is a plain cast that keeps NaN and Inf: whether they are
+/// allowed is the caller's decision (--allow-nonfinite); the block quantizers refuse them.
+/// Rounding as ggml: F16 round-to-nearest-even, BF16 `ggml_compute_fp32_to_bf16` (NaN forced quiet).
+fn cast_float(out: GgmlType, f: &[f32]) -> Option<Vec<u8>> {
+    Some(match out {
+        GgmlType::F32 => f.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => f
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => f
+            .iter()
+            .flat_map(|&v| {
+                let u = v.to_bits();
+                let b = if u & 0x7fff_ffff > 0x7f80_0000 {
+                    ((u >> 16) | 64) as u16
+                } else {
+                    ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
+                };
+                b.to_le_bytes()
+            })
+            .collect(),
+        _ => return None,
+    })
+}
+
 /// Encode a row-major tensor from `src_ty` bytes into `out` bytes, in chunks of whole rows converted
 /// in parallel and handed to `sink` in order. Bytes do not depend on the thread count. Returns the
 /// quantization error statistics (zero work when the types are equal).
-pub fn encode_tensor(src_ty: GgmlType, data: &[u8], row_len: usize, out: GgmlType, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<ErrStats> {
+pub fn encode_tensor(
+    src_ty: GgmlType,
+    data: &[u8],
+    row_len: usize,
+    out: GgmlType,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<ErrStats> {
     if src_ty == out {
         sink(data)?;
         return Ok(ErrStats::default());
     }
-    let in_row = src_ty.bytes_for(row_len as u64).ok_or_else(|| Error::other(format!("row length {row_len} does not fit {src_ty} blocks")))? as usize;
+    let in_row = src_ty
+        .bytes_for(row_len as u64)
+        .ok_or_else(|| Error::other(format!("row length {row_len} does not fit {src_ty} blocks")))?
+        as usize;
     let rows_per_chunk = (1usize << 20).div_ceil(row_len).max(1);
     let chunks: Vec<&[u8]> = data.chunks(rows_per_chunk * in_row).collect();
     let mut stats = ErrStats::default();
@@ -54,10 +91,21 @@ pub fn encode_tensor(src_ty: GgmlType, data: &[u8], row_len: usize, out: GgmlTyp
             .par_iter()
             .map(|c| {
                 let f = to_f32(src_ty, c)?;
-                let q = crate::quant::quantize(out, &f).map_err(|e| Error::other(e.to_string()))?;
-                let back = crate::quant::dequantize(out, &q, f.len()).map_err(|e| Error::other(e.to_string()))?;
+                let q = match cast_float(out, &f) {
+                    Some(q) => q,
+                    None => {
+                        crate::quant::quantize(out, &f).map_err(|e| Error::other(e.to_string()))?
+                    }
+                };
+                let back = crate::quant::dequantize(out, &q, f.len())
+                    .map_err(|e| Error::other(e.to_string()))?;
                 let mut s = ErrStats::default();
-                for (a, b) in f.iter().zip(&back) {
+                // NaN/Inf (only here under --allow-nonfinite, float outputs) stay out of the statistics.
+                for (a, b) in f
+                    .iter()
+                    .zip(&back)
+                    .filter(|(a, b)| a.is_finite() && b.is_finite())
+                {
                     s.sum_sq += (*a as f64) * (*a as f64);
                     s.sum_sq_err += ((*a - *b) as f64).powi(2);
                 }
@@ -75,12 +123,22 @@ pub fn encode_tensor(src_ty: GgmlType, data: &[u8], row_len: usize, out: GgmlTyp
 }
 
 pub fn is_float_type(ft: FileType) -> bool {
-    matches!(ft, FileType::AllF32 | FileType::MostlyF16 | FileType::MostlyBF16)
+    matches!(
+        ft,
+        FileType::AllF32 | FileType::MostlyF16 | FileType::MostlyBF16
+    )
 }
 
 /// Apply llama-quantize's choices to planned LLM tensors (types, order, trailing metadata keys),
 /// or the vision type to an mmproj's CLIP matrices. `tensors` carry their planned input types.
-pub fn apply_mixture(kind: &str, ft: FileType, vision_type: Option<GgmlType>, hp: &ModelHParams, tensors: &mut [crate::convert::OutTensor], meta: &mut Metadata) -> Result<()> {
+pub fn apply_mixture(
+    kind: &str,
+    ft: FileType,
+    vision_type: Option<GgmlType>,
+    hp: &ModelHParams,
+    tensors: &mut [crate::convert::OutTensor],
+    meta: &mut Metadata,
+) -> Result<()> {
     if kind == "llm" {
         if is_float_type(ft) {
             return Ok(());
@@ -105,13 +163,26 @@ pub fn apply_mixture(kind: &str, ft: FileType, vision_type: Option<GgmlType>, hp
 /// CLIP encoder matrices an mmproj may quantize with --vision-type (never the fuser, the
 /// embeddings or the projector MLP).
 pub fn vision_quantizable(t: &TensorInfo) -> bool {
-    t.name.starts_with("v.blk.") && t.name.ends_with(".weight") && t.ne.len() == 2 && !t.name.starts_with(FUSER_PREFIX)
+    t.name.starts_with("v.blk.")
+        && t.name.ends_with(".weight")
+        && t.ne.len() == 2
+        && !t.name.starts_with(FUSER_PREFIX)
 }
 
 /// Types for every tensor, exactly as llama-quantize chooses them.
 pub fn mixture(ft: FileType, infos: &[TensorInfo], n_layer: usize) -> Vec<GgmlType> {
-    let descs: Vec<TensorDesc> = infos.iter().map(|t| TensorDesc { name: &t.name, ne: &t.ne, ty: t.ty }).collect();
-    choose_types(ft, &descs, n_layer).into_iter().map(|(t, _)| t).collect()
+    let descs: Vec<TensorDesc> = infos
+        .iter()
+        .map(|t| TensorDesc {
+            name: &t.name,
+            ne: &t.ne,
+            ty: t.ty,
+        })
+        .collect();
+    choose_types(ft, &descs, n_layer)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
 }
 
 /// llama-quantize removes and re-appends these two keys, so they end the KV list.
@@ -146,8 +217,15 @@ pub struct QuantizeSummary {
 /// Default output name: `<name>-<TYPE>.gguf` beside the input, where `<name>` drops a trailing
 /// `-F16`/`-F32`/`-BF16` (llama.cpp's naming).
 pub fn default_output(input: &Path, tag: &str) -> PathBuf {
-    let stem = input.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
-    let base = ["-F16", "-F32", "-BF16", "-f16", "-f32", "-bf16"].iter().find_map(|s| stem.strip_suffix(s)).unwrap_or(&stem).to_string();
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    let base = ["-F16", "-F32", "-BF16", "-f16", "-f32", "-bf16"]
+        .iter()
+        .find_map(|s| stem.strip_suffix(s))
+        .unwrap_or(&stem)
+        .to_string();
     input.with_file_name(format!("{base}-{tag}.gguf"))
 }
 
@@ -173,18 +251,37 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         if opts.vision_type.is_some() {
             return Err(Error::usage("--vision-type applies to mmproj files (or checkpoint directories), not to an LLM GGUF"));
         }
-        let ft = opts.file_type.ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
+        let ft = opts
+            .file_type
+            .ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
         (ft, ft.name().to_string())
     };
-    let out_path = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &tag));
+    let out_path = opts
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&opts.input, &tag));
     if out_path.canonicalize().ok() == opts.input.canonicalize().ok() {
-        return Err(Error::usage("the output would overwrite the input; choose another -o"));
+        return Err(Error::usage(
+            "the output would overwrite the input; choose another -o",
+        ));
     }
     // Plan types.
-    let mut infos: Vec<(TensorInfo, usize)> = g.tensors.iter().enumerate().map(|(i, t)| (t.info.clone(), i)).collect();
+    let mut infos: Vec<(TensorInfo, usize)> = g
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.info.clone(), i))
+        .collect();
     for (t, _) in &infos {
         if t.ty.is_quantized() {
-            return Err(Error::tensor(&opts.input, &t.name, format!("is already quantized ({}); quantize from an F32/F16/BF16 file", t.ty)));
+            return Err(Error::tensor(
+                &opts.input,
+                &t.name,
+                format!(
+                    "is already quantized ({}); quantize from an F32/F16/BF16 file",
+                    t.ty
+                ),
+            ));
         }
     }
     let mut meta = g.metadata.clone();
@@ -196,7 +293,9 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         }
         meta.set(KEY_FILE_TYPE, Value::U32(ft.id()));
     } else {
-        let n_layer = g.get_u32("llama.block_count").or_else(|_| g.get_u32(&format!("{arch}.block_count")))? as usize;
+        let n_layer = g
+            .get_u32("llama.block_count")
+            .or_else(|_| g.get_u32(&format!("{arch}.block_count")))? as usize;
         let plain: Vec<TensorInfo> = infos.iter().map(|(t, _)| t.clone()).collect();
         for ((t, _), ty) in infos.iter_mut().zip(mixture(ft, &plain, n_layer)) {
             t.ty = ty;
@@ -204,8 +303,16 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         infos.sort_by(|a, b| weight_name_cmp(&a.0.name, &b.0.name));
         set_quant_keys(&mut meta, ft);
     }
-    let mut w = GgufWriter::create(&out_path, &meta, infos.iter().map(|(t, _)| t.clone()).collect())?;
-    let progress = Progress::new(g.tensors.iter().map(|t| t.n_bytes).sum(), infos.len() as u64, opts.quiet);
+    let mut w = GgufWriter::create(
+        &out_path,
+        &meta,
+        infos.iter().map(|(t, _)| t.clone()).collect(),
+    )?;
+    let progress = Progress::new(
+        g.tensors.iter().map(|t| t.n_bytes).sum(),
+        infos.len() as u64,
+        opts.quiet,
+    );
     let mut records = vec![];
     let mut counts = std::collections::BTreeMap::new();
     for (t, i) in &infos {
@@ -213,34 +320,72 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         let data = g.data(rt);
         if !opts.allow_nonfinite {
             if let Some(k) = crate::convert::first_nonfinite(rt.info.ty, data) {
-                return Err(Error::tensor(&opts.input, &t.name, format!("element {k} is NaN or infinite")));
+                return Err(Error::tensor(
+                    &opts.input,
+                    &t.name,
+                    format!("element {k} is NaN or infinite"),
+                ));
             }
         }
         w.begin_tensor(&t.name)?;
-        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| w.put_data(b)).map_err(|e| match e {
-            Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
-            e => e,
-        })?;
+        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| w.put_data(b))
+            .map_err(|e| match e {
+                Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
+                e => e,
+            })?;
         w.end_tensor()?;
         progress.inc(rt.n_bytes, &t.name);
         *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
         records.push(TensorRecord {
             source: t.name.clone(),
-            source_file: opts.input.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+            source_file: opts
+                .input
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default(),
             dtype: rt.info.ty.name().to_string(),
             shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
             gguf: t.name.clone(),
-            artefact: if is_mmproj { "mmproj".into() } else { "llm".into() },
+            artefact: if is_mmproj {
+                "mmproj".into()
+            } else {
+                "llm".into()
+            },
             ggml_type: t.ty.name().to_string(),
-            quant_rel_rms: if t.ty != rt.info.ty { Some(stats.rel_rms()) } else { None },
+            quant_rel_rms: if t.ty != rt.info.ty {
+                Some(stats.rel_rms())
+            } else {
+                None
+            },
         });
     }
     progress.finish();
     let (path, bytes, sha256) = w.finish()?;
-    let output = OutputRecord { kind: if is_mmproj { "mmproj".into() } else { "llm".into() }, path: path.clone(), bytes, sha256, file_type: ft.name().into(), tensors: infos.len() };
+    let output = OutputRecord {
+        kind: if is_mmproj {
+            "mmproj".into()
+        } else {
+            "llm".into()
+        },
+        path: path.clone(),
+        bytes,
+        sha256,
+        file_type: ft.name().into(),
+        tensors: infos.len(),
+    };
     let inputs = manifest::hash_files(std::slice::from_ref(&opts.input))?;
-    let m = Manifest::new(&opts.command_line, "quantize", inputs, vec![output.clone()], records.clone(), vec![]);
-    let mpath = path.with_file_name(format!("{}.manifest.json", path.file_stem().unwrap_or_default().to_string_lossy()));
+    let m = Manifest::new(
+        &opts.command_line,
+        "quantize",
+        inputs,
+        vec![output.clone()],
+        records.clone(),
+        vec![],
+    );
+    let mpath = path.with_file_name(format!(
+        "{}.manifest.json",
+        path.file_stem().unwrap_or_default().to_string_lossy()
+    ));
     if let Err(e) = m.write(&mpath) {
         let _ = std::fs::remove_file(&path);
         return Err(e);

@@ -10,12 +10,21 @@ use std::collections::BTreeMap;
 /// The embedded data files, by name.
 pub const NAME_MAPS: &[(&str, &str)] = &[
     ("llama", include_str!("../schemas/names/llama.json")),
-    ("clip-vision", include_str!("../schemas/names/clip-vision.json")),
+    (
+        "clip-vision",
+        include_str!("../schemas/names/clip-vision.json"),
+    ),
     ("mmfuser", include_str!("../schemas/names/mmfuser.json")),
-    ("mlp-projector", include_str!("../schemas/names/mlp-projector.json")),
+    (
+        "mlp-projector",
+        include_str!("../schemas/names/mlp-projector.json"),
+    ),
 ];
 pub const RECIPES: &[(&str, &str)] = &[
-    ("llava-mmfuser", include_str!("../converters/llava-mmfuser.json")),
+    (
+        "llava-mmfuser",
+        include_str!("../converters/llava-mmfuser.json"),
+    ),
     ("llava-1.5", include_str!("../converters/llava-1.5.json")),
 ];
 pub const DTYPE_POLICY: &str = include_str!("../schemas/dtype-policy.json");
@@ -113,12 +122,20 @@ impl DtypePolicy {
             let c = &r.cond;
             let ok = c.max_ndim.is_none_or(|m| ndim <= m)
                 && c.suffix.as_ref().is_none_or(|s| name.ends_with(s.as_str()))
-                && c.not_suffix.as_ref().is_none_or(|s| !name.ends_with(s.as_str()))
+                && c.not_suffix
+                    .as_ref()
+                    .is_none_or(|s| !name.ends_with(s.as_str()))
                 && c.name.as_ref().is_none_or(|s| name == s)
-                && c.prefix.as_ref().is_none_or(|s| name.starts_with(s.as_str()));
+                && c.prefix
+                    .as_ref()
+                    .is_none_or(|s| name.starts_with(s.as_str()));
             if ok {
                 let t = r.when_outtype.get(outtype.name()).unwrap_or(&r.ty);
-                return if t == "outtype" { outtype } else { GgmlType::from_name(t).expect("policy names a known type (tested)") };
+                return if t == "outtype" {
+                    outtype
+                } else {
+                    GgmlType::from_name(t).expect("policy names a known type (tested)")
+                };
             }
         }
         outtype
@@ -130,7 +147,8 @@ pub fn name_map(component: &str) -> Result<NameMap> {
         .iter()
         .find(|(n, _)| *n == component)
         .ok_or_else(|| Error::other(format!("no name map for component '{component}'")))?;
-    serde_json::from_str(text).map_err(|e| Error::other(format!("schemas/names/{component}.json: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| Error::other(format!("schemas/names/{component}.json: {e}")))
 }
 
 pub fn recipe(name: &str) -> Result<Recipe> {
@@ -165,7 +183,9 @@ impl Vars {
     pub fn int(&self, k: &str) -> Result<i64> {
         match self.map.get(k) {
             Some(Var::Int(v)) => Ok(*v),
-            other => Err(Error::other(format!("recipe variable '{k}' is not an integer ({other:?})"))),
+            other => Err(Error::other(format!(
+                "recipe variable '{k}' is not an integer ({other:?})"
+            ))),
         }
     }
     /// Evaluate a shape expression: integers and variables joined by `*` and `/`.
@@ -197,22 +217,39 @@ impl Vars {
             return Ok(match (rule.ty.as_str(), c) {
                 ("str", serde_json::Value::String(s)) => Value::String(s.clone()),
                 ("bool", serde_json::Value::Bool(b)) => Value::Bool(*b),
-                ("u32", serde_json::Value::Number(n)) => Value::U32(n.as_u64().ok_or_else(|| bad("not a u32"))? as u32),
-                ("f32", serde_json::Value::Number(n)) => Value::F32(n.as_f64().ok_or_else(|| bad("not a number"))? as f32),
+                ("u32", serde_json::Value::Number(n)) => {
+                    Value::U32(n.as_u64().ok_or_else(|| bad("not a u32"))? as u32)
+                }
+                ("f32", serde_json::Value::Number(n)) => {
+                    Value::F32(n.as_f64().ok_or_else(|| bad("not a number"))? as f32)
+                }
                 _ => return Err(bad("constant does not match its type")),
             });
         }
-        let src = rule.value.as_deref().ok_or_else(|| bad("neither value nor const"))?;
-        let v = self.map.get(src).ok_or_else(|| bad(&format!("unknown source '{src}'")))?;
+        let src = rule
+            .value
+            .as_deref()
+            .ok_or_else(|| bad("neither value nor const"))?;
+        let v = self
+            .map
+            .get(src)
+            .ok_or_else(|| bad(&format!("unknown source '{src}'")))?;
         Ok(match (rule.ty.as_str(), v) {
-            ("u32", Var::Int(i)) => Value::U32(u32::try_from(*i).map_err(|_| bad("out of u32 range"))?),
+            ("u32", Var::Int(i)) => {
+                Value::U32(u32::try_from(*i).map_err(|_| bad("out of u32 range"))?)
+            }
             ("i32", Var::Int(i)) => Value::I32(*i as i32),
             ("f32", Var::Float(f)) => Value::F32(*f as f32),
             ("str", Var::Str(s)) => Value::String(s.clone()),
             ("bool", Var::Bool(b)) => Value::Bool(*b),
             ("f32[]", Var::Floats(v)) => Value::f32s(v.iter().map(|&x| x as f32)),
             ("i32[]", Var::Ints(v)) => Value::i32s(v.iter().map(|&x| x as i32)),
-            _ => return Err(bad(&format!("source '{src}' ({v:?}) does not fit type {}", rule.ty))),
+            _ => {
+                return Err(bad(&format!(
+                    "source '{src}' ({v:?}) does not fit type {}",
+                    rule.ty
+                )))
+            }
         })
     }
     pub fn metadata(&self, rules: &[MetaRule]) -> Result<Metadata> {
@@ -245,7 +282,11 @@ pub fn expand(map: &NameMap, prefix: &str, vars: &Vars) -> Result<(Vec<PlanRow>,
         };
         for i in 0..n {
             let sub = |s: &str| s.replace("{i}", &i.to_string());
-            let shape = r.shape.iter().map(|e| vars.eval(e).map(|v| v as usize)).collect::<Result<Vec<_>>>()?;
+            let shape = r
+                .shape
+                .iter()
+                .map(|e| vars.eval(e).map(|v| v as usize))
+                .collect::<Result<Vec<_>>>()?;
             rows.push(PlanRow {
                 src: format!("{prefix}{}", sub(&r.hf)),
                 dst: sub(&r.gguf),
@@ -258,7 +299,11 @@ pub fn expand(map: &NameMap, prefix: &str, vars: &Vars) -> Result<(Vec<PlanRow>,
             }
         }
     }
-    let drops = map.drop.iter().map(|d| Pattern::parse(&format!("{prefix}{d}"), vars)).collect::<Result<Vec<_>>>()?;
+    let drops = map
+        .drop
+        .iter()
+        .map(|d| Pattern::parse(&format!("{prefix}{d}"), vars))
+        .collect::<Result<Vec<_>>>()?;
     Ok((rows, drops))
 }
 
@@ -283,7 +328,9 @@ impl Pattern {
                 parts.push(PatPart::Any);
                 rest = r;
             } else if let Some(r) = rest.strip_prefix('{') {
-                let end = r.find('}').ok_or_else(|| Error::other(format!("bad pattern '{s}'")))?;
+                let end = r
+                    .find('}')
+                    .ok_or_else(|| Error::other(format!("bad pattern '{s}'")))?;
                 let inner = &r[..end];
                 let min = match inner.strip_prefix("i>=") {
                     Some(v) => vars.int(v)? as usize,
@@ -305,10 +352,14 @@ impl Pattern {
             match parts.first() {
                 None => s.is_empty(),
                 Some(PatPart::Any) => true,
-                Some(PatPart::Lit(l)) => s.strip_prefix(l.as_str()).is_some_and(|r| go(&parts[1..], r)),
+                Some(PatPart::Lit(l)) => s
+                    .strip_prefix(l.as_str())
+                    .is_some_and(|r| go(&parts[1..], r)),
                 Some(PatPart::Layer(min)) => {
                     let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
-                    digits > 0 && s[..digits].parse::<usize>().is_ok_and(|n| n >= *min) && go(&parts[1..], &s[digits..])
+                    digits > 0
+                        && s[..digits].parse::<usize>().is_ok_and(|n| n >= *min)
+                        && go(&parts[1..], &s[digits..])
                 }
             }
         }
@@ -328,7 +379,8 @@ pub fn permute_rows(data: &[u8], rows: usize, cols: usize, n_head: usize, elem: 
             for a in 0..2 {
                 let dst = h * hd + 2 * i + a;
                 let src = h * hd + a * half + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes].copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
@@ -367,14 +419,35 @@ mod tests {
     #[test]
     fn dtype_policy_follows_llama_cpp() {
         let p = DtypePolicy::load();
-        assert_eq!(p.choose("blk.0.attn_norm.weight", 1, GgmlType::F16), GgmlType::F32);
-        assert_eq!(p.choose("blk.0.attn_q.weight", 2, GgmlType::F16), GgmlType::F16);
-        assert_eq!(p.choose("blk.0.attn_q.weight", 2, GgmlType::BF16), GgmlType::BF16);
-        assert_eq!(p.choose("mm.fuser.cross_attn.value_proj.weight", 2, GgmlType::BF16), GgmlType::F16);
-        assert_eq!(p.choose("mm.fuser.cross_attn.value_proj.weight", 2, GgmlType::F32), GgmlType::F32);
+        assert_eq!(
+            p.choose("blk.0.attn_norm.weight", 1, GgmlType::F16),
+            GgmlType::F32
+        );
+        assert_eq!(
+            p.choose("blk.0.attn_q.weight", 2, GgmlType::F16),
+            GgmlType::F16
+        );
+        assert_eq!(
+            p.choose("blk.0.attn_q.weight", 2, GgmlType::BF16),
+            GgmlType::BF16
+        );
+        assert_eq!(
+            p.choose("mm.fuser.cross_attn.value_proj.weight", 2, GgmlType::BF16),
+            GgmlType::F16
+        );
+        assert_eq!(
+            p.choose("mm.fuser.cross_attn.value_proj.weight", 2, GgmlType::F32),
+            GgmlType::F32
+        );
         assert_eq!(p.choose("mm.fuser.gamma1", 1, GgmlType::F16), GgmlType::F32);
-        assert_eq!(p.choose("v.position_embd.weight", 2, GgmlType::F16), GgmlType::F32);
-        assert_eq!(p.choose("v.patch_embd.weight", 4, GgmlType::BF16), GgmlType::F16);
+        assert_eq!(
+            p.choose("v.position_embd.weight", 2, GgmlType::F16),
+            GgmlType::F32
+        );
+        assert_eq!(
+            p.choose("v.patch_embd.weight", 4, GgmlType::BF16),
+            GgmlType::F16
+        );
     }
 
     #[test]

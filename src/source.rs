@@ -52,7 +52,13 @@ impl Source {
     pub fn store(&self, id: StoreId) -> &TensorStore {
         match id {
             StoreId::Checkpoint => &self.store,
-            StoreId::Tower => &self.tower.as_ref().expect("tower rows only exist with a tower").1,
+            StoreId::Tower => {
+                &self
+                    .tower
+                    .as_ref()
+                    .expect("tower rows only exist with a tower")
+                    .1
+            }
         }
     }
 
@@ -86,17 +92,29 @@ impl Source {
 
     pub fn open(dir: &Path, vision_tower: Option<&Path>) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::input(dir, "not a directory (expected a Hugging Face checkpoint directory)"));
+            return Err(Error::input(
+                dir,
+                "not a directory (expected a Hugging Face checkpoint directory)",
+            ));
         }
         let config = LlavaConfig::read(dir)?;
-        if !matches!(config.model_type.as_str(), "llava_llama" | "llava" | "llava_mmfuser") {
+        if !matches!(
+            config.model_type.as_str(),
+            "llava_llama" | "llava" | "llava_mmfuser"
+        ) {
             return Err(Error::input(
                 &config.path,
-                format!("model_type '{}' is not a LLaVA checkpoint (expected \"llava_llama\")", config.model_type),
+                format!(
+                    "model_type '{}' is not a LLaVA checkpoint (expected \"llava_llama\")",
+                    config.model_type
+                ),
             ));
         }
         let select = config.select_layers.clone().ok_or_else(|| {
-            Error::input(&config.path, "no mm_vision_select_layer: this is not a multimodal LLaVA checkpoint")
+            Error::input(
+                &config.path,
+                "no mm_vision_select_layer: this is not a multimodal LLaVA checkpoint",
+            )
         })?;
         let recipe = recipe::recipe(match select {
             SelectLayers::List(_) => "llava-mmfuser",
@@ -105,8 +123,13 @@ impl Source {
         let store = TensorStore::open_dir(dir)?;
 
         // The vision tower: --vision-tower, else embedded in the checkpoint.
-        let embedded = store.contains(&format!("{EMBEDDED_TOWER_PREFIX}vision_model.embeddings.class_embedding"));
-        let hub = config.vision_tower.clone().unwrap_or_else(|| "(mm_vision_tower not set)".into());
+        let embedded = store.contains(&format!(
+            "{EMBEDDED_TOWER_PREFIX}vision_model.embeddings.class_embedding"
+        ));
+        let hub = config
+            .vision_tower
+            .clone()
+            .unwrap_or_else(|| "(mm_vision_tower not set)".into());
         let (tower, tower_prefix, clip_cfg_path, clip_cfg, preproc) = match vision_tower {
             Some(tdir) => {
                 if !tdir.is_dir() {
@@ -139,27 +162,54 @@ impl Source {
         let clip = clip_hparams(&clip_cfg_path, &clip_cfg, preproc.as_ref(), &select)?;
         if let Some(mm) = config.mm_hidden_size {
             if mm != clip.n_embd {
-                return Err(Error::input(&config.path, format!("mm_hidden_size {mm} differs from the vision tower's hidden_size {}", clip.n_embd)));
+                return Err(Error::input(
+                    &config.path,
+                    format!(
+                        "mm_hidden_size {mm} differs from the vision tower's hidden_size {}",
+                        clip.n_embd
+                    ),
+                ));
             }
         }
         let projector = match recipe.projector_type.as_str() {
             "mmfuser" => {
-                if config.projector_type.as_deref().is_some_and(|p| p != "mlp2x_gelu") {
+                if config
+                    .projector_type
+                    .as_deref()
+                    .is_some_and(|p| p != "mlp2x_gelu")
+                {
                     return Err(Error::input(&config.path, format!("mm_projector_type '{}' with an MMFuser select list is not supported (mlp2x_gelu)", config.projector_type.as_deref().unwrap_or(""))));
                 }
                 if select.indices().len() != 5 {
-                    return Err(Error::input(&config.path, "MMFuser needs exactly 5 selected layers (4 levels + the query layer)"));
+                    return Err(Error::input(
+                        &config.path,
+                        "MMFuser needs exactly 5 selected layers (4 levels + the query layer)",
+                    ));
                 }
                 ProjectorHParams::MmFuser(fuser_hparams(&store, &config, &clip)?)
             }
             _ => {
-                if config.projector_type.as_deref().is_some_and(|p| p != "mlp2x_gelu") {
-                    return Err(Error::input(&config.path, format!("mm_projector_type '{}' is not supported (mlp2x_gelu)", config.projector_type.as_deref().unwrap_or(""))));
+                if config
+                    .projector_type
+                    .as_deref()
+                    .is_some_and(|p| p != "mlp2x_gelu")
+                {
+                    return Err(Error::input(
+                        &config.path,
+                        format!(
+                            "mm_projector_type '{}' is not supported (mlp2x_gelu)",
+                            config.projector_type.as_deref().unwrap_or("")
+                        ),
+                    ));
                 }
                 ProjectorHParams::Mlp
             }
         };
-        let hparams = ModelHParams { llama: config.llama.clone(), clip, projector };
+        let hparams = ModelHParams {
+            llama: config.llama.clone(),
+            clip,
+            projector,
+        };
         let name = dir
             .canonicalize()
             .ok()
@@ -167,7 +217,19 @@ impl Source {
             .unwrap_or_else(|| "model".into());
         let vars = make_vars(&hparams, &name, &config);
 
-        let mut src = Source { dir: dir.to_path_buf(), name, config, recipe, hparams, vars, store, tower, rows: vec![], dropped: vec![], by_gguf: BTreeMap::new() };
+        let mut src = Source {
+            dir: dir.to_path_buf(),
+            name,
+            config,
+            recipe,
+            hparams,
+            vars,
+            store,
+            tower,
+            rows: vec![],
+            dropped: vec![],
+            by_gguf: BTreeMap::new(),
+        };
         src.plan(&tower_prefix)?;
         Ok(src)
     }
@@ -175,20 +237,35 @@ impl Source {
     /// Expand the recipe's name maps, then check that every needed tensor exists with the right
     /// shape and that every source tensor is either used or deliberately dropped.
     fn plan(&mut self, tower_prefix: &str) -> Result<()> {
-        let tower_store = if self.tower.is_some() { StoreId::Tower } else { StoreId::Checkpoint };
+        let tower_store = if self.tower.is_some() {
+            StoreId::Tower
+        } else {
+            StoreId::Checkpoint
+        };
         let mut drops: Vec<(StoreId, Pattern)> = vec![];
         for (ai, art) in self.recipe.artefacts.iter().enumerate() {
             for comp in &art.components {
                 let map = recipe::name_map(comp)?;
-                let (store, prefix) = if comp == "clip-vision" { (tower_store, tower_prefix.to_string()) } else { (StoreId::Checkpoint, map.source_prefix.clone()) };
+                let (store, prefix) = if comp == "clip-vision" {
+                    (tower_store, tower_prefix.to_string())
+                } else {
+                    (StoreId::Checkpoint, map.source_prefix.clone())
+                };
                 let (rows, d) = recipe::expand(&map, &prefix, &self.vars)?;
                 drops.extend(d.into_iter().map(|p| (store, p)));
-                self.rows.extend(rows.into_iter().map(|row| SourceRow { row, store, artefact: ai }));
+                self.rows.extend(rows.into_iter().map(|row| SourceRow {
+                    row,
+                    store,
+                    artefact: ai,
+                }));
             }
         }
         // With --vision-tower, an embedded copy in the checkpoint is not used.
         if self.tower.is_some() {
-            drops.push((StoreId::Checkpoint, Pattern::parse(&format!("{EMBEDDED_TOWER_PREFIX}*"), &self.vars)?));
+            drops.push((
+                StoreId::Checkpoint,
+                Pattern::parse(&format!("{EMBEDDED_TOWER_PREFIX}*"), &self.vars)?,
+            ));
         }
         let mut missing = vec![];
         for r in &self.rows {
@@ -200,7 +277,10 @@ impl Source {
                     return Err(Error::tensor(
                         file,
                         &r.row.src,
-                        format!("shape {:?} does not match the {:?} that config.json implies", e.shape, r.row.shape),
+                        format!(
+                            "shape {:?} does not match the {:?} that config.json implies",
+                            e.shape, r.row.shape
+                        ),
                     ));
                 }
                 _ => {}
@@ -218,10 +298,19 @@ impl Source {
             };
             return Err(Error::input(
                 &self.dir,
-                format!("{} tensor(s) the {} recipe needs are missing from {loc}{gamma}: {}", missing.len(), self.recipe.name, list(&missing)),
+                format!(
+                    "{} tensor(s) the {} recipe needs are missing from {loc}{gamma}: {}",
+                    missing.len(),
+                    self.recipe.name,
+                    list(&missing)
+                ),
             ));
         }
-        let used: BTreeSet<(bool, &str)> = self.rows.iter().map(|r| (r.store == StoreId::Tower, r.row.src.as_str())).collect();
+        let used: BTreeSet<(bool, &str)> = self
+            .rows
+            .iter()
+            .map(|r| (r.store == StoreId::Tower, r.row.src.as_str()))
+            .collect();
         let mut unknown = vec![];
         let mut dropped = vec![];
         let mut stores = vec![(StoreId::Checkpoint, &self.store)];
@@ -247,7 +336,12 @@ impl Source {
             ));
         }
         self.dropped = dropped;
-        self.by_gguf = self.rows.iter().enumerate().map(|(i, r)| (r.row.dst.clone(), i)).collect();
+        self.by_gguf = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.row.dst.clone(), i))
+            .collect();
         Ok(())
     }
 
@@ -266,27 +360,45 @@ impl Source {
         };
         let (rows, cols) = (t.shape[0], t.shape[1..].iter().product());
         let data = recipe::permute_rows(&t.data, rows, cols, heads, t.ty.type_size());
-        Ok(SrcTensor { ty: t.ty, shape: t.shape.clone(), data: Cow::Owned(data) })
+        Ok(SrcTensor {
+            ty: t.ty,
+            shape: t.shape.clone(),
+            data: Cow::Owned(data),
+        })
     }
 
     pub fn file_of(&self, r: &SourceRow) -> PathBuf {
-        self.store(r.store).file_of(&r.row.src).map(Path::to_path_buf).unwrap_or_default()
+        self.store(r.store)
+            .file_of(&r.row.src)
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
     }
 
     pub fn dtype_name(&self, r: &SourceRow) -> &'static str {
-        self.store(r.store).entry(&r.row.src).map(|e| src_dtype_name(e.ty)).unwrap_or("?")
+        self.store(r.store)
+            .entry(&r.row.src)
+            .map(|e| src_dtype_name(e.ty))
+            .unwrap_or("?")
     }
 }
 
 fn list(names: &[String]) -> String {
     let shown: Vec<&str> = names.iter().take(12).map(String::as_str).collect();
-    let more = if names.len() > 12 { format!(" ... and {} more", names.len() - 12) } else { String::new() };
+    let more = if names.len() > 12 {
+        format!(" ... and {} more", names.len() - 12)
+    } else {
+        String::new()
+    };
     format!("{}{more}", shown.join(", "))
 }
 
 /// Derive M, L, P from the fuser's shapes (spec §2): L from the ratio of the sampling_offsets
 /// rows, M from config (default 16), P from the self attention's attention_weights rows.
-fn fuser_hparams(store: &TensorStore, config: &LlavaConfig, clip: &ClipHParams) -> Result<FuserHParams> {
+fn fuser_hparams(
+    store: &TensorStore,
+    config: &LlavaConfig,
+    clip: &ClipHParams,
+) -> Result<FuserHParams> {
     let p = "model.mm_projector.0.";
     let rows = |n: &str| -> Result<usize> {
         let full = format!("{p}{n}");
@@ -298,23 +410,44 @@ fn fuser_hparams(store: &TensorStore, config: &LlavaConfig, clip: &ClipHParams) 
     let off_self = rows("self_attn.sampling_offsets.weight")?;
     let attn_cross = rows("cross_attn.attention_weights.weight")?;
     let attn_self = rows("self_attn.attention_weights.weight")?;
-    let m = config.raw.get(FUSER_HEADS_CONFIG_KEY).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(DEFAULT_FUSER_HEADS);
-    let bad = |why: String| Error::input(&config.path, format!("fuser shapes are inconsistent: {why}"));
+    let m = config
+        .raw
+        .get(FUSER_HEADS_CONFIG_KEY)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .unwrap_or(DEFAULT_FUSER_HEADS);
+    let bad = |why: String| {
+        Error::input(
+            &config.path,
+            format!("fuser shapes are inconsistent: {why}"),
+        )
+    };
     if off_self == 0 || off_cross % off_self != 0 {
-        return Err(bad(format!("cross sampling_offsets rows {off_cross} not a multiple of self rows {off_self}")));
+        return Err(bad(format!(
+            "cross sampling_offsets rows {off_cross} not a multiple of self rows {off_self}"
+        )));
     }
     let l = off_cross / off_self;
     if m == 0 || attn_self % m != 0 {
-        return Err(bad(format!("self attention_weights rows {attn_self} not a multiple of {m} heads")));
+        return Err(bad(format!(
+            "self attention_weights rows {attn_self} not a multiple of {m} heads"
+        )));
     }
     let pts = attn_self / m;
     if off_self != m * pts * 2 || attn_cross != m * l * pts || clip.n_embd % m != 0 {
         return Err(bad(format!("M={m}, L={l}, P={pts} do not explain offsets {off_cross}/{off_self}, weights {attn_cross}/{attn_self}, C={}", clip.n_embd)));
     }
     if l != 4 {
-        return Err(bad(format!("{l} levels, but 5 selected layers give 4 levels")));
+        return Err(bad(format!(
+            "{l} levels, but 5 selected layers give 4 levels"
+        )));
     }
-    Ok(FuserHParams { n_heads: m, n_levels: l, n_points: pts, eps: FUSER_LN_EPS })
+    Ok(FuserHParams {
+        n_heads: m,
+        n_levels: l,
+        n_points: pts,
+        eps: FUSER_LN_EPS,
+    })
 }
 
 /// The named values recipes refer to (shape variables and metadata sources).
@@ -323,25 +456,62 @@ pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
     let l = &hp.llama;
     let c = &hp.clip;
     let i = |x: usize| Var::Int(x as i64);
-    for (k, x) in [("n_vocab", l.n_vocab), ("n_embd", l.n_embd), ("n_layer", l.n_layer), ("n_head", l.n_head), ("n_head_kv", l.n_head_kv), ("head_dim", l.head_dim()), ("n_ff", l.n_ff), ("n_ctx", l.n_ctx)] {
+    for (k, x) in [
+        ("n_vocab", l.n_vocab),
+        ("n_embd", l.n_embd),
+        ("n_layer", l.n_layer),
+        ("n_head", l.n_head),
+        ("n_head_kv", l.n_head_kv),
+        ("head_dim", l.head_dim()),
+        ("n_ff", l.n_ff),
+        ("n_ctx", l.n_ctx),
+    ] {
         v.set(k, i(x));
         v.set(&format!("llama.{k}"), i(x));
     }
     v.set("llama.rms_eps", Var::Float(l.rms_eps as f64));
     v.set("llama.rope_theta", Var::Float(l.rope_theta as f64));
-    for (k, x) in [("c_embd", c.n_embd), ("c_ff", c.n_ff), ("n_channels", 3), ("patch", c.patch_size), ("n_pos", c.n_patches() + 1), ("n_blocks", c.blocks_needed()), ("c_layer", c.n_layer)] {
+    for (k, x) in [
+        ("c_embd", c.n_embd),
+        ("c_ff", c.n_ff),
+        ("n_channels", 3),
+        ("patch", c.patch_size),
+        ("n_pos", c.n_patches() + 1),
+        ("n_blocks", c.blocks_needed()),
+        ("c_layer", c.n_layer),
+    ] {
         v.set(k, i(x));
     }
-    for (k, x) in [("image_size", c.image_size), ("patch_size", c.patch_size), ("n_embd", c.n_embd), ("n_ff", c.n_ff), ("n_head", c.n_head), ("n_blocks", c.blocks_needed())] {
+    for (k, x) in [
+        ("image_size", c.image_size),
+        ("patch_size", c.patch_size),
+        ("n_embd", c.n_embd),
+        ("n_ff", c.n_ff),
+        ("n_head", c.n_head),
+        ("n_blocks", c.blocks_needed()),
+    ] {
         v.set(&format!("clip.{k}"), i(x));
     }
     v.set("clip.eps", Var::Float(c.eps as f64));
     v.set("clip.use_gelu", Var::Bool(!c.quick_gelu));
-    v.set("clip.image_mean", Var::Floats(c.image_mean.iter().map(|&x| x as f64).collect()));
-    v.set("clip.image_std", Var::Floats(c.image_std.iter().map(|&x| x as f64).collect()));
-    v.set("clip.feature_layers", Var::Ints(c.feature_layers.iter().map(|&x| x as i64).collect()));
+    v.set(
+        "clip.image_mean",
+        Var::Floats(c.image_mean.iter().map(|&x| x as f64).collect()),
+    );
+    v.set(
+        "clip.image_std",
+        Var::Floats(c.image_std.iter().map(|&x| x as f64).collect()),
+    );
+    v.set(
+        "clip.feature_layers",
+        Var::Ints(c.feature_layers.iter().map(|&x| x as i64).collect()),
+    );
     if let ProjectorHParams::MmFuser(f) = &hp.projector {
-        for (k, x) in [("f_heads", f.n_heads), ("f_levels", f.n_levels), ("f_points", f.n_points)] {
+        for (k, x) in [
+            ("f_heads", f.n_heads),
+            ("f_levels", f.n_levels),
+            ("f_points", f.n_points),
+        ] {
             v.set(k, i(x));
         }
         v.set("fuser.n_heads", i(f.n_heads));
@@ -350,7 +520,11 @@ pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
         v.set("fuser.eps", Var::Float(f.eps as f64));
     }
     v.set("name", Var::Str(name.to_string()));
-    let aspect = config.raw.get("image_aspect_ratio").and_then(|x| x.as_str()).unwrap_or("pad");
+    let aspect = config
+        .raw
+        .get("image_aspect_ratio")
+        .and_then(|x| x.as_str())
+        .unwrap_or("pad");
     v.set("image_aspect_ratio", Var::Str(aspect.to_string()));
     v
 }

@@ -19,11 +19,19 @@ fn read_json(p: &Path) -> Value {
 }
 
 fn ids_u32(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn ids_i64(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }
 
 fn fixture_tokenizer() -> SpmTokenizer {
@@ -38,7 +46,13 @@ fn fixture_vocab() -> GgufVocab {
 
 /// Both encoders: straight from tokenizer.model, and from the GGUF vocabulary.
 fn both_encoders() -> Vec<(&'static str, SpmTokenizer)> {
-    vec![("tokenizer.model", fixture_tokenizer()), ("gguf vocab", SpmTokenizer::from_vocab(&fixture_vocab()).unwrap())]
+    vec![
+        ("tokenizer.model", fixture_tokenizer()),
+        (
+            "gguf vocab",
+            SpmTokenizer::from_vocab(&fixture_vocab()).unwrap(),
+        ),
+    ]
 }
 
 #[test]
@@ -48,11 +62,26 @@ fn llava_prompt_ids_match_sentencepiece() {
     let meta = read_json(&reference.join("meta.json"));
     let prompt = meta["prompt"].as_str().unwrap();
     let chunks = read_json(&reference.join("prompt_text_ids.json"));
-    assert_eq!(format!("{}<image>{}", chunks["chunk0_text"].as_str().unwrap(), chunks["chunk1_text"].as_str().unwrap()), prompt);
+    assert_eq!(
+        format!(
+            "{}<image>{}",
+            chunks["chunk0_text"].as_str().unwrap(),
+            chunks["chunk1_text"].as_str().unwrap()
+        ),
+        prompt
+    );
     for (name, t) in both_encoders() {
         assert_eq!(t.encode_llava_prompt(prompt), expected, "{name}");
-        assert_eq!(t.encode(chunks["chunk0_text"].as_str().unwrap(), false), ids_u32(&chunks["chunk0"]), "{name}");
-        assert_eq!(t.encode(chunks["chunk1_text"].as_str().unwrap(), false), ids_u32(&chunks["chunk1"]), "{name}");
+        assert_eq!(
+            t.encode(chunks["chunk0_text"].as_str().unwrap(), false),
+            ids_u32(&chunks["chunk0"]),
+            "{name}"
+        );
+        assert_eq!(
+            t.encode(chunks["chunk1_text"].as_str().unwrap(), false),
+            ids_u32(&chunks["chunk1"]),
+            "{name}"
+        );
         assert_eq!(t.bos_id(), Some(chunks["bos_id"].as_u64().unwrap() as u32));
     }
 }
@@ -71,11 +100,19 @@ fn check_cases(t: &SpmTokenizer, cases_file: &Path, what: &str) -> usize {
         if let Some(wb) = c.get("ids_with_bos") {
             let got = t.encode(text, true);
             if got != ids_u32(wb) {
-                failures.push(format!("{text:?} with BOS: got {got:?}, sentencepiece {wb}"));
+                failures.push(format!(
+                    "{text:?} with BOS: got {got:?}, sentencepiece {wb}"
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{what}: {} of {} cases differ:\n{}", failures.len(), list.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} cases differ:\n{}",
+        failures.len(),
+        list.len(),
+        failures.join("\n")
+    );
     list.len()
 }
 
@@ -90,7 +127,11 @@ fn fixture_cases_match_sentencepiece() {
 #[test]
 fn generated_cases_match_sentencepiece() {
     for (name, t) in both_encoders() {
-        let n = check_cases(&t, &fixtures().join("tokenizer-interop/spm_cases.json"), name);
+        let n = check_cases(
+            &t,
+            &fixtures().join("tokenizer-interop/spm_cases.json"),
+            name,
+        );
         assert!(n >= 300);
     }
 }
@@ -108,29 +149,80 @@ fn no_byte_fallback_model_matches_sentencepiece() {
 fn assert_vocab_eq(v: &GgufVocab, r: &Value, what: &str) {
     let opt_u32 = |k: &str| r[k].as_u64().map(|x| x as u32);
     let opt_bool = |k: &str| r[k].as_bool();
-    assert_eq!(v.model, r["tokenizer.ggml.model"].as_str().unwrap(), "{what}");
+    assert_eq!(
+        v.model,
+        r["tokenizer.ggml.model"].as_str().unwrap(),
+        "{what}"
+    );
     assert_eq!(v.pre, r["tokenizer.ggml.pre"].as_str().unwrap(), "{what}");
-    let tokens: Vec<&str> = r["tokens"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let tokens: Vec<&str> = r["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
     assert_eq!(v.tokens.len(), tokens.len(), "{what}: token count");
     for (i, (a, b)) in v.tokens.iter().zip(&tokens).enumerate() {
         assert_eq!(a, b, "{what}: token {i}");
     }
-    let scores: Vec<f32> = r["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let scores: Vec<f32> = r["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     for (i, (a, b)) in v.scores.iter().zip(&scores).enumerate() {
         assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i} ({a} vs {b})");
     }
-    let types: Vec<i32> = r["token_type"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let types: Vec<i32> = r["token_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap() as i32)
+        .collect();
     for (i, (a, b)) in v.token_types.iter().zip(&types).enumerate() {
         assert_eq!(a, b, "{what}: token type {i} ({:?})", v.tokens[i]);
     }
-    assert_eq!(v.bos_id, opt_u32("tokenizer.ggml.bos_token_id"), "{what}: bos");
-    assert_eq!(v.eos_id, opt_u32("tokenizer.ggml.eos_token_id"), "{what}: eos");
-    assert_eq!(v.unk_id, opt_u32("tokenizer.ggml.unknown_token_id"), "{what}: unk");
-    assert_eq!(v.pad_id, opt_u32("tokenizer.ggml.padding_token_id"), "{what}: pad");
-    assert_eq!(v.add_bos, opt_bool("tokenizer.ggml.add_bos_token"), "{what}: add_bos");
-    assert_eq!(v.add_eos, opt_bool("tokenizer.ggml.add_eos_token"), "{what}: add_eos");
-    assert_eq!(v.add_space_prefix, opt_bool("tokenizer.ggml.add_space_prefix"), "{what}: add_space_prefix");
-    assert_eq!(v.chat_template.as_deref(), r["tokenizer.chat_template"].as_str(), "{what}: chat_template");
+    assert_eq!(
+        v.bos_id,
+        opt_u32("tokenizer.ggml.bos_token_id"),
+        "{what}: bos"
+    );
+    assert_eq!(
+        v.eos_id,
+        opt_u32("tokenizer.ggml.eos_token_id"),
+        "{what}: eos"
+    );
+    assert_eq!(
+        v.unk_id,
+        opt_u32("tokenizer.ggml.unknown_token_id"),
+        "{what}: unk"
+    );
+    assert_eq!(
+        v.pad_id,
+        opt_u32("tokenizer.ggml.padding_token_id"),
+        "{what}: pad"
+    );
+    assert_eq!(
+        v.add_bos,
+        opt_bool("tokenizer.ggml.add_bos_token"),
+        "{what}: add_bos"
+    );
+    assert_eq!(
+        v.add_eos,
+        opt_bool("tokenizer.ggml.add_eos_token"),
+        "{what}: add_eos"
+    );
+    assert_eq!(
+        v.add_space_prefix,
+        opt_bool("tokenizer.ggml.add_space_prefix"),
+        "{what}: add_space_prefix"
+    );
+    assert_eq!(
+        v.chat_template.as_deref(),
+        r["tokenizer.chat_template"].as_str(),
+        "{what}: chat_template"
+    );
 }
 
 fn load_variant(dir: &Path) -> GgufVocab {
@@ -157,11 +249,20 @@ fn fixture_checkpoint_vocab_matches_llama_cpp_converter() {
     // ... and the -bin checkpoint's tokenizer.json alone (the fallback path).
     let bin = fixtures().join("tiny-llava-mmfuser-bin");
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+    ] {
         std::fs::copy(bin.join(f), tmp.path().join(f)).unwrap();
     }
     let r = read_json(&fixtures().join("tokenizer-interop/hf/gguf_vocab.json"));
-    assert_vocab_eq(&load_variant(tmp.path()), &r, "tiny-llava-mmfuser-bin without tokenizer.model");
+    assert_vocab_eq(
+        &load_variant(tmp.path()),
+        &r,
+        "tiny-llava-mmfuser-bin without tokenizer.model",
+    );
     // With tokenizer.model present the -bin checkpoint takes the SentencePiece path.
     let v = load_variant(&bin);
     assert_eq!(v.scores[300], fixture_vocab().scores[300]);
@@ -179,7 +280,10 @@ fn missing_tokenizer_is_an_error_naming_the_files() {
     let tmp = tempfile::tempdir().unwrap();
     let e = load_vocab(tmp.path(), 512, &Value::Null).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("tokenizer.model") && msg.contains("tokenizer.json"), "{msg}");
+    assert!(
+        msg.contains("tokenizer.model") && msg.contains("tokenizer.json"),
+        "{msg}"
+    );
     assert_eq!(e.exit_code(), 1);
 }
 
@@ -190,7 +294,9 @@ fn corrupt_tokenizer_model_is_an_error_naming_the_file() {
     let p = tmp.path().join("tokenizer.model");
     for cut in [1usize, 7, model.len() / 2, model.len() - 1] {
         std::fs::write(&p, &model[..cut]).unwrap();
-        let e = load_vocab(tmp.path(), 512, &Value::Null).unwrap_err().to_string();
+        let e = load_vocab(tmp.path(), 512, &Value::Null)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tokenizer.model"), "{e}");
         assert!(SpmTokenizer::from_file(&p).is_err());
     }

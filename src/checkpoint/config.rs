@@ -18,11 +18,16 @@ pub enum SelectLayers {
 impl SelectLayers {
     /// Parse a JSON list, the training scripts' string form "list-22/-17/-12/-7/-2", or an integer.
     pub fn parse(path: &Path, v: &Json) -> Result<Self> {
-        let bad = || Error::input(path, format!("mm_vision_select_layer: expected a list, \"list-a/b/...\" or an integer, got {v}"));
+        let bad = || {
+            Error::input(path, format!("mm_vision_select_layer: expected a list, \"list-a/b/...\" or an integer, got {v}"))
+        };
         match v {
             Json::Number(n) => n.as_i64().map(SelectLayers::Single).ok_or_else(bad),
             Json::Array(a) => {
-                let l = a.iter().map(|x| x.as_i64().ok_or_else(bad)).collect::<Result<Vec<_>>>()?;
+                let l = a
+                    .iter()
+                    .map(|x| x.as_i64().ok_or_else(bad))
+                    .collect::<Result<Vec<_>>>()?;
                 if l.is_empty() {
                     return Err(bad());
                 }
@@ -30,10 +35,16 @@ impl SelectLayers {
             }
             Json::String(s) => {
                 if let Some(rest) = s.strip_prefix("list") {
-                    let l = rest.split('/').map(|x| x.trim().parse::<i64>().map_err(|_| bad())).collect::<Result<Vec<_>>>()?;
+                    let l = rest
+                        .split('/')
+                        .map(|x| x.trim().parse::<i64>().map_err(|_| bad()))
+                        .collect::<Result<Vec<_>>>()?;
                     Ok(SelectLayers::List(l))
                 } else {
-                    s.trim().parse::<i64>().map(SelectLayers::Single).map_err(|_| bad())
+                    s.trim()
+                        .parse::<i64>()
+                        .map(SelectLayers::Single)
+                        .map_err(|_| bad())
                 }
             }
             _ => Err(bad()),
@@ -85,7 +96,10 @@ fn get_usize(path: &Path, j: &Json, key: &str) -> Result<usize> {
         .ok_or_else(|| Error::input(path, format!("missing or non-integer \"{key}\"")))
 }
 fn get_f32_or(j: &Json, key: &str, default: f32) -> f32 {
-    j.get(key).and_then(Json::as_f64).map(|v| v as f32).unwrap_or(default)
+    j.get(key)
+        .and_then(Json::as_f64)
+        .map(|v| v as f32)
+        .unwrap_or(default)
 }
 
 pub fn read_json(path: &Path) -> Result<Json> {
@@ -98,24 +112,43 @@ impl LlavaConfig {
         let path = dir.join("config.json");
         let raw = read_json(&path)?;
         // HF-style llava configs nest the LLM under text_config.
-        let t = raw.get("text_config").filter(|v| v.is_object()).unwrap_or(&raw);
+        let t = raw
+            .get("text_config")
+            .filter(|v| v.is_object())
+            .unwrap_or(&raw);
         let n_embd = get_usize(&path, t, "hidden_size")?;
         let n_head = get_usize(&path, t, "num_attention_heads")?;
         if n_head == 0 || n_embd % n_head != 0 {
-            return Err(Error::input(&path, format!("hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")));
+            return Err(Error::input(
+                &path,
+                format!("hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}"),
+            ));
         }
-        let n_head_kv = t.get("num_key_value_heads").and_then(Json::as_u64).map(|v| v as usize).unwrap_or(n_head);
+        let n_head_kv = t
+            .get("num_key_value_heads")
+            .and_then(Json::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(n_head);
         if n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(Error::input(&path, format!("num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")));
         }
         let rope_theta = t
             .get("rope_theta")
             .and_then(Json::as_f64)
-            .or_else(|| t.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(Json::as_f64))
+            .or_else(|| {
+                t.get("rope_parameters")
+                    .and_then(|r| r.get("rope_theta"))
+                    .and_then(Json::as_f64)
+            })
             .unwrap_or(10000.0) as f32;
         if let Some(hd) = t.get("head_dim").and_then(Json::as_u64) {
             if hd as usize != n_embd / n_head {
-                return Err(Error::input(&path, format!("head_dim {hd} differs from hidden_size/num_attention_heads; not supported")));
+                return Err(Error::input(
+                    &path,
+                    format!(
+                        "head_dim {hd} differs from hidden_size/num_attention_heads; not supported"
+                    ),
+                ));
             }
         }
         let llama = LlamaHParams {
@@ -125,7 +158,10 @@ impl LlavaConfig {
             n_head,
             n_head_kv,
             n_vocab: get_usize(&path, t, "vocab_size")?,
-            n_ctx: t.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize,
+            n_ctx: t
+                .get("max_position_embeddings")
+                .and_then(Json::as_u64)
+                .unwrap_or(4096) as usize,
             rms_eps: get_f32_or(t, "rms_norm_eps", 1e-6),
             rope_theta,
         };
@@ -134,11 +170,28 @@ impl LlavaConfig {
             None => None,
         };
         Ok(LlavaConfig {
-            model_type: raw.get("model_type").and_then(Json::as_str).unwrap_or("").to_string(),
-            vision_tower: raw.get("mm_vision_tower").and_then(Json::as_str).map(str::to_string),
-            mm_hidden_size: raw.get("mm_hidden_size").and_then(Json::as_u64).map(|v| v as usize),
-            projector_type: raw.get("mm_projector_type").and_then(Json::as_str).map(str::to_string),
-            select_feature: raw.get("mm_vision_select_feature").and_then(Json::as_str).unwrap_or("patch").to_string(),
+            model_type: raw
+                .get("model_type")
+                .and_then(Json::as_str)
+                .unwrap_or("")
+                .to_string(),
+            vision_tower: raw
+                .get("mm_vision_tower")
+                .and_then(Json::as_str)
+                .map(str::to_string),
+            mm_hidden_size: raw
+                .get("mm_hidden_size")
+                .and_then(Json::as_u64)
+                .map(|v| v as usize),
+            projector_type: raw
+                .get("mm_projector_type")
+                .and_then(Json::as_str)
+                .map(str::to_string),
+            select_feature: raw
+                .get("mm_vision_select_feature")
+                .and_then(Json::as_str)
+                .unwrap_or("patch")
+                .to_string(),
             vision_config: raw.get("vision_config").filter(|v| v.is_object()).cloned(),
             select_layers,
             llama,
@@ -150,33 +203,62 @@ impl LlavaConfig {
 
 /// Read a CLIP vision config (a `CLIPModel` config with `vision_config`, a `CLIPVisionModel`
 /// config, or an already-extracted vision_config object).
-pub fn clip_hparams(path: &Path, cfg: &Json, preprocessor: Option<&Json>, select: &SelectLayers) -> Result<ClipHParams> {
-    let v = cfg.get("vision_config").filter(|v| v.is_object()).unwrap_or(cfg);
+pub fn clip_hparams(
+    path: &Path,
+    cfg: &Json,
+    preprocessor: Option<&Json>,
+    select: &SelectLayers,
+) -> Result<ClipHParams> {
+    let v = cfg
+        .get("vision_config")
+        .filter(|v| v.is_object())
+        .unwrap_or(cfg);
     let n_layer = get_usize(path, v, "num_hidden_layers")?;
     let n_embd = get_usize(path, v, "hidden_size")?;
     let n_head = get_usize(path, v, "num_attention_heads")?;
     if n_head == 0 || n_embd % n_head != 0 {
-        return Err(Error::input(path, format!("vision hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")));
+        return Err(Error::input(
+            path,
+            format!(
+                "vision hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}"
+            ),
+        ));
     }
-    let act = v.get("hidden_act").and_then(Json::as_str).unwrap_or("quick_gelu");
+    let act = v
+        .get("hidden_act")
+        .and_then(Json::as_str)
+        .unwrap_or("quick_gelu");
     let quick_gelu = match act {
         "quick_gelu" => true,
         "gelu" => false,
-        other => return Err(Error::input(path, format!("vision hidden_act '{other}' is not supported (quick_gelu, gelu)"))),
+        other => {
+            return Err(Error::input(
+                path,
+                format!("vision hidden_act '{other}' is not supported (quick_gelu, gelu)"),
+            ))
+        }
     };
     let arr3 = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
         match preprocessor.and_then(|p| p.get(key)) {
             None => Ok(default),
-            Some(Json::Array(a)) if a.len() == 3 && a.iter().all(Json::is_number) => {
-                Ok([a[0].as_f64().unwrap() as f32, a[1].as_f64().unwrap() as f32, a[2].as_f64().unwrap() as f32])
-            }
-            Some(other) => Err(Error::input(path, format!("preprocessor {key} must be a list of 3 numbers, got {other}"))),
+            Some(Json::Array(a)) if a.len() == 3 && a.iter().all(Json::is_number) => Ok([
+                a[0].as_f64().unwrap() as f32,
+                a[1].as_f64().unwrap() as f32,
+                a[2].as_f64().unwrap() as f32,
+            ]),
+            Some(other) => Err(Error::input(
+                path,
+                format!("preprocessor {key} must be a list of 3 numbers, got {other}"),
+            )),
         }
     };
     let image_size = get_usize(path, v, "image_size")?;
     let patch_size = get_usize(path, v, "patch_size")?;
     if patch_size == 0 || image_size % patch_size != 0 {
-        return Err(Error::input(path, format!("image_size {image_size} is not a multiple of patch_size {patch_size}")));
+        return Err(Error::input(
+            path,
+            format!("image_size {image_size} is not a multiple of patch_size {patch_size}"),
+        ));
     }
     Ok(ClipHParams {
         image_size,
@@ -203,7 +285,10 @@ mod tests {
         let b = SelectLayers::parse(p, &serde_json::json!([-22, -17, -12, -7, -2])).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.resolve(p, 24).unwrap(), vec![3, 8, 13, 18, 23]);
-        assert_eq!(SelectLayers::parse(p, &serde_json::json!(-2)).unwrap(), SelectLayers::Single(-2));
+        assert_eq!(
+            SelectLayers::parse(p, &serde_json::json!(-2)).unwrap(),
+            SelectLayers::Single(-2)
+        );
         assert!(SelectLayers::parse(p, &serde_json::json!("list-2/x")).is_err());
         assert!(SelectLayers::Single(-26).resolve(p, 24).is_err());
         assert!(SelectLayers::Single(25).resolve(p, 24).is_err());

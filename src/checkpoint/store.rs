@@ -48,15 +48,24 @@ pub struct TensorStore {
 /// Resolve a shard name from an index file, refusing anything that leaves the checkpoint directory.
 fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     let p = Path::new(name);
-    if name.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(Error::input(index, format!("shard path '{name}' must be a plain file name inside the checkpoint directory")));
+    if name.is_empty()
+        || p.is_absolute()
+        || p.components().any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(Error::input(
+            index,
+            format!(
+                "shard path '{name}' must be a plain file name inside the checkpoint directory"
+            ),
+        ));
     }
     Ok(dir.join(p))
 }
 
 fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
     let text = std::fs::read_to_string(index).at(index)?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::input(index, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(index, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -64,7 +73,9 @@ fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<Strin
     let mut shards: Vec<PathBuf> = vec![];
     let mut routing = BTreeMap::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::input(index, format!("weight_map['{tensor}'] is not a string")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::input(index, format!("weight_map['{tensor}'] is not a string"))
+        })?;
         let path = shard_path(dir, index, file)?;
         let i = match shards.iter().position(|s| *s == path) {
             Some(i) => i,
@@ -78,9 +89,16 @@ fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<Strin
     // Shard order by name, so "last shard" has its usual meaning.
     let mut order: Vec<usize> = (0..shards.len()).collect();
     order.sort_by(|&a, &b| shards[a].cmp(&shards[b]));
-    let remap: BTreeMap<usize, usize> = order.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let remap: BTreeMap<usize, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new))
+        .collect();
     let sorted = order.iter().map(|&i| shards[i].clone()).collect();
-    Ok((sorted, routing.into_iter().map(|(k, i)| (k, remap[&i])).collect()))
+    Ok((
+        sorted,
+        routing.into_iter().map(|(k, i)| (k, remap[&i])).collect(),
+    ))
 }
 
 fn safetensors_dtype(path: &Path, name: &str, d: safetensors::Dtype) -> Result<GgmlType> {
@@ -88,8 +106,84 @@ fn safetensors_dtype(path: &Path, name: &str, d: safetensors::Dtype) -> Result<G
         safetensors::Dtype::BF16 => GgmlType::BF16,
         safetensors::Dtype::F16 => GgmlType::F16,
         safetensors::Dtype::F32 => GgmlType::F32,
-        other => return Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"))),
+        other => {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"),
+            ))
+        }
     })
+}
+
+/// Explain a safetensors header that the safetensors crate refused, naming the tensor at fault:
+/// its own errors name no tensor for a truncated file, and a neighbour of the bad tensor when
+/// one tensor's data_offsets point elsewhere (it reports the gap that leaves). None when no single
+/// tensor is to blame (the caller then reports the crate's message).
+fn diagnose_safetensors(path: &Path, buf: &[u8]) -> Option<Error> {
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Value =
+        serde_json::from_slice(buf.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = (buf.len() - 8 - n) as u64;
+    let mut spans = vec![];
+    for (name, info) in header.as_object()? {
+        if name == "__metadata__" {
+            continue;
+        }
+        let off = info.get("data_offsets")?.as_array()?;
+        let (s, e) = (off.first()?.as_u64()?, off.get(1)?.as_u64()?);
+        let dtype = info.get("dtype")?.as_str()?;
+        let shape: Vec<u64> = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect::<Option<_>>()?;
+        let elem: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            _ => return None,
+        };
+        let need = shape.iter().try_fold(elem, |a, &d| a.checked_mul(d))?;
+        if e < s || e - s != need {
+            return Some(Error::tensor(
+                path,
+                name,
+                format!("data_offsets [{s}, {e}] hold {} bytes, but dtype {dtype} with shape {shape:?} needs {need}", e.saturating_sub(s)),
+            ));
+        }
+        spans.push((s, e, name.as_str()));
+    }
+    spans.sort();
+    if let Some(i) = spans.iter().position(|&(_, e, _)| e > data_len) {
+        let (s, e, name) = spans[i];
+        let more = spans.len() - i - 1;
+        let more = if more > 0 {
+            format!(" (and {more} tensor(s) after it)")
+        } else {
+            String::new()
+        };
+        return Some(Error::tensor(
+            path,
+            name,
+            format!("data_offsets [{s}, {e}] run past the end of the file's data ({data_len} bytes){more}: the file is truncated or its header is wrong"),
+        ));
+    }
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Some(Error::tensor(
+                path,
+                w[1].2,
+                format!(
+                    "data_offsets [{}, {}] overlap tensor '{}' [{}, {}]",
+                    w[1].0, w[1].1, w[0].2, w[0].0, w[0].1
+                ),
+            ));
+        }
+    }
+    None
 }
 
 impl TensorStore {
@@ -123,13 +217,24 @@ impl TensorStore {
         for (name, &shard) in routing {
             match self.entries.get(name) {
                 None => {
-                    return Err(Error::tensor(index, name, format!("listed in the index but not found in {}", self.files[shard].0.display())))
+                    return Err(Error::tensor(
+                        index,
+                        name,
+                        format!(
+                            "listed in the index but not found in {}",
+                            self.files[shard].0.display()
+                        ),
+                    ))
                 }
                 Some(e) if e.file != shard => {
                     return Err(Error::tensor(
                         index,
                         name,
-                        format!("index says {}, but it is in {}", self.files[shard].0.display(), self.files[e.file].0.display()),
+                        format!(
+                            "index says {}, but it is in {}",
+                            self.files[shard].0.display(),
+                            self.files[e.file].0.display()
+                        ),
                     ))
                 }
                 _ => {}
@@ -137,21 +242,35 @@ impl TensorStore {
         }
         if let Some(extra) = self.entries.keys().find(|k| !routing.contains_key(*k)) {
             let e = &self.entries[extra];
-            return Err(Error::tensor(&self.files[e.file].0, extra, format!("not listed in {}", index.display())));
+            return Err(Error::tensor(
+                &self.files[e.file].0,
+                extra,
+                format!("not listed in {}", index.display()),
+            ));
         }
         Ok(())
     }
 
     fn insert(&mut self, path: &Path, name: String, entry: Entry) -> Result<()> {
         if let Some(prev) = self.entries.get(&name) {
-            return Err(Error::tensor(path, &name, format!("also present in {}", self.files[prev.file].0.display())));
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("also present in {}", self.files[prev.file].0.display()),
+            ));
         }
         self.entries.insert(name, entry);
         Ok(())
     }
 
-    pub fn open_safetensors(paths: &[PathBuf], index: Option<(&Path, BTreeMap<String, usize>)>) -> Result<Self> {
-        let mut store = TensorStore { files: vec![], entries: BTreeMap::new() };
+    pub fn open_safetensors(
+        paths: &[PathBuf],
+        index: Option<(&Path, BTreeMap<String, usize>)>,
+    ) -> Result<Self> {
+        let mut store = TensorStore {
+            files: vec![],
+            entries: BTreeMap::new(),
+        };
         for (fi, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path).map_err(|e| match index {
                 Some((ix, _)) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -162,14 +281,26 @@ impl TensorStore {
             // SAFETY: read-only map of a file we do not modify; safetensors validates the header.
             let mmap = unsafe { Mmap::map(&file) }.at(path)?;
             let _ = mmap.advise(memmap2::Advice::Sequential);
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::input(path, format!("invalid safetensors file: {e}")))?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    diagnose_safetensors(path, &mmap).unwrap_or_else(|| {
+                        Error::input(path, format!("invalid safetensors file: {e}"))
+                    })
+                })?;
             let data_start = 8 + header_len;
             let mut entries = vec![];
             for (name, info) in meta.tensors() {
                 let ty = safetensors_dtype(path, &name, info.dtype)?;
                 let (s, e) = info.data_offsets;
-                entries.push((name, Entry { ty, shape: info.shape.clone(), file: fi, range: (data_start + s, data_start + e) }));
+                entries.push((
+                    name,
+                    Entry {
+                        ty,
+                        shape: info.shape.clone(),
+                        file: fi,
+                        range: (data_start + s, data_start + e),
+                    },
+                ));
             }
             store.files.push((path.clone(), Backing::Safetensors(mmap)));
             for (name, e) in entries {
@@ -182,8 +313,14 @@ impl TensorStore {
         Ok(store)
     }
 
-    pub fn open_pth(paths: &[PathBuf], index: Option<(&Path, BTreeMap<String, usize>)>) -> Result<Self> {
-        let mut store = TensorStore { files: vec![], entries: BTreeMap::new() };
+    pub fn open_pth(
+        paths: &[PathBuf],
+        index: Option<(&Path, BTreeMap<String, usize>)>,
+    ) -> Result<Self> {
+        let mut store = TensorStore {
+            files: vec![],
+            entries: BTreeMap::new(),
+        };
         for (fi, path) in paths.iter().enumerate() {
             if !path.exists() {
                 let why = match &index {
@@ -200,9 +337,23 @@ impl TensorStore {
                     candle_core::DType::BF16 => GgmlType::BF16,
                     candle_core::DType::F16 => GgmlType::F16,
                     candle_core::DType::F32 => GgmlType::F32,
-                    other => return Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"))),
+                    other => {
+                        return Err(Error::tensor(
+                            path,
+                            name,
+                            format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"),
+                        ))
+                    }
                 };
-                entries.push((name.clone(), Entry { ty, shape: info.layout.dims().to_vec(), file: fi, range: (0, 0) }));
+                entries.push((
+                    name.clone(),
+                    Entry {
+                        ty,
+                        shape: info.layout.dims().to_vec(),
+                        file: fi,
+                        range: (0, 0),
+                    },
+                ));
             }
             store.files.push((path.clone(), Backing::Pth(pth)));
             for (name, e) in entries {
@@ -225,7 +376,9 @@ impl TensorStore {
         self.entries.contains_key(name)
     }
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries.get(name).map(|e| self.files[e.file].0.as_path())
+        self.entries
+            .get(name)
+            .map(|e| self.files[e.file].0.as_path())
     }
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().map(|(p, _)| p.as_path())
@@ -236,22 +389,52 @@ impl TensorStore {
 
     /// The bytes of one tensor, little-endian, C order.
     pub fn get(&self, name: &str) -> Result<SrcTensor<'_>> {
-        let e = self.entries.get(name).ok_or_else(|| Error::other(format!("tensor '{name}' is not in the checkpoint")))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::other(format!("tensor '{name}' is not in the checkpoint")))?;
         let (path, backing) = &self.files[e.file];
         match backing {
-            Backing::Safetensors(mmap) => Ok(SrcTensor { ty: e.ty, shape: e.shape.clone(), data: Cow::Borrowed(&mmap[e.range.0..e.range.1]) }),
+            Backing::Safetensors(mmap) => Ok(SrcTensor {
+                ty: e.ty,
+                shape: e.shape.clone(),
+                data: Cow::Borrowed(&mmap[e.range.0..e.range.1]),
+            }),
             Backing::Pth(pth) => {
                 let t = pth
                     .get(name)
-                    .map_err(|err| Error::tensor(path, name, format!("cannot read tensor data: {err}")))?
+                    .map_err(|err| {
+                        Error::tensor(path, name, format!("cannot read tensor data: {err}"))
+                    })?
                     .ok_or_else(|| Error::tensor(path, name, "not found"))?;
-                let flat = t.flatten_all().map_err(|err| Error::tensor(path, name, err.to_string()))?;
+                let flat = t
+                    .flatten_all()
+                    .map_err(|err| Error::tensor(path, name, err.to_string()))?;
                 let bytes: Vec<u8> = match e.ty {
-                    GgmlType::F16 => bytemuck::cast_slice(&flat.to_vec1::<half::f16>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
-                    GgmlType::BF16 => bytemuck::cast_slice(&flat.to_vec1::<half::bf16>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
-                    _ => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(|err| Error::tensor(path, name, err.to_string()))?).to_vec(),
+                    GgmlType::F16 => bytemuck::cast_slice(
+                        &flat
+                            .to_vec1::<half::f16>()
+                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
+                    )
+                    .to_vec(),
+                    GgmlType::BF16 => bytemuck::cast_slice(
+                        &flat
+                            .to_vec1::<half::bf16>()
+                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
+                    )
+                    .to_vec(),
+                    _ => bytemuck::cast_slice(
+                        &flat
+                            .to_vec1::<f32>()
+                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
+                    )
+                    .to_vec(),
                 };
-                Ok(SrcTensor { ty: e.ty, shape: e.shape.clone(), data: Cow::Owned(bytes) })
+                Ok(SrcTensor {
+                    ty: e.ty,
+                    shape: e.shape.clone(),
+                    data: Cow::Owned(bytes),
+                })
             }
         }
     }
@@ -265,7 +448,9 @@ impl TensorStore {
                 let s = s / page * page;
                 if end > s {
                     // SAFETY: the pages are clean, read-only file pages; dropping them only forces re-reads.
-                    let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s) };
+                    let _ = unsafe {
+                        mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s)
+                    };
                 }
             }
         }
@@ -276,9 +461,21 @@ impl TensorStore {
 pub fn to_f32(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
     out.clear();
     match ty {
-        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+        ),
+        GgmlType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        GgmlType::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
         _ => unreachable!("source tensors are F32/F16/BF16"),
     }
 }

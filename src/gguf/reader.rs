@@ -35,10 +35,17 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: &str) -> Error {
-        Error::input(self.path, format!("truncated or corrupt GGUF at byte {}: {what}", self.pos))
+        Error::input(
+            self.path,
+            format!("truncated or corrupt GGUF at byte {}: {what}", self.pos),
+        )
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err(what))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.err(what))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -89,7 +96,8 @@ impl<'a> Cursor<'a> {
                     return Err(self.err(&format!("{what}: arrays nested too deeply")));
                 }
                 let et = self.u32(what)?;
-                let et = ValueType::from_u32(et).ok_or_else(|| self.err(&format!("{what}: unknown array element type {et}")))?;
+                let et = ValueType::from_u32(et)
+                    .ok_or_else(|| self.err(&format!("{what}: unknown array element type {et}")))?;
                 let n = self.u64(what)?;
                 // Each element takes at least one byte: a count above the remaining bytes is a lie.
                 if n > self.remaining() as u64 {
@@ -115,14 +123,26 @@ impl GgufFile {
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor { buf: &mmap, pos: 0, path };
-        let magic = c.take(4, "magic").map_err(|_| Error::input(path, "not a GGUF file (shorter than 4 bytes)"))?;
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            path,
+        };
+        let magic = c
+            .take(4, "magic")
+            .map_err(|_| Error::input(path, "not a GGUF file (shorter than 4 bytes)"))?;
         if magic != GGUF_MAGIC {
-            return Err(Error::input(path, format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")")));
+            return Err(Error::input(
+                path,
+                format!("not a GGUF file (magic {magic:02x?}, expected \"GGUF\")"),
+            ));
         }
         let version = c.u32("version")?;
         if version != GGUF_VERSION {
-            return Err(Error::input(path, format!("GGUF version {version} is not supported (only version {GGUF_VERSION})")));
+            return Err(Error::input(
+                path,
+                format!("GGUF version {version} is not supported (only version {GGUF_VERSION})"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
@@ -134,51 +154,90 @@ impl GgufFile {
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
             let t = c.u32(&key)?;
-            let t = ValueType::from_u32(t).ok_or_else(|| Error::input(path, format!("metadata '{key}': unknown value type {t}")))?;
+            let t = ValueType::from_u32(t).ok_or_else(|| {
+                Error::input(path, format!("metadata '{key}': unknown value type {t}"))
+            })?;
             let v = c.value(t, 0, &key)?;
             if metadata.get(&key).is_some() {
-                return Err(Error::input(path, format!("duplicate metadata key '{key}'")));
+                return Err(Error::input(
+                    path,
+                    format!("duplicate metadata key '{key}'"),
+                ));
             }
             metadata.entries.push((key, v));
         }
         let alignment = match metadata.get("general.alignment") {
             None => GGUF_DEFAULT_ALIGNMENT,
             Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => *a as u64,
-            Some(v) => return Err(Error::input(path, format!("general.alignment must be a UINT32 power of two, got {v:?}"))),
+            Some(v) => {
+                return Err(Error::input(
+                    path,
+                    format!("general.alignment must be a UINT32 power of two, got {v:?}"),
+                ))
+            }
         };
         let mut infos = Vec::with_capacity(n_tensors as usize);
         let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor name #{i}"))?;
             if name.len() >= GGML_MAX_NAME {
-                return Err(Error::tensor(path, &name, format!("name longer than {} bytes", GGML_MAX_NAME - 1)));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("name longer than {} bytes", GGML_MAX_NAME - 1),
+                ));
             }
             if !names.insert(name.clone()) {
                 return Err(Error::tensor(path, &name, "duplicate tensor name"));
             }
             let nd = c.u32(&name)? as usize;
             if nd == 0 || nd > GGML_MAX_DIMS {
-                return Err(Error::tensor(path, &name, format!("{nd} dimensions (1..={GGML_MAX_DIMS} allowed)")));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("{nd} dimensions (1..={GGML_MAX_DIMS} allowed)"),
+                ));
             }
             let mut ne = Vec::with_capacity(nd);
             for _ in 0..nd {
                 let d = c.u64(&name)?;
                 if d == 0 || d > i64::MAX as u64 {
-                    return Err(Error::tensor(path, &name, format!("dimension {d} is invalid")));
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!("dimension {d} is invalid"),
+                    ));
                 }
                 ne.push(d);
             }
             let tid = c.u32(&name)?;
-            let ty = GgmlType::from_id(tid).ok_or_else(|| Error::tensor(path, &name, format!("ggml type {tid} is not supported")))?;
+            let ty = GgmlType::from_id(tid).ok_or_else(|| {
+                Error::tensor(path, &name, format!("ggml type {tid} is not supported"))
+            })?;
             let offset = c.u64(&name)?;
             if offset % alignment != 0 {
-                return Err(Error::tensor(path, &name, format!("data offset {offset} is not a multiple of the alignment {alignment}")));
+                return Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("data offset {offset} is not a multiple of the alignment {alignment}"),
+                ));
             }
-            let info = TensorInfo { name: name.clone(), ne, ty };
+            let info = TensorInfo {
+                name: name.clone(),
+                ne,
+                ty,
+            };
             let n_el = info.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let n_bytes = match n_el {
                 Some(_) if info.ne[0] % ty.block_size() as u64 != 0 => {
-                    return Err(Error::tensor(path, &name, format!("row length {} is not a multiple of the {ty} block size", info.ne[0])))
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!(
+                            "row length {} is not a multiple of the {ty} block size",
+                            info.ne[0]
+                        ),
+                    ))
                 }
                 Some(n) => ty.bytes_for(n),
                 None => None,
@@ -202,9 +261,21 @@ impl GgufFile {
                     ))
                 }
             }
-            tensors.push(ReaderTensor { info, offset: start.unwrap(), n_bytes });
+            tensors.push(ReaderTensor {
+                info,
+                offset: start.unwrap(),
+                n_bytes,
+            });
         }
-        Ok(GgufFile { path: path.to_path_buf(), version, metadata, tensors, alignment, data_offset, mmap })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+            mmap,
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&ReaderTensor> {
@@ -224,22 +295,49 @@ impl GgufFile {
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         match self.get(key) {
             Some(Value::U32(v)) => Ok(*v),
-            Some(v) => Err(Error::input(&self.path, format!("metadata '{key}' has type {}, expected UINT32", v.value_type().name()))),
-            None => Err(Error::input(&self.path, format!("metadata '{key}' is missing"))),
+            Some(v) => Err(Error::input(
+                &self.path,
+                format!(
+                    "metadata '{key}' has type {}, expected UINT32",
+                    v.value_type().name()
+                ),
+            )),
+            None => Err(Error::input(
+                &self.path,
+                format!("metadata '{key}' is missing"),
+            )),
         }
     }
     pub fn get_f32(&self, key: &str) -> Result<f32> {
         match self.get(key) {
             Some(Value::F32(v)) => Ok(*v),
-            Some(v) => Err(Error::input(&self.path, format!("metadata '{key}' has type {}, expected FLOAT32", v.value_type().name()))),
-            None => Err(Error::input(&self.path, format!("metadata '{key}' is missing"))),
+            Some(v) => Err(Error::input(
+                &self.path,
+                format!(
+                    "metadata '{key}' has type {}, expected FLOAT32",
+                    v.value_type().name()
+                ),
+            )),
+            None => Err(Error::input(
+                &self.path,
+                format!("metadata '{key}' is missing"),
+            )),
         }
     }
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.get(key) {
             Some(Value::String(v)) => Ok(v),
-            Some(v) => Err(Error::input(&self.path, format!("metadata '{key}' has type {}, expected STRING", v.value_type().name()))),
-            None => Err(Error::input(&self.path, format!("metadata '{key}' is missing"))),
+            Some(v) => Err(Error::input(
+                &self.path,
+                format!(
+                    "metadata '{key}' has type {}, expected STRING",
+                    v.value_type().name()
+                ),
+            )),
+            None => Err(Error::input(
+                &self.path,
+                format!("metadata '{key}' is missing"),
+            )),
         }
     }
     pub fn file_len(&self) -> u64 {

@@ -35,7 +35,10 @@ const GGML_TYPES: &[(GgmlType, u32, &str, usize, usize)] = &[
 
 impl GgmlType {
     fn row(self) -> &'static (GgmlType, u32, &'static str, usize, usize) {
-        GGML_TYPES.iter().find(|r| r.0 == self).expect("every GgmlType has a table row")
+        GGML_TYPES
+            .iter()
+            .find(|r| r.0 == self)
+            .expect("every GgmlType has a table row")
     }
     pub fn id(self) -> u32 {
         self.row().1
@@ -53,7 +56,10 @@ impl GgmlType {
         GGML_TYPES.iter().find(|r| r.1 == id).map(|r| r.0)
     }
     pub fn from_name(name: &str) -> Option<Self> {
-        GGML_TYPES.iter().find(|r| r.2.eq_ignore_ascii_case(name)).map(|r| r.0)
+        GGML_TYPES
+            .iter()
+            .find(|r| r.2.eq_ignore_ascii_case(name))
+            .map(|r| r.0)
     }
     pub fn is_quantized(self) -> bool {
         self.block_size() > 1
@@ -160,7 +166,10 @@ const FILE_TYPES: &[(FileType, u32, &str)] = &[
 
 impl FileType {
     fn row(self) -> &'static (FileType, u32, &'static str) {
-        FILE_TYPES.iter().find(|r| r.0 == self).expect("every FileType has a table row")
+        FILE_TYPES
+            .iter()
+            .find(|r| r.0 == self)
+            .expect("every FileType has a table row")
     }
     pub fn id(self) -> u32 {
         self.row().1
@@ -169,7 +178,10 @@ impl FileType {
         self.row().2
     }
     pub fn from_name(name: &str) -> Option<Self> {
-        FILE_TYPES.iter().find(|r| r.2.eq_ignore_ascii_case(name)).map(|r| r.0)
+        FILE_TYPES
+            .iter()
+            .find(|r| r.2.eq_ignore_ascii_case(name))
+            .map(|r| r.0)
     }
     pub fn from_id(id: u32) -> Option<Self> {
         FILE_TYPES.iter().find(|r| r.1 == id).map(|r| r.0)

@@ -38,7 +38,10 @@ impl Value {
         }
     }
     pub fn strings<S: Into<String>>(v: impl IntoIterator<Item = S>) -> Value {
-        Value::Array(ValueType::String, v.into_iter().map(|s| Value::String(s.into())).collect())
+        Value::Array(
+            ValueType::String,
+            v.into_iter().map(|s| Value::String(s.into())).collect(),
+        )
     }
     pub fn f32s(v: impl IntoIterator<Item = f32>) -> Value {
         Value::Array(ValueType::F32, v.into_iter().map(Value::F32).collect())
@@ -131,7 +134,11 @@ impl Value {
             Value::String(s) => format!("{s:?}"),
             Value::Array(t, v) => format!("[{} x {}]", v.len(), t.name()),
             Value::F32(f) => format!("{f}"),
-            other => format!("{other:?}").split(['(', ')']).nth(1).unwrap_or("").to_string(),
+            other => format!("{other:?}")
+                .split(['(', ')'])
+                .nth(1)
+                .unwrap_or("")
+                .to_string(),
         }
     }
 }

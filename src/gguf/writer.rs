@@ -48,7 +48,11 @@ pub fn encode_header(meta: &Metadata, tensors: &[TensorInfo]) -> Result<(Vec<u8>
     let alignment = match meta.get("general.alignment") {
         None => GGUF_DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if a.is_power_of_two() => *a as u64,
-        Some(v) => return Err(Error::other(format!("general.alignment must be a UINT32 power of two, got {v:?}"))),
+        Some(v) => {
+            return Err(Error::other(format!(
+                "general.alignment must be a UINT32 power of two, got {v:?}"
+            )))
+        }
     };
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
@@ -65,13 +69,21 @@ pub fn encode_header(meta: &Metadata, tensors: &[TensorInfo]) -> Result<(Vec<u8>
     let mut offset = 0u64;
     for t in tensors {
         if t.name.len() >= GGML_MAX_NAME {
-            return Err(Error::other(format!("tensor name '{}' is longer than {} bytes", t.name, GGML_MAX_NAME - 1)));
+            return Err(Error::other(format!(
+                "tensor name '{}' is longer than {} bytes",
+                t.name,
+                GGML_MAX_NAME - 1
+            )));
         }
         if !seen.insert(t.name.as_str()) {
             return Err(Error::other(format!("duplicate tensor name '{}'", t.name)));
         }
         if t.ne.is_empty() || t.ne.len() > GGML_MAX_DIMS {
-            return Err(Error::other(format!("tensor '{}' has {} dimensions", t.name, t.ne.len())));
+            return Err(Error::other(format!(
+                "tensor '{}' has {} dimensions",
+                t.name,
+                t.ne.len()
+            )));
         }
         encode_str(&t.name, &mut out);
         out.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
@@ -102,8 +114,13 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     pub fn create(dest: &Path, meta: &Metadata, tensors: Vec<TensorInfo>) -> Result<Self> {
-        let (header, _) = encode_header(meta, &tensors).map_err(|e| Error::input(dest, e.to_string()))?;
-        let alignment = meta.get("general.alignment").and_then(Value::as_u32).map(u64::from).unwrap_or(GGUF_DEFAULT_ALIGNMENT);
+        let (header, _) =
+            encode_header(meta, &tensors).map_err(|e| Error::input(dest, e.to_string()))?;
+        let alignment = meta
+            .get("general.alignment")
+            .and_then(Value::as_u32)
+            .map(u64::from)
+            .unwrap_or(GGUF_DEFAULT_ALIGNMENT);
         let file = AtomicFile::create(dest)?;
         let tmp = file.temp_path().to_path_buf();
         let mut w = GgufWriter {
@@ -134,12 +151,16 @@ impl GgufWriter {
 
     /// Append the data of the next tensor in pieces: `begin_tensor`, `put_data`..., `end_tensor`.
     pub fn begin_tensor(&mut self, name: &str) -> Result<u64> {
-        let t = self
-            .tensors
-            .get(self.next)
-            .ok_or_else(|| Error::other(format!("tensor '{name}' written after the last declared tensor")))?;
+        let t = self.tensors.get(self.next).ok_or_else(|| {
+            Error::other(format!(
+                "tensor '{name}' written after the last declared tensor"
+            ))
+        })?;
         if t.name != name {
-            return Err(Error::other(format!("tensor '{name}' written where '{}' was declared", t.name)));
+            return Err(Error::other(format!(
+                "tensor '{name}' written where '{}' was declared",
+                t.name
+            )));
         }
         self.tensor_start = self.written;
         t.n_bytes()
@@ -152,7 +173,10 @@ impl GgufWriter {
         let want = t.n_bytes()?;
         let got = self.written - self.tensor_start;
         if got != want {
-            return Err(Error::other(format!("tensor '{}': {got} bytes written, {want} expected for {} {:?}", t.name, t.ty, t.ne)));
+            return Err(Error::other(format!(
+                "tensor '{}': {got} bytes written, {want} expected for {} {:?}",
+                t.name, t.ty, t.ne
+            )));
         }
         let pad = (align_offset(self.written, self.alignment) - self.written) as usize;
         self.put(&vec![0u8; pad])?;
@@ -162,16 +186,26 @@ impl GgufWriter {
 
     /// Append the data of the next tensor (must be exactly its size).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let t = self
-            .tensors
-            .get(self.next)
-            .ok_or_else(|| Error::other(format!("tensor '{name}' written after the last declared tensor")))?;
+        let t = self.tensors.get(self.next).ok_or_else(|| {
+            Error::other(format!(
+                "tensor '{name}' written after the last declared tensor"
+            ))
+        })?;
         if t.name != name {
-            return Err(Error::other(format!("tensor '{name}' written where '{}' was declared", t.name)));
+            return Err(Error::other(format!(
+                "tensor '{name}' written where '{}' was declared",
+                t.name
+            )));
         }
         let want = t.n_bytes()?;
         if data.len() as u64 != want {
-            return Err(Error::other(format!("tensor '{name}': {} bytes given, {} expected for {} {:?}", data.len(), want, t.ty, t.ne)));
+            return Err(Error::other(format!(
+                "tensor '{name}': {} bytes given, {} expected for {} {:?}",
+                data.len(),
+                want,
+                t.ty,
+                t.ne
+            )));
         }
         self.put(data)?;
         let pad = (align_offset(self.written, self.alignment) - self.written) as usize;
@@ -191,7 +225,10 @@ impl GgufWriter {
             )));
         }
         self.out.flush().at(&self.tmp)?;
-        let file = self.out.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         let path = file.commit()?;
         Ok((path, self.written, hex(&self.hasher.finalize())))
     }

@@ -85,9 +85,10 @@ pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tens
     Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
 }
 
-// TODO(lead): use quant::dequantize (crate::quant::dequantize(ty, bytes, n)) once src/quant/ has it;
-// this private helper only knows the float types.
+/// `n` values of `ty` from `bytes` as f32 (crate::quant does the block formats), converted in
+/// parallel chunks of whole blocks.
 fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
+    use rayon::prelude::*;
     let need = ty
         .bytes_for(n as u64)
         .ok_or_else(|| format!("{n} values are not a whole number of {ty} blocks"))?
@@ -98,21 +99,13 @@ fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> std::result::Result<Vec<f
             bytes.len()
         ));
     }
-    Ok(match ty {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        GgmlType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => return Err(format!("dequantizing {other} is not available yet")),
-    })
+    let blocks = (1usize << 16).div_ceil(ty.block_size());
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(blocks * ty.block_size())
+        .zip(bytes.par_chunks(blocks * ty.type_size()))
+        .try_for_each(|(o, b)| crate::quant::dequantize_into(ty, b, o))
+        .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// An in-memory weight source (tests, small probes): name -> (type, shape, bytes).
@@ -155,5 +148,53 @@ impl WeightSource for MemWeights {
     }
     fn origin(&self) -> PathBuf {
         PathBuf::from("<memory>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::Rng;
+
+    #[test]
+    fn rows_equal_full_dequantization() {
+        let (rows, cols) = (5, 512);
+        let v = Rng::new(2).vec(rows * cols, 1.0);
+        let mut ws = MemWeights::new();
+        for ty in [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q6K,
+        ] {
+            let bytes = crate::quant::quantize(ty, &v).unwrap();
+            ws.tensors
+                .insert(ty.name().to_string(), (ty, vec![rows, cols], bytes));
+            let full = ws.tensor_f32(ty.name()).unwrap().to_vec2::<f32>().unwrap();
+            let want = crate::quant::dequantize(ty, &ws.raw(ty.name()).unwrap().data, rows * cols)
+                .unwrap();
+            assert_eq!(full.concat(), want, "{ty}");
+            let picked = rows_f32(&ws, ty.name(), &[3, 0, 3])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(
+                picked,
+                vec![full[3].clone(), full[0].clone(), full[3].clone()],
+                "{ty}"
+            );
+            let tol = if ty.is_quantized() { 0.1 } else { 1e-2 };
+            assert!(
+                full.concat()
+                    .iter()
+                    .zip(&v)
+                    .all(|(a, b)| (a - b).abs() < tol),
+                "{ty}"
+            );
+        }
+        assert!(rows_f32(&ws, "F32", &[5]).is_err());
+        assert!(ws.tensor_f32("missing").is_err());
     }
 }

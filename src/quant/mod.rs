@@ -32,14 +32,13 @@ pub enum QuantError {
     /// we refuse up front. `index` is the first bad element of the input.
     #[error("non-finite value (NaN or Inf) at element {index}")]
     NonFinite { index: usize },
-    /// `values` elements do not fill whole blocks of `ty`, or the byte buffer has the wrong size.
-    #[error("{ty}: {values} values need {expected} bytes (whole blocks of {block}), got {bytes}")]
+    /// `values` elements do not fill whole blocks of `ty`, or `bytes` (the buffer given, when
+    /// there is one) is not the size those blocks take.
+    #[error("{}", bad_len_msg(*.ty, *.values, *.bytes))]
     BadLength {
         ty: GgmlType,
         values: usize,
-        block: usize,
-        expected: String,
-        bytes: usize,
+        bytes: Option<usize>,
     },
     /// A ggml type this module does not (de)quantize.
     #[error("quantization type {0} is not supported")]
@@ -64,25 +63,28 @@ pub trait Block: Sized {
     fn read(b: &[u8]) -> Self;
 }
 
-fn bad_len(ty: GgmlType, values: usize, bytes: usize) -> QuantError {
-    let expected = match ty.bytes_for(values as u64) {
-        Some(n) => n.to_string(),
-        None => "n/a".to_string(),
-    };
-    QuantError::BadLength {
-        ty,
-        values,
-        block: ty.block_size(),
-        expected,
-        bytes,
+fn bad_len_msg(ty: GgmlType, values: usize, bytes: Option<usize>) -> String {
+    match (ty.bytes_for(values as u64), bytes) {
+        (None, _) => format!(
+            "{ty}: {values} values are not a whole number of {}-value blocks",
+            ty.block_size()
+        ),
+        (Some(need), Some(got)) => {
+            format!("{ty}: {values} values take {need} bytes, buffer has {got}")
+        }
+        (Some(_), None) => format!("{ty}: {values} values do not split into whole rows"),
     }
+}
+
+fn bad_len(ty: GgmlType, values: usize, bytes: Option<usize>) -> QuantError {
+    QuantError::BadLength { ty, values, bytes }
 }
 
 /// Checks that `values` elements of `ty` fit exactly in `bytes` bytes.
 fn check_len(ty: GgmlType, values: usize, bytes: usize) -> Result<(), QuantError> {
     match ty.bytes_for(values as u64) {
         Some(n) if n == bytes as u64 => Ok(()),
-        _ => Err(bad_len(ty, values, bytes)),
+        _ => Err(bad_len(ty, values, Some(bytes))),
     }
 }
 
@@ -160,7 +162,7 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qu
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
     let n = ty
         .bytes_for(src.len() as u64)
-        .ok_or_else(|| bad_len(ty, src.len(), 0))?;
+        .ok_or_else(|| bad_len(ty, src.len(), None))?;
     let mut out = vec![0u8; n as usize];
     quantize_into(ty, src, &mut out)?;
     Ok(out)
@@ -174,9 +176,9 @@ pub fn quantize_par(ty: GgmlType, src: &[f32], row_len: usize) -> Result<Vec<u8>
     }
     let row_bytes = ty
         .bytes_for(row_len as u64)
-        .ok_or_else(|| bad_len(ty, row_len, 0))? as usize;
+        .ok_or_else(|| bad_len(ty, row_len, None))? as usize;
     if row_len == 0 || !src.len().is_multiple_of(row_len) {
-        return Err(bad_len(ty, src.len(), 0));
+        return Err(bad_len(ty, src.len(), None));
     }
     if let Some(index) = src.par_iter().position_first(|v| !v.is_finite()) {
         return Err(QuantError::NonFinite { index });

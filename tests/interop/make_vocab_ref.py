@@ -61,6 +61,15 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def write_cases_json(path, obj):
+    """Like write_json, but one line per case (the case lists are long)."""
+    head = {k: v for k, v in obj.items() if k != "cases"}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "cases": [\n')
+        f.write(",\n".join(json.dumps(c, ensure_ascii=False) for c in obj["cases"]))
+        f.write("\n]}\n")
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -155,6 +164,11 @@ def case_strings(seed):
         "A chat between a curious human and an artificial intelligence assistant.",
         "Ünïcödé", "\u0301combining", "\u200bzero width", "tabs\tand\ttabs", "many     spaces   here",
         "ASSISTANT:", "USER:USER:", "<image><image>",
+        # runs of one character: equal-score merge candidates (the leftmost pair must win)
+        "lll", "llll", "lllll", "eee", "eeee", "sss", "ssss", "ooo", "oooo", "ttt", "tttt", "ppp", "rrrr",
+        "...", "....", "!!!", "000", "0000", "all allll hello helllllo", "bookkeeper coffee", "aaaa bbbb",
+        # words that stop at the UNUSED pieces of the nofallback model ("\u2581th", "\u2581st")
+        "th", "st", "th st", "with th", "a st b", "th.", "st!", "x th y st z",
     ]
     words = ("the of and to in is was that for on with as by at from image describe assistant user human "
              "question answer detailed polite helpful curious bus red tall building").split()
@@ -266,13 +280,13 @@ def main():
     with open(os.path.join(ckpt, "tokenizer.model"), "rb") as f:
         fixture_model = f.read()
     texts = case_strings(20241016)
-    write_json(os.path.join(OUT, "spm_cases.json"),
+    write_cases_json(os.path.join(OUT, "spm_cases.json"),
                spm_cases(fixture_model, texts, "sentencepiece encode (no BOS) with fixtures/tiny-llava-mmfuser/tokenizer.model"))
     nf = train_nofallback(7)
     os.makedirs(os.path.join(OUT, "nofallback"))
     with open(os.path.join(OUT, "nofallback", "tokenizer.model"), "wb") as f:
         f.write(nf)
-    write_json(os.path.join(OUT, "nofallback_cases.json"),
+    write_cases_json(os.path.join(OUT, "nofallback_cases.json"),
                spm_cases(nf, texts, "sentencepiece encode (no BOS) with nofallback/tokenizer.model "
                                     "(no byte fallback, remove_extra_whitespaces, user-defined symbols, 2 UNUSED pieces)"))
     print("wrote", OUT)

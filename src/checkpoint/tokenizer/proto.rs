@@ -93,7 +93,8 @@ impl SpmModel {
     /// Read and parse a `tokenizer.model` file; errors name the file.
     pub fn load(path: &Path) -> Result<SpmModel> {
         let bytes = std::fs::read(path).at(path)?;
-        SpmModel::parse(&bytes).map_err(|m| Error::input(path, format!("invalid SentencePiece model: {m}")))
+        SpmModel::parse(&bytes)
+            .map_err(|m| Error::input(path, format!("invalid SentencePiece model: {m}")))
     }
 
     /// Parse the bytes of a serialized `ModelProto`.
@@ -106,7 +107,8 @@ impl SpmModel {
                 1 => {
                     let body = r.expect_len(field, wire, "ModelProto.pieces")?;
                     let idx = m.pieces.len();
-                    m.pieces.push(parse_piece(body).map_err(|e| format!("piece {idx}: {e}"))?);
+                    m.pieces
+                        .push(parse_piece(body).map_err(|e| format!("piece {idx}: {e}"))?);
                 }
                 2 => {
                     let body = r.expect_len(field, wire, "ModelProto.trainer_spec")?;
@@ -114,7 +116,8 @@ impl SpmModel {
                 }
                 3 => {
                     let body = r.expect_len(field, wire, "ModelProto.normalizer_spec")?;
-                    parse_normalizer_spec(body, &mut m).map_err(|e| format!("normalizer_spec: {e}"))?;
+                    parse_normalizer_spec(body, &mut m)
+                        .map_err(|e| format!("normalizer_spec: {e}"))?;
                 }
                 _ => r.skip(field, wire)?,
             }
@@ -124,7 +127,11 @@ impl SpmModel {
 }
 
 fn parse_piece(bytes: &[u8]) -> std::result::Result<SpmPiece, String> {
-    let mut p = SpmPiece { piece: String::new(), score: 0.0, kind: piece_type::NORMAL };
+    let mut p = SpmPiece {
+        piece: String::new(),
+        score: 0.0,
+        kind: piece_type::NORMAL,
+    };
     let mut r = Reader::new(bytes);
     while !r.done() {
         let (field, wire) = r.key()?;
@@ -155,7 +162,10 @@ fn parse_trainer_spec(bytes: &[u8], m: &mut SpmModel) -> std::result::Result<(),
         let (field, wire) = r.key()?;
         match field {
             3 => m.model_type = r.expect_int32(field, wire, "model_type")?,
-            24 => m.treat_whitespace_as_suffix = r.expect_bool(field, wire, "treat_whitespace_as_suffix")?,
+            24 => {
+                m.treat_whitespace_as_suffix =
+                    r.expect_bool(field, wire, "treat_whitespace_as_suffix")?
+            }
             35 => m.byte_fallback = r.expect_bool(field, wire, "byte_fallback")?,
             40 => m.unk_id = r.expect_int32(field, wire, "unk_id")?,
             41 => m.bos_id = r.expect_int32(field, wire, "bos_id")?,
@@ -176,9 +186,15 @@ fn parse_normalizer_spec(bytes: &[u8], m: &mut SpmModel) -> std::result::Result<
                 let b = r.expect_len(field, wire, "name")?;
                 m.normalizer_name = String::from_utf8_lossy(b).into_owned();
             }
-            2 => m.precompiled_charsmap_len = r.expect_len(field, wire, "precompiled_charsmap")?.len(),
+            2 => {
+                m.precompiled_charsmap_len =
+                    r.expect_len(field, wire, "precompiled_charsmap")?.len()
+            }
             3 => m.add_dummy_prefix = r.expect_bool(field, wire, "add_dummy_prefix")?,
-            4 => m.remove_extra_whitespaces = r.expect_bool(field, wire, "remove_extra_whitespaces")?,
+            4 => {
+                m.remove_extra_whitespaces =
+                    r.expect_bool(field, wire, "remove_extra_whitespaces")?
+            }
             5 => m.escape_whitespaces = r.expect_bool(field, wire, "escape_whitespaces")?,
             _ => r.skip(field, wire)?,
         }
@@ -240,9 +256,17 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            format!("truncated {what}: needs {n} bytes at byte {}, {} left", self.pos, self.buf.len() - self.pos)
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "truncated {what}: needs {n} bytes at byte {}, {} left",
+                    self.pos,
+                    self.buf.len() - self.pos
+                )
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -282,28 +306,50 @@ impl<'a> Reader<'a> {
         if wire == want {
             Ok(())
         } else {
-            Err(format!("{what} (field {field}) has wire type {wire}, expected {want}"))
+            Err(format!(
+                "{what} (field {field}) has wire type {wire}, expected {want}"
+            ))
         }
     }
 
-    fn expect_len(&mut self, field: u32, wire: u8, what: &str) -> std::result::Result<&'a [u8], String> {
+    fn expect_len(
+        &mut self,
+        field: u32,
+        wire: u8,
+        what: &str,
+    ) -> std::result::Result<&'a [u8], String> {
         Self::check_wire(field, wire, WIRE_LEN, what)?;
         self.len_delimited().map_err(|e| format!("{what}: {e}"))
     }
 
-    fn expect_fixed32(&mut self, field: u32, wire: u8, what: &str) -> std::result::Result<u32, String> {
+    fn expect_fixed32(
+        &mut self,
+        field: u32,
+        wire: u8,
+        what: &str,
+    ) -> std::result::Result<u32, String> {
         Self::check_wire(field, wire, WIRE_FIXED32, what)?;
         self.fixed32().map_err(|e| format!("{what}: {e}"))
     }
 
     /// int32/enum: a varint truncated to its low 32 bits (negative values are
     /// sign-extended 10-byte varints on the wire).
-    fn expect_int32(&mut self, field: u32, wire: u8, what: &str) -> std::result::Result<i32, String> {
+    fn expect_int32(
+        &mut self,
+        field: u32,
+        wire: u8,
+        what: &str,
+    ) -> std::result::Result<i32, String> {
         Self::check_wire(field, wire, WIRE_VARINT, what)?;
         Ok(self.varint().map_err(|e| format!("{what}: {e}"))? as u32 as i32)
     }
 
-    fn expect_bool(&mut self, field: u32, wire: u8, what: &str) -> std::result::Result<bool, String> {
+    fn expect_bool(
+        &mut self,
+        field: u32,
+        wire: u8,
+        what: &str,
+    ) -> std::result::Result<bool, String> {
         Self::check_wire(field, wire, WIRE_VARINT, what)?;
         Ok(self.varint().map_err(|e| format!("{what}: {e}"))? != 0)
     }
@@ -359,7 +405,11 @@ mod tests {
         assert_eq!(Reader::new(&[0x96, 0x01]).varint().unwrap(), 150);
         // 11-byte / over-long varints and truncated ones are errors.
         assert!(Reader::new(&[0xff; 11]).varint().is_err());
-        assert!(Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]).varint().is_err());
+        assert!(
+            Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02])
+                .varint()
+                .is_err()
+        );
         assert!(Reader::new(&[0x80]).varint().is_err());
         assert!(Reader::new(&[]).varint().is_err());
     }
@@ -386,9 +436,23 @@ mod tests {
         bytes(3, &n, &mut m);
         let s = SpmModel::parse(&m).unwrap();
         assert_eq!(s.pieces.len(), 4);
-        assert_eq!(s.pieces[0], SpmPiece { piece: "<unk>".into(), score: 0.0, kind: 2 });
+        assert_eq!(
+            s.pieces[0],
+            SpmPiece {
+                piece: "<unk>".into(),
+                score: 0.0,
+                kind: 2
+            }
+        );
         assert_eq!(s.pieces[2].kind, piece_type::BYTE);
-        assert_eq!(s.pieces[3], SpmPiece { piece: "\u{2581}the".into(), score: -1.5, kind: 1 });
+        assert_eq!(
+            s.pieces[3],
+            SpmPiece {
+                piece: "\u{2581}the".into(),
+                score: -1.5,
+                kind: 1
+            }
+        );
         assert_eq!(s.model_type, model_type::BPE);
         assert!(s.byte_fallback);
         assert_eq!((s.unk_id, s.bos_id, s.eos_id, s.pad_id), (0, 1, 2, -1));
@@ -447,7 +511,14 @@ mod tests {
         int32(3, 2, &mut t);
         bytes(2, &t, &mut m);
         let s = SpmModel::parse(&m).unwrap();
-        assert_eq!(s.pieces, vec![SpmPiece { piece: "a".into(), score: 0.25, kind: 1 }]);
+        assert_eq!(
+            s.pieces,
+            vec![SpmPiece {
+                piece: "a".into(),
+                score: 0.25,
+                kind: 1
+            }]
+        );
         assert_eq!(s.model_type, 2);
     }
 
@@ -463,7 +534,10 @@ mod tests {
         // Every prefix that is not cut at the field boundary is malformed (cut inside a
         // key, a length, a payload or the 10-byte varint of -1).
         for cut in (1..m.len()).filter(|&c| c != boundary) {
-            assert!(SpmModel::parse(&m[..cut]).is_err(), "prefix of {cut} bytes accepted");
+            assert!(
+                SpmModel::parse(&m[..cut]).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
         }
         assert_eq!(SpmModel::parse(&m[..boundary]).unwrap().pieces.len(), 1);
         // Length larger than the remaining input.
@@ -497,6 +571,9 @@ mod tests {
         let p = dir.path().join("tokenizer.model");
         std::fs::write(&p, [0x0a, 0x05, 0x0a]).unwrap();
         let e = SpmModel::load(&p).unwrap_err().to_string();
-        assert!(e.contains("tokenizer.model") && e.contains("truncated"), "{e}");
+        assert!(
+            e.contains("tokenizer.model") && e.contains("truncated"),
+            "{e}"
+        );
     }
 }

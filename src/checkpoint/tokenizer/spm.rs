@@ -78,7 +78,9 @@ impl Ord for Pair {
     /// Max-heap order of sentencepiece's `SymbolPairComparator`: higher score
     /// first, then the smaller left index.
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score.total_cmp(&o.score).then_with(|| o.left.cmp(&self.left))
+        self.score
+            .total_cmp(&o.score)
+            .then_with(|| o.left.cmp(&self.left))
     }
 }
 
@@ -128,7 +130,10 @@ impl SpmTokenizer {
     /// -1000.0 everywhere and cannot rank merges).
     pub fn from_vocab(v: &GgufVocab) -> std::result::Result<Self, String> {
         if v.model != "llama" {
-            return Err(format!("tokenizer model '{}' is not SentencePiece ('llama')", v.model));
+            return Err(format!(
+                "tokenizer model '{}' is not SentencePiece ('llama')",
+                v.model
+            ));
         }
         if v.tokens.len() != v.scores.len() || v.tokens.len() != v.token_types.len() {
             return Err(format!(
@@ -152,7 +157,7 @@ impl SpmTokenizer {
                 ));
             }
         }
-        let byte_fallback = v.token_types.iter().any(|&t| t == piece_type::BYTE);
+        let byte_fallback = v.token_types.contains(&piece_type::BYTE);
         let mut t = SpmTokenizer::empty(byte_fallback, v.add_space_prefix.unwrap_or(true));
         t.remove_extra_whitespaces = false;
         let n = v.tokens.len();
@@ -161,7 +166,11 @@ impl SpmTokenizer {
         t.eos_id = in_range(v.eos_id);
         for ((p, s), k) in v.tokens.iter().zip(&v.scores).zip(&v.token_types) {
             // Types outside 1..=6 (UNDEFINED 0) are kept out of the merge table.
-            let kind = if (piece_type::NORMAL..=piece_type::BYTE).contains(k) { *k } else { piece_type::CONTROL };
+            let kind = if (piece_type::NORMAL..=piece_type::BYTE).contains(k) {
+                *k
+            } else {
+                piece_type::CONTROL
+            };
             t.push(p.clone(), *s, kind)?;
         }
         if let Some(u) = in_range(v.unk_id) {
@@ -194,8 +203,15 @@ impl SpmTokenizer {
 
     fn push(&mut self, piece: String, score: f32, kind: i32) -> std::result::Result<(), String> {
         let id = u32::try_from(self.pieces.len()).map_err(|_| "too many pieces".to_string())?;
-        let is_normal = matches!(kind, piece_type::NORMAL | piece_type::USER_DEFINED | piece_type::UNUSED);
-        let map = if is_normal { &mut self.normal } else { &mut self.reserved };
+        let is_normal = matches!(
+            kind,
+            piece_type::NORMAL | piece_type::USER_DEFINED | piece_type::UNUSED
+        );
+        let map = if is_normal {
+            &mut self.normal
+        } else {
+            &mut self.reserved
+        };
         // sentencepiece rejects duplicates ("is already defined"); a GGUF vocab may
         // repeat a text (e.g. an added token equal to a piece): first id wins.
         map.entry(piece.clone()).or_insert(id);
@@ -212,7 +228,8 @@ impl SpmTokenizer {
     }
 
     fn finish(&mut self) -> std::result::Result<(), String> {
-        self.user_defined.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        self.user_defined
+            .sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         self.user_defined.dedup();
         if self.unk_id.is_none() {
             return Err("vocabulary has no UNKNOWN piece".into());
@@ -263,7 +280,11 @@ impl SpmTokenizer {
 
     /// The normaliser for the identity rule (no charsmap): `normalizer.cc Normalize`.
     pub fn normalize(&self, text: &str) -> String {
-        let ws = if self.escape_whitespaces { SPACE_SYMBOL } else { " " };
+        let ws = if self.escape_whitespaces {
+            SPACE_SYMBOL
+        } else {
+            " "
+        };
         let mut input = text;
         if self.remove_extra_whitespaces {
             input = input.trim_start_matches(' ');
@@ -279,7 +300,10 @@ impl SpmTokenizer {
         let mut rest = input;
         while !rest.is_empty() {
             // User-defined pieces pass through unchanged (the normaliser's prefix matcher).
-            let ud = self.user_defined.iter().find(|u| rest.starts_with(u.as_str()));
+            let ud = self
+                .user_defined
+                .iter()
+                .find(|u| rest.starts_with(u.as_str()));
             let chunk_len = match ud {
                 Some(u) => u.len(),
                 None => rest.chars().next().map_or(1, char::len_utf8),
@@ -351,7 +375,11 @@ impl SpmTokenizer {
         let mut pos = 0;
         while pos < s.len() {
             let rest = &s[pos..];
-            let (len, freeze) = match self.user_defined.iter().find(|u| rest.starts_with(u.as_str())) {
+            let (len, freeze) = match self
+                .user_defined
+                .iter()
+                .find(|u| rest.starts_with(u.as_str()))
+            {
                 Some(u) => (u.len(), true),
                 None => (rest.chars().next().map_or(1, char::len_utf8), false),
             };
@@ -374,15 +402,24 @@ impl SpmTokenizer {
                         rev_merge: &mut HashMap<&'s str, (&'s str, &'s str)>,
                         left: Option<usize>,
                         right: Option<usize>| {
-            let (Some(l), Some(r)) = (left, right) else { return };
+            let (Some(l), Some(r)) = (left, right) else {
+                return;
+            };
             let (ls, rs) = (symbols[l], symbols[r]);
             if ls.freeze || rs.freeze {
                 return;
             }
             // Adjacent symbols are contiguous in `s`.
             let piece = &s[ls.start..rs.end];
-            let Some(&id) = self.normal.get(piece) else { return };
-            agenda.push(Pair { score: self.scores[id as usize], left: l, right: r, size: piece.len() });
+            let Some(&id) = self.normal.get(piece) else {
+                return;
+            };
+            agenda.push(Pair {
+                score: self.scores[id as usize],
+                left: l,
+                right: r,
+                size: piece.len(),
+            });
             if self.is_unused(id) {
                 rev_merge.insert(piece, (&s[ls.start..ls.end], &s[rs.start..rs.end]));
             }
@@ -393,7 +430,10 @@ impl SpmTokenizer {
         while let Some(top) = agenda.pop() {
             let (l, r) = (symbols[top.left], symbols[top.right]);
             // Stale entry: one side was merged away or grew since it was pushed.
-            if l.start == l.end || r.start == r.end || (l.end - l.start) + (r.end - r.start) != top.size {
+            if l.start == l.end
+                || r.start == r.end
+                || (l.end - l.start) + (r.end - r.start) != top.size
+            {
                 continue;
             }
             symbols[top.left].end = r.end;
@@ -446,7 +486,14 @@ mod tests {
 
     fn model(pieces: &[(&str, f32, i32)], byte_fallback: bool) -> SpmModel {
         SpmModel {
-            pieces: pieces.iter().map(|&(p, s, k)| SpmPiece { piece: p.into(), score: s, kind: k }).collect(),
+            pieces: pieces
+                .iter()
+                .map(|&(p, s, k)| SpmPiece {
+                    piece: p.into(),
+                    score: s,
+                    kind: k,
+                })
+                .collect(),
             model_type: model_type::BPE,
             byte_fallback,
             add_dummy_prefix: true,
@@ -509,7 +556,10 @@ mod tests {
     fn normalizer_whitespace_rules() {
         let mut m = model(&base(), false);
         let t = SpmTokenizer::from_model(&m).unwrap();
-        assert_eq!(t.normalize(" a  b "), "\u{2581}\u{2581}a\u{2581}\u{2581}b\u{2581}");
+        assert_eq!(
+            t.normalize(" a  b "),
+            "\u{2581}\u{2581}a\u{2581}\u{2581}b\u{2581}"
+        );
         assert_eq!(t.normalize(""), "");
         m.remove_extra_whitespaces = true;
         let t = SpmTokenizer::from_model(&m).unwrap();

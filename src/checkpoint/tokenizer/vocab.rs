@@ -100,7 +100,11 @@ fn does_token_look_special(t: &str) -> bool {
 /// `re.fullmatch(br"<0x[0-9A-Fa-f]{2}>", text)`.
 fn is_byte_token(t: &str) -> bool {
     let b = t.as_bytes();
-    b.len() == 6 && b.starts_with(b"<0x") && b[5] == b'>' && b[3].is_ascii_hexdigit() && b[4].is_ascii_hexdigit()
+    b.len() == 6
+        && b.starts_with(b"<0x")
+        && b[5] == b'>'
+        && b[3].is_ascii_hexdigit()
+        && b[4].is_ascii_hexdigit()
 }
 
 /// Load the GGUF vocabulary of a checkpoint directory. `config_vocab_size` is
@@ -113,7 +117,13 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
     let tokenizer_config = read_json_object(&tc_path)?;
 
     let (tokens, scores, token_types) = if spm_path.is_file() {
-        vocab_from_spm(dir, &spm_path, config_vocab_size, tokenizer_config.as_ref(), &tc_path)?
+        vocab_from_spm(
+            dir,
+            &spm_path,
+            config_vocab_size,
+            tokenizer_config.as_ref(),
+            &tc_path,
+        )?
     } else if json_path.is_file() {
         vocab_from_tokenizer_json(&json_path, tokenizer_config.as_ref(), dir)?
     } else {
@@ -145,7 +155,10 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
             None | Some(Value::Null) => {}
             Some(Value::Bool(b)) => v.add_space_prefix = Some(*b),
             Some(other) => {
-                return Err(Error::input(&tc_path, format!("add_prefix_space must be a boolean, got {other}")))
+                return Err(Error::input(
+                    &tc_path,
+                    format!("add_prefix_space must be a boolean, got {other}"),
+                ))
             }
         }
     }
@@ -163,7 +176,11 @@ fn vocab_from_spm(
     tc_path: &Path,
 ) -> Result<Lists> {
     let m = SpmModel::load(spm_path)?;
-    let vocab_size = if config_vocab_size > 0 { config_vocab_size } else { m.pieces.len() };
+    let vocab_size = if config_vocab_size > 0 {
+        config_vocab_size
+    } else {
+        m.pieces.len()
+    };
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![piece_type::UNUSED; vocab_size];
@@ -179,7 +196,9 @@ fn vocab_from_spm(
         // IsUnknown -> UNKNOWN, IsControl -> CONTROL, IsUnused -> UNUSED, IsByte -> BYTE, else
         // NORMAL (a USER_DEFINED piece of the model becomes NORMAL).
         let t = match p.kind {
-            piece_type::UNKNOWN | piece_type::CONTROL | piece_type::UNUSED | piece_type::BYTE => p.kind,
+            piece_type::UNKNOWN | piece_type::CONTROL | piece_type::UNUSED | piece_type::BYTE => {
+                p.kind
+            }
             _ => piece_type::NORMAL,
         };
         tokens[id] = p.piece.clone();
@@ -190,11 +209,18 @@ fn vocab_from_spm(
     let added_path = dir.join("added_tokens.json");
     if let Some(added) = read_json_object(&added_path)? {
         for (text, id) in &added {
-            let id = id
-                .as_u64()
-                .ok_or_else(|| Error::input(&added_path, format!("token {text:?}: id {id} is not a non-negative integer")))?;
+            let id = id.as_u64().ok_or_else(|| {
+                Error::input(
+                    &added_path,
+                    format!("token {text:?}: id {id} is not a non-negative integer"),
+                )
+            })?;
             if id as usize >= vocab_size || id > u32::MAX as u64 {
-                eprintln!("warning: {}: ignoring token {id}: out of range, max={}", added_path.display(), vocab_size - 1);
+                eprintln!(
+                    "warning: {}: ignoring token {id}: out of range, max={}",
+                    added_path.display(),
+                    vocab_size - 1
+                );
                 continue;
             }
             let id = id as usize;
@@ -210,13 +236,23 @@ fn vocab_from_spm(
             Some(Value::Object(dec)) => {
                 for (key, data) in dec {
                     let id: usize = key.trim().parse().map_err(|_| {
-                        Error::input(tc_path, format!("added_tokens_decoder: key {key:?} is not a token id"))
+                        Error::input(
+                            tc_path,
+                            format!("added_tokens_decoder: key {key:?} is not a token id"),
+                        )
                     })?;
                     let content = data.get("content").and_then(Value::as_str).ok_or_else(|| {
-                        Error::input(tc_path, format!("added_tokens_decoder[{key}]: missing string 'content'"))
+                        Error::input(
+                            tc_path,
+                            format!("added_tokens_decoder[{key}]: missing string 'content'"),
+                        )
                     })?;
                     if id >= vocab_size {
-                        eprintln!("warning: {}: ignoring token {id}: out of range, max={}", tc_path.display(), vocab_size - 1);
+                        eprintln!(
+                            "warning: {}: ignoring token {id}: out of range, max={}",
+                            tc_path.display(),
+                            vocab_size - 1
+                        );
                         continue;
                     }
                     let text = if truthy(data.get("special")) || does_token_look_special(content) {
@@ -230,7 +266,12 @@ fn vocab_from_spm(
                     tokens[id] = text;
                 }
             }
-            Some(_) => return Err(Error::input(tc_path, "added_tokens_decoder must be an object")),
+            Some(_) => {
+                return Err(Error::input(
+                    tc_path,
+                    "added_tokens_decoder must be an object",
+                ))
+            }
         }
     }
     Ok((tokens, scores, types))
@@ -239,7 +280,15 @@ fn vocab_from_spm(
 /// Names of the special tokens transformers knows for this tokenizer
 /// (`all_special_tokens`: bos/eos/unk/sep/pad/cls/mask + extra/additional special tokens).
 fn named_special_tokens(tc: Option<&Map<String, Value>>, dir: &Path) -> Result<Vec<String>> {
-    const ATTRS: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+    const ATTRS: [&str; 7] = [
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+    ];
     let mut kv: Map<String, Value> = tc.cloned().unwrap_or_default();
     // Legacy special_tokens_map.json is merged only when tokenizer_config has no added_tokens_decoder.
     if !kv.contains_key("added_tokens_decoder") {
@@ -252,8 +301,13 @@ fn named_special_tokens(tc: Option<&Map<String, Value>>, dir: &Path) -> Result<V
         }
     }
     // LlamaTokenizer's constructor defaults.
-    for (k, d) in [("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")] {
-        kv.entry(k.to_string()).or_insert_with(|| Value::String(d.into()));
+    for (k, d) in [
+        ("bos_token", "<s>"),
+        ("eos_token", "</s>"),
+        ("unk_token", "<unk>"),
+    ] {
+        kv.entry(k.to_string())
+            .or_insert_with(|| Value::String(d.into()));
     }
     let content = |v: &Value| -> Option<String> {
         match v {
@@ -293,14 +347,25 @@ fn vocab_from_tokenizer_json(
     dir: &Path,
 ) -> Result<Lists> {
     let raw = read_json(path)?;
-    let model = raw.get("model").ok_or_else(|| Error::input(path, "no 'model' section"))?;
+    let model = raw
+        .get("model")
+        .ok_or_else(|| Error::input(path, "no 'model' section"))?;
     let mtype = model.get("type").and_then(Value::as_str).unwrap_or("");
     let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool);
-    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
+    let ignore_merges = model
+        .get("ignore_merges")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     if mtype == "BPE" && ignore_merges && !byte_fallback.unwrap_or(true) {
-        return Err(Error::input(path, "a Llama-3 style byte-level BPE vocabulary is not a SentencePiece vocabulary"));
+        return Err(Error::input(
+            path,
+            "a Llama-3 style byte-level BPE vocabulary is not a SentencePiece vocabulary",
+        ));
     }
-    let decoder_type = raw.get("decoder").and_then(|d| d.get("type")).and_then(Value::as_str);
+    let decoder_type = raw
+        .get("decoder")
+        .and_then(|d| d.get("type"))
+        .and_then(Value::as_str);
     if mtype != "BPE" || !byte_fallback.unwrap_or(false) || decoder_type != Some("Sequence") {
         return Err(Error::input(
             path,
@@ -310,7 +375,8 @@ fn vocab_from_tokenizer_json(
             ),
         ));
     }
-    let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::input(path, format!("tokenizers: {e}")))?;
+    let tok = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| Error::input(path, format!("tokenizers: {e}")))?;
     let base = tok.get_vocab_size(false);
     let vocab = tok.get_vocab(true);
     let mut reverse: HashMap<u32, &str> = HashMap::with_capacity(vocab.len());
@@ -341,7 +407,9 @@ fn vocab_from_tokenizer_json(
     let mut tokens = Vec::with_capacity(base + added.len());
     let mut types = Vec::with_capacity(base + added.len());
     for id in 0..base as u32 {
-        let text = *reverse.get(&id).ok_or_else(|| Error::input(path, format!("no token with id {id}")))?;
+        let text = *reverse
+            .get(&id)
+            .ok_or_else(|| Error::input(path, format!("no token with id {id}")))?;
         let t = if is_byte_token(text) {
             piece_type::BYTE
         } else if special_ids.contains(&id) {
@@ -353,12 +421,23 @@ fn vocab_from_tokenizer_json(
         types.push(t);
     }
     for (_, text) in added {
-        let t = if specials.contains_key(&text) { piece_type::CONTROL } else { piece_type::USER_DEFINED };
+        let t = if specials.contains_key(&text) {
+            piece_type::CONTROL
+        } else {
+            piece_type::USER_DEFINED
+        };
         tokens.push(text);
         types.push(t);
     }
     let scores = vec![-1000.0f32; tokens.len()];
     Ok((tokens, scores, types))
+}
+
+/// `tokenizer_config[k] = v` when there is a tokenizer_config.
+fn tc_set(tc: &mut Option<Map<String, Value>>, k: &str, v: Value) {
+    if let Some(m) = tc.as_mut() {
+        m.insert(k.to_string(), v);
+    }
 }
 
 /// gguf-py `SpecialVocab(dir, n_vocab=len(tokens))` for the keys GgufVocab carries:
@@ -367,14 +446,25 @@ fn vocab_from_tokenizer_json(
 /// tokenizer.json's post-processor, then tokenizer_config `add_*_token`; chat template.
 /// (sep/cls/mask/eot/eom ids are not carried; a negative id is skipped, where the
 /// converter raises ValueError.)
-fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v: &mut GgufVocab) -> Result<()> {
+fn special_vocab(
+    dir: &Path,
+    tc: Option<&Map<String, Value>>,
+    config: &Value,
+    v: &mut GgufVocab,
+) -> Result<()> {
     let n_vocab = v.tokens.len();
     let mut ids: HashMap<&'static str, u32> = HashMap::new();
-    let set_id = |ids: &mut HashMap<&'static str, u32>, typ: &'static str, tid: Option<&Value>, src: &Path| {
+    let set_id = |ids: &mut HashMap<&'static str, u32>,
+                  typ: &'static str,
+                  tid: Option<&Value>,
+                  src: &Path| {
         let Some(Value::Number(n)) = tid else { return };
         let Some(i) = n.as_i64() else { return };
         if i < 0 {
-            eprintln!("warning: {}: invalid value for special token type {typ}: {i} - skipping", src.display());
+            eprintln!(
+                "warning: {}: invalid value for special token type {typ}: {i} - skipping",
+                src.display()
+            );
             return;
         }
         if (i as u64) < n_vocab as u64 {
@@ -390,7 +480,11 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
 
     // _try_load_from_tokenizer_json
     let tj_path = dir.join("tokenizer.json");
-    let tokenizer_json = if tj_path.is_file() { Some(read_json(&tj_path)?) } else { None };
+    let tokenizer_json = if tj_path.is_file() {
+        Some(read_json(&tj_path)?)
+    } else {
+        None
+    };
     let empty = Vec::new();
     let added_tokens: &Vec<Value> = tokenizer_json
         .as_ref()
@@ -399,7 +493,8 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
         .unwrap_or(&empty);
     let mut tc: Option<Map<String, Value>> = tc.cloned();
     if let Some(tokj) = &tokenizer_json {
-        let get = |tc: &Option<Map<String, Value>>, k: &str| tc.as_ref().and_then(|m| m.get(k)).cloned();
+        let get =
+            |tc: &Option<Map<String, Value>>, k: &str| tc.as_ref().and_then(|m| m.get(k)).cloned();
         let mut special_bos = get(&tc, "bos_token");
         let mut special_cls = get(&tc, "cls_token");
         let mut special_eos = get(&tc, "eos_token");
@@ -407,11 +502,19 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
         let tc_truthy = tc.as_ref().is_some_and(|m| !m.is_empty());
         if !truthy(special_bos.as_ref()) && truthy(special_cls.as_ref()) && tc_truthy {
             special_bos = special_cls.clone();
-            tc.as_mut().map(|m| m.insert("bos_token".into(), special_bos.clone().unwrap_or(Value::Null)));
+            tc_set(
+                &mut tc,
+                "bos_token",
+                special_bos.clone().unwrap_or(Value::Null),
+            );
         }
         if !truthy(special_eos.as_ref()) && truthy(special_sep.as_ref()) && tc_truthy {
             special_eos = special_sep.clone();
-            tc.as_mut().map(|m| m.insert("eos_token".into(), special_eos.clone().unwrap_or(Value::Null)));
+            tc_set(
+                &mut tc,
+                "eos_token",
+                special_eos.clone().unwrap_or(Value::Null),
+            );
         }
         if let Some(pp) = tokj.get("post_processor").filter(|p| truthy(Some(p))) {
             let procs: Vec<&Value> = match pp.get("processors") {
@@ -428,13 +531,25 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
                         add.insert("bos", true);
                         add.insert("eos", true);
                         if !truthy(special_cls.as_ref()) && tc_truthy {
-                            special_cls = p.get("cls").and_then(|c| c.get(0)).cloned().or_else(|| special_bos.clone());
-                            tc.as_mut().map(|m| m.insert("cls_token".into(), special_cls.clone().unwrap_or(Value::Null)));
+                            special_cls = p
+                                .get("cls")
+                                .and_then(|c| c.get(0))
+                                .cloned()
+                                .or_else(|| special_bos.clone());
+                            tc_set(
+                                &mut tc,
+                                "cls_token",
+                                special_cls.clone().unwrap_or(Value::Null),
+                            );
                         }
                         // (sep handling only affects sep_token, which is not carried)
                     }
                     Some("TemplateProcessing") => {
-                        let single = p.get("single").and_then(Value::as_array).cloned().unwrap_or_default();
+                        let single = p
+                            .get("single")
+                            .and_then(Value::as_array)
+                            .cloned()
+                            .unwrap_or_default();
                         let special_of = |e: &Value| -> Option<String> {
                             e.get("SpecialToken")
                                 .and_then(|s| s.get("id"))
@@ -444,18 +559,19 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
                         };
                         if single.len() > 1 {
                             if let Some(first) = special_of(&single[0]) {
-                                let is_known =
-                                    |b: &Option<Value>, c: &Option<Value>| str_eq(b.as_ref(), &first) || str_eq(c.as_ref(), &first);
+                                let is_known = |b: &Option<Value>, c: &Option<Value>| {
+                                    str_eq(b.as_ref(), &first) || str_eq(c.as_ref(), &first)
+                                };
                                 if !tc_truthy {
                                     special_bos = Some(Value::String(first.clone()));
                                 } else if !is_known(&special_bos, &special_cls) {
                                     if !truthy(special_bos.as_ref()) {
                                         special_bos = Some(Value::String(first.clone()));
-                                        tc.as_mut().map(|m| m.insert("bos_token".into(), Value::String(first.clone())));
+                                        tc_set(&mut tc, "bos_token", Value::String(first.clone()));
                                     }
                                     if !truthy(special_cls.as_ref()) {
                                         special_cls = Some(Value::String(first.clone()));
-                                        tc.as_mut().map(|m| m.insert("cls_token".into(), Value::String(first.clone())));
+                                        tc_set(&mut tc, "cls_token", Value::String(first.clone()));
                                     }
                                 }
                                 add.insert("bos", is_known(&special_bos, &special_cls));
@@ -466,7 +582,7 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
                                 } else if !str_eq(special_eos.as_ref(), &last) {
                                     // The old EOS becomes eot/eom (not carried); EOS is overridden.
                                     special_eos = Some(Value::String(last.clone()));
-                                    tc.as_mut().map(|m| m.insert("eos_token".into(), Value::String(last.clone())));
+                                    tc_set(&mut tc, "eos_token", Value::String(last.clone()));
                                 }
                                 add.insert("eos", str_eq(special_eos.as_ref(), &last));
                             }
@@ -518,7 +634,10 @@ fn special_vocab(dir: &Path, tc: Option<&Map<String, Value>>, config: &Value, v:
                 },
                 _ => continue,
             };
-            let tid = added_tokens.iter().find(|a| str_eq(a.get("content"), content)).and_then(|a| a.get("id"));
+            let tid = added_tokens
+                .iter()
+                .find(|a| str_eq(a.get("content"), content))
+                .and_then(|a| a.get("id"));
             set_id(&mut ids, typ, tid, &tc_path);
         }
     }
@@ -558,7 +677,12 @@ mod tests {
     #[test]
     fn missing_tokenizer_names_the_files() {
         let d = tempfile::tempdir().unwrap();
-        let e = load_vocab(d.path(), 10, &Value::Null).unwrap_err().to_string();
-        assert!(e.contains("tokenizer.model") && e.contains("tokenizer.json"), "{e}");
+        let e = load_vocab(d.path(), 10, &Value::Null)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tokenizer.model") && e.contains("tokenizer.json"),
+            "{e}"
+        );
     }
 }
