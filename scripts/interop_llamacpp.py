@@ -91,6 +91,32 @@ def main():
         same = open(d, "rb").read() == open(theirs, "rb").read()
         check(f"quantize {t} (checkpoint, one pass) vs llama_model_quantize of the F32 route", same, "files identical" if same else "files DIFFER")
 
+    # 4. Our artefact logits (verify's forward on the GGUF) vs transformers on the same file's dequantized
+    #    weights (llama_ref.py), and vs llama.cpp's logits on the same file, text-only prompt.
+    for t, f in (("F16", os.path.join(work, "tiny-llava-mmfuser-F16.gguf")), ("Q8_0", os.path.join(work, "ours-Q8_0.gguf")), ("Q4_K_M", os.path.join(work, "ours-Q4_K_M.gguf"))):
+        mm = os.path.join(work, "mmproj-tiny-llava-mmfuser-F16.gguf")
+        dump = os.path.join(work, f"dump-{t}")
+        r = subprocess.run([BIN, "verify", ck, "--vision-tower", tower, "--gguf", f, "--mmproj", mm, "--input-ids", ids,
+                            "--dump-logits", dump, "--tolerance", "100", "--json"], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stdout, r.stderr, file=sys.stderr)
+            raise SystemExit("verify failed to run")
+        ours = np.load(os.path.join(dump, "artefact.npy"))
+        deq = os.path.join(work, f"deq-{t}.npy")
+        run(py, os.path.join(ORACLE, "llama_ref.py"), f, "--ids-file", ids, "--out", deq)
+        ref_deq = np.load(deq)
+        e = rel_rms(ours, ref_deq)
+        check(f"our {t} artefact logits vs transformers on the dequantized {t} weights", e <= 1e-5, f"relative RMS {e:.3e} (bound 1e-5)")
+        lc = os.path.join(work, f"lcpp-{t}.npy")
+        run(py, os.path.join(ORACLE, "llamacpp_logits.py"), f, "--ids-file", ids, "--out", lc)
+        lcl = np.load(lc).astype(np.float64)
+        o = ours.astype(np.float64)
+        def lsm(x):
+            x = x - x.max(1, keepdims=True)
+            return x - np.log(np.exp(x).sum(1, keepdims=True))
+        kl = float((np.exp(lsm(o)) * (lsm(o) - lsm(lcl))).sum(1).mean())
+        check(f"our {t} artefact logits vs llama.cpp on the same file", kl <= 5e-4, f"mean KL {kl:.3e} (bound 5e-4)")
+
     import llama_cpp
     for t in ("Q8_0", "Q4_K_M"):
         m = llama_cpp.Llama(model_path=os.path.join(work, f"ours-{t}.gguf"), n_ctx=128, verbose=False, seed=0)

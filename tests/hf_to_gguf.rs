@@ -250,7 +250,7 @@ impl StFile {
 /// length prefix always consistent) and a data section.
 fn write_st_raw(path: &Path, header: &Json, data: &[u8]) {
     let mut h = serde_json::to_vec(header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut b = (h.len() as u64).to_le_bytes().to_vec();

@@ -16,7 +16,10 @@ fn root() -> PathBuf {
 }
 
 fn python() -> String {
-    std::env::var("MMFUSER_PYTHON").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "python3".into())
+    std::env::var("MMFUSER_PYTHON")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "python3".into())
 }
 
 /// Fail loudly when python, numpy or gguf is missing.
@@ -50,7 +53,11 @@ fn convert(out: &Path, outtype: &str) {
         .args(["--outtype", outtype, "-q", "--json"])
         .output()
         .unwrap();
-    assert!(o.status.success(), "conversion --outtype {outtype} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "conversion --outtype {outtype} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     std::fs::write(out.join("summary.json"), &o.stdout).unwrap();
 }
 
@@ -66,7 +73,11 @@ fn check(py: &str, dirs: &[PathBuf]) -> (bool, String) {
         .args(dirs)
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     if o.status.code() == Some(2) {
         panic!("check_gguf.py is missing a package: {text}\n{HINT}");
     }
@@ -77,7 +88,10 @@ fn check(py: &str, dirs: &[PathBuf]) -> (bool, String) {
 fn gguf_py_reads_f16_f32_bf16_conversions() {
     let py = python();
     require_python(&py);
-    let tmp = tempfile::Builder::new().prefix("mmfuser-ggufpy-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("mmfuser-ggufpy-")
+        .tempdir()
+        .unwrap();
     let mut dirs = vec![];
     for t in ["f16", "f32", "bf16"] {
         let d = tmp.path().join(t);
@@ -88,7 +102,11 @@ fn gguf_py_reads_f16_f32_bf16_conversions() {
     eprintln!("{text}");
     assert!(ok, "tests/interop/check_gguf.py found problems:\n{text}");
     assert!(text.contains("all checks passed"), "{text}");
-    assert_eq!(text.matches("166 tensors equal to their sources").count(), 3, "{text}");
+    assert_eq!(
+        text.matches("166 tensors equal to their sources").count(),
+        3,
+        "{text}"
+    );
 }
 
 /// The checker is not vacuous: one flipped bit in a tensor's data is reported, naming the tensor.
@@ -96,7 +114,10 @@ fn gguf_py_reads_f16_f32_bf16_conversions() {
 fn gguf_py_check_catches_a_changed_value() {
     let py = python();
     require_python(&py);
-    let tmp = tempfile::Builder::new().prefix("mmfuser-ggufpy-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("mmfuser-ggufpy-")
+        .tempdir()
+        .unwrap();
     let d = tmp.path().join("f16");
     convert(&d, "f16");
     let llm = d.join("tiny-llava-mmfuser-F16.gguf");
@@ -108,6 +129,9 @@ fn gguf_py_check_catches_a_changed_value() {
     std::fs::write(&llm, b).unwrap();
     let (ok, text) = check(&py, &[d]);
     assert!(!ok, "a changed value went unnoticed:\n{text}");
-    assert!(text.contains("tensor 'blk.1.attn_k.weight'") && text.contains("1 of 32768 values differ"), "{text}");
+    assert!(
+        text.contains("tensor 'blk.1.attn_k.weight'") && text.contains("1 of 32768 values differ"),
+        "{text}"
+    );
     assert!(text.contains("sha256 differs from the manifest"), "{text}");
 }
