@@ -2,6 +2,7 @@
 //! and write a manifest (sha256 of inputs and outputs, per-tensor mapping).
 use crate::checkpoint::tokenizer::{load_vocab, GgufVocab};
 use crate::error::{Error, Result};
+use crate::fsutil::AtomicFile;
 use crate::gguf::{FileType, GgmlType, GgufWriter, Metadata, TensorInfo, Value};
 use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
 use crate::progress::Progress;
@@ -190,13 +191,14 @@ pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// Write one artefact. Returns the record for the manifest and per-tensor records.
+/// Write one artefact to its temporary file. Returns the record for the manifest, per-tensor
+/// records and the complete file, still to be committed (renamed into place) by the caller.
 pub fn write_artefact(
     src: &Source,
     plan: &ArtefactPlan,
     opts: &ConvertOptions,
     progress: &Progress,
-) -> Result<(OutputRecord, Vec<TensorRecord>)> {
+) -> Result<(OutputRecord, Vec<TensorRecord>, AtomicFile)> {
     let infos: Vec<TensorInfo> = plan.tensors.iter().map(|t| t.info.clone()).collect();
     let mut w = GgufWriter::create(&plan.path, &plan.meta, infos)?;
     let mut records = vec![];
@@ -239,17 +241,18 @@ pub fn write_artefact(
             },
         });
     }
-    let (path, bytes, sha) = w.finish()?;
+    let (file, bytes, sha) = w.finish_pending()?;
     Ok((
         OutputRecord {
             kind: plan.kind.clone(),
-            path: path.clone(),
+            path: file.dest().to_path_buf(),
             bytes,
             sha256: sha,
             file_type: plan.file_type.name().to_string(),
             tensors: plan.tensors.len(),
         },
         records,
+        file,
     ))
 }
 
@@ -280,22 +283,15 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     );
     let mut outputs = vec![];
     let mut tensors = vec![];
-    let mut written_paths: Vec<PathBuf> = vec![];
+    // All or nothing: every artefact stays under its temporary name (removed on drop, i.e. on
+    // any error) until all of them are complete; only then are they renamed into place. Files
+    // of an earlier run in the same directory are untouched by a run that fails.
+    let mut pending = vec![];
     for plan in &plans {
-        match write_artefact(&src, plan, opts, &progress) {
-            Ok((o, t)) => {
-                written_paths.push(o.path.clone());
-                outputs.push(o);
-                tensors.extend(t);
-            }
-            Err(e) => {
-                // All or nothing: remove artefacts of this run that were already renamed into place.
-                for p in &written_paths {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
-        }
+        let (o, t, file) = write_artefact(&src, plan, opts, &progress)?;
+        outputs.push(o);
+        tensors.extend(t);
+        pending.push(file);
     }
     progress.finish();
     let input_hashes = hasher
@@ -315,6 +311,18 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
         src.dropped.iter().map(|(_, n)| n.clone()).collect(),
     );
     let manifest_path = opts.out_dir.join(format!("{stem}.manifest.json"));
+    let mut written_paths: Vec<PathBuf> = vec![];
+    for file in pending {
+        match file.commit() {
+            Ok(p) => written_paths.push(p),
+            Err(e) => {
+                for p in &written_paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
     if let Err(e) = m.write(&manifest_path) {
         for p in &written_paths {
             let _ = std::fs::remove_file(p);

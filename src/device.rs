@@ -6,7 +6,10 @@ use crate::error::{Error, Result};
 pub fn select(requested: &str) -> Result<String> {
     match requested {
         "cpu" => Ok("cpu".into()),
-        "auto" => Ok("cpu".into()),
+        "auto" => {
+            eprintln!("note: this build has no CUDA backend yet; running on the CPU");
+            Ok("cpu".into())
+        }
         "cuda" => Err(Error::usage(
             "--device cuda: this build has no CUDA backend yet (use --device cpu or auto)",
         )),

@@ -1492,3 +1492,42 @@ fn failure_in_second_artefact_leaves_nothing() {
     );
     assert_rejected(&r, 1, &out, &["keep.txt"], &[name]);
 }
+
+/// A run that fails must not touch the files of an earlier, successful conversion in the same
+/// directory: no half-replaced set where the old manifest lists an LLM that is gone.
+#[test]
+fn failed_rerun_keeps_previous_conversion() {
+    let tmp = tempdir();
+    let out = tmp.path().join("out");
+    convert(&ckpt(), Some(&tower()), &out, &[]).ok();
+    let before: Vec<(String, Vec<u8>)> = dir_names(&out)
+        .into_iter()
+        .map(|n| {
+            let b = std::fs::read(out.join(&n)).unwrap();
+            (n, b)
+        })
+        .collect();
+    assert_eq!(before.len(), 3);
+    let t = tmp.path().join("tower");
+    copy_dir(&tower(), &t);
+    let mut st = StFile::read(&t.join("model.safetensors"));
+    st.get_mut("vision_model.encoder.layers.5.self_attn.v_proj.weight")
+        .data[6..8]
+        .copy_from_slice(&0x7c00u16.to_le_bytes()); // +Inf
+    st.write(&t.join("model.safetensors"));
+    let r = convert(&ckpt(), Some(&t), &out, &[]);
+    let keep: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+    assert_rejected(
+        &r,
+        1,
+        &out,
+        &keep,
+        &["vision_model.encoder.layers.5.self_attn.v_proj.weight"],
+    );
+    for (n, b) in &before {
+        assert!(
+            std::fs::read(out.join(n)).unwrap() == *b,
+            "{n} changed by the failed run"
+        );
+    }
+}

@@ -215,7 +215,15 @@ impl GgufWriter {
     }
 
     /// Check every tensor was written, flush, fsync and rename into place. Returns (path, bytes, sha256 hex).
-    pub fn finish(mut self) -> Result<(PathBuf, u64, String)> {
+    pub fn finish(self) -> Result<(PathBuf, u64, String)> {
+        let (file, bytes, sha) = self.finish_pending()?;
+        Ok((file.commit()?, bytes, sha))
+    }
+
+    /// [`finish`](Self::finish) without the rename: the complete file stays under its temporary
+    /// name until the caller commits it (or drops it, which removes it), so that a run writing
+    /// several files can rename them into place only once all of them are complete.
+    pub fn finish_pending(mut self) -> Result<(AtomicFile, u64, String)> {
         if self.next != self.tensors.len() {
             return Err(Error::other(format!(
                 "only {} of {} tensors were written (next: '{}')",
@@ -229,8 +237,7 @@ impl GgufWriter {
             .out
             .into_inner()
             .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        let path = file.commit()?;
-        Ok((path, self.written, hex(&self.hasher.finalize())))
+        Ok((file, self.written, hex(&self.hasher.finalize())))
     }
 }
 
