@@ -293,13 +293,26 @@ pub fn pillow_vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usiz
 /// one pass per changed axis into a uint8 intermediate, in [`pillow_vertical_first`] order; same
 /// size returns a copy.
 pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
-    resize_bicubic_ordered(img, width, height, pillow_vertical_first(img.width, img.height, width, height))
+    resize_bicubic_ordered(
+        img,
+        width,
+        height,
+        pillow_vertical_first(img.width, img.height, width, height),
+    )
 }
 
 /// [`resize_bicubic`] with the pass order given (`false` = horizontal first, as Pillow <= 12
 /// always does). The order matters only through the uint8 rounding of the intermediate.
-pub fn resize_bicubic_ordered(img: &RgbImage, width: usize, height: usize, vertical_first: bool) -> RgbImage {
-    assert!(width > 0 && height > 0, "resize to an empty image ({width}x{height})");
+pub fn resize_bicubic_ordered(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    vertical_first: bool,
+) -> RgbImage {
+    assert!(
+        width > 0 && height > 0,
+        "resize to an empty image ({width}x{height})"
+    );
     if vertical_first {
         resample_horizontal(&resample_vertical(img, height), width)
     } else {
@@ -332,7 +345,11 @@ fn resample_horizontal(img: &RgbImage, width: usize) -> RgbImage {
             }
         }
     }
-    RgbImage { width, height: img.height, data: out }
+    RgbImage {
+        width,
+        height: img.height,
+        data: out,
+    }
 }
 
 /// One vertical pass (identity when the height is unchanged, as in Pillow).
@@ -358,7 +375,11 @@ fn resample_vertical(img: &RgbImage, height: usize) -> RgbImage {
             *o = clip8(a);
         }
     }
-    RgbImage { width: img.width, height, data: out }
+    RgbImage {
+        width: img.width,
+        height,
+        data: out,
+    }
 }
 
 // ----------------------------------------------------------------------------------- crop, normalise

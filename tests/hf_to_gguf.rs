@@ -1531,3 +1531,49 @@ fn failed_rerun_keeps_previous_conversion() {
         );
     }
 }
+
+/// Without CHECKPOINT_DIR the bundled fixture is converted (from the repository root); from
+/// elsewhere that is a usage error (exit 2) that says so.
+#[test]
+fn default_checkpoint_is_the_bundled_fixture() {
+    let tmp = tempdir();
+    let out = tmp.path().join("out");
+    let r = run(
+        vec![
+            "hf-to-gguf".into(),
+            "-o".into(),
+            out.clone().into(),
+            "-q".into(),
+        ],
+        &root(),
+    )
+    .ok();
+    assert!(
+        r.stderr.contains("fixtures/tiny-llava-mmfuser"),
+        "{}",
+        r.stderr
+    );
+    let (llm, mmproj, manifest) = files(&out, "F16");
+    assert!(
+        llm.is_file() && mmproj.is_file() && manifest.is_file(),
+        "{:?}",
+        dir_names(&out)
+    );
+    assert_eq!(GgufFile::open(&llm).unwrap().tensors.len(), 21);
+    assert_eq!(GgufFile::open(&mmproj).unwrap().tensors.len(), 145);
+
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let out2 = tmp.path().join("out2");
+    let r = run(
+        vec![
+            "hf-to-gguf".into(),
+            "-o".into(),
+            out2.clone().into(),
+            "-q".into(),
+        ],
+        &elsewhere,
+    );
+    assert_rejected(&r, 2, &out2, &[], &["repository root"]);
+    assert!(!out2.exists());
+}

@@ -256,14 +256,25 @@ fn usage_errors_exit_2() {
 fn json_report_validates_against_schema() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj) = convert(dir.path());
-    let mut args = vec!["verify", CK, "--vision-tower", TOWER, "--gguf", llm.to_str().unwrap(), "--mmproj", mmproj.to_str().unwrap(), "--json"];
+    let mut args = vec![
+        "verify",
+        CK,
+        "--vision-tower",
+        TOWER,
+        "--gguf",
+        llm.to_str().unwrap(),
+        "--mmproj",
+        mmproj.to_str().unwrap(),
+        "--json",
+    ];
     args.push("--prompt");
     args.push("What is in the picture?");
     let (rc, out, err) = run(&args);
     assert_eq!(rc, 0, "{err}");
     let report = dir.path().join("report.json");
     std::fs::write(&report, out).unwrap();
-    let py = std::env::var("MMFUSER_PYTHON").expect("MMFUSER_PYTHON must point at a Python with jsonschema (run .ci/run)");
+    let py = std::env::var("MMFUSER_PYTHON")
+        .expect("MMFUSER_PYTHON must point at a Python with jsonschema (run .ci/run)");
     let o = Command::new(py)
         .args(["-c", "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); print('valid')"])
         .arg(&report)
