@@ -14,8 +14,11 @@
 use crate::error::{Error, IoContext, Result};
 use std::path::Path;
 
-/// CLIP's (OpenAI) normalisation constants, the defaults of `CLIPImageProcessor`.
+/// CLIP's (OpenAI) normalisation constants, the defaults of `CLIPImageProcessor`, written as in
+/// `preprocessor_config.json` (the f32 nearest to each, as numpy's `float32` cast gives).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// `rescale_factor` of `CLIPImageProcessor` (Python `1 / 255`, a double).
 pub const RESCALE_FACTOR: f64 = 1.0 / 255.0;

@@ -1,6 +1,6 @@
 //! src/image.rs against transformers' CLIPImageProcessor (PIL backend) + LLaVA expand2square.
 //! References: fixtures/reference/image_preprocessed.npy (fixtures/make_fixtures.py) and
-//! fixtures/reference/image_refs/ (fixtures/make_image_refs.py; Pillow 13.0.0, transformers 5.24.0).
+//! fixtures/image_refs/ (fixtures/make_image_refs.py; Pillow 13.0.0, transformers 5.24.0).
 use mmfuser_convert::image::{
     background_from_mean, center_crop, expand_to_square, load_image, preprocess, resize_bicubic,
     resize_shortest_edge_bicubic, to_pixel_values, RgbImage, CLIP_MEAN, CLIP_STD,
@@ -15,7 +15,7 @@ fn fixture(rel: &str) -> PathBuf {
 }
 
 fn refs(rel: &str) -> PathBuf {
-    fixture("reference/image_refs").join(rel)
+    fixture("image_refs").join(rel)
 }
 
 /// A uint8 [H, W, 3] .npy as an RgbImage.
