@@ -65,6 +65,66 @@ fn cast_float(out: GgmlType, f: &[f32]) -> Option<Vec<u8>> {
     })
 }
 
+/// Float source values as f32 through half's slice conversions (F16C/SIMD where available).
+fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut Vec<f32>) -> Result<()> {
+    use half::slice::HalfFloatSliceExt;
+    let n = bytes.len() / ty.type_size();
+    dst.resize(n, 0.0);
+    match ty {
+        GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) => dst.copy_from_slice(v),
+            Err(_) => dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        },
+        GgmlType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(dst),
+            Err(_) => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).convert_to_f32_slice(dst),
+        },
+        GgmlType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(dst),
+            Err(_) => bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes).convert_to_f32_slice(dst),
+        },
+        other => return Err(Error::other(format!("{other} is not a float type"))),
+    }
+    Ok(())
+}
+
+/// Float -> float conversion (no statistics: a cast is not a quantization), in parallel chunks.
+fn encode_float(src_ty: GgmlType, data: &[u8], out: GgmlType, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    use half::slice::HalfFloatSliceExt;
+    if !src_ty.is_quantized() && !matches!(src_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        return Err(Error::other(format!("cannot convert {src_ty}")));
+    }
+    const CHUNK_VALUES: usize = 1 << 20;
+    let in_chunk = CHUNK_VALUES * src_ty.type_size();
+    let chunks: Vec<&[u8]> = data.chunks(in_chunk).collect();
+    for batch in chunks.chunks(rayon::current_num_threads() * 2) {
+        let outs: Vec<Result<Vec<u8>>> = batch
+            .par_iter()
+            .map(|c| {
+                let mut f = Vec::new();
+                if src_ty.is_quantized() {
+                    f = to_f32(src_ty, c)?;
+                } else {
+                    float_to_f32(src_ty, c, &mut f)?;
+                }
+                Ok(match out {
+                    GgmlType::F16 => {
+                        let mut h = vec![half::f16::ZERO; f.len()];
+                        h.convert_from_f32_slice(&f);
+                        bytemuck::cast_slice(&h).to_vec()
+                    }
+                    GgmlType::F32 => bytemuck::cast_slice(&f).to_vec(),
+                    _ => cast_float(out, &f).expect("float output"),
+                })
+            })
+            .collect();
+        for o in outs {
+            sink(&o?)?;
+        }
+    }
+    Ok(())
+}
+
 /// Encode a row-major tensor from `src_ty` bytes into `out` bytes, in chunks of whole rows converted
 /// in parallel and handed to `sink` in order. Bytes do not depend on the thread count. Returns the
 /// quantization error statistics (zero work when the types are equal).
@@ -78,6 +138,9 @@ pub fn encode_tensor(
     if src_ty == out {
         sink(data)?;
         return Ok(ErrStats::default());
+    }
+    if cast_float(out, &[]).is_some() {
+        return encode_float(src_ty, data, out, sink).map(|_| ErrStats::default());
     }
     let in_row = src_ty
         .bytes_for(row_len as u64)
