@@ -410,9 +410,8 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 dump_logits,
             };
             // Everything that stops verify from running is a usage or input error (exit 2).
-            let mut r =
-                crate::verify::run(&opts, &argv).map_err(|e| Error::usage(e.to_string()))?;
-            r.device = dev;
+            let r = crate::verify::run_on(&opts, &argv, &dev)
+                .map_err(|e| Error::usage(e.to_string()))?;
             if json {
                 print_json(&r)?;
             } else {

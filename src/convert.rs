@@ -149,6 +149,13 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
             &mut tensors,
             &mut meta,
         )?;
+        // A float LLM is written in source-file order, so the conversion reads each shard front to
+        // back in step with the input hasher (one disk read of each byte). A quantized LLM keeps
+        // llama-quantize's order (byte-identical files); the small mmproj keeps the recipe order
+        // (identical whichever way the tower is stored).
+        if art.kind == "llm" && crate::quantize::is_float_type(ft) {
+            tensors.sort_by_key(|t| src.source_position(&src.rows[t.row]));
+        }
         // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
         let file = art
             .file
@@ -202,8 +209,11 @@ pub fn write_artefact(
     let infos: Vec<TensorInfo> = plan.tensors.iter().map(|t| t.info.clone()).collect();
     let mut w = GgufWriter::create(&plan.path, &plan.meta, infos)?;
     let mut records = vec![];
-    for t in &plan.tensors {
+    for (i, t) in plan.tensors.iter().enumerate() {
         let r: &SourceRow = &src.rows[t.row];
+        if let Some(next) = plan.tensors.get(i + 1) {
+            src.prefetch(&src.rows[next.row]);
+        }
         let file = src.file_of(r);
         let data = src.read(r)?;
         if !opts.allow_nonfinite {

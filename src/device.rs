@@ -1,18 +1,59 @@
-//! Choosing where the model runs. The CUDA backend (kernels/, NVRTC via cudarc) is not part of
-//! this build yet: `auto` says so in one line and uses the CPU; `cuda` is an error.
+//! Choosing where the model runs: `--device auto|cuda|cpu`.
+//!
+//! `auto` opens the CUDA backend when libcuda, NVRTC and cuBLAS load and a device opens, and
+//! otherwise says why in one line and uses the CPU; `cuda` makes that reason a usage error
+//! (exit 2). Nothing here can panic for want of a library: `cuda::probe_libraries` checks every
+//! library before cudarc touches it.
+use crate::cuda::CudaBackend;
 use crate::error::{Error, Result};
 
-/// Returns the device name to use ("cpu"), or an error for an unavailable explicit choice.
-pub fn select(requested: &str) -> Result<String> {
-    match requested {
-        "cpu" => Ok("cpu".into()),
-        "auto" => {
-            eprintln!("note: this build has no CUDA backend yet; running on the CPU");
-            Ok("cpu".into())
+/// Where the model runs.
+pub enum Device {
+    Cpu,
+    Cuda(Box<CudaBackend>),
+}
+
+impl Device {
+    /// "cpu" or "cuda" (the verify report's `device`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
         }
-        "cuda" => Err(Error::usage(
-            "--device cuda: this build has no CUDA backend yet (use --device cpu or auto)",
-        )),
+    }
+
+    pub fn cuda(&self) -> Option<&CudaBackend> {
+        match self {
+            Device::Cuda(b) => Some(b),
+            Device::Cpu => None,
+        }
+    }
+}
+
+/// Resolve `--device`; prints one line on stderr saying which device runs the model (and, under
+/// auto without a usable GPU, why not CUDA).
+pub fn select(requested: &str) -> Result<Device> {
+    match requested {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => match CudaBackend::open() {
+            Ok(b) => {
+                eprintln!("device: cuda, {}", b.describe());
+                Ok(Device::Cuda(Box::new(b)))
+            }
+            Err(why) => {
+                eprintln!("note: no usable CUDA GPU ({why}); running on the CPU");
+                Ok(Device::Cpu)
+            }
+        },
+        "cuda" => match CudaBackend::open() {
+            Ok(b) => {
+                eprintln!("device: cuda, {}", b.describe());
+                Ok(Device::Cuda(Box::new(b)))
+            }
+            Err(why) => Err(Error::usage(format!(
+                "--device cuda: {why} (use --device cpu or auto)"
+            ))),
+        },
         other => Err(Error::usage(format!(
             "unknown device '{other}' (auto, cpu, cuda)"
         ))),

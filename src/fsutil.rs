@@ -72,6 +72,21 @@ impl Write for AtomicFile {
     }
 }
 
+/// Open an input file for reading, refusing anything but a regular file (after symlinks): a
+/// named pipe would block the open forever, a device or directory cannot be mapped.
+pub fn open_input(path: &Path) -> Result<File> {
+    let meta = std::fs::metadata(path).at(path)?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::input(path, format!("is {kind} (expected a file)")));
+    }
+    File::open(path).at(path)
+}
+
 /// Write a whole small file atomically.
 pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;

@@ -3,6 +3,7 @@ pub mod artefact;
 pub mod checkpoint;
 pub mod cli;
 pub mod convert;
+pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod fsutil;

@@ -73,15 +73,22 @@ fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut Vec<f32>) -> Result<()> {
     match ty {
         GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
             Ok(v) => dst.copy_from_slice(v),
-            Err(_) => dst.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Err(_) => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
         },
         GgmlType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
             Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).convert_to_f32_slice(dst),
+            Err(_) => {
+                bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).convert_to_f32_slice(dst)
+            }
         },
         GgmlType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
             Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes).convert_to_f32_slice(dst),
+            Err(_) => {
+                bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes).convert_to_f32_slice(dst)
+            }
         },
         other => return Err(Error::other(format!("{other} is not a float type"))),
     }
@@ -89,7 +96,12 @@ fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut Vec<f32>) -> Result<()> {
 }
 
 /// Float -> float conversion (no statistics: a cast is not a quantization), in parallel chunks.
-fn encode_float(src_ty: GgmlType, data: &[u8], out: GgmlType, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+fn encode_float(
+    src_ty: GgmlType,
+    data: &[u8],
+    out: GgmlType,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
     use half::slice::HalfFloatSliceExt;
     if !src_ty.is_quantized() && !matches!(src_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
         return Err(Error::other(format!("cannot convert {src_ty}")));
@@ -328,6 +340,11 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
             "the output would overwrite the input; choose another -o",
         ));
     }
+    // Temporary files of a killed earlier run in the destination directory (as hf-to-gguf does).
+    crate::fsutil::cleanup_stale_temps(match out_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    });
     // Plan types.
     let mut infos: Vec<(TensorInfo, usize)> = g
         .tensors

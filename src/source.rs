@@ -159,7 +159,13 @@ impl Source {
                 ))
             }
         };
-        let clip = clip_hparams(&clip_cfg_path, &clip_cfg, preproc.as_ref(), &select)?;
+        let clip = clip_hparams(
+            &clip_cfg_path,
+            &clip_cfg,
+            preproc.as_ref(),
+            &select,
+            &config.path,
+        )?;
         if let Some(mm) = config.mm_hidden_size {
             if mm != clip.n_embd {
                 return Err(Error::input(
@@ -205,6 +211,20 @@ impl Source {
                 ProjectorHParams::Mlp
             }
         };
+        // Every layer has stored tensors: a config claiming more layers than the checkpoint holds
+        // tensors is wrong (and would otherwise plan billions of rows before any shape check).
+        let held = store.names().count() + tower.as_ref().map_or(0, |(_, t)| t.names().count());
+        for (n, what, path) in [
+            (config.llama.n_layer, "num_hidden_layers", &config.path),
+            (clip.blocks_needed(), "the vision blocks the selected layers need (num_hidden_layers, mm_vision_select_layer)", &clip_cfg_path),
+        ] {
+            if n > held {
+                return Err(Error::input(
+                    path,
+                    format!("{what}: {n} layers, but the weights hold only {held} tensors"),
+                ));
+            }
+        }
         let hparams = ModelHParams {
             llama: config.llama.clone(),
             clip,
@@ -365,6 +385,22 @@ impl Source {
             shape: t.shape.clone(),
             data: Cow::Owned(data),
         })
+    }
+
+    /// (store, file index, byte offset) of a row's source tensor: reading rows in this order reads
+    /// every file sequentially.
+    pub fn source_position(&self, r: &SourceRow) -> (u8, usize, usize) {
+        let e = self.store(r.store).entry(&r.row.src);
+        (
+            r.store as u8,
+            e.map_or(0, |e| e.file),
+            e.map_or(0, |e| e.range.0),
+        )
+    }
+
+    /// Ask the kernel to start reading a row's bytes now (the next tensor, while this one converts).
+    pub fn prefetch(&self, r: &SourceRow) {
+        self.store(r.store).prefetch(&r.row.src);
     }
 
     pub fn file_of(&self, r: &SourceRow) -> PathBuf {

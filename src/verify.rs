@@ -2,6 +2,7 @@
 //! probe (image + prompt), compare logits and image embeddings, and decide pass/fail.
 use crate::artefact::GgufWeights;
 use crate::checkpoint::tokenizer::SpmTokenizer;
+use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
 use crate::gguf::{FileType, GgufFile};
 use crate::hparams::ModelHParams;
@@ -243,8 +244,31 @@ fn pixel_values(opts: &VerifyOptions, hp: &ModelHParams) -> Result<(Vec<f32>, St
     ))
 }
 
-/// The whole verification. Errors are input/usage errors; a failed comparison is `passed: false`.
+/// The whole verification on the CPU. Errors are input/usage errors; a failed comparison is
+/// `passed: false`.
 pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
+    run_on(opts, command, &RunDevice::Cpu)
+}
+
+/// Image embeddings (when the prompt has the marker) and logits of one model on one backend.
+fn forward<B: model::Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &ModelHParams,
+    pv: &Tensor,
+    ids: &[i64],
+) -> Result<(Option<Tensor>, Tensor)> {
+    let emb = if ids.contains(&model::IMAGE_TOKEN) {
+        Some(model::encode_image_with(b, ws, hp, pv)?.image_embeds)
+    } else {
+        None
+    };
+    let logits = model::logits_with(b, ws, hp, ids, emb.as_ref())?;
+    Ok((emb, logits))
+}
+
+/// The whole verification with the model on `dev` (both sides on the same device).
+pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
     let _ = command;
     let t0 = Instant::now();
     let integrity = vec![check_integrity(&opts.gguf)?, check_integrity(&opts.mmproj)?];
@@ -303,13 +327,15 @@ pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
     }
     let has_image = ids.contains(&model::IMAGE_TOKEN);
     let run_side = |ws: &dyn WeightSource, hp: &ModelHParams| -> Result<(Option<Tensor>, Tensor)> {
-        let emb = if has_image {
-            Some(model::encode_image(ws, hp, &pv)?.image_embeds)
-        } else {
-            None
-        };
-        let logits = model::logits(ws, hp, &ids, emb.as_ref())?;
-        Ok((emb, logits))
+        match dev {
+            RunDevice::Cpu => forward(&model::CpuBackend, ws, hp, &pv, &ids),
+            RunDevice::Cuda(b) => {
+                // Each side's weights are uploaded once and dropped after it.
+                let r = forward(b.as_ref(), ws, hp, &pv, &ids);
+                b.clear_weights();
+                r
+            }
+        }
     };
     let (emb_s, log_s) = run_side(&src, &hp_src)?;
     let (emb_a, log_a) = if hp_src == hp_art {
@@ -355,6 +381,9 @@ pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
             "mean KL divergence {kl:.3e} exceeds the tolerance {tol:.3e} ({tol_src})"
         ));
     }
+    if let Some(b) = dev.cuda() {
+        eprintln!("{}", b.memory_report());
+    }
     Ok(Report {
         schema: REPORT_SCHEMA.into(),
         checkpoint: opts.checkpoint.clone(),
@@ -383,7 +412,7 @@ pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
         tolerance_source: tol_src,
         passed: reasons.is_empty(),
         reasons,
-        device: "cpu".into(),
+        device: dev.name().into(),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -10,269 +10,13 @@ use mmfuser_convert::gguf::{GgmlType, GgufFile, Value};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_mmfuser-convert");
+mod common;
+use common::*;
+
 const NAME: &str = "tiny-llava-mmfuser";
 const HUB_ID: &str = "tiny-org/tiny-clip-vit-56";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-fn fixture(p: &str) -> PathBuf {
-    root().join("fixtures").join(p)
-}
-fn ckpt() -> PathBuf {
-    fixture("tiny-llava-mmfuser")
-}
-fn tower() -> PathBuf {
-    fixture("tiny-clip")
-}
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("mmfuser-hf2gguf-")
-        .tempdir()
-        .expect("tempdir")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running the binary
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    what: String,
-}
-
-impl Run {
-    fn ok(self) -> Self {
-        assert_eq!(
-            self.code, 0,
-            "{} failed with exit {}\nstdout:\n{}\nstderr:\n{}",
-            self.what, self.code, self.stdout, self.stderr
-        );
-        self
-    }
-}
-
-fn run(args: Vec<OsString>, cwd: &Path) -> Run {
-    let what = format!(
-        "mmfuser-convert {}",
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let o = Command::new(BIN)
-        .args(&args)
-        .current_dir(cwd)
-        .output()
-        .expect("run the binary");
-    Run {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        what,
-    }
-}
-
-/// `hf-to-gguf CKPT [--vision-tower TOWER] -o OUT -q EXTRA...`, run from `OUT`'s parent.
-fn convert(ckpt: &Path, tower: Option<&Path>, out: &Path, extra: &[&str]) -> Run {
-    let mut a: Vec<OsString> = vec!["hf-to-gguf".into(), ckpt.into()];
-    if let Some(t) = tower {
-        a.push("--vision-tower".into());
-        a.push(t.into());
-    }
-    a.push("-o".into());
-    a.push(out.into());
-    a.push("-q".into());
-    a.extend(extra.iter().map(OsString::from));
-    run(a, out.parent().unwrap())
-}
-
-fn dir_names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => vec![],
-    };
-    v.sort();
-    v
-}
-
-/// The run must fail with `code`, print an `error:` naming every `needles` string on stderr, not
-/// panic, and leave `out` exactly as it was (`keep`: the files that were there before; no
-/// artefact, manifest or temporary file).
-fn assert_rejected(r: &Run, code: i32, out: &Path, keep: &[&str], needles: &[&str]) {
-    let ctx = format!(
-        "{}\nexit {}\nstdout:\n{}\nstderr:\n{}",
-        r.what, r.code, r.stdout, r.stderr
-    );
-    eprintln!("[exit {}] {}", r.code, r.stderr.trim_end()); // shown with --nocapture
-    assert_eq!(r.code, code, "wrong exit code: {ctx}");
-    assert!(!r.stderr.contains("panicked"), "the binary panicked: {ctx}");
-    if code == 1 {
-        assert!(
-            r.stderr.contains("error:"),
-            "no 'error:' line on stderr: {ctx}"
-        );
-    }
-    for n in needles {
-        assert!(r.stderr.contains(n), "stderr does not mention {n:?}: {ctx}");
-    }
-    let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    assert_eq!(
-        dir_names(out),
-        want,
-        "files left in the output directory: {ctx}"
-    );
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &dst.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, dst.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A minimal safetensors reader/writer (8-byte little-endian header length, JSON header with
-// dtype / shape / data_offsets relative to the data section, then the data).
-
-#[derive(Clone, Debug)]
-struct StTensor {
-    name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-struct StFile {
-    metadata: Option<Json>,
-    /// In data order.
-    tensors: Vec<StTensor>,
-}
-
-fn st_dtype_size(d: &str) -> usize {
-    match d {
-        "BF16" | "F16" | "I16" => 2,
-        "F32" | "I32" => 4,
-        "F64" | "I64" => 8,
-        "U8" | "I8" | "BOOL" => 1,
-        other => panic!("test helper: dtype {other}"),
-    }
-}
-
-impl StFile {
-    fn read(path: &Path) -> StFile {
-        let b = std::fs::read(path).unwrap();
-        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-        let header: Json = serde_json::from_slice(&b[8..8 + n]).unwrap();
-        let data = &b[8 + n..];
-        let mut metadata = None;
-        let mut tensors = vec![];
-        let mut starts = vec![];
-        for (k, v) in header.as_object().unwrap() {
-            if k == "__metadata__" {
-                metadata = Some(v.clone());
-                continue;
-            }
-            let off: Vec<usize> = v["data_offsets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect();
-            starts.push(off[0]);
-            tensors.push(StTensor {
-                name: k.clone(),
-                dtype: v["dtype"].as_str().unwrap().to_string(),
-                shape: v["shape"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as usize)
-                    .collect(),
-                data: data[off[0]..off[1]].to_vec(),
-            });
-        }
-        let mut idx: Vec<usize> = (0..tensors.len()).collect();
-        idx.sort_by_key(|&i| starts[i]);
-        let tensors = idx.into_iter().map(|i| tensors[i].clone()).collect();
-        StFile { metadata, tensors }
-    }
-
-    /// Header JSON with contiguous offsets in `tensors` order.
-    fn header(&self) -> Json {
-        let mut h = serde_json::Map::new();
-        if let Some(m) = &self.metadata {
-            h.insert("__metadata__".into(), m.clone());
-        }
-        let mut off = 0usize;
-        for t in &self.tensors {
-            h.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.data.len()]}));
-            off += t.data.len();
-        }
-        Json::Object(h)
-    }
-
-    fn data(&self) -> Vec<u8> {
-        self.tensors
-            .iter()
-            .flat_map(|t| t.data.iter().copied())
-            .collect()
-    }
-
-    fn write(&self, path: &Path) {
-        write_st_raw(path, &self.header(), &self.data());
-    }
-
-    fn get_mut(&mut self, name: &str) -> &mut StTensor {
-        self.tensors
-            .iter_mut()
-            .find(|t| t.name == name)
-            .unwrap_or_else(|| panic!("no tensor {name}"))
-    }
-}
-
-/// Write a safetensors file from a header (written as given, padded with spaces to 8 bytes, its
-/// length prefix always consistent) and a data section.
-fn write_st_raw(path: &Path, header: &Json, data: &[u8]) {
-    let mut h = serde_json::to_vec(header).unwrap();
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut b = (h.len() as u64).to_le_bytes().to_vec();
-    b.extend_from_slice(&h);
-    b.extend_from_slice(data);
-    std::fs::write(path, b).unwrap();
-}
-
-fn edit_json(path: &Path, f: impl FnOnce(&mut Json)) {
-    let mut j: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f(&mut j);
-    std::fs::write(path, serde_json::to_string_pretty(&j).unwrap()).unwrap();
-}
-
-fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, Json>)) {
-    edit_json(&dir.join("model.safetensors.index.json"), |j| {
-        f(j["weight_map"].as_object_mut().unwrap())
-    });
-}
-
-const SHARD1: &str = "model-00001-of-00002.safetensors";
-const SHARD2: &str = "model-00002-of-00002.safetensors";
 
 // ---------------------------------------------------------------------------------------------
 // Numbers
@@ -889,7 +633,12 @@ fn pytorch_bin_matches_safetensors() {
     let ga = GgufFile::open(&la).unwrap();
     let gb = GgufFile::open(&lb).unwrap();
     assert_eq!(ga.tensors.len(), gb.tensors.len());
-    for (ta, tb) in ga.tensors.iter().zip(&gb.tensors) {
+    // The LLM is written in source-file order (sequential reads), so the order follows the layout
+    // of the source files; compare tensor by tensor, by name.
+    for ta in &ga.tensors {
+        let tb = gb
+            .tensor(&ta.info.name)
+            .unwrap_or_else(|| panic!("{} missing", ta.info.name));
         assert_eq!(ta.info, tb.info);
         assert!(
             ga.data(ta) == gb.data(tb),
@@ -1202,15 +951,6 @@ fn json_summary_matches_schema() {
 
 // ---------------------------------------------------------------------------------------------
 // Bad input: exit 1, an error naming the file (and the tensor where there is one), nothing left.
-
-/// A copy of the checkpoint fixture in `tmp/ckpt`, and an empty `tmp/out`.
-fn broken_copy(tmp: &Path) -> (PathBuf, PathBuf) {
-    let c = tmp.join("ckpt");
-    copy_dir(&ckpt(), &c);
-    let out = tmp.join("out");
-    std::fs::create_dir(&out).unwrap();
-    (c, out)
-}
 
 #[test]
 fn rejects_truncated_shard() {

@@ -283,3 +283,144 @@ fn json_report_validates_against_schema() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `quantize LLM --type TY -o DIR/q-TY.gguf` (writes q-TY.manifest.json beside it).
+fn quantize_to(llm: &Path, dir: &Path, ty: &str) -> PathBuf {
+    let out = dir.join(format!("q-{ty}.gguf"));
+    let (rc, _, err) = run(&[
+        "quantize",
+        llm.to_str().unwrap(),
+        "--type",
+        ty,
+        "-o",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    out
+}
+
+/// Flip one bit in the middle of every tensor's data (and one in the metadata) of the mmproj, the
+/// F16 LLM and a Q4_K_M LLM, one at a time: the manifest's sha256 catches each one.
+#[test]
+fn flipped_bit_in_any_tensor_is_caught_by_the_manifest() {
+    use mmfuser_convert::verify::check_integrity;
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = convert(dir.path());
+    let q4 = quantize_to(&llm, dir.path(), "Q4_K_M");
+    let mut n = 0;
+    for path in [&mmproj, &llm, &q4] {
+        assert_eq!(
+            check_integrity(path).unwrap().status,
+            "ok",
+            "{}",
+            path.display()
+        );
+        let g = GgufFile::open(path).unwrap();
+        let mut spots: Vec<(String, usize)> = g
+            .tensors
+            .iter()
+            .map(|t| (t.info.name.clone(), (t.offset + t.n_bytes / 2) as usize))
+            .collect();
+        spots.push(("metadata".into(), 40));
+        drop(g);
+        let orig = std::fs::read(path).unwrap();
+        for (i, (what, at)) in spots.iter().enumerate() {
+            let mut b = orig.clone();
+            b[*at] ^= 1 << (i % 8);
+            std::fs::write(path, &b).unwrap();
+            let r = check_integrity(path).unwrap();
+            assert_eq!(r.status, "mismatch", "{}: bit in {what}", path.display());
+            n += 1;
+        }
+        std::fs::write(path, &orig).unwrap();
+        assert_eq!(check_integrity(path).unwrap().status, "ok");
+    }
+    assert!(n > 180, "{n}");
+
+    // End to end: verify fails (exit 1) naming the mismatch, for the mmproj and for a quantized LLM.
+    for (l, m, which) in [(&q4, &mmproj, 1usize), (&q4, &mmproj, 0)] {
+        let victim = if which == 0 { l } else { m };
+        let orig = std::fs::read(victim).unwrap();
+        let g = GgufFile::open(victim).unwrap();
+        let t = &g.tensors[g.tensors.len() / 2];
+        let at = (t.offset + t.n_bytes / 3) as usize;
+        drop(g);
+        let mut b = orig.clone();
+        b[at] ^= 0x10;
+        std::fs::write(victim, &b).unwrap();
+        let (rc, r, err) = verify(l, m, &[]);
+        assert_eq!(rc, 1, "{err} {r}");
+        assert_eq!(r["integrity"][which]["status"], "mismatch", "{r}");
+        assert_eq!(r["integrity"][1 - which]["status"], "ok", "{r}");
+        assert!(
+            r["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x.as_str().unwrap().contains("sha256")),
+            "{r}"
+        );
+        std::fs::write(victim, &orig).unwrap();
+    }
+}
+
+/// With the manifests removed, a perturbed tensor (one tensor of a Q4_K_M LLM, one CLIP matrix of
+/// the mmproj) is still caught, through the logits and the image embeddings.
+#[test]
+fn perturbed_tensor_without_manifest_is_caught_by_the_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = convert(dir.path());
+    let q4 = quantize_to(&llm, dir.path(), "Q4_K_M");
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".manifest.json") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let (rc, r, err) = verify(&q4, &mmproj, &[]);
+    assert_eq!(rc, 0, "unperturbed Q4_K_M must pass: {err} {r}");
+    assert_eq!(r["integrity"][0]["status"], "no-manifest");
+    let base_kl = r["logits"]["kl_mean"].as_f64().unwrap();
+
+    // The Q4_K_M LLM: every block of one tensor gets its scale's sign bit flipped (d is the
+    // first f16 of each 144-byte Q4_K block), i.e. the tensor is negated.
+    let pert = dir.path().join("q4-perturbed.gguf");
+    sabotage(&q4, &pert, &|n| n.to_string(), &|name, g, data| {
+        if name == "blk.0.ffn_up.weight" {
+            let t = g.tensor(name).unwrap();
+            assert_eq!(t.info.ty.name(), "Q4_K");
+            for blk in data.chunks_mut(144) {
+                blk[1] ^= 0x80;
+                blk[3] ^= 0x80;
+            }
+        }
+    });
+    let (rc, r, err) = verify(&pert, &mmproj, &[]);
+    assert_eq!(rc, 1, "{err} {r}");
+    assert_eq!(r["integrity"][0]["status"], "no-manifest");
+    let kl = r["logits"]["kl_mean"].as_f64().unwrap();
+    assert!(
+        kl > r["tolerance_kl_mean"].as_f64().unwrap() && kl > 2.0 * base_kl,
+        "KL {kl} vs {base_kl}"
+    );
+
+    // The mmproj: one CLIP attention matrix negated; the image embeddings show it. (Checked with
+    // the F16 LLM: verify's pass/fail is the logits' KL alone, and with a Q4_K_M LLM this fault
+    // measures KL 6.6e-2, inside Q4_K_M's 0.15, although the image embeddings are 16% off.)
+    let pm = dir.path().join("mmproj-perturbed.gguf");
+    sabotage(&mmproj, &pm, &|n| n.to_string(), &|name, _, data| {
+        if name == "v.blk.2.attn_v.weight" {
+            for i in (1..data.len()).step_by(2) {
+                data[i] ^= 0x80;
+            }
+        }
+    });
+    let (rc, r, err) = verify(&llm, &pm, &[]);
+    assert_eq!(rc, 1, "{err} {r}");
+    assert_eq!(r["integrity"][1]["status"], "no-manifest");
+    assert!(
+        r["image_embeddings"]["rel_rms"].as_f64().unwrap() > 1e-2,
+        "{r}"
+    );
+}

@@ -103,7 +103,8 @@ fn get_f32_or(j: &Json, key: &str, default: f32) -> f32 {
 }
 
 pub fn read_json(path: &Path) -> Result<Json> {
-    let text = std::fs::read_to_string(path).at(path)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut crate::fsutil::open_input(path)?, &mut text).at(path)?;
     serde_json::from_str(&text).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
 }
 
@@ -111,6 +112,11 @@ impl LlavaConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let raw = read_json(&path)?;
+        Self::from_json(path, raw)
+    }
+
+    /// The config from its parsed JSON (`path` names it in errors).
+    pub fn from_json(path: PathBuf, raw: Json) -> Result<Self> {
         // HF-style llava configs nest the LLM under text_config.
         let t = raw
             .get("text_config")
@@ -202,12 +208,14 @@ impl LlavaConfig {
 }
 
 /// Read a CLIP vision config (a `CLIPModel` config with `vision_config`, a `CLIPVisionModel`
-/// config, or an already-extracted vision_config object).
+/// config, or an already-extracted vision_config object). `select` comes from `select_path` (the
+/// LLaVA config.json), which a selected layer outside the tower's range names.
 pub fn clip_hparams(
     path: &Path,
     cfg: &Json,
     preprocessor: Option<&Json>,
     select: &SelectLayers,
+    select_path: &Path,
 ) -> Result<ClipHParams> {
     let v = cfg
         .get("vision_config")
@@ -271,7 +279,13 @@ pub fn clip_hparams(
         quick_gelu,
         image_mean: arr3("image_mean", CLIP_MEAN)?,
         image_std: arr3("image_std", CLIP_STD)?,
-        feature_layers: select.resolve(path, n_layer)?,
+        feature_layers: select.resolve(select_path, n_layer).map_err(|e| match e {
+            Error::Input { path: p, msg } => Error::input(
+                p,
+                format!("{msg} (the tower's layer count is in {})", path.display()),
+            ),
+            e => e,
+        })?,
     })
 }
 

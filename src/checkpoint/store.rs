@@ -36,7 +36,9 @@ pub struct Entry {
 
 enum Backing {
     Safetensors(Mmap),
-    Pth(candle_core::pickle::PthTensors),
+    /// A torch.save zip archive (see `pickle`): tensors are byte ranges of the map; the ones
+    /// that are not C-contiguous keep their element strides here.
+    Pth(Mmap, BTreeMap<String, Vec<usize>>),
 }
 
 /// All tensors of a set of files, addressed by name.
@@ -63,9 +65,17 @@ fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
 }
 
 fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
-    let text = std::fs::read_to_string(index).at(index)?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::input(index, format!("invalid JSON: {e}")))?;
+    let v = super::config::read_json(index)?;
+    parse_index_json(dir, index, &v)
+}
+
+/// The shards an index file names (sorted) and the shard of each tensor. Shard paths must be
+/// plain file names inside `dir`.
+pub fn parse_index_json(
+    dir: &Path,
+    index: &Path,
+    v: &serde_json::Value,
+) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -186,6 +196,68 @@ fn diagnose_safetensors(path: &Path, buf: &[u8]) -> Option<Error> {
     None
 }
 
+/// The first key that appears twice in a safetensors JSON header. The safetensors crate reads the
+/// header into a map, so a duplicated name silently keeps only one of its entries (which may have
+/// another dtype or shape than the one a reader of the file would see first).
+fn duplicate_header_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(Keys)
+        .ok()
+        .flatten()
+}
+
+/// The tensors of a safetensors file held in `buf` (the whole file), validated: header, dtypes,
+/// offsets (in range, contiguous, matching each shape), no duplicate names. `file` is the index
+/// the entries get; `path` names the file in errors.
+pub fn safetensors_entries(path: &Path, buf: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(buf).map_err(|e| {
+        diagnose_safetensors(path, buf)
+            .unwrap_or_else(|| Error::input(path, format!("invalid safetensors file: {e}")))
+    })?;
+    if let Some(dup) = duplicate_header_key(&buf[8..8 + header_len]) {
+        return Err(Error::tensor(
+            path,
+            dup,
+            "appears twice in the safetensors header",
+        ));
+    }
+    let data_start = 8 + header_len;
+    let mut entries = vec![];
+    for (name, info) in meta.tensors() {
+        let ty = safetensors_dtype(path, &name, info.dtype)?;
+        let (s, e) = info.data_offsets;
+        entries.push((
+            name,
+            Entry {
+                ty,
+                shape: info.shape.clone(),
+                file,
+                range: (data_start + s, data_start + e),
+            },
+        ));
+    }
+    Ok(entries)
+}
+
 impl TensorStore {
     /// Open the weights of a checkpoint directory: `model.safetensors.index.json`, `model.safetensors`,
     /// `pytorch_model.bin.index.json` or `pytorch_model.bin`, in that order of preference.
@@ -272,36 +344,18 @@ impl TensorStore {
             entries: BTreeMap::new(),
         };
         for (fi, path) in paths.iter().enumerate() {
-            let file = std::fs::File::open(path).map_err(|e| match index {
-                Some((ix, _)) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = crate::fsutil::open_input(path).map_err(|e| match (&index, e) {
+                (Some((ix, _)), Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
                     Error::input(path, format!("shard named in {} is missing", ix.display()))
                 }
-                _ => Error::io(path, e),
+                (_, e) => e,
             })?;
             // SAFETY: read-only map of a file we do not modify; safetensors validates the header.
             let mmap = unsafe { Mmap::map(&file) }.at(path)?;
             let _ = mmap.advise(memmap2::Advice::Sequential);
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                    diagnose_safetensors(path, &mmap).unwrap_or_else(|| {
-                        Error::input(path, format!("invalid safetensors file: {e}"))
-                    })
-                })?;
-            let data_start = 8 + header_len;
-            let mut entries = vec![];
-            for (name, info) in meta.tensors() {
-                let ty = safetensors_dtype(path, &name, info.dtype)?;
-                let (s, e) = info.data_offsets;
-                entries.push((
-                    name,
-                    Entry {
-                        ty,
-                        shape: info.shape.clone(),
-                        file: fi,
-                        range: (data_start + s, data_start + e),
-                    },
-                ));
-            }
+            let entries = safetensors_entries(path, &mmap, fi)?;
             store.files.push((path.clone(), Backing::Safetensors(mmap)));
             for (name, e) in entries {
                 store.insert(path, name, e)?;
@@ -329,33 +383,41 @@ impl TensorStore {
                 };
                 return Err(Error::input(path, why));
             }
-            let pth = candle_core::pickle::PthTensors::new(path, None)
-                .map_err(|e| Error::input(path, format!("cannot read PyTorch checkpoint: {e}")))?;
+            let file = crate::fsutil::open_input(path)?;
+            // SAFETY: read-only map of a file we do not modify; every range is checked by read_archive.
+            let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+            let _ = mmap.advise(memmap2::Advice::Sequential);
             let mut entries = vec![];
-            for (name, info) in pth.tensor_infos() {
-                let ty = match info.dtype {
-                    candle_core::DType::BF16 => GgmlType::BF16,
-                    candle_core::DType::F16 => GgmlType::F16,
-                    candle_core::DType::F32 => GgmlType::F32,
+            let mut strided = BTreeMap::new();
+            for t in super::pickle::read_archive(path, &mmap)? {
+                let ty = match t.kind.dtype {
+                    "bfloat16" => GgmlType::BF16,
+                    "float16" => GgmlType::F16,
+                    "float32" => GgmlType::F32,
                     other => {
                         return Err(Error::tensor(
                             path,
-                            name,
-                            format!("dtype {other:?} is not supported (bf16, f16 and f32 are)"),
+                            &t.name,
+                            format!("dtype {other} is not supported (bf16, f16 and f32 are)"),
                         ))
                     }
                 };
+                if let Some(st) = t.strides {
+                    strided.insert(t.name.clone(), st);
+                }
                 entries.push((
-                    name.clone(),
+                    t.name,
                     Entry {
                         ty,
-                        shape: info.layout.dims().to_vec(),
+                        shape: t.shape,
                         file: fi,
-                        range: (0, 0),
+                        range: t.range,
                     },
                 ));
             }
-            store.files.push((path.clone(), Backing::Pth(pth)));
+            store
+                .files
+                .push((path.clone(), Backing::Pth(mmap, strided)));
             for (name, e) in entries {
                 store.insert(path, name, e)?;
             }
@@ -393,48 +455,37 @@ impl TensorStore {
             .entries
             .get(name)
             .ok_or_else(|| Error::other(format!("tensor '{name}' is not in the checkpoint")))?;
-        let (path, backing) = &self.files[e.file];
-        match backing {
+        match &self.files[e.file].1 {
             Backing::Safetensors(mmap) => Ok(SrcTensor {
                 ty: e.ty,
                 shape: e.shape.clone(),
                 data: Cow::Borrowed(&mmap[e.range.0..e.range.1]),
             }),
-            Backing::Pth(pth) => {
-                let t = pth
-                    .get(name)
-                    .map_err(|err| {
-                        Error::tensor(path, name, format!("cannot read tensor data: {err}"))
-                    })?
-                    .ok_or_else(|| Error::tensor(path, name, "not found"))?;
-                let flat = t
-                    .flatten_all()
-                    .map_err(|err| Error::tensor(path, name, err.to_string()))?;
-                let bytes: Vec<u8> = match e.ty {
-                    GgmlType::F16 => bytemuck::cast_slice(
-                        &flat
-                            .to_vec1::<half::f16>()
-                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
-                    )
-                    .to_vec(),
-                    GgmlType::BF16 => bytemuck::cast_slice(
-                        &flat
-                            .to_vec1::<half::bf16>()
-                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
-                    )
-                    .to_vec(),
-                    _ => bytemuck::cast_slice(
-                        &flat
-                            .to_vec1::<f32>()
-                            .map_err(|err| Error::tensor(path, name, err.to_string()))?,
-                    )
-                    .to_vec(),
+            Backing::Pth(mmap, strided) => {
+                let base = &mmap[e.range.0..e.range.1];
+                let data = match strided.get(name) {
+                    None => Cow::Borrowed(base),
+                    Some(st) => {
+                        Cow::Owned(super::pickle::gather(base, &e.shape, st, e.ty.type_size()))
+                    }
                 };
                 Ok(SrcTensor {
                     ty: e.ty,
                     shape: e.shape.clone(),
-                    data: Cow::Owned(bytes),
+                    data,
                 })
+            }
+        }
+    }
+
+    /// Start reading a tensor's pages in the background (MADV_WILLNEED).
+    pub fn prefetch(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            if let Backing::Safetensors(mmap) = &self.files[e.file].1 {
+                let s = e.range.0 / 4096 * 4096;
+                if e.range.1 > s {
+                    let _ = mmap.advise_range(memmap2::Advice::WillNeed, s, e.range.1 - s);
+                }
             }
         }
     }
@@ -442,16 +493,15 @@ impl TensorStore {
     /// Tell the kernel we are done with a tensor's pages (keeps RSS near one tensor).
     pub fn release(&self, name: &str) {
         if let Some(e) = self.entries.get(name) {
-            if let Backing::Safetensors(mmap) = &self.files[e.file].1 {
-                let (s, end) = e.range;
-                let page = 4096;
-                let s = s / page * page;
-                if end > s {
-                    // SAFETY: the pages are clean, read-only file pages; dropping them only forces re-reads.
-                    let _ = unsafe {
-                        mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s)
-                    };
-                }
+            let (Backing::Safetensors(mmap) | Backing::Pth(mmap, _)) = &self.files[e.file].1;
+            let (s, end) = e.range;
+            let page = 4096;
+            let s = s / page * page;
+            if end > s {
+                // SAFETY: the pages are clean, read-only file pages; dropping them only forces re-reads.
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s)
+                };
             }
         }
     }

@@ -27,6 +27,16 @@ pub struct GgufFile {
     mmap: Mmap,
 }
 
+/// What [`GgufFile::parse_header`] reads: everything but the tensor data.
+#[derive(Debug, Clone)]
+pub struct GgufHeader {
+    pub version: u32,
+    pub metadata: Metadata,
+    pub tensors: Vec<ReaderTensor>,
+    pub alignment: u64,
+    pub data_offset: u64,
+}
+
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -99,8 +109,11 @@ impl<'a> Cursor<'a> {
                 let et = ValueType::from_u32(et)
                     .ok_or_else(|| self.err(&format!("{what}: unknown array element type {et}")))?;
                 let n = self.u64(what)?;
-                // Each element takes at least one byte: a count above the remaining bytes is a lie.
-                if n > self.remaining() as u64 {
+                // Each element takes at least `min_size` bytes: a larger count is a lie (and would
+                // make us reserve memory for elements that are not there).
+                if n.checked_mul(min_size(et))
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
                     return Err(self.err(&format!("{what}: array count {n} exceeds the file")));
                 }
                 let mut v = Vec::with_capacity(n as usize);
@@ -113,21 +126,43 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// The fewest bytes one value of type `t` takes in a file.
+fn min_size(t: ValueType) -> u64 {
+    match t {
+        ValueType::U8 | ValueType::I8 | ValueType::Bool => 1,
+        ValueType::U16 | ValueType::I16 => 2,
+        ValueType::U32 | ValueType::I32 | ValueType::F32 => 4,
+        ValueType::U64 | ValueType::I64 | ValueType::F64 | ValueType::String => 8,
+        ValueType::Array => 12,
+    }
+}
+
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).at(path)?;
+        let file = crate::fsutil::open_input(path)?;
         // SAFETY: read-only map; we never hand out references past the file length checks below.
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
         Self::parse(path, mmap)
     }
 
     fn parse(path: &Path, mmap: Mmap) -> Result<Self> {
-        let mut c = Cursor {
-            buf: &mmap,
-            pos: 0,
-            path,
-        };
+        let h = Self::parse_header(path, &mmap)?;
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version: h.version,
+            metadata: h.metadata,
+            tensors: h.tensors,
+            alignment: h.alignment,
+            data_offset: h.data_offset,
+            mmap,
+        })
+    }
+
+    /// Parse and validate the header of a GGUF file held in `buf` (the whole file: every tensor's
+    /// byte range is checked against its length). `path` names the file in errors.
+    pub fn parse_header(path: &Path, buf: &[u8]) -> Result<GgufHeader> {
+        let mut c = Cursor { buf, pos: 0, path };
         let magic = c
             .take(4, "magic")
             .map_err(|_| Error::input(path, "not a GGUF file (shorter than 4 bytes)"))?;
@@ -148,7 +183,7 @@ impl GgufFile {
         let n_kv = c.u64("metadata count")?;
         // A key-value pair takes at least 12 bytes and a tensor info at least 24.
         if n_kv > c.remaining() as u64 / 12 || n_tensors > c.remaining() as u64 / 24 {
-            return Err(Error::input(path, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file can hold")));
+            return Err(Error::input(path, format!("header claims {n_kv} metadata entries and {n_tensors} tensors, more than the file's {} remaining bytes can hold: the file is truncated or corrupt", c.remaining())));
         }
         let mut metadata = Metadata::new();
         for i in 0..n_kv {
@@ -246,7 +281,7 @@ impl GgufFile {
             infos.push((info, offset, n_bytes));
         }
         let data_offset = align_offset(c.pos as u64, alignment);
-        let file_len = mmap.len() as u64;
+        let file_len = buf.len() as u64;
         let mut tensors = Vec::with_capacity(infos.len());
         for (info, rel, n_bytes) in infos {
             let start = data_offset.checked_add(rel);
@@ -267,14 +302,12 @@ impl GgufFile {
                 n_bytes,
             });
         }
-        Ok(GgufFile {
-            path: path.to_path_buf(),
+        Ok(GgufHeader {
             version,
             metadata,
             tensors,
             alignment,
             data_offset,
-            mmap,
         })
     }
 

@@ -8,7 +8,7 @@ use super::value::{encode_str, Metadata, Value};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::AtomicFile;
 use sha2::{Digest, Sha256};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One tensor as it will appear in the file. `ne` is GGUF order (ne[0] contiguous).
@@ -100,16 +100,94 @@ pub fn encode_header(meta: &Metadata, tensors: &[TensorInfo]) -> Result<(Vec<u8>
     Ok((out, offsets))
 }
 
+/// Hashing and writing on a background thread, so that converting the next chunk overlaps with
+/// sha256 and the write system calls (the two cost as much CPU as the conversion itself).
+struct Sink {
+    buf: Vec<u8>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<SinkResult>>,
+}
+
+type SinkResult = (Option<AtomicFile>, Sha256, Option<std::io::Error>);
+
+const SINK_CHUNK: usize = 4 << 20;
+
+impl Sink {
+    fn new(mut file: AtomicFile) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            let mut h = Sha256::new();
+            for chunk in rx {
+                h.update(&chunk);
+                if let Err(e) = file.write_all(&chunk) {
+                    // Dropping `file` removes the temporary file; later sends fail.
+                    return (None, h, Some(e));
+                }
+            }
+            (Some(file), h, None)
+        });
+        Sink {
+            buf: Vec::with_capacity(SINK_CHUNK),
+            tx: Some(tx),
+            worker: Some(worker),
+        }
+    }
+
+    fn send(&mut self) -> bool {
+        if self.buf.is_empty() {
+            return true;
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_CHUNK));
+        self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok())
+    }
+
+    /// Returns false once the worker has stopped on an error (see `join`).
+    fn put(&mut self, bytes: &[u8]) -> bool {
+        if self.buf.len() + bytes.len() > SINK_CHUNK && !self.send() {
+            return false;
+        }
+        if bytes.len() >= SINK_CHUNK {
+            self.buf.extend_from_slice(bytes);
+            return self.send();
+        }
+        self.buf.extend_from_slice(bytes);
+        true
+    }
+
+    fn join(&mut self) -> SinkResult {
+        self.send();
+        self.tx = None;
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            _ => (
+                None,
+                Sha256::new(),
+                Some(std::io::Error::other("writer thread failed")),
+            ),
+        }
+    }
+}
+
+impl Drop for Sink {
+    /// Wait for the worker so that an abandoned file's temporary copy is removed before we return.
+    fn drop(&mut self) {
+        self.buf.clear();
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// Writes one GGUF file: header at creation, then `write_tensor` for each tensor in order.
 pub struct GgufWriter {
-    out: BufWriter<AtomicFile>,
+    sink: Sink,
     tmp: PathBuf,
     tensors: Vec<TensorInfo>,
     next: usize,
     alignment: u64,
     written: u64,
     tensor_start: u64,
-    hasher: Sha256,
 }
 
 impl GgufWriter {
@@ -124,22 +202,26 @@ impl GgufWriter {
         let file = AtomicFile::create(dest)?;
         let tmp = file.temp_path().to_path_buf();
         let mut w = GgufWriter {
-            out: BufWriter::with_capacity(8 << 20, file),
+            sink: Sink::new(file),
             tmp,
             tensors,
             next: 0,
             alignment,
             written: 0,
             tensor_start: 0,
-            hasher: Sha256::new(),
         };
         w.put(&header)?;
         Ok(w)
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).at(&self.tmp)?;
-        self.hasher.update(bytes);
+        if !self.sink.put(bytes) {
+            let (_, _, e) = self.sink.join();
+            return Err(Error::io(
+                &self.tmp,
+                e.unwrap_or_else(|| std::io::Error::other("write failed")),
+            ));
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -232,12 +314,14 @@ impl GgufWriter {
                 self.tensors[self.next].name
             )));
         }
-        self.out.flush().at(&self.tmp)?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        Ok((file, self.written, hex(&self.hasher.finalize())))
+        let (file, hasher, err) = self.sink.join();
+        if let Some(e) = err {
+            return Err(Error::io(&self.tmp, e));
+        }
+        let mut file = file
+            .ok_or_else(|| Error::io(&self.tmp, std::io::Error::other("writer thread failed")))?;
+        file.flush().at(&self.tmp)?;
+        Ok((file, self.written, hex(&hasher.finalize())))
     }
 }
 

@@ -15,6 +15,11 @@
 //! d/dmin as fp16, (3) requantize every value with the *stored* (rounded) scales — except
 //! where a stored scale is zero: ggml then `continue`s and keeps the levels from step (1).
 //!
+//! Step (1) is nearly all the work (Q4_K: 22 passes over each sub-block). On x86-64 with AVX2
+//! it runs with one sub-block per SIMD lane (`simd`), every lane doing exactly the scalar
+//! sequence of f32 operations, so the bytes are the same; the scalar code in `math` stays the
+//! reference and the fallback ([`Isa`]; `MMFUSER_QUANT_SCALAR=1` forces it).
+//!
 //! Bit packing (per 64 values for Q4_K/Q5_K, per 128 for Q6_K):
 //! - Q4_K `qs`: chunk c (64 values) -> 32 bytes, low nibble = value c*64+l, high = c*64+32+l.
 //! - Q5_K: same nibbles; `qh[l]` bit 2c = bit 4 of value c*64+l, bit 2c+1 = of value c*64+32+l.
@@ -36,47 +41,94 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
-/// Steps (1)-(3) shared by Q4_K and Q5_K: returns (d, dmin, packed scales, levels 0..=nmax).
-/// `rmin/rdelta/nstep` are the make_qkx2_quants search parameters of the format.
-fn quantize_scale_min_k(
-    x: &[f32],
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
+/// Which implementation of the K-quant searches runs. All produce the same bytes; `Scalar`
+/// (the code in `math.rs`, one sub-block at a time) is the reference and the fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Scalar,
+    /// One sub-block per lane of 256-bit vectors (Q4_K/Q5_K: 8 lanes, Q6_K: 2 x 8).
+    Avx2,
+    /// As `Avx2`, but Q6_K's 16 sub-blocks in one 512-bit vector.
+    Avx512,
+}
+
+impl Isa {
+    /// The best the CPU supports.
+    pub(crate) fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") {
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// What [`Block::quantize`] uses: [`Isa::detected`], or `Scalar` when the environment
+    /// variable `MMFUSER_QUANT_SCALAR` is set to anything but `""`/`0` (read once).
+    pub(crate) fn current() -> Isa {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static CHOSEN: AtomicU8 = AtomicU8::new(0);
+        match CHOSEN.load(Ordering::Relaxed) {
+            1 => Isa::Scalar,
+            2 => Isa::Avx2,
+            3 => Isa::Avx512,
+            _ => {
+                let forced = std::env::var_os("MMFUSER_QUANT_SCALAR")
+                    .is_some_and(|v| !v.is_empty() && v != "0");
+                let isa = if forced { Isa::Scalar } else { Isa::detected() };
+                let code = match isa {
+                    Isa::Scalar => 1,
+                    Isa::Avx2 => 2,
+                    Isa::Avx512 => 3,
+                };
+                CHOSEN.store(code, Ordering::Relaxed);
+                isa
+            }
+        }
+    }
+
+    /// `self`, or the best the CPU supports if that is less (so tests may ask for any).
+    fn usable(self) -> Isa {
+        match (self, Isa::detected()) {
+            (_, Isa::Scalar) | (Isa::Scalar, _) => Isa::Scalar,
+            (Isa::Avx512, Isa::Avx512) => Isa::Avx512,
+            _ => Isa::Avx2,
+        }
+    }
+}
+
+fn as_block(x: &[f32]) -> &[f32; QK_K] {
+    x.try_into().expect("256 values per super-block")
+}
+
+/// Steps (2)-(3) shared by Q4_K and Q5_K, given step (1)'s per-sub-block `scales` and `mins`
+/// (`-min`): quantize them to 6 bits, store d/dmin, and requantize `levels` with the stored
+/// scales. Where a stored scale is zero ggml keeps the levels of step (1): `keep(j, levels_j)`
+/// must put them there (the scalar search already did; the SIMD one recomputes them).
+#[inline(always)]
+fn finish_scale_min_k(
+    x: &[f32; QK_K],
+    scales: &[f32; 8],
+    mins: &[f32; 8],
     nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f16, f16, [u8; 12], [u8; QK_K]) {
-    let mut levels = [0u8; QK_K];
-    let mut laux = [0u8; 32];
-    let mut weights = [0f32; 32];
-    let mut scales = [0f32; 8];
-    let mut mins = [0f32; 8];
+    levels: &mut [u8; QK_K],
+    mut keep: impl FnMut(usize, &mut [u8; 32]),
+) -> (f16, f16, [u8; 12]) {
     let mut max_scale = 0.0f32;
     let mut max_min = 0.0f32;
     for j in 0..8 {
-        let xs: &[f32; 32] = x[32 * j..32 * j + 32]
-            .try_into()
-            .expect("256 values per super-block");
-        let mut sum_x2 = 0.0f32;
-        for &v in xs {
-            sum_x2 += v * v;
+        if scales[j] > max_scale {
+            max_scale = scales[j];
         }
-        // Weight each value by the sub-block's RMS plus its own magnitude: large values
-        // matter more, but small ones are never ignored.
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, &v) in weights.iter_mut().zip(xs) {
-            *w = av_x + v.abs();
-        }
-        let lj: &mut [u8; 32] = (&mut levels[32 * j..32 * j + 32])
-            .try_into()
-            .expect("32 levels");
-        let sm = make_qkx2_quants(nmax, xs, &weights, lj, &mut laux, rmin, rdelta, nstep);
-        scales[j] = sm.scale;
-        mins[j] = sm.min;
-        if sm.scale > max_scale {
-            max_scale = sm.scale;
-        }
-        if sm.min > max_min {
-            max_min = sm.min;
+        if mins[j] > max_min {
+            max_min = mins[j];
         }
     }
     let inv_scale = if max_scale > 0.0 {
@@ -96,18 +148,88 @@ fn quantize_scale_min_k(
     let d = fp16(max_scale / 63.0);
     let dmin = fp16(max_min / 63.0);
     let (df, dminf) = (d.to_f32(), dmin.to_f32());
-    for j in 0..8 {
-        let (sc, m) = get_scale_min_k4(j, &packed);
-        let dj = df * sc as f32;
+    for (j, (lj, xj)) in levels
+        .chunks_exact_mut(32)
+        .zip(x.chunks_exact(32))
+        .enumerate()
+    {
+        let lj: &mut [u8; 32] = lj.try_into().expect("32 levels");
+        // (ls, lm) are the pairs get_scale_min_k4 unpacks from `packed`.
+        let dj = df * ls[j] as f32;
         if dj == 0.0 {
-            continue; // keep make_qkx2_quants' levels, as ggml does
+            keep(j, lj); // make_qkx2_quants' levels, as ggml does
+            continue;
         }
-        let dm = dminf * m as f32;
-        for ii in 0..32 {
-            let l = nearest_int((x[32 * j + ii] + dm) / dj);
-            levels[32 * j + ii] = l.clamp(0, nmax) as u8;
+        let dm = dminf * lm[j] as f32;
+        for (l, &v) in lj.iter_mut().zip(xj) {
+            *l = nearest_int((v + dm) / dj).clamp(0, nmax) as u8;
         }
     }
+    (d, dmin, packed)
+}
+
+/// Steps (1)-(3) shared by Q4_K and Q5_K: returns (d, dmin, packed scales, levels 0..=nmax).
+/// `rmin/rdelta/nstep` are the make_qkx2_quants search parameters of the format.
+#[inline(always)]
+fn quantize_scale_min_k_scalar(
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+    let mut levels = [0u8; QK_K];
+    let mut laux = [0u8; 32];
+    let mut weights = [0f32; 32];
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for (j, (xs, lj)) in x
+        .chunks_exact(32)
+        .zip(levels.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let xs: &[f32; 32] = xs.try_into().expect("32 values");
+        let lj: &mut [u8; 32] = lj.try_into().expect("32 levels");
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        // Weight each value by the sub-block's RMS plus its own magnitude: large values
+        // matter more, but small ones are never ignored.
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, &v) in weights.iter_mut().zip(xs) {
+            *w = av_x + v.abs();
+        }
+        let sm = make_qkx2_quants(nmax, xs, &weights, lj, &mut laux, rmin, rdelta, nstep);
+        scales[j] = sm.scale;
+        mins[j] = sm.min;
+    }
+    let (d, dmin, packed) = finish_scale_min_k(x, &scales, &mins, nmax, &mut levels, |_, _| {});
+    (d, dmin, packed, levels)
+}
+
+/// [`quantize_scale_min_k_scalar`] with the search in AVX2 lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn quantize_scale_min_k_avx2(
+    x: &[f32; QK_K],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+    let r = simd::qkx2_avx2(x, nmax, rmin, rdelta, nstep);
+    let mut levels = [0u8; QK_K];
+    let (d, dmin, packed) = finish_scale_min_k(x, &r.scale, &r.min, nmax, &mut levels, |j, lj| {
+        if r.flat >> j & 1 != 0 {
+            lj.fill(0);
+        } else {
+            let (iscale, min) = (r.iscale[j], r.min_used[j]);
+            for (l, &v) in lj.iter_mut().zip(&x[32 * j..32 * j + 32]) {
+                *l = nearest_int(iscale * (v - min)).clamp(0, nmax) as u8;
+            }
+        }
+    });
     (d, dmin, packed, levels)
 }
 
@@ -120,13 +242,25 @@ pub struct BlockQ4K {
     pub qs: [u8; QK_K / 2],
 }
 
-impl Block for BlockQ4K {
-    const TYPE: GgmlType = GgmlType::Q4K;
-    const QK: usize = QK_K;
-    const SIZE: usize = 144;
+impl BlockQ4K {
+    /// [`Block::quantize`] with a given implementation of the search (same bytes for all).
+    pub(crate) fn quantize_with(x: &[f32; QK_K], isa: Isa) -> Self {
+        match isa.usable() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `usable` checked that the CPU has AVX2.
+            Isa::Avx2 | Isa::Avx512 => unsafe { Self::quantize_avx2(x) },
+            _ => Self::pack(quantize_scale_min_k_scalar(x, 15, -1.0, 0.1, 20)),
+        }
+    }
 
-    fn quantize(x: &[f32]) -> Self {
-        let (d, dmin, scales, l) = quantize_scale_min_k(x, 15, -1.0, 0.1, 20);
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32; QK_K]) -> Self {
+        Self::pack(quantize_scale_min_k_avx2(x, 15, -1.0, 0.1, 20))
+    }
+
+    #[inline(always)]
+    fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
         let mut qs = [0u8; QK_K / 2];
         for c in 0..4 {
             for i in 0..32 {
@@ -139,6 +273,16 @@ impl Block for BlockQ4K {
             scales,
             qs,
         }
+    }
+}
+
+impl Block for BlockQ4K {
+    const TYPE: GgmlType = GgmlType::Q4K;
+    const QK: usize = QK_K;
+    const SIZE: usize = 144;
+
+    fn quantize(x: &[f32]) -> Self {
+        Self::quantize_with(as_block(x), Isa::current())
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -187,13 +331,25 @@ pub struct BlockQ5K {
     pub qs: [u8; QK_K / 2],
 }
 
-impl Block for BlockQ5K {
-    const TYPE: GgmlType = GgmlType::Q5K;
-    const QK: usize = QK_K;
-    const SIZE: usize = 176;
+impl BlockQ5K {
+    /// [`Block::quantize`] with a given implementation of the search (same bytes for all).
+    pub(crate) fn quantize_with(x: &[f32; QK_K], isa: Isa) -> Self {
+        match isa.usable() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `usable` checked that the CPU has AVX2.
+            Isa::Avx2 | Isa::Avx512 => unsafe { Self::quantize_avx2(x) },
+            _ => Self::pack(quantize_scale_min_k_scalar(x, 31, -0.5, 0.1, 15)),
+        }
+    }
 
-    fn quantize(x: &[f32]) -> Self {
-        let (d, dmin, scales, l) = quantize_scale_min_k(x, 31, -0.5, 0.1, 15);
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32; QK_K]) -> Self {
+        Self::pack(quantize_scale_min_k_avx2(x, 31, -0.5, 0.1, 15))
+    }
+
+    #[inline(always)]
+    fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
         let mut qs = [0u8; QK_K / 2];
         let mut qh = [0u8; QK_K / 8];
         for c in 0..4 {
@@ -210,6 +366,16 @@ impl Block for BlockQ5K {
             qh,
             qs,
         }
+    }
+}
+
+impl Block for BlockQ5K {
+    const TYPE: GgmlType = GgmlType::Q5K;
+    const QK: usize = QK_K;
+    const SIZE: usize = 176;
+
+    fn quantize(x: &[f32]) -> Self {
+        Self::quantize_with(as_block(x), Isa::current())
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -264,25 +430,73 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
-impl Block for BlockQ6K {
-    const TYPE: GgmlType = GgmlType::Q6K;
-    const QK: usize = QK_K;
-    const SIZE: usize = 210;
+impl BlockQ6K {
+    /// [`Block::quantize`] with a given implementation of the search (same bytes for all).
+    pub(crate) fn quantize_with(x: &[f32; QK_K], isa: Isa) -> Self {
+        match isa.usable() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `usable` checked that the CPU has AVX2 (and AVX-512F for `Avx512`).
+            Isa::Avx2 => unsafe { Self::quantize_avx2(x) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { Self::quantize_avx512(x) },
+            _ => Self::quantize_scalar(x),
+        }
+    }
 
-    fn quantize(x: &[f32]) -> Self {
+    #[inline(always)]
+    fn quantize_scalar(x: &[f32; QK_K]) -> Self {
         let mut l = [0u8; QK_K];
-        let mut scales_f = [0f32; 16];
+        let mut scales = [0f32; 16];
+        for (ib, (xs, ls)) in x.chunks_exact(16).zip(l.chunks_exact_mut(16)).enumerate() {
+            let xs: &[f32; 16] = xs.try_into().expect("16 values");
+            let ls: &mut [u8; 16] = ls.try_into().expect("16 levels");
+            scales[ib] = make_qx_quants(32, xs, ls);
+        }
+        Self::finish(x, &scales, &mut l, |_, _| {})
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(x: &[f32; QK_K]) -> Self {
+        let r = simd::qx_avx2(x);
+        Self::finish_simd(x, &r)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,avx512f")]
+    unsafe fn quantize_avx512(x: &[f32; QK_K]) -> Self {
+        let r = simd::qx_avx512(x);
+        Self::finish_simd(x, &r)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn finish_simd(x: &[f32; QK_K], r: &simd::QxLanes) -> Self {
+        let mut l = [0u8; QK_K];
+        Self::finish(x, &r.scale, &mut l, |j, lj| {
+            if r.small >> j & 1 != 0 {
+                lj.fill(0);
+            } else {
+                let iscale = r.iscale[j];
+                for (l, &v) in lj.iter_mut().zip(&x[16 * j..16 * j + 16]) {
+                    *l = (nearest_int(iscale * v).clamp(-32, 31) + 32) as u8;
+                }
+            }
+        })
+    }
+
+    /// Steps (2)-(3) and the packing, given step (1)'s per-sub-block scales; where a stored
+    /// scale is zero, `keep(j, levels_j)` must leave make_qx_quants' levels there.
+    #[inline(always)]
+    fn finish(
+        x: &[f32; QK_K],
+        scales_f: &[f32; 16],
+        l: &mut [u8; QK_K],
+        mut keep: impl FnMut(usize, &mut [u8; 16]),
+    ) -> Self {
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
-        for ib in 0..16 {
-            let xs: &[f32; 16] = x[16 * ib..16 * ib + 16]
-                .try_into()
-                .expect("256 values per super-block");
-            let ls: &mut [u8; 16] = (&mut l[16 * ib..16 * ib + 16])
-                .try_into()
-                .expect("16 levels");
-            let s = make_qx_quants(32, xs, ls);
-            scales_f[ib] = s;
+        for &s in scales_f {
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
                 max_scale = s; // signed: the largest scale maps to -128 below
@@ -299,18 +513,19 @@ impl Block for BlockQ6K {
         }
         let iscale = -128.0 / max_scale;
         blk.d = fp16(1.0 / iscale);
-        for (s, &sf) in blk.scales.iter_mut().zip(&scales_f) {
+        for (s, &sf) in blk.scales.iter_mut().zip(scales_f) {
             *s = nearest_int(iscale * sf).min(127) as i8;
         }
         let df = blk.d.to_f32();
-        for j in 0..16 {
+        for (j, (lj, xj)) in l.chunks_exact_mut(16).zip(x.chunks_exact(16)).enumerate() {
+            let lj: &mut [u8; 16] = lj.try_into().expect("16 levels");
             let dj = df * blk.scales[j] as f32;
             if dj == 0.0 {
-                continue; // keep make_qx_quants' levels
+                keep(j, lj); // make_qx_quants' levels
+                continue;
             }
-            for ii in 0..16 {
-                let q = nearest_int(x[16 * j + ii] / dj).clamp(-32, 31);
-                l[16 * j + ii] = (q + 32) as u8;
+            for (l, &v) in lj.iter_mut().zip(xj) {
+                *l = (nearest_int(v / dj).clamp(-32, 31) + 32) as u8;
             }
         }
         for h in 0..2 {
@@ -329,6 +544,16 @@ impl Block for BlockQ6K {
             }
         }
         blk
+    }
+}
+
+impl Block for BlockQ6K {
+    const TYPE: GgmlType = GgmlType::Q6K;
+    const QK: usize = QK_K;
+    const SIZE: usize = 210;
+
+    fn quantize(x: &[f32]) -> Self {
+        Self::quantize_with(as_block(x), Isa::current())
     }
 
     fn dequantize(&self, y: &mut [f32]) {

@@ -151,16 +151,25 @@ pub fn make_qx_quants<const N: usize>(nmax: i32, x: &[f32; N], l_out: &mut [u8; 
         return 0.0;
     }
     let nmax_f = nmax as f32;
-    let iscale = -nmax_f / max;
-    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    // The weights w = x² and the products C writes `w*x[i]` are the same in every pass.
+    let mut w = [0f32; N];
+    let mut wx = [0f32; N];
     for i in 0..n {
-        let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-        l_out[i] = (l + nmax) as u8;
-        let w = x[i] * x[i];
-        let lf = l as f32;
-        sumlx += w * x[i] * lf; // C: (w*x)*l
-        suml2 += w * lf * lf; // C: (w*l)*l
+        w[i] = x[i] * x[i];
+        wx[i] = w[i] * x[i];
     }
+    // One pass: (sumlx, suml2) for an inverse scale. C: w*x*l == (w*x)*l, w*l*l == (w*l)*l.
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+        for i in 0..n {
+            let lf = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) as f32;
+            sumlx += wx[i] * lf;
+            suml2 += w[i] * lf * lf;
+        }
+        (sumlx, suml2)
+    };
+    let mut best_iscale = -nmax_f / max;
+    let (sumlx, suml2) = sums(best_iscale);
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
     for is in -9i32..=9 {
@@ -168,22 +177,17 @@ pub fn make_qx_quants<const N: usize>(nmax: i32, x: &[f32; N], l_out: &mut [u8; 
             continue;
         }
         let iscale = -(nmax_f + 0.1 * is as f32) / max;
-        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for &xi in x {
-            let l = nearest_int(iscale * xi).clamp(-nmax, nmax - 1);
-            let w = xi * xi;
-            let lf = l as f32;
-            sumlx += w * xi * lf;
-            suml2 += w * lf * lf;
-        }
+        let (sumlx, suml2) = sums(iscale);
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for i in 0..n {
-                let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-                l_out[i] = (l + nmax) as u8;
-            }
+            best_iscale = iscale;
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
+    }
+    // The levels of the winning pass (C writes them as it goes; the values are the same).
+    for i in 0..n {
+        let l = nearest_int(best_iscale * x[i]).clamp(-nmax, nmax - 1);
+        l_out[i] = (l + nmax) as u8;
     }
     scale
 }

@@ -381,6 +381,103 @@ fn quant_par_matches_serial_for_any_thread_count() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The K-quant searches: SIMD lanes (one sub-block per lane) against the scalar reference.
+
+const KQUANT_ISAS: [kquants::Isa; 3] = [
+    kquants::Isa::Scalar,
+    kquants::Isa::Avx2,
+    kquants::Isa::Avx512,
+];
+
+/// `quantize(ty, x)` for a K-quant `ty` with the search run by `isa` (None for other types;
+/// an `isa` the CPU lacks falls back to the best it has, down to scalar).
+fn quantize_kquant_with(ty: GgmlType, x: &[f32], isa: kquants::Isa) -> Option<Vec<u8>> {
+    fn run<B: Block>(x: &[f32], f: impl Fn(&[f32; 256]) -> B) -> Vec<u8> {
+        let mut out = vec![0u8; x.len() / 256 * B::SIZE];
+        for (xb, o) in x.chunks_exact(256).zip(out.chunks_exact_mut(B::SIZE)) {
+            f(xb.try_into().unwrap()).write(o);
+        }
+        out
+    }
+    match ty {
+        GgmlType::Q4K => Some(run(x, |b| BlockQ4K::quantize_with(b, isa))),
+        GgmlType::Q5K => Some(run(x, |b| BlockQ5K::quantize_with(b, isa))),
+        GgmlType::Q6K => Some(run(x, |b| BlockQ6K::quantize_with(b, isa))),
+        _ => None,
+    }
+}
+
+/// Super-blocks built to hit the corners of the searches, sub-block by sub-block: flat and
+/// all-zero sub-blocks (the early returns), values below GROUP_MAX_EPS, exact ties on the
+/// level grid, all-positive/all-negative sub-blocks (the min clamp), huge values whose squares
+/// overflow to inf, subnormals, and plain noise at many scales.
+fn kquant_corner_blocks(rng: &mut Rng, n: usize) -> Vec<f32> {
+    let mut x = Vec::with_capacity(n * 256);
+    for b in 0..n {
+        let mut blk = [0f32; 256];
+        for (s, sub) in blk.chunks_exact_mut(16).enumerate() {
+            let kind = (rng.next_u64() % 14) as usize;
+            let scale = 10f32.powf(rng.uniform() * 12.0 - 8.0);
+            for (i, v) in sub.iter_mut().enumerate() {
+                *v = match kind {
+                    0 => 0.0,
+                    1 => scale,
+                    2 => -0.0,
+                    3 => rng.normal() * 1e-16,
+                    4 => ((rng.next_u64() % 31) as f32 - 15.0) * 0.5 * scale,
+                    5 => (rng.next_u64() % 16) as f32,
+                    6 => rng.uniform() * scale + scale,
+                    7 => -(rng.uniform() * scale) - scale,
+                    8 => rng.normal() * 3e19,
+                    9 => rng.normal().clamp(-4.0, 4.0) * 8e37,
+                    10 => rng.normal() * 1e-40,
+                    11 if i == s % 16 => scale,
+                    11 => 0.0,
+                    12 => ((rng.next_u64() % 64) as f32 - 32.0) / 32.0 * scale,
+                    _ => rng.normal() * scale,
+                };
+            }
+        }
+        // every 8th block uniform across sub-blocks (the common case)
+        if b % 8 == 0 {
+            for v in blk.iter_mut() {
+                *v = rng.normal() * 0.02;
+            }
+        }
+        x.extend_from_slice(&blk);
+    }
+    x
+}
+
+#[test]
+fn quant_kquant_simd_matches_scalar() {
+    let mut rng = Rng(11);
+    let x = kquant_corner_blocks(&mut rng, 3000);
+    assert!(x.iter().all(|v| v.is_finite()));
+    for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let reference = quantize_kquant_with(ty, &x, kquants::Isa::Scalar).unwrap();
+        for isa in KQUANT_ISAS {
+            let got = quantize_kquant_with(ty, &x, isa).unwrap();
+            let bs = ty.type_size();
+            let bad = reference
+                .chunks(bs)
+                .zip(got.chunks(bs))
+                .position(|(a, b)| a != b);
+            assert!(
+                bad.is_none(),
+                "{ty} {isa:?}: block {bad:?} differs from scalar"
+            );
+        }
+        // and the public entry point (whatever Isa::current() is) agrees
+        assert!(quantize(ty, &x).unwrap() == reference, "{ty}: default path");
+    }
+    eprintln!(
+        "K-quant search paths compared; CPU has {:?}",
+        kquants::Isa::detected()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Byte parity with llama.cpp (ggml_quantize_chunk) and gguf-py, from fixtures/quant/.
 
 fn fixture_dir() -> PathBuf {
@@ -439,6 +536,17 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
                 } else {
                     entry.0 += ours.len() / ty.type_size();
                 }
+                // The K-quants again through every implementation of the search (the default
+                // above is the best the CPU has, or scalar under MMFUSER_QUANT_SCALAR).
+                for isa in KQUANT_ISAS {
+                    if let Some(alt) = quantize_kquant_with(ty, &x, isa) {
+                        if alt != theirs {
+                            failures.push(format!(
+                                "{name} {tyname}: {isa:?} bytes differ from llama.cpp"
+                            ));
+                        }
+                    }
+                }
             }
             if let Some(s) = r.get("ggufpy_sha256").and_then(|v| v.as_str()) {
                 if s != sha {
@@ -458,6 +566,12 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
             }
         }
     }
+    eprintln!(
+        "K-quant search: default {:?}, also checked {:?} (CPU has {:?})",
+        kquants::Isa::current(),
+        KQUANT_ISAS,
+        kquants::Isa::detected()
+    );
     for (ty, (n_ggml, n_py)) in &compared_blocks {
         eprintln!("{ty}: {n_ggml} blocks equal to llama.cpp, {n_py} blocks equal to gguf-py");
     }
@@ -570,5 +684,48 @@ fn quant_speed() {
             mb / dq
         );
         std::hint::black_box(y);
+    }
+    // The K-quants with each implementation of the search (the default above is the best).
+    for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        for isa in KQUANT_ISAS {
+            let t0 = std::time::Instant::now();
+            let out = quantize_kquant_with(ty, &x, isa).unwrap();
+            let dt = t0.elapsed().as_secs_f64();
+            eprintln!("{ty:>5} {isa:?}: quantize {:8.1} MB/s ({dt:.2} s)", mb / dt);
+            std::hint::black_box(out);
+        }
+    }
+}
+
+/// Min-of-repeats throughput of the K-quants, less sensitive to a busy machine than
+/// `quant_speed`: each measurement quantizes 1M values (4096 super-blocks), repeated `REPS`
+/// times; MB/s of f32 input from the fastest repeat.
+/// `cargo test --release --lib quant_kquant_bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn quant_kquant_bench() {
+    const REPS: usize = 40;
+    let mut rng = Rng(1);
+    let x: Vec<f32> = (0..1 << 20).map(|_| rng.normal() * 0.02).collect();
+    let mb = (x.len() * 4) as f64 / 1e6;
+    let best = |f: &mut dyn FnMut()| {
+        (0..REPS)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let mut out = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
+        let dt = best(&mut || quantize_into(ty, &x, &mut out).unwrap());
+        eprintln!("{ty:>5} default: {:7.1} MB/s", mb / dt);
+        for isa in KQUANT_ISAS {
+            let dt = best(&mut || {
+                std::hint::black_box(quantize_kquant_with(ty, &x, isa));
+            });
+            eprintln!("{ty:>5} {isa:?}: {:7.1} MB/s", mb / dt);
+        }
     }
 }

@@ -1,0 +1,717 @@
+//! The CUDA backend against the CPU backend, on a machine with an NVIDIA GPU. Skipped unless
+//! MMFUSER_GPU_TESTS=1 (CI has no GPU); with it set, a missing GPU is a failure.
+//!
+//!     MMFUSER_GPU_TESTS=1 cargo test --release --test cuda_gpu -- --nocapture --test-threads=1
+//!
+//! - every op on random inputs (outputs poisoned with NaN first), each weight type and both
+//!   linear paths (mat-vec for <= 8 rows, cuBLAS above), both GEMM modes;
+//! - the whole model on the fixture (source checkpoint, F16 / Q8_0 / Q4_K_M artefacts): image
+//!   embeddings and logits against the CPU backend (F16: within 1e-3 relative, same top-1);
+//! - `verify --device cuda` passes and fails exactly where `--device cpu` does.
+use candle_core::{Device, Tensor};
+use mmfuser_convert::artefact::GgufWeights;
+use mmfuser_convert::cuda::{CudaBackend, GemmMode};
+use mmfuser_convert::gguf::{GgmlType, GgufFile, GgufWriter};
+use mmfuser_convert::model::{self, Backend, CpuBackend, MemWeights, WeightSource};
+use mmfuser_convert::recipe::permute_rows;
+use mmfuser_convert::source::Source;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mmfuser-convert");
+const CK: &str = "fixtures/tiny-llava-mmfuser";
+const TOWER: &str = "fixtures/tiny-clip";
+
+fn gpu(test: &str) -> Option<CudaBackend> {
+    if std::env::var("MMFUSER_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("{test}: skipped (set MMFUSER_GPU_TESTS=1 on a machine with an NVIDIA GPU)");
+        return None;
+    }
+    match CudaBackend::open() {
+        Ok(b) => {
+            println!("{test}: {} — {}", b.describe(), b.compile_note());
+            Some(b)
+        }
+        Err(e) => panic!("MMFUSER_GPU_TESTS=1 but CUDA is unusable: {e}"),
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn t(v: Vec<f32>, r: usize, c: usize) -> Tensor {
+    Tensor::from_vec(v, (r, c), &Device::Cpu).unwrap()
+}
+
+fn flat(x: &Tensor) -> Vec<f32> {
+    x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// max |a - b| / max(1, max |b|), NaN-aware (NaN anywhere -> infinity).
+fn diff(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let scale = b.iter().fold(1f64, |m, &v| m.max((v as f64).abs()));
+    let mut d = 0f64;
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
+        d = d.max((x as f64 - y as f64).abs());
+    }
+    d / scale
+}
+
+/// Relative RMS error of a against the reference b.
+fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    if a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+struct Report {
+    rows: Vec<(String, f64, f64)>,
+}
+impl Report {
+    fn new() -> Self {
+        Report { rows: vec![] }
+    }
+    fn add(&mut self, name: impl Into<String>, d: f64, tol: f64) {
+        let name = name.into();
+        println!(
+            "  {:<48} {:>10.3e}  (tol {:.0e}) {}",
+            name,
+            d,
+            tol,
+            if d <= tol { "ok" } else { "FAIL" }
+        );
+        self.rows.push((name, d, tol));
+    }
+    fn finish(self, what: &str) {
+        let bad: Vec<_> = self.rows.iter().filter(|(_, d, t)| !(d <= t)).collect();
+        assert!(
+            bad.is_empty(),
+            "{what}: {} check(s) failed: {bad:?}",
+            bad.len()
+        );
+    }
+}
+
+#[test]
+fn ops_match_cpu() {
+    let Some(g) = gpu("ops_match_cpu") else {
+        return;
+    };
+    g.set_poison(true);
+    let c = CpuBackend;
+    let mut rep = Report::new();
+    let mut rng = Rng::new(17);
+    let up = |x: &Tensor| g.upload(x).unwrap();
+    let down = |x: &<CudaBackend as Backend>::T| flat(&g.download(x).unwrap());
+
+    // upload / download / rows / concat
+    let a = t(rng.vec(37 * 19, 3.0), 37, 19);
+    let b = t(rng.vec(5 * 19, 3.0), 5, 19);
+    let (ga, gb) = (up(&a), up(&b));
+    rep.add("upload/download", diff(&down(&ga), &flat(&a)), 0.0);
+    rep.add(
+        "rows 3..+11",
+        diff(
+            &down(&g.rows(&ga, 3, 11).unwrap()),
+            &flat(&c.rows(&a, 3, 11).unwrap()),
+        ),
+        0.0,
+    );
+    rep.add(
+        "concat_rows",
+        diff(
+            &down(&g.concat_rows(&[&ga, &gb, &ga]).unwrap()),
+            &flat(&c.concat_rows(&[&a, &b, &a]).unwrap()),
+        ),
+        0.0,
+    );
+
+    // element-wise
+    let row = t(rng.vec(19, 2.0), 1, 19);
+    let a2 = t(rng.vec(37 * 19, 3.0), 37, 19);
+    let (grow, ga2) = (up(&row), up(&a2));
+    for (name, gy, cy) in [
+        ("add", g.add(&ga, &ga2).unwrap(), c.add(&a, &a2).unwrap()),
+        (
+            "add row-broadcast",
+            g.add(&ga, &grow).unwrap(),
+            c.add(&a, &row).unwrap(),
+        ),
+        ("mul", g.mul(&ga, &ga2).unwrap(), c.mul(&a, &a2).unwrap()),
+        (
+            "mul row-broadcast",
+            g.mul(&ga, &grow).unwrap(),
+            c.mul(&a, &row).unwrap(),
+        ),
+        (
+            "quick_gelu",
+            g.quick_gelu(&ga).unwrap(),
+            c.quick_gelu(&a).unwrap(),
+        ),
+        (
+            "gelu_erf",
+            g.gelu_erf(&ga).unwrap(),
+            c.gelu_erf(&a).unwrap(),
+        ),
+        (
+            "silu_mul",
+            g.silu_mul(&ga, &ga2).unwrap(),
+            c.silu_mul(&a, &a2).unwrap(),
+        ),
+    ] {
+        rep.add(name, diff(&down(&gy), &flat(&cy)), 1e-6);
+    }
+
+    // norms, softmax, rope
+    for cols in [64usize, 1024, 4096] {
+        let x = t(
+            rng.vec(9 * cols, 4.0).iter().map(|v| v + 1.5).collect(),
+            9,
+            cols,
+        );
+        let w = t(rng.vec(cols, 1.0), 1, cols);
+        let bb = t(rng.vec(cols, 1.0), 1, cols);
+        let (gx, gw, gbb) = (up(&x), up(&w), up(&bb));
+        rep.add(
+            format!("layer_norm cols={cols}"),
+            diff(
+                &down(&g.layer_norm(&gx, &gw, &gbb, 1e-5).unwrap()),
+                &flat(&c.layer_norm(&x, &w, &bb, 1e-5).unwrap()),
+            ),
+            1e-6,
+        );
+        rep.add(
+            format!("rms_norm cols={cols}"),
+            diff(
+                &down(&g.rms_norm(&gx, &gw, 1e-6).unwrap()),
+                &flat(&c.rms_norm(&x, &w, 1e-6).unwrap()),
+            ),
+            1e-6,
+        );
+    }
+    let x = t(rng.vec(13 * 256, 6.0), 13, 256);
+    for group in [4usize, 16, 256] {
+        rep.add(
+            format!("softmax_groups group={group}"),
+            diff(
+                &down(&g.softmax_groups(&up(&x), group).unwrap()),
+                &flat(&c.softmax_groups(&x, group).unwrap()),
+            ),
+            1e-6,
+        );
+    }
+    for (n_head, pos0) in [(4usize, 0usize), (32, 577), (2, 3)] {
+        let hd = 128 / (n_head / 2).max(1);
+        let x = t(rng.vec(11 * n_head * hd, 2.0), 11, n_head * hd);
+        rep.add(
+            format!("rope n_head={n_head} hd={hd} pos0={pos0}"),
+            diff(
+                &down(&g.rope_interleaved(&up(&x), n_head, pos0, 10000.0).unwrap()),
+                &flat(&c.rope_interleaved(&x, n_head, pos0, 10000.0).unwrap()),
+            ),
+            1e-5,
+        );
+    }
+
+    // attention
+    for (n, m, nh, nkv, hd, causal) in [
+        (7, 7, 4, 2, 16, true),
+        (5, 9, 4, 4, 32, true),
+        (6, 6, 2, 1, 64, false),
+        (1, 1, 8, 8, 128, true),
+        (1, 12, 8, 2, 64, true),
+        (577, 577, 16, 16, 64, false),
+        (300, 300, 32, 32, 128, true),
+    ] {
+        let q = t(rng.vec(n * nh * hd, 1.0), n, nh * hd);
+        let k = t(rng.vec(m * nkv * hd, 1.0), m, nkv * hd);
+        let v = t(rng.vec(m * nkv * hd, 1.0), m, nkv * hd);
+        let gy = g
+            .attention(&up(&q), &up(&k), &up(&v), nh, nkv, causal)
+            .unwrap();
+        let cy = c.attention(&q, &k, &v, nh, nkv, causal).unwrap();
+        rep.add(
+            format!("attention n={n} m={m} heads={nh}/{nkv} hd={hd} causal={causal}"),
+            diff(&down(&gy), &flat(&cy)),
+            1e-5,
+        );
+    }
+
+    // deformable attention (fuser shapes: M=16 heads, L=4 levels of 24x24, P=4; and odd levels)
+    for (levels, grid, nh, np, ch, off_scale) in [
+        (
+            vec![(24usize, 24usize); 4],
+            (24usize, 24usize),
+            16usize,
+            4usize,
+            1024usize,
+            3.0f32,
+        ),
+        (vec![(24, 24)], (24, 24), 16, 4, 1024, 30.0),
+        (vec![(3, 3), (3, 3), (2, 5)], (3, 3), 2, 3, 6, 3.0),
+    ] {
+        let nv: usize = levels.iter().map(|(h, w)| h * w).sum();
+        let nq = grid.0 * grid.1;
+        let per_q = nh * levels.len() * np;
+        let value = t(rng.vec(nv * ch, 1.0), nv, ch);
+        let off = t(rng.vec(nq * per_q * 2, off_scale), nq, per_q * 2);
+        let wl = t(rng.vec(nq * per_q, 2.0), nq, per_q);
+        let w = c.softmax_groups(&wl, levels.len() * np).unwrap();
+        let gy = g
+            .msda(&up(&value), &levels, &up(&off), &up(&w), grid, nh, np)
+            .unwrap();
+        let cy = c.msda(&value, &levels, &off, &w, grid, nh, np).unwrap();
+        rep.add(
+            format!(
+                "msda L={} M={nh} P={np} C={ch} off~{off_scale}",
+                levels.len()
+            ),
+            diff(&down(&gy), &flat(&cy)),
+            1e-6,
+        );
+    }
+
+    // linear: every weight type, both paths, with and without bias
+    let types = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+    let mut ws = MemWeights::new();
+    for ty in types {
+        // 4352 columns = 17 steps of 256: the mat-vecs' batches of 4 and their remainder.
+        for (out, inp) in [(96usize, 512usize), (33, 256), (64, 4352)] {
+            let wv = rng.vec(out * inp, 0.1);
+            let bytes = mmfuser_convert::quant::quantize(ty, &wv).unwrap();
+            let name = format!("{}.{out}x{inp}", ty.name());
+            ws.tensors.insert(name, (ty, vec![out, inp], bytes));
+        }
+    }
+    // A float weight with an odd row length, and one big enough to dequantize in chunks.
+    ws.insert_f32("odd", &[33, 100], &rng.vec(3300, 0.1));
+    {
+        let (out, inp) = (4160usize, 8192usize);
+        let wv = rng.vec(out * inp, 0.05);
+        let bytes = mmfuser_convert::quant::quantize(GgmlType::Q8_0, &wv).unwrap();
+        ws.tensors.insert(
+            "Q8_0.chunked".into(),
+            (GgmlType::Q8_0, vec![out, inp], bytes),
+        );
+    }
+    let mut names: Vec<String> = ws.tensors.keys().cloned().collect();
+    names.sort();
+    for name in &names {
+        let cw = c.weight(&ws, name).unwrap();
+        let gw = g.weight(&ws, name).unwrap();
+        let (out, inp) = c.weight_dims(&cw);
+        assert_eq!(g.weight_dims(&gw), (out, inp));
+        let ty = ws.tensors[name].0;
+        let bias = t(rng.vec(out, 0.5), 1, out);
+        let gbias = up(&bias);
+        let ns: &[usize] = if name == "Q8_0.chunked" {
+            &[3, 9]
+        } else {
+            &[1, 5, 8, 9, 77]
+        };
+        for (i, &n) in ns.iter().enumerate() {
+            let x = t(rng.vec(n * inp, 1.0), n, inp);
+            let with_bias = i % 2 == 1;
+            let cy = c
+                .linear(&x, &cw, if with_bias { Some(&bias) } else { None })
+                .unwrap();
+            for mode in [GemmMode::Exact, GemmMode::Fast] {
+                if n <= 8 && mode == GemmMode::Fast {
+                    continue; // mat-vec: no mode
+                }
+                g.set_gemm_mode(mode);
+                let gy = g
+                    .linear(&up(&x), &gw, if with_bias { Some(&gbias) } else { None })
+                    .unwrap();
+                let tol = match (n <= 8, mode, ty) {
+                    (true, _, _) => 2e-5,
+                    (false, GemmMode::Exact, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
+                        2e-5
+                    }
+                    // weights dequantized to f16 for the tensor cores: 2^-11 relative each
+                    (false, GemmMode::Exact, _) => 3e-3,
+                    (false, GemmMode::Fast, GgmlType::BF16) => 2e-2,
+                    (false, GemmMode::Fast, _) => 5e-3,
+                };
+                rep.add(
+                    format!(
+                        "linear {name} n={n}{} {}",
+                        if with_bias { " +bias" } else { "" },
+                        if n <= 8 {
+                            "matvec".to_string()
+                        } else {
+                            format!("{mode:?}")
+                        }
+                    ),
+                    diff(&flat(&g.download(&gy).unwrap()), &flat(&cy)),
+                    tol,
+                );
+            }
+            g.set_gemm_mode(GemmMode::Exact);
+        }
+    }
+    println!("{}", g.memory_report());
+    rep.finish("ops");
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(BIN).args(args).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// The fixture converted to F16 GGUFs, plus Q8_0 and Q4_K_M LLMs.
+fn artefacts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let d = dir.to_str().unwrap();
+    let (rc, _, err) = run(&["hf-to-gguf", CK, "--vision-tower", TOWER, "-o", d, "-q"]);
+    assert_eq!(rc, 0, "{err}");
+    let llm = dir.join("tiny-llava-mmfuser-F16.gguf");
+    let mmproj = dir.join("mmproj-tiny-llava-mmfuser-F16.gguf");
+    let mut q = vec![];
+    for ty in ["Q8_0", "Q4_K_M"] {
+        let out = dir.join(format!("q-{ty}.gguf"));
+        let (rc, _, err) = run(&[
+            "quantize",
+            llm.to_str().unwrap(),
+            "--type",
+            ty,
+            "-o",
+            out.to_str().unwrap(),
+            "-q",
+        ]);
+        assert_eq!(rc, 0, "{err}");
+        q.push(out);
+    }
+    (llm, mmproj, q[0].clone(), q[1].clone())
+}
+
+#[test]
+fn whole_model_matches_cpu() {
+    let Some(g) = gpu("whole_model_matches_cpu") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj, q8, q4) = artefacts(dir.path());
+    let pv = mmfuser_convert::npy::read("fixtures/reference/pixel_values.npy").unwrap();
+    let pv = Tensor::from_vec(pv.to_f32().unwrap(), pv.shape.as_slice(), &Device::Cpu).unwrap();
+    let ids: Vec<i64> = serde_json::from_str(
+        &std::fs::read_to_string("fixtures/reference/input_ids.json").unwrap(),
+    )
+    .unwrap();
+    let text_ids: Vec<i64> = serde_json::from_str(
+        &std::fs::read_to_string("fixtures/reference/text_only_ids.json").unwrap(),
+    )
+    .unwrap();
+    let src = Source::open(Path::new(CK), Some(Path::new(TOWER))).unwrap();
+    let mut rep = Report::new();
+    let sides: Vec<(&str, Box<dyn WeightSource>, f64, f64)> = vec![
+        ("source checkpoint (bf16)", Box::new(src), 1e-3, 1.0),
+        (
+            "F16 GGUF",
+            Box::new(GgufWeights::open(&llm, &mmproj).unwrap()),
+            1e-3,
+            1.0,
+        ),
+        (
+            "Q8_0 GGUF",
+            Box::new(GgufWeights::open(&q8, &mmproj).unwrap()),
+            1e-2,
+            0.95,
+        ),
+        (
+            "Q4_K_M GGUF",
+            Box::new(GgufWeights::open(&q4, &mmproj).unwrap()),
+            1e-2,
+            0.95,
+        ),
+    ];
+    for (label, ws, tol, top1_min) in &sides {
+        let hp = match GgufWeights::open(&llm, &mmproj) {
+            Ok(a) => a.hparams().unwrap(),
+            Err(e) => panic!("{e}"),
+        };
+        let mut hp = hp;
+        hp.clip.n_layer = hp.clip.blocks_needed();
+        for mode in [GemmMode::Exact, GemmMode::Fast] {
+            g.set_gemm_mode(mode);
+            let ci = model::encode_image_with(&CpuBackend, ws.as_ref(), &hp, &pv).unwrap();
+            let gi = model::encode_image_with(&g, ws.as_ref(), &hp, &pv).unwrap();
+            let cl =
+                model::logits_with(&CpuBackend, ws.as_ref(), &hp, &ids, Some(&ci.image_embeds))
+                    .unwrap();
+            let gl =
+                model::logits_with(&g, ws.as_ref(), &hp, &ids, Some(&gi.image_embeds)).unwrap();
+            let ct = model::logits_with(&CpuBackend, ws.as_ref(), &hp, &text_ids, None).unwrap();
+            let gt = model::logits_with(&g, ws.as_ref(), &hp, &text_ids, None).unwrap();
+            let vocab = cl.dim(1).unwrap();
+            let (cf, gf) = (flat(&cl), flat(&gl));
+            let top1 = |a: &[f32], b: &[f32]| {
+                let am = |r: &[f32]| {
+                    r.iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                        .0
+                };
+                let rows = a.len() / vocab;
+                (0..rows)
+                    .filter(|&r| {
+                        am(&a[r * vocab..(r + 1) * vocab]) == am(&b[r * vocab..(r + 1) * vocab])
+                    })
+                    .count() as f64
+                    / rows as f64
+            };
+            let exact = mode == GemmMode::Exact;
+            let (t_rel, t_top) = if exact {
+                (*tol, *top1_min)
+            } else {
+                (f64::INFINITY, 0.0)
+            };
+            let tag = format!("{label} [{mode:?}]");
+            for (i, (cs, gs)) in ci.selected.iter().zip(&gi.selected).enumerate() {
+                rep.add(
+                    format!("{tag} clip layer {i} rel RMS"),
+                    rel_rms(&flat(gs), &flat(cs)),
+                    t_rel,
+                );
+            }
+            if let (Some(a), Some(b)) = (&ci.fuser_out, &gi.fuser_out) {
+                rep.add(
+                    format!("{tag} fuser out rel RMS"),
+                    rel_rms(&flat(b), &flat(a)),
+                    t_rel,
+                );
+            }
+            rep.add(
+                format!("{tag} image embeds rel RMS"),
+                rel_rms(&flat(&gi.image_embeds), &flat(&ci.image_embeds)),
+                t_rel,
+            );
+            rep.add(format!("{tag} logits rel RMS"), rel_rms(&gf, &cf), t_rel);
+            rep.add(
+                format!("{tag} logits max|diff| / max|logit|"),
+                diff(&gf, &cf),
+                t_rel,
+            );
+            rep.add(
+                format!("{tag} logits top-1 disagreement"),
+                1.0 - top1(&gf, &cf),
+                1.0 - t_top,
+            );
+            rep.add(
+                format!("{tag} text-only logits rel RMS"),
+                rel_rms(&flat(&gt), &flat(&ct)),
+                t_rel,
+            );
+            rep.add(
+                format!("{tag} text-only top-1 disagreement"),
+                1.0 - top1(&flat(&gt), &flat(&ct)),
+                1.0 - t_top,
+            );
+            g.clear_weights();
+        }
+        g.set_gemm_mode(GemmMode::Exact);
+    }
+    println!("{}", g.memory_report());
+    rep.finish("whole model");
+}
+
+/// Rewrite a GGUF with `edit(name, bytes)` applied to tensor data (and optional renames).
+fn sabotage(
+    src: &Path,
+    dst: &Path,
+    rename: &dyn Fn(&str) -> String,
+    edit: &dyn Fn(&str, &GgufFile, &mut Vec<u8>),
+) {
+    let g = GgufFile::open(src).unwrap();
+    let infos: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| {
+            let mut i = t.info.clone();
+            i.name = rename(&i.name);
+            i
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &g.metadata, infos.clone()).unwrap();
+    for (t, i) in g.tensors.iter().zip(&infos) {
+        let mut data = g.data(t).to_vec();
+        edit(&t.info.name, &g, &mut data);
+        w.write_tensor(&i.name, &data).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn verify_on_cuda_passes_and_fails_where_cpu_does() {
+    let Some(g) = gpu("verify_on_cuda_passes_and_fails_where_cpu_does") else {
+        return;
+    };
+    drop(g);
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj, q8, q4) = artefacts(dir.path());
+    let same = |n: &str| n.to_string();
+    let none = |_: &str, _: &GgufFile, _: &mut Vec<u8>| {};
+    let unperm = dir.path().join("unperm.gguf");
+    sabotage(&llm, &unperm, &same, &|name, g, data| {
+        let heads = if name.ends_with("attn_q.weight") {
+            4
+        } else if name.ends_with("attn_k.weight") {
+            2
+        } else {
+            return;
+        };
+        let t = g.tensor(name).unwrap();
+        let (cols, rows) = (t.info.ne[0] as usize, t.info.ne[1] as usize);
+        let orig = data.clone();
+        let mut cur = permute_rows(&orig, rows, cols, heads, 2);
+        let mut prev = orig.clone();
+        while cur != orig {
+            prev = cur.clone();
+            cur = permute_rows(&cur, rows, cols, heads, 2);
+        }
+        *data = prev;
+    });
+    let swapped = dir.path().join("swapped.gguf");
+    sabotage(
+        &llm,
+        &swapped,
+        &|n: &str| {
+            if let Some(r) = n.strip_prefix("blk.0.") {
+                format!("blk.1.{r}")
+            } else if let Some(r) = n.strip_prefix("blk.1.") {
+                format!("blk.0.{r}")
+            } else {
+                n.to_string()
+            }
+        },
+        &none,
+    );
+    let gamma = dir.path().join("mmproj-gamma.gguf");
+    sabotage(&mmproj, &gamma, &same, &|name, _, data| {
+        if name == "mm.fuser.gamma2" {
+            data.iter_mut().for_each(|b| *b = 0);
+        }
+    });
+    let perturbed = dir.path().join("perturbed.gguf");
+    sabotage(&llm, &perturbed, &same, &|name, _, data| {
+        if name == "blk.1.ffn_down.weight" {
+            for i in (0..data.len()).step_by(2).take(2000) {
+                data[i + 1] ^= 0x04;
+            }
+        }
+    });
+    let flipped = dir
+        .path()
+        .join("flipped")
+        .join("tiny-llava-mmfuser-F16.gguf");
+    std::fs::create_dir_all(flipped.parent().unwrap()).unwrap();
+    for f in [
+        "tiny-llava-mmfuser-F16.gguf",
+        "tiny-llava-mmfuser-F16.manifest.json",
+    ] {
+        std::fs::copy(dir.path().join(f), flipped.parent().unwrap().join(f)).unwrap();
+    }
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    let n = bytes.len();
+    bytes[n - 1000] ^= 0x01;
+    std::fs::write(&flipped, &bytes).unwrap();
+
+    let cases: Vec<(&str, &PathBuf, &PathBuf, bool)> = vec![
+        ("good F16", &llm, &mmproj, true),
+        ("good Q8_0", &q8, &mmproj, true),
+        ("good Q4_K_M", &q4, &mmproj, true),
+        ("unpermuted Q/K", &unperm, &mmproj, false),
+        ("swapped layers", &swapped, &mmproj, false),
+        ("zeroed gamma2", &llm, &gamma, false),
+        ("perturbed tensor", &perturbed, &mmproj, false),
+        ("flipped bit (sha256)", &flipped, &mmproj, false),
+    ];
+    println!(
+        "  {:<22} {:>4} {:>4}  {:>11} {:>11}  {:>8} {:>8}",
+        "case", "cpu", "cuda", "KL cpu", "KL cuda", "s cpu", "s cuda"
+    );
+    let mut mismatches = vec![];
+    for (what, l, m, want_pass) in cases {
+        let mut res = vec![];
+        for dev in ["cpu", "cuda"] {
+            let (rc, out, err) = run(&[
+                "verify",
+                CK,
+                "--vision-tower",
+                TOWER,
+                "--gguf",
+                l.to_str().unwrap(),
+                "--mmproj",
+                m.to_str().unwrap(),
+                "--json",
+                "--device",
+                dev,
+            ]);
+            let v: serde_json::Value = serde_json::from_str(&out)
+                .unwrap_or_else(|_| panic!("{what} on {dev}: rc {rc}, no report: {err}"));
+            assert_eq!(v["device"], dev, "{what}");
+            res.push((rc, v));
+        }
+        let kl = |v: &serde_json::Value| v["logits"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
+        let secs = |v: &serde_json::Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {:<22} {:>4} {:>4}  {:>11.3e} {:>11.3e}  {:>8.3} {:>8.3}",
+            what,
+            res[0].0,
+            res[1].0,
+            kl(&res[0].1),
+            kl(&res[1].1),
+            secs(&res[0].1),
+            secs(&res[1].1)
+        );
+        let want_rc = if want_pass { 0 } else { 1 };
+        if res[0].0 != want_rc || res[1].0 != want_rc || res[0].1["passed"] != res[1].1["passed"] {
+            mismatches.push(what);
+        }
+        // Same verdict and KL of the same size on both devices.
+        let (a, b) = (kl(&res[0].1), kl(&res[1].1));
+        if (a - b).abs() > 0.05 * a.abs() + 1e-7 {
+            mismatches.push(what);
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "cpu and cuda disagree on: {mismatches:?}"
+    );
+}
