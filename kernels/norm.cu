@@ -104,3 +104,48 @@ extern "C" __global__ void rope_interleaved_f32(const float* __restrict__ x, flo
         }
     }
 }
+
+// Attention for a few queries (decode): one block per (query i, head h), no cuBLAS. q [n, H*hd],
+// k and v [m, Hkv*hd], out [n, H*hd]; head h reads kv head h / (H/Hkv); causal: query i sees
+// keys 0..=m-n+i. Scores live in dynamic shared memory (m floats), softmax with an f64 sum, then
+// out = sum_c (e_c / sum) v_c in f32, like the CPU op.
+extern "C" __global__ void attn_small_f32(const float* __restrict__ q, const float* __restrict__ k,
+                                          const float* __restrict__ v, float* __restrict__ out,
+                                          int n, int m, int n_head, int n_kv, int hd, int causal,
+                                          float scale) {
+    extern __shared__ float smem[];
+    __shared__ double shd[32];
+    __shared__ float shf[32];
+    float* sc = smem;          // m scores
+    float* qs = smem + m;      // hd query values
+    const int h = blockIdx.x, i = blockIdx.y;
+    const int g = h / (n_head / n_kv);
+    const int qc = n_head * hd, kc = n_kv * hd;
+    const int valid = causal ? (m - n + i + 1) : m;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[(i64)i * qc + (i64)h * hd + d];
+    __syncthreads();
+    float mx = -3.402823466e38f;
+    for (int c = threadIdx.x; c < valid; c += blockDim.x) {
+        const float* kr = k + (i64)c * kc + (i64)g * hd;
+        float s = 0.0f;
+        for (int d = 0; d < hd; d++) s += qs[d] * kr[d];
+        s *= scale;
+        sc[c] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, shf);
+    double sum = 0.0;
+    for (int c = threadIdx.x; c < valid; c += blockDim.x) {
+        float e = expf(sc[c] - mx);
+        sc[c] = e;
+        sum += (double)e;
+    }
+    sum = block_sum_d(sum, shd);  // ends with a barrier: every score is in place
+    float inv = (float)(1.0 / sum);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        const float* vc = v + (i64)g * hd + d;
+        float acc = 0.0f;
+        for (int c = 0; c < valid; c++) acc += (sc[c] * inv) * vc[(i64)c * kc];
+        out[(i64)i * qc + (i64)h * hd + d] = acc;
+    }
+}

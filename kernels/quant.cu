@@ -18,15 +18,23 @@
 __device__ __forceinline__ float nib_f(u32 q) {  // small non-negative int -> float, no I2F
     return __uint_as_float(0x4B000000u | q) - 8388608.0f;
 }
+__device__ __forceinline__ float nib_m32(u32 q) {  // q - 32 for 0 <= q < 64, exactly
+    return __uint_as_float(0x4B000000u | q) - 8388640.0f;
+}
 
+// The 6-bit scale / min pair j of a Q4_K block, from the 12 scale bytes read as three words
+// (branch-free: both layouts computed, one selected, so loads of several blocks can be hoisted).
+__device__ __forceinline__ void q4k_sm_words(u32 w0, u32 w1, u32 w2, int j, int* s, int* m) {
+    int sh = 8 * (j & 3);
+    u32 a = (w0 >> sh) & 0xFF, b = (w1 >> sh) & 0xFF, c = (w2 >> sh) & 0xFF;
+    int lo = j < 4;
+    *s = lo ? (int)(a & 63) : (int)((c & 0xF) | ((a >> 6) << 4));
+    *m = lo ? (int)(b & 63) : (int)((c >> 4) | ((b >> 6) << 4));
+}
+// sc = block + 4 (4-byte aligned: Q4_K rows and blocks are multiples of 16 bytes).
 __device__ __forceinline__ void q4k_scale_min(const u8* sc, int j, int* s, int* m) {
-    if (j < 4) {
-        *s = sc[j] & 63;
-        *m = sc[j + 4] & 63;
-    } else {
-        *s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
-        *m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-    }
+    const u32* w = (const u32*)sc;
+    q4k_sm_words(w[0], w[1], w[2], j, s, m);
 }
 
 // ---- exact dequantization of one unit (32 values) -------------------------------------------
@@ -119,7 +127,7 @@ __device__ __forceinline__ void comp_q4_k(const LdQ4K& L, int lane, const float*
 
 // Q6_K: one super-block (210 B, 2-byte aligned) per step. Lane l: half h = l/16, i = 2(l%16):
 // the ql bytes i, i+1 and i+32, i+33 and the qh bytes i, i+1 give values 128h + 32s + i + k
-// (s = 0..3, k = 0..1) with scale 8h + i/16 + 2s.
+// (s = 0..3, k = 0..1) with scale 8h + i/16 + 2s; (q - 32) is formed exactly before the product.
 struct LdQ6K {
     u32 l0, l1, hh;
     float ds[4];
@@ -152,8 +160,7 @@ __device__ __forceinline__ void comp_q6_k(const LdQ6K& L, int lane, const float*
             float r = 0.0f;
             _Pragma("unroll") for (int s = 0; s < 4; s++) {
                 float2 a = *(const float2*)(xj + 32 * s);
-                float sq = nib_f(q[s][0]) * a.x + nib_f(q[s][1]) * a.y;
-                r += L.ds[s] * (sq - 32.0f * (a.x + a.y));
+                r += L.ds[s] * (nib_m32(q[s][0]) * a.x + nib_m32(q[s][1]) * a.y);
             }
             acc[j] += r;
         }
@@ -239,8 +246,7 @@ __device__ __forceinline__ void comp_q4_0(const LdQ40& L, int lane, const float*
     }
 }
 
-#define MV_BATCH 4
-#define MATVEC_KERNEL(NAME, NT, LDT, LOAD, COMP)                                                  \
+#define MATVEC_KERNEL(NAME, NT, MV_BATCH, LDT, LOAD, COMP)                                        \
     extern "C" __global__ void NAME(const u8* __restrict__ W, const float* __restrict__ X,         \
                                     const float* __restrict__ bias, float* __restrict__ Y,         \
                                     int rows, int cols, int n, i64 row_bytes) {                    \
@@ -269,14 +275,72 @@ __device__ __forceinline__ void comp_q4_0(const LdQ40& L, int lane, const float*
             }                                                                                      \
         }                                                                                          \
     }
-MATVEC_KERNEL(mv_q8_0, MAXN, LdQ8, load_q8_0, comp_q8_0)
-MATVEC_KERNEL(mv_q4_0, MAXN, LdQ40, load_q4_0, comp_q4_0)
-MATVEC_KERNEL(mv_q4_k, MAXN, LdQ4K, load_q4_k, comp_q4_k)
-MATVEC_KERNEL(mv_q6_k, MAXN, LdQ6K, load_q6_k, comp_q6_k)
-MATVEC_KERNEL(mv1_q8_0, 1, LdQ8, load_q8_0, comp_q8_0)
-MATVEC_KERNEL(mv1_q4_0, 1, LdQ40, load_q4_0, comp_q4_0)
-MATVEC_KERNEL(mv1_q4_k, 1, LdQ4K, load_q4_k, comp_q4_k)
-MATVEC_KERNEL(mv1_q6_k, 1, LdQ6K, load_q6_k, comp_q6_k)
+// Q4_K, one token: 16-byte loads. A step is 4 super-blocks (one per 8-lane group); lane t of a
+// group loads qs bytes 16t..16t+16 (values 64c + 16(t%2) + k, low nibbles, and +32, high
+// nibbles; c = t/2) plus the block's d/dmin and scale words; 4 steps (a 4096-wide row) are
+// loaded before any arithmetic. Past the row's end a lane re-reads the last block and adds 0.
+extern "C" __global__ void mv1_q4_k(const u8* __restrict__ W, const float* __restrict__ X,
+                                    const float* __restrict__ bias, float* __restrict__ Y,
+                                    int rows, int cols, int n, i64 row_bytes) {
+    int row = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const u8* wr = W + (i64)row * row_bytes;
+    const int nsb = cols / 256;
+    const int g = lane >> 3, t = lane & 7, c = t >> 1, h16 = (t & 1) * 16;
+    float acc = 0.0f;
+    for (int sb0 = 0; sb0 < nsb; sb0 += 16) {
+        uint4 q[4];
+        u32 dd[4], w0[4], w1[4], w2[4];
+        _Pragma("unroll") for (int u = 0; u < 4; u++) {
+            int sb = min(sb0 + 4 * u + g, nsb - 1);
+            const u8* b = wr + (i64)sb * 144;
+            const u32* bw = (const u32*)b;
+            dd[u] = bw[0];
+            w0[u] = bw[1];
+            w1[u] = bw[2];
+            w2[u] = bw[3];
+            q[u] = *(const uint4*)(b + 16 + 16 * t);
+        }
+        _Pragma("unroll") for (int u = 0; u < 4; u++) {
+            int sb = sb0 + 4 * u + g;
+            if (sb < nsb) {
+                int s0, m0, s1, m1;
+                q4k_sm_words(w0[u], w1[u], w2[u], 2 * c, &s0, &m0);
+                q4k_sm_words(w0[u], w1[u], w2[u], 2 * c + 1, &s1, &m1);
+                float d = h2f((u16)(dd[u] & 0xFFFF)), dmin = h2f((u16)(dd[u] >> 16));
+                const float* x = X + (i64)sb * 256 + 64 * c + h16;
+                u32 qw[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+                float sq0 = 0.0f, sq1 = 0.0f, sx0 = 0.0f, sx1 = 0.0f;
+                _Pragma("unroll") for (int k = 0; k < 4; k++) {
+                    float4 lo = *(const float4*)(x + 4 * k);
+                    float4 hi = *(const float4*)(x + 32 + 4 * k);
+                    u32 w = qw[k];
+                    sq0 += nib_f(w & 0xF) * lo.x + nib_f((w >> 8) & 0xF) * lo.y +
+                           nib_f((w >> 16) & 0xF) * lo.z + nib_f((w >> 24) & 0xF) * lo.w;
+                    sq1 += nib_f((w >> 4) & 0xF) * hi.x + nib_f((w >> 12) & 0xF) * hi.y +
+                           nib_f((w >> 20) & 0xF) * hi.z + nib_f(w >> 28) * hi.w;
+                    sx0 += (lo.x + lo.y) + (lo.z + lo.w);
+                    sx1 += (hi.x + hi.y) + (hi.z + hi.w);
+                }
+                acc += (d * (float)s0 * sq0 - dmin * (float)m0 * sx0) +
+                       (d * (float)s1 * sq1 - dmin * (float)m1 * sx1);
+            }
+        }
+    }
+    float sum = warp_sum(acc);
+    if (lane == 0) Y[row] = sum + (bias ? bias[row] : 0.0f);
+}
+
+// Steps whose loads are issued together: 4 for up to MAXN tokens, 8 for one token (fewer
+// registers per step there; one warp then has 8 x 144 B of Q4_K in flight).
+MATVEC_KERNEL(mv_q8_0, MAXN, 4, LdQ8, load_q8_0, comp_q8_0)
+MATVEC_KERNEL(mv_q4_0, MAXN, 4, LdQ40, load_q4_0, comp_q4_0)
+MATVEC_KERNEL(mv_q4_k, MAXN, 4, LdQ4K, load_q4_k, comp_q4_k)
+MATVEC_KERNEL(mv_q6_k, MAXN, 4, LdQ6K, load_q6_k, comp_q6_k)
+MATVEC_KERNEL(mv1_q8_0, 1, 8, LdQ8, load_q8_0, comp_q8_0)
+MATVEC_KERNEL(mv1_q4_0, 1, 8, LdQ40, load_q4_0, comp_q4_0)
+MATVEC_KERNEL(mv1_q6_k, 1, 8, LdQ6K, load_q6_k, comp_q6_k)
 
 // Float weights (F32 = 0, F16 = 1, BF16 = 2), any row length. Rows whose length is a multiple
 // of 8 (16-byte aligned) read 8 values per lane per step; others one value per lane.

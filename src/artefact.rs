@@ -160,6 +160,12 @@ impl WeightSource for GgufWeights {
     fn origin(&self) -> PathBuf {
         self.llm.path.clone()
     }
+    fn release(&self, name: &str) {
+        let g = self.file_for(name);
+        if let Some(t) = g.tensor(name) {
+            g.release(t);
+        }
+    }
 }
 
 impl WeightSource for crate::source::Source {
@@ -182,5 +188,10 @@ impl WeightSource for crate::source::Source {
     }
     fn origin(&self) -> PathBuf {
         self.dir.clone()
+    }
+    fn release(&self, name: &str) {
+        if let Some(r) = self.row(name) {
+            self.store(r.store).release(&r.row.src);
+        }
     }
 }

@@ -224,7 +224,7 @@ pub fn write_artefact(
         let row_len = *r.row.shape.last().unwrap_or(&1);
         w.begin_tensor(&t.info.name)?;
         let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, |b| {
-            w.put_data(b)
+            w.put_data_vec(b)
         })
         .map_err(|e| match e {
             Error::Other(m) => Error::tensor(&file, &r.row.src, m),

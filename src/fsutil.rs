@@ -29,7 +29,23 @@ impl AtomicFile {
             .to_string_lossy()
             .to_string();
         let tmp = dir.join(format!("{TEMP_MARK}{}-{name}", std::process::id()));
-        let file = File::create(&tmp).at(&tmp)?;
+        // A new file, never an existing one: the name is predictable, so in a shared directory
+        // a symlink planted under it would otherwise make us write through it. One left by an
+        // earlier process with our (reused) pid is removed (the link itself, not its target).
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+        };
+        let file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp).at(&tmp)?;
+                create()
+            }
+            r => r,
+        }
+        .at(&tmp)?;
         Ok(AtomicFile {
             tmp,
             dest,

@@ -120,17 +120,20 @@ pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
             "Fortran-order .npy arrays are not supported",
         ));
     }
-    let itemsize: usize = descr[2..]
-        .parse()
-        .map_err(|_| Error::input(path, format!("npy dtype {descr}")))?;
-    let n: usize = shape.iter().product();
+    let itemsize: usize = descr
+        .get(2..)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::input(path, format!("npy dtype '{descr}' is not understood")))?;
+    let need = shape
+        .iter()
+        .try_fold(itemsize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::input(path, format!("shape {shape:?} overflows")))?;
     let data = &bytes[hstart + hlen..];
-    if data.len() != n * itemsize {
+    if data.len() != need {
         return Err(Error::input(
             path,
             format!(
-                "expected {} data bytes for shape {shape:?}, found {}",
-                n * itemsize,
+                "expected {need} data bytes for shape {shape:?}, found {}",
                 data.len()
             ),
         ));

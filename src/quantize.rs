@@ -100,7 +100,7 @@ fn encode_float(
     src_ty: GgmlType,
     data: &[u8],
     out: GgmlType,
-    mut sink: impl FnMut(&[u8]) -> Result<()>,
+    mut sink: impl FnMut(Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     use half::slice::HalfFloatSliceExt;
     if !src_ty.is_quantized() && !matches!(src_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
@@ -121,9 +121,13 @@ fn encode_float(
                 }
                 Ok(match out {
                     GgmlType::F16 => {
-                        let mut h = vec![half::f16::ZERO; f.len()];
-                        h.convert_from_f32_slice(&f);
-                        bytemuck::cast_slice(&h).to_vec()
+                        // Convert straight into the output bytes (malloc aligns far beyond 2 bytes).
+                        let mut bytes = vec![0u8; f.len() * 2];
+                        match bytemuck::try_cast_slice_mut::<u8, half::f16>(&mut bytes) {
+                            Ok(h) => h.convert_from_f32_slice(&f),
+                            Err(_) => bytes = cast_float(out, &f).expect("float output"),
+                        }
+                        bytes
                     }
                     GgmlType::F32 => bytemuck::cast_slice(&f).to_vec(),
                     _ => cast_float(out, &f).expect("float output"),
@@ -131,7 +135,7 @@ fn encode_float(
             })
             .collect();
         for o in outs {
-            sink(&o?)?;
+            sink(o?)?;
         }
     }
     Ok(())
@@ -145,10 +149,10 @@ pub fn encode_tensor(
     data: &[u8],
     row_len: usize,
     out: GgmlType,
-    mut sink: impl FnMut(&[u8]) -> Result<()>,
+    mut sink: impl FnMut(Vec<u8>) -> Result<()>,
 ) -> Result<ErrStats> {
     if src_ty == out {
-        sink(data)?;
+        sink(data.to_vec())?;
         return Ok(ErrStats::default());
     }
     if cast_float(out, &[]).is_some() {
@@ -191,7 +195,7 @@ pub fn encode_tensor(
             let (q, s) = o?;
             stats.sum_sq += s.sum_sq;
             stats.sum_sq_err += s.sum_sq_err;
-            sink(&q)?;
+            sink(q)?;
         }
     }
     Ok(stats)
@@ -408,11 +412,13 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
             }
         }
         w.begin_tensor(&t.name)?;
-        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| w.put_data(b))
-            .map_err(|e| match e {
-                Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
-                e => e,
-            })?;
+        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| {
+            w.put_data_vec(b)
+        })
+        .map_err(|e| match e {
+            Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
+            e => e,
+        })?;
         w.end_tensor()?;
         progress.inc(rt.n_bytes, &t.name);
         *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;

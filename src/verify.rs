@@ -316,13 +316,32 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         }
         (Some(_), Some(_)) => return Err(Error::usage("give --prompt or --input-ids, not both")),
     };
-    if ids
+    let ids_origin = || {
+        opts.input_ids
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("--prompt"))
+    };
+    if let Some(bad) = ids
         .iter()
-        .any(|&i| i >= hp_src.llama.n_vocab as i64 || (i < 0 && i != model::IMAGE_TOKEN))
+        .find(|&&i| i >= hp_src.llama.n_vocab as i64 || (i < 0 && i != model::IMAGE_TOKEN))
     {
-        return Err(Error::usage(format!(
-            "token ids must be in 0..{} (or -200 for the image)",
-            hp_src.llama.n_vocab
+        return Err(Error::input(
+            ids_origin(),
+            format!(
+                "token id {bad}: ids must be in 0..{} (or -200 for the image)",
+                hp_src.llama.n_vocab
+            ),
+        ));
+    }
+    // Positions after the image marker expands: beyond the model's context the attention alone
+    // would need n^2 floats (a 100k-token ids file asked for 160 GB).
+    let n_pos = ids.len()
+        + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
+            * hp_src.clip.n_patches().saturating_sub(1);
+    if n_pos > hp_src.llama.n_ctx {
+        return Err(Error::input(ids_origin(), format!(
+            "the probe has {n_pos} positions, more than the model's context length {} (max_position_embeddings)",
+            hp_src.llama.n_ctx
         )));
     }
     let has_image = ids.contains(&model::IMAGE_TOKEN);

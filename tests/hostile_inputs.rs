@@ -9,6 +9,7 @@
 //! - leave no output file behind (not even a temporary one),
 //! - stay within `common::MEMORY_LIMIT` of address space (a count that makes it allocate
 //!   terabytes aborts the process, which fails the test).
+//!
 //! Cases are collected per category and all failures reported together.
 use mmfuser_convert::gguf::GgufFile;
 use serde_json::{json, Value as Json};
@@ -265,11 +266,12 @@ fn safetensors_hostile_headers() {
     let (vs, ve) = off(victim);
 
     type Edit = Box<dyn Fn(&Path)>;
+    type JsonEdit = Box<dyn Fn(&mut serde_json::Map<String, Json>)>;
     let with_header = |text: Vec<u8>| -> Edit {
         let data = data.clone();
         Box::new(move |p: &Path| write_st_bytes(p, &text, &data))
     };
-    let with_json = |f: Box<dyn Fn(&mut serde_json::Map<String, Json>)>| -> Edit {
+    let with_json = |f: JsonEdit| -> Edit {
         let (data, h) = (data.clone(), h.clone());
         Box::new(move |p: &Path| {
             let mut h = h.clone();
@@ -709,8 +711,8 @@ fn pytorch_archives() {
     let bin = "pytorch_model.bin";
     let keep = |_: &str, b: Vec<u8>| Some(b);
     type Mk = Box<dyn Fn(&Ck)>;
-    let pickle =
-        |f: Box<dyn Fn(&[u8]) -> Vec<u8>>| -> Mk { Box::new(move |ck: &Ck| rezip(ck, &f, keep)) };
+    type PklEdit = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let pickle = |f: PklEdit| -> Mk { Box::new(move |ck: &Ck| rezip(ck, &f, keep)) };
     let item = |p: Pk| -> Mk {
         let extra = p.0;
         Box::new(move |ck: &Ck| rezip(ck, |pkl| add_items(pkl, &extra), keep))
@@ -995,6 +997,23 @@ fn pytorch_archives() {
             vec![first],
         ),
         (
+            "big-endian storages",
+            Box::new(|ck: &Ck| {
+                rezip(
+                    ck,
+                    |p| p.to_vec(),
+                    |n, b| {
+                        Some(if n.ends_with("/byteorder") {
+                            b"big".to_vec()
+                        } else {
+                            b
+                        })
+                    },
+                )
+            }),
+            vec!["byteorder", "little-endian"],
+        ),
+        (
             "two data.pkl entries",
             Box::new(|ck: &Ck| {
                 let p = ck.ckpt.join("pytorch_model.bin");
@@ -1255,6 +1274,11 @@ fn config_files() {
             vec!["mm_vision_select_layer", "ckpt/config.json"],
         ),
         (
+            "tower num_hidden_layers i64::MAX (fuzz: config_parser)",
+            set("num_hidden_layers", json!(i64::MAX)),
+            vec!["not a usable layer count"],
+        ),
+        (
             "tower intermediate_size missing",
             del("intermediate_size"),
             vec!["intermediate_size"],
@@ -1317,7 +1341,7 @@ fn walk_gguf(b: &[u8]) -> GgufMap {
         match ty {
             0 | 1 | 7 => *p += 1,
             2 | 3 => *p += 2,
-            4 | 5 | 6 => *p += 4,
+            4..=6 => *p += 4,
             10..=12 => *p += 8,
             8 => *p += 8 + u64_at(*p),
             9 => {
@@ -1373,7 +1397,7 @@ fn assemble(base: &[u8], m: &GgufMap, kvs: &[Vec<u8>], infos: &[Vec<u8>]) -> Vec
     for i in infos {
         b.extend(i);
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend_from_slice(&base[m.data..]);
@@ -1661,6 +1685,17 @@ fn gguf_hostile_headers() {
                 k.push(gguf_kv("evil.nested", 9, &v));
             }),
             vec!["evil.nested"],
+        ),
+        (
+            "70 million one-byte metadata values (2 GiB as values)",
+            with_kvs(&|k| {
+                let n = 70_000_000u64;
+                let mut v = 0u32.to_le_bytes().to_vec();
+                v.extend(pow(n));
+                v.resize(v.len() + n as usize, 7);
+                k.push(gguf_kv("evil.big", 9, &v));
+            }),
+            vec!["evil.big", "metadata values"],
         ),
         (
             "bool byte 2",
@@ -2286,7 +2321,7 @@ fn big_checkpoint(root: &Path) -> PathBuf {
 
 /// Start the binary and SIGKILL it as soon as one of its temporary files in `out` has data.
 /// Returns the killed process's id. Retries (up to 5 times) if a run finishes before it is seen.
-fn kill_mid_write(a: &[OsString], cwd: &Path, out: &Path) -> u32 {
+fn kill_mid_write(a: &[OsString], cwd: &Path, out: &Path, before: &[(String, Vec<u8>)]) -> u32 {
     use std::os::unix::process::ExitStatusExt;
     for _ in 0..5 {
         let mut child = std::process::Command::new(BIN)
@@ -2322,8 +2357,14 @@ fn kill_mid_write(a: &[OsString], cwd: &Path, out: &Path) -> u32 {
             assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
             return pid;
         }
-        // It finished first: remove its outputs' effect is not possible, so start over.
+        // It finished first: put the directory back as it was and start over.
         eprintln!("run finished before it could be killed; retrying");
+        for n in dir_names(out) {
+            std::fs::remove_file(out.join(n)).unwrap();
+        }
+        for (n, b) in before {
+            std::fs::write(out.join(n), b).unwrap();
+        }
     }
     panic!("{a:?} always finished before a temporary file was seen");
 }
@@ -2375,7 +2416,7 @@ fn sigkill_mid_write_leaves_previous_file_or_nothing() {
         os(&out1),
         "-q".into(),
     ];
-    let pid = kill_mid_write(&a1, tmp.path(), &out1);
+    let pid = kill_mid_write(&a1, tmp.path(), &out1, &[]);
     assert_killed_run_left_previous(&out1, &[], pid);
     // The next run removes the dead run's temporary file, but not a live process's.
     let live = format!("{TEMP_MARK}{}-other.gguf", std::process::id());
@@ -2403,7 +2444,7 @@ fn sigkill_mid_write_leaves_previous_file_or_nothing() {
     run(q(&small_ck), tmp.path()).ok();
     let before = snapshot(&out2);
     assert_eq!(before.len(), 3);
-    let pid = kill_mid_write(&q(&big), tmp.path(), &out2);
+    let pid = kill_mid_write(&q(&big), tmp.path(), &out2, &before);
     assert_killed_run_left_previous(&out2, &before, pid);
     run(q(&big), tmp.path()).ok();
     assert!(temps(&out2).is_empty(), "{:?}", dir_names(&out2));
@@ -2433,7 +2474,12 @@ fn sigkill_mid_write_leaves_previous_file_or_nothing() {
     run(qf(&small_out.join("ckpt-F16.gguf")), tmp.path()).ok();
     let before_small = snapshot(&out3);
     assert_ne!(before, before_small);
-    let pid = kill_mid_write(&qf(&out1.join("ckpt-F16.gguf")), tmp.path(), &out3);
+    let pid = kill_mid_write(
+        &qf(&out1.join("ckpt-F16.gguf")),
+        tmp.path(),
+        &out3,
+        &before_small,
+    );
     assert_killed_run_left_previous(&out3, &before_small, pid);
     run(qf(&out1.join("ckpt-F16.gguf")), tmp.path()).ok();
     assert!(
@@ -2751,4 +2797,281 @@ fn pytorch_strided_tensor_converts_like_contiguous() {
             "{f} differs"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify's probe inputs: --pixel-values (.npy), --image, --input-ids
+
+fn npy(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = header.to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(data);
+    b
+}
+
+fn png_chunk(t: &[u8], d: &[u8]) -> Vec<u8> {
+    // CRC-32 (IEEE), as PNG wants.
+    let crc = |b: &[u8]| {
+        let mut c = 0xffff_ffffu32;
+        for &x in b {
+            c ^= x as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    };
+    let mut v = (d.len() as u32).to_be_bytes().to_vec();
+    v.extend(t);
+    v.extend(d);
+    v.extend(crc(&[t, d].concat()).to_be_bytes());
+    v
+}
+
+#[test]
+fn verify_probe_inputs() {
+    let mut cases = Cases::default();
+    let tmp = tempdir();
+    let (g, m) = good_artefacts();
+    let px = "[3, 56, 56]";
+    let f4 = |n: usize| vec![0u8; n * 4];
+    let good_header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 56, 56), }";
+    let small_png = std::fs::read(fixture("image_refs/small.png")).unwrap();
+    let mut ihdr = 65535u32.to_be_bytes().to_vec();
+    ihdr.extend(65535u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    let huge_png = [
+        &b"\x89PNG\r\n\x1a\n"[..],
+        &png_chunk(b"IHDR", &ihdr),
+        &png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]),
+        &png_chunk(b"IEND", b""),
+    ]
+    .concat();
+    let long_ids = serde_json::to_vec(
+        &std::iter::once(1)
+            .chain(std::iter::repeat_n(5, 100_000))
+            .collect::<Vec<i64>>(),
+    )
+    .unwrap();
+    let list: Vec<(&str, &str, &str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "npy: bad magic",
+            "--pixel-values",
+            "px.npy",
+            b"NUMPY\x01\x00".repeat(4),
+            vec!["magic"],
+        ),
+        (
+            "npy: header cut",
+            "--pixel-values",
+            "px.npy",
+            npy(good_header, &[])[..30].to_vec(),
+            vec!["header"],
+        ),
+        (
+            "npy: version 9",
+            "--pixel-values",
+            "px.npy",
+            [
+                &b"\x93NUMPY\x09\x00"[..],
+                &npy(good_header, &f4(3 * 56 * 56))[8..],
+            ]
+            .concat(),
+            vec!["version 9"],
+        ),
+        (
+            "npy: dtype '<'",
+            "--pixel-values",
+            "px.npy",
+            npy(
+                "{'descr': '<', 'fortran_order': False, 'shape': (3, 56, 56), }",
+                &f4(9408),
+            ),
+            vec!["dtype"],
+        ),
+        (
+            "npy: dtype non-ASCII",
+            "--pixel-values",
+            "px.npy",
+            npy(
+                "{'descr': '<\u{e9}', 'fortran_order': False, 'shape': (3, 56, 56), }",
+                &f4(9408),
+            ),
+            vec!["dtype"],
+        ),
+        (
+            "npy: shape whose product overflows",
+            "--pixel-values",
+            "px.npy",
+            npy(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4, 3), }",
+                &[],
+            ),
+            vec!["overflows"],
+        ),
+        (
+            "npy: data short",
+            "--pixel-values",
+            "px.npy",
+            npy(good_header, &f4(100)),
+            vec!["data bytes"],
+        ),
+        (
+            "npy: wrong shape",
+            "--pixel-values",
+            "px.npy",
+            npy(
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 10, 10), }",
+                &f4(300),
+            ),
+            vec![px],
+        ),
+        (
+            "npy: Fortran order",
+            "--pixel-values",
+            "px.npy",
+            npy(
+                "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 56, 56), }",
+                &f4(9408),
+            ),
+            vec!["Fortran"],
+        ),
+        (
+            "image: text",
+            "--image",
+            "img.png",
+            b"not an image at all".to_vec(),
+            vec!["PNG or JPEG"],
+        ),
+        (
+            "image: PNG cut in half",
+            "--image",
+            "img.png",
+            small_png[..small_png.len() / 2].to_vec(),
+            vec!["PNG"],
+        ),
+        (
+            "image: PNG claiming 65535x65535",
+            "--image",
+            "img.png",
+            huge_png,
+            vec!["PNG"],
+        ),
+        (
+            "image: BMP",
+            "--image",
+            "img.bmp",
+            b"BM\x3a\0\0\0\0\0\0\0\x36\0\0\0\x28\0\0\0".to_vec(),
+            vec!["not supported"],
+        ),
+        (
+            "ids: not JSON",
+            "--input-ids",
+            "ids.json",
+            b"[1, 2,".to_vec(),
+            vec!["JSON list"],
+        ),
+        (
+            "ids: out of the vocabulary",
+            "--input-ids",
+            "ids.json",
+            b"[1, 1000000000]".to_vec(),
+            vec!["token id 1000000000"],
+        ),
+        (
+            "ids: 100k positions",
+            "--input-ids",
+            "ids.json",
+            long_ids,
+            vec!["context length"],
+        ),
+        (
+            "ids: two images",
+            "--input-ids",
+            "ids.json",
+            b"[1, -200, 5, -200]".to_vec(),
+            vec!["<image>"],
+        ),
+    ];
+    for (case, flag, name, bytes, needles) in list {
+        let dir = tmp.path().join(case.replace([' ', ':', '\''], "_"));
+        std::fs::create_dir(&dir).unwrap();
+        let f = dir.join(name);
+        std::fs::write(&f, bytes).unwrap();
+        let mut a = args([
+            "verify".into(),
+            common::ckpt().into_os_string(),
+            "--vision-tower".into(),
+            common::tower().into_os_string(),
+        ]);
+        a.extend(args([
+            OsString::from("--gguf"),
+            g.clone().into(),
+            "--mmproj".into(),
+            m.clone().into(),
+            "--device".into(),
+            "cpu".into(),
+        ]));
+        a.extend(args([OsString::from(flag), f.clone().into()]));
+        let r = run(a, &dir);
+        let mut n = needles.clone();
+        if !case.starts_with("ids: two") {
+            n.push(name);
+        }
+        cases.check(case, &r, 2, &dir, &[name], &n);
+    }
+    cases.finish("verify probe inputs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crashes found by the fuzz targets (fuzz/), replayed through the same library calls. The fuzz
+// builds have overflow checks on; these tests (release) check the outcome is a clear error.
+
+#[test]
+fn fuzz_regressions() {
+    use mmfuser_convert::checkpoint::config::SelectLayers;
+    let p = Path::new("config.json");
+    // config_parser crash-e7a79de0: SelectLayers::resolve computed `n_layer as i64 + 1`, which
+    // overflows for n_layer >= i64::MAX (a panic with overflow checks, a negative count without).
+    let v: Json = serde_json::from_str(r#"{"mm_vision_select_layer": "list-22/-17/-12/-7/-2", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 24, "image_size": 336, "patch_size": 14, "intermediate_size": 4096}"#).unwrap();
+    let s = SelectLayers::parse(p, &v["mm_vision_select_layer"]).unwrap();
+    for n in [usize::MAX / 2, usize::MAX / 2 + 1, usize::MAX] {
+        let e = s.resolve(p, n).unwrap_err().to_string();
+        assert!(e.contains("not a usable layer count"), "{e}");
+    }
+    assert_eq!(s.resolve(p, 24).unwrap(), vec![3, 8, 13, 18, 23]);
+}
+
+/// The temporary file's name is predictable (`.mmfuser-partial-<pid>-<name>`): a symlink planted
+/// under it in a shared output directory must not make the writer write through it.
+#[test]
+fn planted_symlink_at_the_temporary_name_is_not_followed() {
+    use mmfuser_convert::fsutil::{write_atomic, AtomicFile};
+    let tmp = tempdir();
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out = tmp.path().join("shared");
+    std::fs::create_dir(&out).unwrap();
+    let dest = out.join("model.gguf");
+    let planted = out.join(format!("{TEMP_MARK}{}-model.gguf", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    write_atomic(&dest, b"new artefact").unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"new artefact");
+    assert!(!planted.exists() && planted.symlink_metadata().is_err());
+    // Dropped without commit: the temporary file goes, the victim stays.
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    drop(AtomicFile::create(&dest).unwrap());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(planted.symlink_metadata().is_err());
 }

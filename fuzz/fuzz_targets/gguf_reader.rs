@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(h.data_offset % h.alignment == 0);
         for t in &h.tensors {
             let end = t.offset.checked_add(t.n_bytes).expect("range overflow");
-            assert!(end <= data.len() as u64, "tensor '{}' past the end", t.info.name);
+            assert!(
+                end <= data.len() as u64,
+                "tensor '{}' past the end",
+                t.info.name
+            );
             assert!(!t.info.ne.is_empty() && t.info.ne.len() <= 4);
         }
         for (k, v) in &h.metadata.entries {

@@ -14,8 +14,16 @@ fuzz_target!(|data: &[u8]| {
         let _ = parse_state_dict(rest);
     } else if let Ok(tensors) = read_archive(Path::new("fuzz.bin"), rest) {
         for t in tensors {
-            assert!(t.range.0 <= t.range.1 && t.range.1 <= rest.len(), "{}", t.name);
-            let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).expect("numel");
+            assert!(
+                t.range.0 <= t.range.1 && t.range.1 <= rest.len(),
+                "{}",
+                t.name
+            );
+            let numel = t
+                .shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .expect("numel");
             if let Some(st) = &t.strides {
                 if numel <= 1 << 16 {
                     let out = gather(&rest[t.range.0..t.range.1], &t.shape, st, t.kind.size);

@@ -20,10 +20,17 @@ fuzz_target!(|data: &[u8]| {
         }
     } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(rest) {
         let dir = Path::new("/nonexistent/ckpt");
-        if let Ok((shards, routing)) = parse_index_json(dir, &dir.join("model.safetensors.index.json"), &v) {
+        if let Ok((shards, routing)) =
+            parse_index_json(dir, &dir.join("model.safetensors.index.json"), &v)
+        {
             for s in &shards {
-                let rel = s.strip_prefix(dir).expect("shard outside the checkpoint directory");
-                assert!(rel.components().all(|c| matches!(c, Component::Normal(_))), "{s:?}");
+                let rel = s
+                    .strip_prefix(dir)
+                    .expect("shard outside the checkpoint directory");
+                assert!(
+                    rel.components().all(|c| matches!(c, Component::Normal(_))),
+                    "{s:?}"
+                );
             }
             assert!(routing.values().all(|&i| i < shards.len()));
         }

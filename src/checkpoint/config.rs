@@ -58,7 +58,15 @@ impl SelectLayers {
     }
     /// Non-negative hidden-state indices over `n_layer + 1` entries (0 = embeddings).
     pub fn resolve(&self, path: &Path, n_layer: usize) -> Result<Vec<usize>> {
-        let n = n_layer as i64 + 1;
+        let n = i64::try_from(n_layer)
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| {
+                Error::input(
+                    path,
+                    format!("{n_layer} vision layers is not a usable layer count"),
+                )
+            })?;
         self.indices()
             .into_iter()
             .map(|i| {

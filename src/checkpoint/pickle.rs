@@ -306,7 +306,7 @@ impl<'a> Machine<'a> {
     fn extend(&mut self, items: Vec<Obj>, dict: bool) -> R<()> {
         let d = self.container_depth(&items)?;
         let n = items.len() as u64;
-        if dict && items.len() % 2 != 0 {
+        if dict && !items.len().is_multiple_of(2) {
             return self.err("SETITEMS with an odd number of objects");
         }
         let at = self.at;
@@ -375,7 +375,7 @@ impl<'a> Machine<'a> {
                     return self.err(format!("storage key '{key}' is not a plain name"));
                 }
                 StorageRef {
-                    kind: *kind,
+                    kind,
                     key: key.to_string(),
                     numel,
                 }
@@ -573,7 +573,7 @@ impl<'a> Machine<'a> {
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
-                    if items.len() % 2 != 0 {
+                    if !items.len().is_multiple_of(2) {
                         return self.err("DICT with an odd number of objects");
                     }
                     let d = self.container_depth(&items)?;
@@ -774,6 +774,20 @@ pub fn read_archive(path: &Path, bytes: &[u8]) -> Result<Vec<PthTensor>> {
         }
     };
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+    // torch.save records the byte order of the storages (absent before torch 1.10: little).
+    let bo = format!("{prefix}byteorder");
+    if zip.index_for_name(&bo).is_some() {
+        let (s, n) = stored_entry(&mut zip, &bo, bytes.len()).map_err(|e| Error::input(path, e))?;
+        if &bytes[s..s + n] != b"little" {
+            return Err(Error::input(
+                path,
+                format!(
+                    "'{bo}' says {:?}: only little-endian checkpoints are read",
+                    String::from_utf8_lossy(&bytes[s..s + n.min(16)])
+                ),
+            ));
+        }
+    }
     let (s, n) =
         stored_entry(&mut zip, &pkl_name, bytes.len()).map_err(|e| Error::input(path, e))?;
     let tensors = parse_state_dict(&bytes[s..s + n]).map_err(|e| match e.tensor {

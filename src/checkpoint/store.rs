@@ -481,11 +481,10 @@ impl TensorStore {
     /// Start reading a tensor's pages in the background (MADV_WILLNEED).
     pub fn prefetch(&self, name: &str) {
         if let Some(e) = self.entries.get(name) {
-            if let Backing::Safetensors(mmap) = &self.files[e.file].1 {
-                let s = e.range.0 / 4096 * 4096;
-                if e.range.1 > s {
-                    let _ = mmap.advise_range(memmap2::Advice::WillNeed, s, e.range.1 - s);
-                }
+            let (Backing::Safetensors(mmap) | Backing::Pth(mmap, _)) = &self.files[e.file].1;
+            let s = e.range.0 / 4096 * 4096;
+            if e.range.1 > s {
+                let _ = mmap.advise_range(memmap2::Advice::WillNeed, s, e.range.1 - s);
             }
         }
     }

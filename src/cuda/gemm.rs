@@ -146,6 +146,7 @@ impl Ty {
 /// # Safety
 /// The pointers must be live device allocations on the handle's stream, large enough for the
 /// descriptor.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn run(
     blas: &CudaBlas,
     d: &GemmDesc,

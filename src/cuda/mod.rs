@@ -20,7 +20,8 @@
 //!   rounds each weight to 2^-11, so a second plane would cost a second GEMM and buy nothing
 //!   (measured on random data: 2.0e-4 vs 2.8e-4 relative error, tests/cuda_gpu.rs);
 //! - attention: cuBLAS strided-batched SGEMMs for the scores and P.V (GQA without repeating
-//!   K/V), a row-softmax kernel with the causal mask in between.
+//!   K/V), a row-softmax kernel with the causal mask in between; for at most 8 queries (decode)
+//!   one kernel per (query, head) with the scores in shared memory.
 pub mod gemm;
 pub mod kernels;
 
@@ -617,7 +618,7 @@ impl CudaBackend {
                 | GgmlType::Q4_0
                 | GgmlType::Q4K
                 | GgmlType::Q6K
-        ) && (!raw.ty.is_quantized() || cols % raw.ty.block_size() == 0);
+        ) && (!raw.ty.is_quantized() || cols.is_multiple_of(raw.ty.block_size()));
         let (ty, bytes): (GgmlType, std::borrow::Cow<[u8]>) = if direct {
             let need = raw.ty.bytes_for((rows * cols) as u64).unwrap_or(u64::MAX) as usize;
             if raw.data.len() != need {
@@ -653,8 +654,11 @@ impl CudaBackend {
                 self.stream().clone_htod(&bytes[..]).map_err(cu)?
             }
         };
+        let n_bytes = bytes.len();
+        drop(bytes);
+        ws.release(name);
         let s = &self.inner.stats;
-        s.uploaded.fetch_add(bytes.len(), Ordering::Relaxed);
+        s.uploaded.fetch_add(n_bytes, Ordering::Relaxed);
         let w = Arc::new(DevWeight {
             ty,
             rows,
@@ -665,7 +669,7 @@ impl CudaBackend {
             cached: keep,
         });
         if keep {
-            let now = s.weights.fetch_add(bytes.len(), Ordering::Relaxed) + bytes.len();
+            let now = s.weights.fetch_add(n_bytes, Ordering::Relaxed) + n_bytes;
             s.weights_peak.fetch_max(now, Ordering::Relaxed);
             self.weights.lock().unwrap().insert(key, w.clone());
         }
@@ -934,7 +938,11 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let (n, qc) = (q.rows, q.cols);
         let (m, kc) = (k.rows, k.cols);
-        if n_head == 0 || n_head_kv == 0 || qc % n_head != 0 || n_head % n_head_kv != 0 {
+        if n_head == 0
+            || n_head_kv == 0
+            || !qc.is_multiple_of(n_head)
+            || !n_head.is_multiple_of(n_head_kv)
+        {
             return Err(bad(format!(
                 "attention: {qc} columns, {n_head} heads, {n_head_kv} kv heads"
             )));
@@ -957,11 +965,25 @@ impl CudaBackend {
             return Ok(out);
         }
         let s = self.stream();
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        // A few queries (decode): one fused kernel, scores in shared memory.
+        let smem = (m + hd) * 4;
+        if n <= MATVEC_MAX_ROWS && smem <= 40 * 1024 {
+            let cfg = LaunchConfig {
+                grid_dim: (n_head as u32, n as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            launch!(self.inner, "attn_small_f32", cfg;
+                q.ptr(s), k.ptr(s), v.ptr(s), out.ptr(s), n as i32, m as i32,
+                n_head as i32, n_head_kv as i32, hd as i32, causal as i32, scale);
+            return Ok(out);
+        }
         let sn = n_head * n * m;
         if sn > (1usize << 30) {
             return Err(bad(format!(
                 "attention over {n} x {m} positions x {n_head} heads needs {} GiB of scores",
-                sn * 4 >> 30
+                (sn * 4) >> 30
             )));
         }
         let scores = self.alloc(1, sn)?;
@@ -982,7 +1004,6 @@ impl CudaBackend {
             }
             .map_err(bad)?;
         }
-        let scale = 1.0f32 / (hd as f32).sqrt();
         launch!(self.inner, "softmax_attn_f32", rows_cfg(n_head * n);
             sp, m as i32, n as i32, causal as i32, scale);
         for r in 0..rep {
@@ -1040,7 +1061,7 @@ impl CudaBackend {
     }
 
     fn op_softmax_groups(&self, x: &CudaTensor, group: usize) -> Result<CudaTensor> {
-        if group == 0 || x.cols % group != 0 {
+        if group == 0 || !x.cols.is_multiple_of(group) {
             return Err(bad(format!(
                 "softmax over groups of {group} in {} columns",
                 x.cols
@@ -1096,7 +1117,7 @@ impl CudaBackend {
         theta: f32,
     ) -> Result<CudaTensor> {
         let c = x.cols;
-        if n_head == 0 || c % n_head != 0 || (c / n_head) % 2 != 0 {
+        if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
             return Err(bad(format!("rope: {c} columns in {n_head} heads")));
         }
         let hd = c / n_head;
@@ -1111,6 +1132,7 @@ impl CudaBackend {
         Ok(y)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn op_msda(
         &self,
         value: &CudaTensor,
@@ -1125,7 +1147,7 @@ impl CudaBackend {
         let nq = ref_grid.0 * ref_grid.1;
         let per_q = n_heads * levels.len() * n_points;
         let n_tokens: usize = levels.iter().map(|(h, w)| h * w).sum();
-        if n_heads == 0 || c % n_heads != 0 || value.rows != n_tokens {
+        if n_heads == 0 || !c.is_multiple_of(n_heads) || value.rows != n_tokens {
             return Err(bad(format!(
                 "msda: value [{}, {c}] for levels {levels:?} and {n_heads} heads",
                 value.rows
@@ -1295,7 +1317,13 @@ impl Backend for CudaBackend {
         causal: bool,
     ) -> Result<CudaTensor> {
         self.op(
-            || "attention (SGEMM, softmax, SGEMM)".into(),
+            || {
+                if q.rows <= MATVEC_MAX_ROWS {
+                    "attention (few queries, one kernel)".into()
+                } else {
+                    "attention (SGEMM, softmax, SGEMM)".into()
+                }
+            },
             || self.op_attention(q, k, v, n_head, n_head_kv, causal),
         )
     }

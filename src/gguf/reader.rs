@@ -37,10 +37,17 @@ pub struct GgufHeader {
     pub data_offset: u64,
 }
 
+/// Metadata values (array elements included) one file may hold. Each takes 32 bytes in memory
+/// however small it is in the file; real files hold a few hundred thousand (vocabulary, scores,
+/// merges), so this bounds a hostile file's metadata to about 512 MiB.
+pub const MAX_METADATA_VALUES: u64 = 1 << 24;
+
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Metadata values read so far (see MAX_METADATA_VALUES).
+    values: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -116,6 +123,12 @@ impl<'a> Cursor<'a> {
                 {
                     return Err(self.err(&format!("{what}: array count {n} exceeds the file")));
                 }
+                self.values += n;
+                if self.values > MAX_METADATA_VALUES {
+                    return Err(self.err(&format!(
+                        "{what}: more than {MAX_METADATA_VALUES} metadata values in the file"
+                    )));
+                }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(et, depth + 1, what)?);
@@ -162,7 +175,12 @@ impl GgufFile {
     /// Parse and validate the header of a GGUF file held in `buf` (the whole file: every tensor's
     /// byte range is checked against its length). `path` names the file in errors.
     pub fn parse_header(path: &Path, buf: &[u8]) -> Result<GgufHeader> {
-        let mut c = Cursor { buf, pos: 0, path };
+        let mut c = Cursor {
+            buf,
+            pos: 0,
+            path,
+            values: 0,
+        };
         let magic = c
             .take(4, "magic")
             .map_err(|_| Error::input(path, "not a GGUF file (shorter than 4 bytes)"))?;
@@ -318,6 +336,23 @@ impl GgufFile {
     /// The bytes of a tensor (bounds were checked at open).
     pub fn data(&self, t: &ReaderTensor) -> &[u8] {
         &self.mmap[t.offset as usize..(t.offset + t.n_bytes) as usize]
+    }
+
+    /// Drop a tensor's pages from this process (they stay in the page cache): keeps resident
+    /// memory near what is in use when a model is read tensor by tensor.
+    pub fn release(&self, t: &ReaderTensor) {
+        let start = t.offset as usize / 4096 * 4096;
+        let end = (t.offset + t.n_bytes) as usize;
+        if end > start {
+            // SAFETY: clean, read-only file pages; dropping them only forces a re-read on next use.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

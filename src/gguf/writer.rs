@@ -141,6 +141,17 @@ impl Sink {
         self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok())
     }
 
+    /// Hand over an owned buffer without copying it (large converted chunks).
+    fn put_vec(&mut self, v: Vec<u8>) -> bool {
+        if v.len() < SINK_CHUNK / 4 {
+            return self.put(&v);
+        }
+        if !self.send() {
+            return false;
+        }
+        self.tx.as_ref().is_some_and(|tx| tx.send(v).is_ok())
+    }
+
     /// Returns false once the worker has stopped on an error (see `join`).
     fn put(&mut self, bytes: &[u8]) -> bool {
         if self.buf.len() + bytes.len() > SINK_CHUNK && !self.send() {
@@ -249,6 +260,19 @@ impl GgufWriter {
     }
     pub fn put_data(&mut self, data: &[u8]) -> Result<()> {
         self.put(data)
+    }
+    /// `put_data` for an owned buffer: handed to the writer thread without a copy.
+    pub fn put_data_vec(&mut self, data: Vec<u8>) -> Result<()> {
+        let n = data.len() as u64;
+        if !self.sink.put_vec(data) {
+            let (_, _, e) = self.sink.join();
+            return Err(Error::io(
+                &self.tmp,
+                e.unwrap_or_else(|| std::io::Error::other("write failed")),
+            ));
+        }
+        self.written += n;
+        Ok(())
     }
     pub fn end_tensor(&mut self) -> Result<()> {
         let t = &self.tensors[self.next];

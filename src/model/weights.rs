@@ -33,17 +33,20 @@ pub trait WeightSource: Send + Sync {
     fn origin(&self) -> PathBuf {
         PathBuf::from("<weights>")
     }
+    /// A hint that the model is done with this weight's stored bytes for now: memory-mapped
+    /// sources drop its pages from the process (they stay in the page cache), so resident memory
+    /// stays near one layer instead of growing to the whole mapped model.
+    fn release(&self, _name: &str) {}
     /// f32 candle Tensor (CPU) of the weight, in its PyTorch shape.
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let raw = self.raw(name)?;
         let n = raw.n_elements();
         let values =
             dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
-        Ok(Tensor::from_vec(
-            values,
-            raw.shape.as_slice(),
-            &Device::Cpu,
-        )?)
+        let shape = raw.shape.clone();
+        drop(raw);
+        self.release(name);
+        Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
     }
 }
 
@@ -82,6 +85,8 @@ pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tens
         let bytes = &raw.data[id * row_bytes..(id + 1) * row_bytes];
         out.extend(dequantize(raw.ty, bytes, cols).map_err(err)?);
     }
+    drop(raw);
+    ws.release(name);
     Ok(Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?)
 }
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prepare the GPU check bundle (issue "CUDA"): builds here (no CUDA toolkit needed), copies the CLI,
+# the GPU test binaries, the bench and the PyTorch anchor into .dev/gpu/ (ignored by git), ready to
+# be carried to a GPU machine and run there as `bash scripts/gpu_run.sh` (logs under $OUT):
+#   scripts/gpu_prepare.sh   # then, on the GPU box, from the repo root: bash scripts/gpu_run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
+cargo build --release --examples
+G=.dev/gpu; mkdir -p $G
+bin_of() { cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null \
+  | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
+cp target/release/mmfuser-convert $G/
+cp "$(bin_of cuda_nvrtc)" $G/cuda_nvrtc
+cp "$(bin_of cuda_gpu)" $G/cuda_gpu
+cp target/release/examples/cuda_bench $G/
+cp ../shared/reference/torch_anchor.py $G/
+cp scripts/gpu_run.sh $G/run.sh
+ls -la $G
