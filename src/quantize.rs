@@ -487,3 +487,58 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         tensors: records,
     })
 }
+
+#[cfg(test)]
+mod thread_tests {
+    use super::*;
+
+    fn encode_with(
+        threads: usize,
+        src_ty: GgmlType,
+        data: &[u8],
+        row: usize,
+        out: GgmlType,
+    ) -> Vec<u8> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut bytes = vec![];
+            encode_tensor(src_ty, data, row, out, |b| {
+                bytes.extend_from_slice(&b);
+                Ok(())
+            })
+            .unwrap();
+            bytes
+        })
+    }
+
+    /// Tensors big enough to be split into many chunks give the same bytes on 1 and 3 threads.
+    #[test]
+    fn encoding_does_not_depend_on_thread_count() {
+        let (rows, row) = (1024, 4096); // 4M values: several 1M-value chunks
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let vals: Vec<f32> = (0..rows * row)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect();
+        let bf16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        for out in [GgmlType::F16, GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0] {
+            let one = encode_with(1, GgmlType::BF16, &bf16, row, out);
+            let three = encode_with(3, GgmlType::BF16, &bf16, row, out);
+            assert_eq!(
+                one.len() as u64,
+                out.bytes_for((rows * row) as u64).unwrap()
+            );
+            assert!(one == three, "{out}: bytes depend on the thread count");
+        }
+    }
+}
