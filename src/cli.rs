@@ -149,6 +149,10 @@ Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 u
         /// Bound on the mean KL divergence (default: per LLM file type, see the README).
         #[arg(long)]
         tolerance: Option<f64>,
+        /// Bound on the image embeddings' relative RMS error (default per mmproj type: F32 1e-5,
+        /// F16/BF16 1e-2, Q8_0 3e-2), so a broken mmproj fails even under a loose LLM bound.
+        #[arg(long, value_name = "T")]
+        image_tolerance: Option<f64>,
         /// cpu, cuda or auto (auto: CUDA when usable, else CPU).
         #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
         device: String,
@@ -368,6 +372,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 mmproj,
                 vision_tower: Some(tower),
                 tolerance: None,
+                image_tolerance: None,
                 image: None,
                 pixel_values: None,
                 prompt: None,
@@ -388,6 +393,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             mmproj,
             vision_tower,
             tolerance,
+            image_tolerance,
             device,
             image,
             pixel_values,
@@ -403,6 +409,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 mmproj,
                 vision_tower,
                 tolerance,
+                image_tolerance,
                 image,
                 pixel_values,
                 prompt,

@@ -23,6 +23,17 @@ pub const DEFAULT_QUESTION: &str = "Describe the image.";
 /// Q4_K_S 5.4e-2, Q4_K_M 5.7e-2, Q4_0 7.7e-2 (a tiny random model is harsh on 4-bit; llama.cpp
 /// reports 1.3e-2 for Q4_K_M on LLaMA-2 7B). Bounds are 2.5-3x the fixture's figure; broken
 /// artefacts (unpermuted Q/K, swapped layers, zeroed gamma) measure 1e-2 and more against F16.
+/// Default bound on the image embeddings' relative RMS error, per mmproj file type: the image side
+/// has no distribution to compare, and a broken mmproj must not hide behind a loose LLM bound.
+/// Fixture: F16 0 (weights f16-exact), BF16 9.2e-4, Q8_0 (CLIP blocks) 2.9e-3; bounds ~10x that.
+pub fn default_image_tolerance(ft: Option<FileType>) -> f64 {
+    match ft {
+        Some(FileType::AllF32) => 1e-5,
+        Some(FileType::MostlyQ8_0) => 3e-2,
+        _ => 1e-2,
+    }
+}
+
 pub fn default_tolerance(ft: Option<FileType>) -> f64 {
     match ft {
         Some(FileType::AllF32) => 1e-6,
@@ -42,6 +53,8 @@ pub struct VerifyOptions {
     pub mmproj: PathBuf,
     pub vision_tower: Option<PathBuf>,
     pub tolerance: Option<f64>,
+    /// Bound on the image embeddings' relative RMS error (default per mmproj type).
+    pub image_tolerance: Option<f64>,
     pub image: Option<PathBuf>,
     pub pixel_values: Option<PathBuf>,
     pub prompt: Option<String>,
@@ -87,6 +100,8 @@ pub struct Report {
     pub logits: Metrics,
     pub tolerance_kl_mean: f64,
     pub tolerance_source: String,
+    /// Bound on the image embeddings' relative RMS error (default per mmproj file type).
+    pub tolerance_image_rel_rms: f64,
     pub passed: bool,
     pub reasons: Vec<String>,
     pub device: String,
@@ -400,6 +415,16 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             "mean KL divergence {kl:.3e} exceeds the tolerance {tol:.3e} ({tol_src})"
         ));
     }
+    let mmproj_ft = file_type_of(&art.mmproj);
+    let img_tol = opts
+        .image_tolerance
+        .unwrap_or_else(|| default_image_tolerance(mmproj_ft));
+    if has_image && !(image_embeddings.rel_rms <= img_tol) {
+        reasons.push(format!(
+            "image embeddings differ by relative RMS {:.3e}, above the bound {img_tol:.1e} (the mmproj: CLIP, fuser or projector)",
+            image_embeddings.rel_rms
+        ));
+    }
     if let Some(b) = dev.cuda() {
         eprintln!("{}", b.memory_report());
     }
@@ -411,7 +436,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         llm_file_type: llm_ft
             .map(|f| f.name().to_string())
             .unwrap_or_else(|| "unknown".into()),
-        mmproj_file_type: file_type_of(&art.mmproj)
+        mmproj_file_type: mmproj_ft
             .map(|f| f.name().to_string())
             .unwrap_or_else(|| "unknown".into()),
         probe: Probe {
@@ -429,6 +454,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         logits,
         tolerance_kl_mean: tol,
         tolerance_source: tol_src,
+        tolerance_image_rel_rms: img_tol,
         passed: reasons.is_empty(),
         reasons,
         device: dev.name().into(),
@@ -476,8 +502,8 @@ pub fn render(r: &Report) -> String {
         );
     }
     s += &format!(
-        "\ntolerance: mean KL <= {:.1e} ({})\n",
-        r.tolerance_kl_mean, r.tolerance_source
+        "\ntolerance: mean KL <= {:.1e} ({}); image embeddings rel RMS <= {:.1e}\n",
+        r.tolerance_kl_mean, r.tolerance_source, r.tolerance_image_rel_rms
     );
     if r.passed {
         s += &format!("PASS ({:.2} s on {})\n", r.seconds, r.device);

@@ -1274,6 +1274,14 @@ fn config_files() {
             vec!["mm_vision_select_layer", "ckpt/config.json"],
         ),
         (
+            "tower image_size 2^40 with patch_size 1 (patch count overflows)",
+            Box::new(|j: &mut Json| {
+                j["image_size"] = json!(1u64 << 40);
+                j["patch_size"] = json!(1);
+            }),
+            vec!["too many patches"],
+        ),
+        (
             "tower num_hidden_layers i64::MAX (fuzz: config_parser)",
             set("num_hidden_layers", json!(i64::MAX)),
             vec!["not a usable layer count"],

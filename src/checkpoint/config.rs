@@ -276,6 +276,13 @@ pub fn clip_hparams(
             format!("image_size {image_size} is not a multiple of patch_size {patch_size}"),
         ));
     }
+    // The patch count (its square) must not overflow; real towers have 16 to 48 per side.
+    if image_size / patch_size > 1 << 16 {
+        return Err(Error::input(
+            path,
+            format!("image_size {image_size} / patch_size {patch_size}: too many patches"),
+        ));
+    }
     Ok(ClipHParams {
         image_size,
         patch_size,
