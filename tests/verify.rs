@@ -1,7 +1,8 @@
 //! verify end to end: passes good artefacts at default tolerance, fails sabotaged ones, and the
 //! source-side forward matches the fixture's float64 reference (transformers + PyTorch).
-use mmfuser_convert::gguf::{GgufFile, GgufWriter};
-use mmfuser_convert::recipe::permute_rows;
+#[path = "common/sabotage.rs"]
+mod sabotage;
+use mmfuser_convert::gguf::GgufFile;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,32 +47,6 @@ fn verify(llm: &Path, mmproj: &Path, extra: &[&str]) -> (i32, serde_json::Value,
     (rc, v, err)
 }
 
-/// Rewrite a GGUF with `edit(name, bytes)` applied to tensor data (and optional renames).
-fn sabotage(
-    src: &Path,
-    dst: &Path,
-    rename: &dyn Fn(&str) -> String,
-    edit: &dyn Fn(&str, &GgufFile, &mut Vec<u8>),
-) {
-    let g = GgufFile::open(src).unwrap();
-    let infos: Vec<_> = g
-        .tensors
-        .iter()
-        .map(|t| {
-            let mut i = t.info.clone();
-            i.name = rename(&i.name);
-            i
-        })
-        .collect();
-    let mut w = GgufWriter::create(dst, &g.metadata, infos.clone()).unwrap();
-    for (t, i) in g.tensors.iter().zip(&infos) {
-        let mut data = g.data(t).to_vec();
-        edit(&t.info.name, &g, &mut data);
-        w.write_tensor(&i.name, &data).unwrap();
-    }
-    w.finish().unwrap();
-}
-
 #[test]
 fn passes_good_artefacts_at_default_tolerance() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,70 +83,8 @@ fn passes_good_artefacts_at_default_tolerance() {
 fn fails_sabotaged_artefacts() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj) = convert(dir.path());
-    let same = |n: &str| n.to_string();
-    let none = |_: &str, _: &GgufFile, _: &mut Vec<u8>| {};
-    // 1. Q/K left unpermuted: undo the permutation (applying it twice is not the identity, applying the
-    //    inverse is; the inverse of "rows 2i+a <- a*half+i" is easiest as: permute again until back).
-    let unperm = dir.path().join("unperm.gguf");
-    sabotage(&llm, &unperm, &same, &|name, g, data| {
-        let heads = if name.ends_with("attn_q.weight") {
-            4
-        } else if name.ends_with("attn_k.weight") {
-            2
-        } else {
-            return;
-        };
-        let t = g.tensor(name).unwrap();
-        let (cols, rows) = (t.info.ne[0] as usize, t.info.ne[1] as usize);
-        // permute_rows has order log2(head_dim) on each head; apply it until it cycles back to the HF layout.
-        let orig = data.clone();
-        let mut cur = permute_rows(&orig, rows, cols, heads, 2);
-        let mut prev = orig.clone();
-        while cur != orig {
-            prev = cur.clone();
-            cur = permute_rows(&cur, rows, cols, heads, 2);
-        }
-        *data = prev;
-    });
-    // 2. Two layers swapped.
-    let swapped = dir.path().join("swapped.gguf");
-    sabotage(
-        &llm,
-        &swapped,
-        &|n: &str| {
-            if let Some(r) = n.strip_prefix("blk.0.") {
-                format!("blk.1.{r}")
-            } else if let Some(r) = n.strip_prefix("blk.1.") {
-                format!("blk.0.{r}")
-            } else {
-                n.to_string()
-            }
-        },
-        &none,
-    );
-    // 3. A fuser gamma zeroed.
-    let gamma = dir.path().join("mmproj-gamma.gguf");
-    sabotage(&mmproj, &gamma, &same, &|name, _, data| {
-        if name == "mm.fuser.gamma2" {
-            data.iter_mut().for_each(|b| *b = 0);
-        }
-    });
-    // 4. One tensor's bytes perturbed (a few f16 values of one matrix).
-    let perturbed = dir.path().join("perturbed.gguf");
-    sabotage(&llm, &perturbed, &same, &|name, _, data| {
-        if name == "blk.1.ffn_down.weight" {
-            for i in (0..data.len()).step_by(2).take(2000) {
-                data[i + 1] ^= 0x04;
-            }
-        }
-    });
-    for (what, l, m) in [
-        ("unpermuted Q/K", &unperm, &mmproj),
-        ("swapped layers", &swapped, &mmproj),
-        ("zeroed gamma2", &llm, &gamma),
-        ("perturbed tensor", &perturbed, &mmproj),
-    ] {
-        let (rc, r, err) = verify(l, m, &[]);
+    for (what, l, m) in sabotage::sabotaged_artefacts(dir.path(), &llm, &mmproj) {
+        let (rc, r, err) = verify(&l, &m, &[]);
         assert_eq!(rc, 1, "{what} must fail: {err} {r}");
         assert_eq!(r["passed"], false, "{what}");
         let kl = r["logits"]["kl_mean"].as_f64().unwrap();
@@ -386,7 +299,7 @@ fn perturbed_tensor_without_manifest_is_caught_by_the_logits() {
     // The Q4_K_M LLM: every block of one tensor gets its scale's sign bit flipped (d is the
     // first f16 of each 144-byte Q4_K block), i.e. the tensor is negated.
     let pert = dir.path().join("q4-perturbed.gguf");
-    sabotage(&q4, &pert, &|n| n.to_string(), &|name, g, data| {
+    sabotage::sabotage(&q4, &pert, &|n| n.to_string(), &|name, g, data| {
         if name == "blk.0.ffn_up.weight" {
             let t = g.tensor(name).unwrap();
             assert_eq!(t.info.ty.name(), "Q4_K");
@@ -409,7 +322,7 @@ fn perturbed_tensor_without_manifest_is_caught_by_the_logits() {
     // the F16 LLM: verify's pass/fail is the logits' KL alone, and with a Q4_K_M LLM this fault
     // measures KL 6.6e-2, inside Q4_K_M's 0.15, although the image embeddings are 16% off.)
     let pm = dir.path().join("mmproj-perturbed.gguf");
-    sabotage(&mmproj, &pm, &|n| n.to_string(), &|name, _, data| {
+    sabotage::sabotage(&mmproj, &pm, &|n| n.to_string(), &|name, _, data| {
         if name == "v.blk.2.attn_v.weight" {
             for i in (1..data.len()).step_by(2) {
                 data[i] ^= 0x80;

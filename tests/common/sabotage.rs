@@ -1,0 +1,100 @@
+//! Broken artefacts for verify's fail tests (CPU in tests/verify.rs, CUDA in tests/cuda_gpu.rs):
+//! each is a GGUF rewritten with one deliberate fault.
+use mmfuser_convert::gguf::{GgufFile, GgufWriter};
+use mmfuser_convert::recipe::permute_rows;
+use std::path::{Path, PathBuf};
+
+/// Rewrite a GGUF with `edit(name, bytes)` applied to tensor data (and optional renames).
+pub fn sabotage(
+    src: &Path,
+    dst: &Path,
+    rename: &dyn Fn(&str) -> String,
+    edit: &dyn Fn(&str, &GgufFile, &mut Vec<u8>),
+) {
+    let g = GgufFile::open(src).unwrap();
+    let infos: Vec<_> = g
+        .tensors
+        .iter()
+        .map(|t| {
+            let mut i = t.info.clone();
+            i.name = rename(&i.name);
+            i
+        })
+        .collect();
+    let mut w = GgufWriter::create(dst, &g.metadata, infos.clone()).unwrap();
+    for (t, i) in g.tensors.iter().zip(&infos) {
+        let mut data = g.data(t).to_vec();
+        edit(&t.info.name, &g, &mut data);
+        w.write_tensor(&i.name, &data).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// The four sabotaged (LLM, mmproj) pairs built from the fixture's F16 artefacts, written into `dir`:
+/// Q/K left unpermuted, layers 0 and 1 swapped, the fuser's gamma2 zeroed, one tensor perturbed.
+pub fn sabotaged_artefacts(
+    dir: &Path,
+    llm: &Path,
+    mmproj: &Path,
+) -> Vec<(&'static str, PathBuf, PathBuf)> {
+    let same = |n: &str| n.to_string();
+    let none = |_: &str, _: &GgufFile, _: &mut Vec<u8>| {};
+    // Q/K left unpermuted: the permutation has a finite order on each head; applying it until the
+    // data cycles back, the step before is its inverse (the HF layout).
+    let unperm = dir.join("unperm.gguf");
+    sabotage(llm, &unperm, &same, &|name, g, data| {
+        let heads = if name.ends_with("attn_q.weight") {
+            4
+        } else if name.ends_with("attn_k.weight") {
+            2
+        } else {
+            return;
+        };
+        let t = g.tensor(name).unwrap();
+        let (cols, rows) = (t.info.ne[0] as usize, t.info.ne[1] as usize);
+        let orig = data.clone();
+        let mut cur = permute_rows(&orig, rows, cols, heads, 2);
+        let mut prev = orig.clone();
+        while cur != orig {
+            prev = cur.clone();
+            cur = permute_rows(&cur, rows, cols, heads, 2);
+        }
+        *data = prev;
+    });
+    let swapped = dir.join("swapped.gguf");
+    sabotage(
+        llm,
+        &swapped,
+        &|n: &str| {
+            if let Some(r) = n.strip_prefix("blk.0.") {
+                format!("blk.1.{r}")
+            } else if let Some(r) = n.strip_prefix("blk.1.") {
+                format!("blk.0.{r}")
+            } else {
+                n.to_string()
+            }
+        },
+        &none,
+    );
+    let gamma = dir.join("mmproj-gamma.gguf");
+    sabotage(mmproj, &gamma, &same, &|name, _, data| {
+        if name == "mm.fuser.gamma2" {
+            data.iter_mut().for_each(|b| *b = 0);
+        }
+    });
+    // A few f16 values of one matrix perturbed.
+    let perturbed = dir.join("perturbed.gguf");
+    sabotage(llm, &perturbed, &same, &|name, _, data| {
+        if name == "blk.1.ffn_down.weight" {
+            for i in (0..data.len()).step_by(2).take(2000) {
+                data[i + 1] ^= 0x04;
+            }
+        }
+    });
+    vec![
+        ("unpermuted Q/K", unperm, mmproj.to_path_buf()),
+        ("swapped layers", swapped, mmproj.to_path_buf()),
+        ("zeroed gamma2", llm.to_path_buf(), gamma),
+        ("perturbed tensor", perturbed, mmproj.to_path_buf()),
+    ]
+}
