@@ -938,22 +938,15 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let (n, qc) = (q.rows, q.cols);
         let (m, kc) = (k.rows, k.cols);
-        if n_head == 0
-            || n_head_kv == 0
-            || !qc.is_multiple_of(n_head)
-            || !n_head.is_multiple_of(n_head_kv)
-        {
-            return Err(bad(format!(
-                "attention: {qc} columns, {n_head} heads, {n_head_kv} kv heads"
-            )));
-        }
-        let hd = qc / n_head;
-        if kc != n_head_kv * hd || (v.rows, v.cols) != (m, kc) || (causal && m < n) {
-            return Err(bad(format!(
-                "attention: q [{n}, {qc}], k [{m}, {kc}], v [{}, {}]",
-                v.rows, v.cols
-            )));
-        }
+        let hd = crate::model::ops::attention_head_dim(
+            (n, qc),
+            (m, kc),
+            (v.rows, v.cols),
+            n_head,
+            n_head_kv,
+            causal,
+        )
+        .map_err(bad)?;
         let out = self.alloc(n, qc)?;
         if n == 0 || hd == 0 {
             return Ok(out);

@@ -105,6 +105,37 @@ pub trait Backend {
     fn concat_rows(&self, xs: &[&Self::T]) -> Result<Self::T>;
 }
 
+/// The shape rules of [`Backend::attention`], shared by every backend: q [n, n_head*hd],
+/// k and v [m, n_head_kv*hd], n_head a multiple of n_head_kv, and m >= n when causal.
+/// Returns the head dimension, or why the shapes do not fit.
+pub fn attention_head_dim(
+    q: (usize, usize),
+    k: (usize, usize),
+    v: (usize, usize),
+    n_head: usize,
+    n_head_kv: usize,
+    causal: bool,
+) -> std::result::Result<usize, String> {
+    let ((n, qc), (m, kc)) = (q, k);
+    if n_head == 0
+        || n_head_kv == 0
+        || !qc.is_multiple_of(n_head)
+        || !n_head.is_multiple_of(n_head_kv)
+    {
+        return Err(format!(
+            "attention: {qc} columns, {n_head} heads, {n_head_kv} kv heads"
+        ));
+    }
+    let hd = qc / n_head;
+    if kc != n_head_kv * hd || v != (m, kc) || (causal && m < n) {
+        return Err(format!(
+            "attention: q [{n}, {qc}], k [{m}, {kc}], v [{}, {}]",
+            v.0, v.1
+        ));
+    }
+    Ok(hd)
+}
+
 /// The CPU backend: candle-core tensors (gemm + rayon for matmuls), hand-written loops for the rest.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -392,25 +423,9 @@ impl Backend for CpuBackend {
         causal: bool,
     ) -> Result<Tensor> {
         let (n, qc) = dims2(q);
-        let (m, kc) = dims2(k);
-        if n_head == 0
-            || n_head_kv == 0
-            || !qc.is_multiple_of(n_head)
-            || !n_head.is_multiple_of(n_head_kv)
-        {
-            return Err(bad(format!(
-                "attention: {qc} columns, {n_head} heads, {n_head_kv} kv heads"
-            )));
-        }
-        let hd = qc / n_head;
-        if kc != n_head_kv * hd || dims2(v) != (m, kc) || (causal && m < n) {
-            return Err(bad(format!(
-                "attention: q {:?}, k {:?}, v {:?}",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            )));
-        }
+        let m = dims2(k).0;
+        let hd = attention_head_dim((n, qc), dims2(k), dims2(v), n_head, n_head_kv, causal)
+            .map_err(bad)?;
         let rep = n_head / n_head_kv;
         // Query heads of one kv group are adjacent: [n_kv, rep*n, hd] without repeating k/v.
         let qh = q
