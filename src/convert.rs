@@ -182,18 +182,29 @@ fn mmproj_file_type(ft: FileType, vision_type: Option<GgmlType>) -> FileType {
     }
 }
 
-/// True if any value is NaN or ±Inf; returns the first index.
+/// Index of the first NaN or ±Inf value, if any. Scans 256-byte blocks without branching (the
+/// compiler vectorizes it: at 7B scale an early-exit loop cost 6 s of the main thread), and
+/// looks for the exact index only inside a block that has one.
 pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
+    fn scan<const N: usize>(bytes: &[u8], bad: impl Fn([u8; N]) -> bool) -> Option<usize> {
+        const BLOCK: usize = 256;
+        let elem = |c: &[u8]| -> [u8; N] { c.try_into().expect("chunks_exact") };
+        bytes.chunks(BLOCK).enumerate().find_map(|(bi, block)| {
+            let any = block
+                .chunks_exact(N)
+                .fold(0u8, |acc, c| acc | bad(elem(c)) as u8);
+            (any != 0).then(|| {
+                let i = block.chunks_exact(N).position(|c| bad(elem(c)));
+                bi * BLOCK / N + i.expect("a hit in this block")
+            })
+        })
+    }
     match ty {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .position(|c| u32::from_le_bytes(c.try_into().unwrap()) & 0x7f80_0000 == 0x7f80_0000),
-        GgmlType::F16 => bytes
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        GgmlType::F32 => scan::<4>(bytes, |c| {
+            u32::from_le_bytes(c) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        GgmlType::F16 => scan::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7c00 == 0x7c00),
+        GgmlType::BF16 => scan::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7f80 == 0x7f80),
         _ => None,
     }
 }
@@ -223,13 +234,11 @@ pub fn write_artefact(
         }
         let row_len = *r.row.shape.last().unwrap_or(&1);
         w.begin_tensor(&t.info.name)?;
-        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, |b| {
-            w.put_data_vec(b)
-        })
-        .map_err(|e| match e {
-            Error::Other(m) => Error::tensor(&file, &r.row.src, m),
-            e => e,
-        })?;
+        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, &mut w)
+            .map_err(|e| match e {
+                Error::Other(m) => Error::tensor(&file, &r.row.src, m),
+                e => e,
+            })?;
         w.end_tensor()?;
         src.store(r.store).release(&r.row.src);
         progress.inc(data.data.len() as u64, &t.info.name);
@@ -349,4 +358,38 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_bytes: crate::progress::peak_rss_bytes(),
     })
+}
+
+#[cfg(test)]
+mod nonfinite_tests {
+    use super::*;
+
+    /// Every position of one NaN/Inf in every float type, against a plain per-value test.
+    #[test]
+    fn finds_the_first_nonfinite_value() {
+        let n = 700; // several 256-byte blocks plus a tail
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            let enc = |v: f32| -> Vec<u8> {
+                match ty {
+                    GgmlType::F32 => v.to_le_bytes().to_vec(),
+                    GgmlType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                    _ => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                }
+            };
+            let finite: Vec<u8> = (0..n).flat_map(|i| enc(i as f32 * 0.37 - 100.0)).collect();
+            assert_eq!(first_nonfinite(ty, &finite), None, "{ty}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for pos in [0, 1, 63, 64, 127, 128, 255, 256, n - 1] {
+                    let mut b = finite.clone();
+                    let sz = ty.type_size();
+                    b[pos * sz..(pos + 1) * sz].copy_from_slice(&enc(bad));
+                    // a second one later must not win
+                    if pos + 5 < n {
+                        b[(pos + 5) * sz..(pos + 6) * sz].copy_from_slice(&enc(bad));
+                    }
+                    assert_eq!(first_nonfinite(ty, &b), Some(pos), "{ty} {bad} at {pos}");
+                }
+            }
+        }
+    }
 }

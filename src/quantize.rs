@@ -2,7 +2,8 @@
 //! order and metadata layout; and the per-tensor encoder shared with checkpoint conversion.
 use crate::error::{Error, Result};
 use crate::gguf::{
-    FileType, GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo, Value, GGML_QNT_VERSION,
+    DataSink, FileType, GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo, Value,
+    GGML_QNT_VERSION,
 };
 use crate::hparams::ModelHParams;
 use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
@@ -65,11 +66,10 @@ fn cast_float(out: GgmlType, f: &[f32]) -> Option<Vec<u8>> {
     })
 }
 
-/// Float source values as f32 through half's slice conversions (F16C/SIMD where available).
-fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut Vec<f32>) -> Result<()> {
+/// Float source values as f32 through half's slice conversions (F16C/SIMD where available);
+/// `dst.len()` values.
+fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
     use half::slice::HalfFloatSliceExt;
-    let n = bytes.len() / ty.type_size();
-    dst.resize(n, 0.0);
     match ty {
         GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
             Ok(v) => dst.copy_from_slice(v),
@@ -80,62 +80,108 @@ fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut Vec<f32>) -> Result<()> {
         },
         GgmlType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
             Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => {
-                bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).convert_to_f32_slice(dst)
-            }
+            Err(_) => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(d, c)| {
+                    *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }),
         },
         GgmlType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
             Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => {
-                bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes).convert_to_f32_slice(dst)
-            }
+            Err(_) => dst
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(d, c)| {
+                    *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }),
         },
         other => return Err(Error::other(format!("{other} is not a float type"))),
     }
     Ok(())
 }
 
-/// Float -> float conversion (no statistics: a cast is not a quantization), in parallel chunks.
+/// f32 values into float output bytes (`dst.len() / out.type_size()` values), rounding as
+/// [`cast_float`].
+fn f32_to_float(out: GgmlType, f: &[f32], dst: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    match out {
+        GgmlType::F32 => match bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
+            Ok(d) => d.copy_from_slice(f),
+            Err(_) => dst
+                .chunks_exact_mut(4)
+                .zip(f)
+                .for_each(|(d, v)| d.copy_from_slice(&v.to_le_bytes())),
+        },
+        GgmlType::F16 => match bytemuck::try_cast_slice_mut::<u8, half::f16>(dst) {
+            Ok(h) => h.convert_from_f32_slice(f),
+            Err(_) => dst.copy_from_slice(&cast_float(out, f).expect("float output")),
+        },
+        _ => dst.copy_from_slice(&cast_float(out, f).expect("float output")),
+    }
+}
+
+/// Values per step of an in-place float cast: the f32 scratch (16 KiB) stays in L1.
+const CAST_STEP: usize = 4096;
+/// Output bytes per parallel task of an in-place float cast.
+const CAST_TASK_BYTES: usize = 1 << 20;
+
+/// Cast float `src` values into `dst` (same number of values), in parallel 1 MiB pieces, each
+/// through a small f32 scratch: no allocation per tensor, data stays in cache between the steps.
+fn cast_into(src_ty: GgmlType, src: &[u8], out: GgmlType, dst: &mut [u8]) -> Result<()> {
+    let (is, os) = (src_ty.type_size(), out.type_size());
+    let task_values = CAST_TASK_BYTES / os;
+    dst.par_chunks_mut(task_values * os)
+        .zip(src.par_chunks(task_values * is))
+        .try_for_each(|(d, s)| {
+            let mut f = [0f32; CAST_STEP];
+            for (dd, ss) in d.chunks_mut(CAST_STEP * os).zip(s.chunks(CAST_STEP * is)) {
+                let n = dd.len() / os;
+                float_to_f32(src_ty, ss, &mut f[..n])?;
+                f32_to_float(out, &f[..n], dd);
+            }
+            Ok(())
+        })
+}
+
+/// Float -> float conversion (no statistics: a cast is not a quantization). A float source is
+/// cast straight into the writer's buffers; a quantized one is dequantized in parallel chunks.
 fn encode_float(
     src_ty: GgmlType,
     data: &[u8],
     out: GgmlType,
-    mut sink: impl FnMut(Vec<u8>) -> Result<()>,
+    sink: &mut dyn DataSink,
 ) -> Result<()> {
-    use half::slice::HalfFloatSliceExt;
-    if !src_ty.is_quantized() && !matches!(src_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+    let (is, os) = (src_ty.type_size(), out.type_size());
+    if matches!(src_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        let n = data.len() / is;
+        return sink.put_with(n * os, os, &mut |off, dst| {
+            let first = off / os;
+            let src = &data[first * is..(first + dst.len() / os) * is];
+            cast_into(src_ty, src, out, dst)
+        });
+    }
+    if !src_ty.is_quantized() {
         return Err(Error::other(format!("cannot convert {src_ty}")));
     }
     const CHUNK_VALUES: usize = 1 << 20;
-    let in_chunk = CHUNK_VALUES * src_ty.type_size();
+    let in_chunk = src_ty
+        .bytes_for(CHUNK_VALUES as u64)
+        .ok_or_else(|| Error::other(format!("cannot convert {src_ty}")))?
+        as usize;
     let chunks: Vec<&[u8]> = data.chunks(in_chunk).collect();
     for batch in chunks.chunks(rayon::current_num_threads() * 2) {
         let outs: Vec<Result<Vec<u8>>> = batch
             .par_iter()
             .map(|c| {
-                let mut f = Vec::new();
-                if src_ty.is_quantized() {
-                    f = to_f32(src_ty, c)?;
-                } else {
-                    float_to_f32(src_ty, c, &mut f)?;
-                }
-                Ok(match out {
-                    GgmlType::F16 => {
-                        // Convert straight into the output bytes (malloc aligns far beyond 2 bytes).
-                        let mut bytes = vec![0u8; f.len() * 2];
-                        match bytemuck::try_cast_slice_mut::<u8, half::f16>(&mut bytes) {
-                            Ok(h) => h.convert_from_f32_slice(&f),
-                            Err(_) => bytes = cast_float(out, &f).expect("float output"),
-                        }
-                        bytes
-                    }
-                    GgmlType::F32 => bytemuck::cast_slice(&f).to_vec(),
-                    _ => cast_float(out, &f).expect("float output"),
-                })
+                let f = to_f32(src_ty, c)?;
+                let mut bytes = vec![0u8; f.len() * os];
+                f32_to_float(out, &f, &mut bytes);
+                Ok(bytes)
             })
             .collect();
         for o in outs {
-            sink(o?)?;
+            sink.put(&o?)?;
         }
     }
     Ok(())
@@ -149,10 +195,10 @@ pub fn encode_tensor(
     data: &[u8],
     row_len: usize,
     out: GgmlType,
-    mut sink: impl FnMut(Vec<u8>) -> Result<()>,
+    sink: &mut dyn DataSink,
 ) -> Result<ErrStats> {
     if src_ty == out {
-        sink(data.to_vec())?;
+        sink.put(data)?;
         return Ok(ErrStats::default());
     }
     if cast_float(out, &[]).is_some() {
@@ -195,7 +241,7 @@ pub fn encode_tensor(
             let (q, s) = o?;
             stats.sum_sq += s.sum_sq;
             stats.sum_sq_err += s.sum_sq_err;
-            sink(q)?;
+            sink.put(&q)?;
         }
     }
     Ok(stats)
@@ -412,13 +458,12 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
             }
         }
         w.begin_tensor(&t.name)?;
-        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, |b| {
-            w.put_data_vec(b)
-        })
-        .map_err(|e| match e {
-            Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
-            e => e,
-        })?;
+        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, &mut w).map_err(
+            |e| match e {
+                Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
+                e => e,
+            },
+        )?;
         w.end_tensor()?;
         progress.inc(rt.n_bytes, &t.name);
         *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
@@ -504,12 +549,8 @@ mod thread_tests {
             .build()
             .unwrap();
         pool.install(|| {
-            let mut bytes = vec![];
-            encode_tensor(src_ty, data, row, out, |b| {
-                bytes.extend_from_slice(&b);
-                Ok(())
-            })
-            .unwrap();
+            let mut bytes: Vec<u8> = vec![];
+            encode_tensor(src_ty, data, row, out, &mut bytes).unwrap();
             bytes
         })
     }

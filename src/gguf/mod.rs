@@ -1,9 +1,10 @@
 //! The GGUF container: value types, a streaming writer and an mmap reader.
 pub mod reader;
+pub mod sink;
 pub mod types;
 pub mod value;
 pub mod writer;
 pub use reader::{GgufFile, ReaderTensor};
 pub use types::*;
 pub use value::{Metadata, Value};
-pub use writer::{GgufWriter, TensorInfo};
+pub use writer::{DataSink, GgufWriter, TensorInfo};

@@ -3,12 +3,12 @@
 //! streams in order: memory holds one tensor at a time. Output goes to a temporary file that
 //! is renamed into place only after the last byte (see `fsutil::AtomicFile`).
 //! Hand-written: candle's writer needs every tensor in RAM and writes v2 (rust-crates.md §3).
+use super::sink::Sink;
 use super::types::*;
 use super::value::{encode_str, Metadata, Value};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::fsutil::AtomicFile;
-use sha2::{Digest, Sha256};
-use std::io::Write;
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 
 /// One tensor as it will appear in the file. `ne` is GGUF order (ne[0] contiguous).
@@ -100,93 +100,47 @@ pub fn encode_header(meta: &Metadata, tensors: &[TensorInfo]) -> Result<(Vec<u8>
     Ok((out, offsets))
 }
 
-/// Hashing and writing on a background thread, so that converting the next chunk overlaps with
-/// sha256 and the write system calls (the two cost as much CPU as the conversion itself).
-struct Sink {
-    buf: Vec<u8>,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    worker: Option<std::thread::JoinHandle<SinkResult>>,
+/// Where a tensor's encoded bytes go: the GGUF writer, or a plain Vec (tests, in-memory use).
+pub trait DataSink {
+    fn put(&mut self, bytes: &[u8]) -> Result<()>;
+    /// `n` bytes produced in place by `fill(offset, dst)`, each `dst` a whole number of `unit`s
+    /// (see [`GgufWriter::put_data_with`]).
+    fn put_with(
+        &mut self,
+        n: usize,
+        unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<()>;
 }
 
-type SinkResult = (Option<AtomicFile>, Sha256, Option<std::io::Error>);
-
-const SINK_CHUNK: usize = 4 << 20;
-
-impl Sink {
-    fn new(mut file: AtomicFile) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let worker = std::thread::spawn(move || {
-            let mut h = Sha256::new();
-            for chunk in rx {
-                h.update(&chunk);
-                if let Err(e) = file.write_all(&chunk) {
-                    // Dropping `file` removes the temporary file; later sends fail.
-                    return (None, h, Some(e));
-                }
-            }
-            (Some(file), h, None)
-        });
-        Sink {
-            buf: Vec::with_capacity(SINK_CHUNK),
-            tx: Some(tx),
-            worker: Some(worker),
-        }
+impl DataSink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.extend_from_slice(bytes);
+        Ok(())
     }
-
-    fn send(&mut self) -> bool {
-        if self.buf.is_empty() {
-            return true;
-        }
-        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(SINK_CHUNK));
-        self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok())
-    }
-
-    /// Hand over an owned buffer without copying it (large converted chunks).
-    fn put_vec(&mut self, v: Vec<u8>) -> bool {
-        if v.len() < SINK_CHUNK / 4 {
-            return self.put(&v);
-        }
-        if !self.send() {
-            return false;
-        }
-        self.tx.as_ref().is_some_and(|tx| tx.send(v).is_ok())
-    }
-
-    /// Returns false once the worker has stopped on an error (see `join`).
-    fn put(&mut self, bytes: &[u8]) -> bool {
-        if self.buf.len() + bytes.len() > SINK_CHUNK && !self.send() {
-            return false;
-        }
-        if bytes.len() >= SINK_CHUNK {
-            self.buf.extend_from_slice(bytes);
-            return self.send();
-        }
-        self.buf.extend_from_slice(bytes);
-        true
-    }
-
-    fn join(&mut self) -> SinkResult {
-        self.send();
-        self.tx = None;
-        match self.worker.take().map(|w| w.join()) {
-            Some(Ok(r)) => r,
-            _ => (
-                None,
-                Sha256::new(),
-                Some(std::io::Error::other("writer thread failed")),
-            ),
-        }
+    fn put_with(
+        &mut self,
+        n: usize,
+        _unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let start = self.len();
+        self.resize(start + n, 0);
+        fill(0, &mut self[start..])
     }
 }
 
-impl Drop for Sink {
-    /// Wait for the worker so that an abandoned file's temporary copy is removed before we return.
-    fn drop(&mut self) {
-        self.buf.clear();
-        self.tx = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
+impl DataSink for GgufWriter {
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        self.put_data(bytes)
+    }
+    fn put_with(
+        &mut self,
+        n: usize,
+        unit: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.put_data_with(n, unit, fill)
     }
 }
 
@@ -227,14 +181,19 @@ impl GgufWriter {
 
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
         if !self.sink.put(bytes) {
-            let (_, _, e) = self.sink.join();
-            return Err(Error::io(
-                &self.tmp,
-                e.unwrap_or_else(|| std::io::Error::other("write failed")),
-            ));
+            return Err(self.sink_error());
         }
         self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    /// The writer threads stopped: stop them for good and report why.
+    fn sink_error(&mut self) -> Error {
+        let e = self.sink.join().error;
+        Error::io(
+            &self.tmp,
+            e.unwrap_or_else(|| std::io::Error::other("write failed")),
+        )
     }
 
     /// The tensor expected next.
@@ -261,17 +220,39 @@ impl GgufWriter {
     pub fn put_data(&mut self, data: &[u8]) -> Result<()> {
         self.put(data)
     }
-    /// `put_data` for an owned buffer: handed to the writer thread without a copy.
-    pub fn put_data_vec(&mut self, data: Vec<u8>) -> Result<()> {
-        let n = data.len() as u64;
-        if !self.sink.put_vec(data) {
-            let (_, _, e) = self.sink.join();
-            return Err(Error::io(
-                &self.tmp,
-                e.unwrap_or_else(|| std::io::Error::other("write failed")),
-            ));
+    /// Append `n` bytes produced in place, straight into the output buffers (no intermediate
+    /// copy): `fill(offset, dst)` must write the data's bytes `offset..offset + dst.len()`.
+    /// Every `dst` is a whole number of `unit`s (the element size), so a converter never sees
+    /// a split element.
+    pub fn put_data_with(
+        &mut self,
+        n: usize,
+        unit: usize,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        let unit = unit.max(1);
+        let mut done = 0;
+        while done < n {
+            let Some(cur) = self.sink.current() else {
+                return Err(self.sink_error());
+            };
+            let spare = cur.spare();
+            let k = (spare.len() / unit * unit).min(n - done);
+            if k == 0 {
+                // Less than one element of room left in this buffer: go through a small copy.
+                let mut one = vec![0u8; unit.min(n - done)];
+                fill(done, &mut one)?;
+                self.put(&one)?;
+                done += one.len();
+                continue;
+            }
+            fill(done, &mut spare[..k])?;
+            if !self.sink.advance(k) {
+                return Err(self.sink_error());
+            }
+            self.written += k as u64;
+            done += k;
         }
-        self.written += n;
         Ok(())
     }
     pub fn end_tensor(&mut self) -> Result<()> {
@@ -338,14 +319,14 @@ impl GgufWriter {
                 self.tensors[self.next].name
             )));
         }
-        let (file, hasher, err) = self.sink.join();
-        if let Some(e) = err {
+        let end = self.sink.join();
+        if let Some(e) = end.error {
             return Err(Error::io(&self.tmp, e));
         }
-        let mut file = file
+        let file = end
+            .file
             .ok_or_else(|| Error::io(&self.tmp, std::io::Error::other("writer thread failed")))?;
-        file.flush().at(&self.tmp)?;
-        Ok((file, self.written, hex(&hasher.finalize())))
+        Ok((file, self.written, hex(&end.sha256.finalize())))
     }
 }
 
