@@ -26,6 +26,8 @@
 # write_GB / dd_write_GBps) / seconds, i.e. 1.0 = as fast as the disk allows.
 # Caveat: page cache. With DROP_CACHES=1 (root, writable /proc/sys/vm/drop_caches) caches are
 # dropped before every step; otherwise a step may read data still cached from the previous one.
+# Every step starts after a `sync` (untimed): without it, the first step after synth competed with
+# the writeback of synth's 27 GB and read at a fifth of the disk's speed.
 #
 # Environment: SIZE (7b|13b|tiny, default 7b), BENCH_DIR (default target/bench), ORACLE_VENV
 # (default ~/oracle-venv), THREADS (default nproc), DD_GB (default 4), KEEP=1, SKIP_MICRO=1,
@@ -81,6 +83,10 @@ bytes_of() { # total size of the given files/dirs (missing ones count 0)
 # measure NAME READ_BYTES OUTPUT_PATH -- CMD...   (OUTPUT_PATH: file or dir whose size is "written")
 measure() {
   local name="$1" rb="$2" outp="$3"; shift 4
+  # Flush what earlier steps left dirty (synth writes 27 GB without fsync), so a step does not
+  # pay for its predecessor's writeback. Not timed. Our commands fsync their own outputs (timed);
+  # llama.cpp's converter does not, so its dirty pages are flushed here, before the next step.
+  sync
   drop_caches
   local log="$BENCH_DIR/time-$name.txt"
   echo "== $name: $*"

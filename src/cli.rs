@@ -416,9 +416,12 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 input_ids,
                 dump_logits,
             };
-            // Everything that stops verify from running is a usage or input error (exit 2).
-            let r = crate::verify::run_on(&opts, &argv, &dev)
-                .map_err(|e| Error::usage(e.to_string()))?;
+            // Everything that stops verify from running is a usage or input error (exit 2),
+            // reported with its own message (naming file and tensor), not as a usage line.
+            let r = crate::verify::run_on(&opts, &argv, &dev).map_err(|e| match e {
+                Error::Usage(_) => e,
+                e => Error::CannotCheck(Box::new(e)),
+            })?;
             if json {
                 print_json(&r)?;
             } else {

@@ -99,9 +99,31 @@ pub fn ne_of(shape: &[usize]) -> Vec<u64> {
     shape.iter().rev().map(|&d| d as u64).collect()
 }
 
+/// The model name used in output file names: --name, else the checkpoint directory's name. It
+/// must be one plain file-name part: `--name ../x` would write outside the output directory, and
+/// a leading dot could collide with our temporary files (which `cleanup_stale_temps` deletes).
+pub fn output_name(src: &Source, opts: &ConvertOptions) -> Result<String> {
+    let Some(name) = opts.name.clone() else {
+        // A directory's own name is one path part already; only a leading dot needs care.
+        let derived = src.name.trim_start_matches('.');
+        return Ok(if derived.is_empty() { "model" } else { derived }.to_string());
+    };
+    if name.is_empty()
+        || name.starts_with('.')
+        || name.contains(['/', '\\', '\0'])
+        || name.len() > 200
+    {
+        return Err(Error::usage(format!(
+            "--name '{}' cannot be used in file names: use 1-200 characters, no '/', '\\' or NUL, not starting with '.'",
+            name.escape_debug()
+        )));
+    }
+    Ok(name)
+}
+
 /// Decide every output tensor's type and build the artefacts' metadata.
 pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<ArtefactPlan>> {
-    let name = opts.name.clone().unwrap_or_else(|| src.name.clone());
+    let name = output_name(src, opts)?;
     src.vars.set("name", Var::Str(name.clone()));
     let ft = opts.file_type;
     // The base type for non-quantized outputs; quantized file types start from F16 for the mmproj.
@@ -279,6 +301,7 @@ pub fn write_artefact(
 pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let t0 = Instant::now();
     let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
+    output_name(&src, opts)?; // a bad --name is refused before anything is created
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     crate::fsutil::cleanup_stale_temps(&opts.out_dir);
     let plans = plan_artefacts(&mut src, opts)?;
@@ -316,11 +339,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let input_hashes = hasher
         .join()
         .map_err(|_| Error::other("input hashing thread panicked"))??;
-    let stem = format!(
-        "{}-{}",
-        opts.name.clone().unwrap_or_else(|| src.name.clone()),
-        opts.file_type.name()
-    );
+    let stem = format!("{}-{}", output_name(&src, opts)?, opts.file_type.name());
     let m = Manifest::new(
         &opts.command_line,
         &src.recipe.name,
@@ -330,24 +349,8 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
         src.dropped.iter().map(|(_, n)| n.clone()).collect(),
     );
     let manifest_path = opts.out_dir.join(format!("{stem}.manifest.json"));
-    let mut written_paths: Vec<PathBuf> = vec![];
-    for file in pending {
-        match file.commit() {
-            Ok(p) => written_paths.push(p),
-            Err(e) => {
-                for p in &written_paths {
-                    let _ = std::fs::remove_file(p);
-                }
-                return Err(e);
-            }
-        }
-    }
-    if let Err(e) = m.write(&manifest_path) {
-        for p in &written_paths {
-            let _ = std::fs::remove_file(p);
-        }
-        return Err(e);
-    }
+    pending.push(m.write_pending(&manifest_path)?);
+    crate::fsutil::commit_all(pending)?;
     Ok(ConvertSummary {
         recipe: src.recipe.name.clone(),
         tensors_written: outputs.iter().map(|o| o.tensors).sum(),

@@ -27,6 +27,10 @@ pub enum Error {
     /// Anything else (numerical backends, CUDA, internal invariants).
     #[error("{0}")]
     Other(String),
+    /// An error that stopped a check from running at all, as opposed to a check that ran and
+    /// failed: same message, exit code 2 (verify's contract: 1 means "not within tolerance").
+    #[error("{0}")]
+    CannotCheck(Box<Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -64,7 +68,7 @@ impl Error {
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::CannotCheck(_) => 2,
             _ => 1,
         }
     }

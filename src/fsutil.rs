@@ -9,6 +9,18 @@ use std::path::{Path, PathBuf};
 /// Prefix of every temporary file we create; `cleanup_stale_temps` removes old ones.
 pub const TEMP_MARK: &str = ".mmfuser-partial-";
 
+/// An error while writing `dest` through its temporary file: named by the file the user asked
+/// for, with the temporary name (already removed by then) as a detail.
+pub fn write_error(dest: &Path, tmp: &Path, e: std::io::Error) -> Error {
+    let note = format!(
+        "{e} (while writing its temporary file {}, now removed)",
+        tmp.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    );
+    Error::io(dest, std::io::Error::new(e.kind(), note))
+}
+
 /// A file being written. Dropped without `commit` => the temporary file is removed.
 pub struct AtomicFile {
     tmp: PathBuf,
@@ -61,10 +73,16 @@ impl AtomicFile {
     pub fn dest(&self) -> &Path {
         &self.dest
     }
+    /// A write error, named by the destination (see [`write_error`]).
+    pub fn error(&self, e: std::io::Error) -> Error {
+        write_error(&self.dest, &self.tmp, e)
+    }
     /// Flush, fsync and rename into place.
     pub fn commit(mut self) -> Result<PathBuf> {
         let f = self.file.take().expect("commit once");
-        f.sync_all().at(&self.tmp)?;
+        if let Err(e) = f.sync_all() {
+            return Err(write_error(&self.dest, &self.tmp, e));
+        }
         drop(f);
         std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
         Ok(self.dest.clone())
@@ -106,10 +124,31 @@ pub fn open_input(path: &Path) -> Result<File> {
 /// Write a whole small file atomically.
 pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;
-    let tmp = f.temp_path().to_path_buf();
-    f.write_all(bytes).at(&tmp)?;
+    if let Err(e) = f.write_all(bytes) {
+        return Err(f.error(e));
+    }
     f.commit()?;
     Ok(())
+}
+
+/// Rename complete files into place, in order. If one rename fails, the ones already renamed
+/// are removed again, so a set of files (artefacts + their manifest) appears all or nothing.
+/// Every file was fully written and flushed before the first rename, so the only failure left
+/// here is a rename, the one step that cannot run out of space.
+pub fn commit_all(files: Vec<AtomicFile>) -> Result<Vec<PathBuf>> {
+    let mut done: Vec<PathBuf> = vec![];
+    for f in files {
+        match f.commit() {
+            Ok(p) => done.push(p),
+            Err(e) => {
+                for p in &done {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Remove temporary files left by a killed earlier run (their process no longer exists).

@@ -79,8 +79,21 @@ impl Manifest {
         }
     }
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.write_pending(path)?.commit().map(|_| ())
+    }
+    /// Written under a temporary name, to be renamed together with the artefacts it describes
+    /// (see `fsutil::commit_all`): a full disk shows up before any earlier file is replaced.
+    pub fn write_pending(&self, path: &Path) -> Result<crate::fsutil::AtomicFile> {
+        use std::io::Write;
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::other(e.to_string()))?;
-        crate::fsutil::write_atomic(path, text.as_bytes())
+        let mut f = crate::fsutil::AtomicFile::create(path)?;
+        if let Err(e) = f
+            .write_all(text.as_bytes())
+            .and_then(|_| f.file().sync_all())
+        {
+            return Err(f.error(e));
+        }
+        Ok(f)
     }
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;

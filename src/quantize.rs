@@ -358,6 +358,10 @@ pub fn default_output(input: &Path, tag: &str) -> PathBuf {
 pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
     let t0 = Instant::now();
     let g = GgufFile::open(&opts.input)?;
+    // Hash the input on another thread while quantizing (it shares the page cache with the map).
+    let input_path = opts.input.clone();
+    let input_hasher =
+        std::thread::spawn(move || manifest::hash_files(std::slice::from_ref(&input_path)));
     let arch = g.get_str("general.architecture")?.to_string();
     let is_mmproj = arch == "clip";
     let (ft, tag) = if is_mmproj {
@@ -491,7 +495,8 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         });
     }
     progress.finish();
-    let (path, bytes, sha256) = w.finish()?;
+    let (file, bytes, sha256) = w.finish_pending()?;
+    let path = file.dest().to_path_buf();
     let output = OutputRecord {
         kind: if is_mmproj {
             "mmproj".into()
@@ -504,7 +509,9 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         file_type: ft.name().into(),
         tensors: infos.len(),
     };
-    let inputs = manifest::hash_files(std::slice::from_ref(&opts.input))?;
+    let inputs = input_hasher
+        .join()
+        .map_err(|_| Error::other("input hashing thread panicked"))??;
     let m = Manifest::new(
         &opts.command_line,
         "quantize",
@@ -517,10 +524,8 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         "{}.manifest.json",
         path.file_stem().unwrap_or_default().to_string_lossy()
     ));
-    if let Err(e) = m.write(&mpath) {
-        let _ = std::fs::remove_file(&path);
-        return Err(e);
-    }
+    let manifest_file = m.write_pending(&mpath)?;
+    crate::fsutil::commit_all(vec![file, manifest_file])?;
     Ok(QuantizeSummary {
         input: opts.input.clone(),
         output,

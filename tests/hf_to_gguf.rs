@@ -1190,6 +1190,17 @@ fn usage_errors_exit_2() {
         tmp.path(),
     );
     assert_rejected(&r, 2, &out, &[], &["--outtype"]);
+    // --name must be a plain file-name part: nothing may be written outside -o.
+    for bad in ["../escaped", "a/b", ".hidden", ""] {
+        let r = convert(&ckpt(), Some(&tower()), &out, &["--name", bad]);
+        assert_rejected(&r, 2, &out, &[], &["--name"]);
+        assert!(!out.exists(), "--name {bad:?} created the output directory");
+        assert_eq!(
+            dir_names(tmp.path()),
+            Vec::<String>::new(),
+            "--name {bad:?} wrote next to the output directory"
+        );
+    }
 }
 
 /// A failure in the second artefact (a NaN in CLIP block 3) must not leave the first one (the

@@ -2617,6 +2617,56 @@ fn full_disk_leaves_nothing() {
             &["No space left on device"],
         );
     }
+    // A previous conversion in place, and a rerun whose manifest does not fit: the manifest is
+    // written (under its temporary name) before any rename, so the previous artefacts and
+    // manifest survive byte for byte.
+    if mounted == sizes.len() {
+        let dir = tmp.path().join("tmpfs-rerun");
+        if let Some(_m) = mount_tmpfs(&dir, "size=64m") {
+            let r = run(hf(&dir), tmp.path());
+            assert_eq!(r.code, 0, "first run: {}", r.stderr);
+            let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
+                dir_names(d)
+                    .into_iter()
+                    .map(|n| {
+                        let b = std::fs::read(d.join(&n)).unwrap();
+                        (n, b)
+                    })
+                    .collect()
+            };
+            let before = snapshot(&dir);
+            let used: u64 = before.iter().map(|(n, _)| pages(&dir.join(n))).sum();
+            let manifest = before
+                .iter()
+                .find(|(n, _)| n.ends_with(".manifest.json"))
+                .map(|(_, b)| b.len() as u64)
+                .unwrap();
+            assert!(manifest > 4096, "the manifest must not fit in one page");
+            let size = used + both + 4096;
+            let ok = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "remount {} to {size} bytes", dir.display());
+            let r = run(hf(&dir), tmp.path());
+            let keep: Vec<String> = before.iter().map(|(n, _)| n.clone()).collect();
+            let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+            cases.check(
+                "tmpfs rerun, the new manifest does not fit / hf-to-gguf",
+                &r,
+                1,
+                &dir,
+                &keep,
+                &["No space left on device"],
+            );
+            assert!(
+                snapshot(&dir) == before,
+                "the previous conversion changed after a failed rerun"
+            );
+        }
+    }
     // quantize (a GGUF, and a checkpoint in one pass) onto a 512 KiB tmpfs.
     let dir = tmp.path().join("tmpfs-q");
     if mounted == sizes.len() {

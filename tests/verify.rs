@@ -152,7 +152,8 @@ fn source_forward_matches_transformers_reference() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let (rc, _, _) = run(&[
+    // An input error: exit 2 (verify could not run), reported as what it is, naming the file.
+    let (rc, _, err) = run(&[
         "verify",
         CK,
         "--gguf",
@@ -161,8 +162,14 @@ fn usage_errors_exit_2() {
         "/nonexistent2.gguf",
     ]);
     assert_eq!(rc, 2);
-    let (rc, _, _) = run(&["verify", CK]);
+    assert!(err.contains("/nonexistent"), "{err}");
+    assert!(
+        !err.contains("usage:"),
+        "an input error shown as a usage error: {err}"
+    );
+    let (rc, _, err) = run(&["verify", CK]);
     assert_eq!(rc, 2);
+    assert!(err.contains("usage") || err.contains("Usage"), "{err}");
 }
 
 #[test]

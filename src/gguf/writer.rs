@@ -148,6 +148,7 @@ impl DataSink for GgufWriter {
 pub struct GgufWriter {
     sink: Sink,
     tmp: PathBuf,
+    dest: PathBuf,
     tensors: Vec<TensorInfo>,
     next: usize,
     alignment: u64,
@@ -169,6 +170,7 @@ impl GgufWriter {
         let mut w = GgufWriter {
             sink: Sink::new(file),
             tmp,
+            dest: dest.to_path_buf(),
             tensors,
             next: 0,
             alignment,
@@ -190,7 +192,8 @@ impl GgufWriter {
     /// The writer threads stopped: stop them for good and report why.
     fn sink_error(&mut self) -> Error {
         let e = self.sink.join().error;
-        Error::io(
+        crate::fsutil::write_error(
+            &self.dest,
             &self.tmp,
             e.unwrap_or_else(|| std::io::Error::other("write failed")),
         )
@@ -321,11 +324,15 @@ impl GgufWriter {
         }
         let end = self.sink.join();
         if let Some(e) = end.error {
-            return Err(Error::io(&self.tmp, e));
+            return Err(crate::fsutil::write_error(&self.dest, &self.tmp, e));
         }
-        let file = end
-            .file
-            .ok_or_else(|| Error::io(&self.tmp, std::io::Error::other("writer thread failed")))?;
+        let file = end.file.ok_or_else(|| {
+            crate::fsutil::write_error(
+                &self.dest,
+                &self.tmp,
+                std::io::Error::other("writer thread failed"),
+            )
+        })?;
         Ok((file, self.written, hex(&end.sha256.finalize())))
     }
 }
