@@ -105,6 +105,7 @@ measure() {
 }
 
 # ---- 0. micro-bench
+rm -f "$BENCH_DIR/micro.txt"
 if [ "${SKIP_MICRO:-0}" != 1 ]; then
   echo "== quantizer micro-bench (4096 x 11008, MB/s of f32 input; see src/quant/tests.rs quant_speed)"
   cargo test --release --quiet --lib quant_speed -- --ignored --nocapture 2>&1 | grep -E 'MB/s' | tee "$BENCH_DIR/micro.txt" || echo "   (quant_speed test not found or failed)"

@@ -266,20 +266,13 @@ pub fn write_artefact(
         progress.inc(data.data.len() as u64, &t.info.name);
         records.push(TensorRecord {
             source: r.row.src.clone(),
-            source_file: file
-                .file_name()
-                .map(|f| f.to_string_lossy().to_string())
-                .unwrap_or_default(),
+            source_file: manifest::file_name(&file),
             dtype: src.dtype_name(r).to_string(),
             shape: r.row.shape.clone(),
             gguf: t.info.name.clone(),
             artefact: plan.kind.clone(),
             ggml_type: t.info.ty.name().to_string(),
-            quant_rel_rms: if t.info.ty.is_quantized() {
-                Some(stats.rel_rms())
-            } else {
-                None
-            },
+            quant_rel_rms: TensorRecord::quant_error(data.ty, t.info.ty, stats.rel_rms()),
         });
     }
     let (file, bytes, sha) = w.finish_pending()?;

@@ -39,6 +39,25 @@ pub struct TensorRecord {
     pub quant_rel_rms: Option<f64>,
 }
 
+impl TensorRecord {
+    /// `quant_rel_rms` as both writers record it: only for tensors quantized by this run (a
+    /// float cast is not a quantization, a block copied unchanged has no new error).
+    pub fn quant_error(
+        src: crate::gguf::GgmlType,
+        out: crate::gguf::GgmlType,
+        rel_rms: f64,
+    ) -> Option<f64> {
+        (out.is_quantized() && out != src).then_some(rel_rms)
+    }
+}
+
+/// A path's file name as recorded in the manifest.
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|f| f.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema: String,

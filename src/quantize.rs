@@ -473,11 +473,7 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
         *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
         records.push(TensorRecord {
             source: t.name.clone(),
-            source_file: opts
-                .input
-                .file_name()
-                .map(|f| f.to_string_lossy().to_string())
-                .unwrap_or_default(),
+            source_file: manifest::file_name(&opts.input),
             dtype: rt.info.ty.name().to_string(),
             shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
             gguf: t.name.clone(),
@@ -487,11 +483,7 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
                 "llm".into()
             },
             ggml_type: t.ty.name().to_string(),
-            quant_rel_rms: if t.ty != rt.info.ty {
-                Some(stats.rel_rms())
-            } else {
-                None
-            },
+            quant_rel_rms: TensorRecord::quant_error(rt.info.ty, t.ty, stats.rel_rms()),
         });
     }
     progress.finish();
