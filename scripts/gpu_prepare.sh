@@ -8,12 +8,17 @@ cd "$(dirname "$0")/.."
 grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
 cargo build --release --examples
 G=.dev/gpu; mkdir -p $G
+# The test binary of target $1 (cargo also lists the CLI it builds for the tests: pick by name).
 bin_of() { cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null \
-  | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
+  | grep "\"name\":\"$1\"" | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
 cp target/release/mmfuser-convert $G/
 cp "$(bin_of cuda_nvrtc)" $G/cuda_nvrtc
 cp "$(bin_of cuda_gpu)" $G/cuda_gpu
 cp target/release/examples/cuda_bench $G/
 cp ../shared/reference/torch_anchor.py $G/
 cp scripts/gpu_run.sh $G/run.sh
+# Refuse a bundle whose test binaries are not test binaries (they list their tests).
+for t in cuda_nvrtc cuda_gpu; do
+  [ "$($G/$t --list 2>/dev/null | grep -c ': test$')" -gt 0 ] || { echo "gpu_prepare: $G/$t is not the $t test binary" >&2; exit 1; }
+done
 ls -la $G
