@@ -276,32 +276,18 @@ impl GgufWriter {
 
     /// Append the data of the next tensor (must be exactly its size).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let t = self.tensors.get(self.next).ok_or_else(|| {
-            Error::other(format!(
-                "tensor '{name}' written after the last declared tensor"
-            ))
-        })?;
-        if t.name != name {
-            return Err(Error::other(format!(
-                "tensor '{name}' written where '{}' was declared",
-                t.name
-            )));
-        }
-        let want = t.n_bytes()?;
+        let want = self.begin_tensor(name)?;
         if data.len() as u64 != want {
+            let t = &self.tensors[self.next];
             return Err(Error::other(format!(
-                "tensor '{name}': {} bytes given, {} expected for {} {:?}",
+                "tensor '{name}': {} bytes given, {want} expected for {} {:?}",
                 data.len(),
-                want,
                 t.ty,
                 t.ne
             )));
         }
         self.put(data)?;
-        let pad = (align_offset(self.written, self.alignment) - self.written) as usize;
-        self.put(&vec![0u8; pad])?;
-        self.next += 1;
-        Ok(())
+        self.end_tensor()
     }
 
     /// Check every tensor was written, flush, fsync and rename into place. Returns (path, bytes, sha256 hex).
