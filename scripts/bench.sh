@@ -18,6 +18,8 @@
 #   5. llama.cpp: convert_hf_to_gguf.py on the plain-llama view -> F16.
 #   6. llama.cpp: llama_model_quantize (via ../shared/oracle/quantize_with_llamacpp.py) of that
 #      F16 file -> Q4_K_M, --threads $THREADS.
+#   7. ours: `quantize --bits 4` of the same llama.cpp F16 file; the output must be byte-identical
+#      to step 6's (printed under the table).
 # Outputs are deleted as soon as they have been measured, to bound disk use.
 #
 # Table columns: seconds; GB moved (bytes read + written, 1e9); GB/s = GB / seconds; peak RSS;
@@ -147,6 +149,14 @@ if [ "${SKIP_LLAMACPP:-0}" != 1 ]; then
   [ "${KEEP:-0}" = 1 ] || rm -rf "$LL"
   F_BYTES=$(bytes_of "$F")
   measure llamacpp_q4km "$F_BYTES" "$O/llama-Q4_K_M.gguf" -- "$PY" "$LLAMA_QUANT" "$F" --types Q4_K_M --threads "$THREADS" --outdir "$O" --stem llama
+  # 7. ours on llama.cpp's own F16 file: same job as step 6, and its bytes must equal llama.cpp's.
+  measure ours_quant_gguf "$F_BYTES" "$O/ours-Q4_K_M.gguf" -- "$BIN" quantize --bits 4 "$F" -o "$O/ours-Q4_K_M.gguf" -q --threads "$THREADS"
+  if cmp -s "$O/llama-Q4_K_M.gguf" "$O/ours-Q4_K_M.gguf"; then
+    IDENTICAL="identical to llama.cpp's ($(sha256sum "$O/ours-Q4_K_M.gguf" | cut -c1-16)..., $(stat -c %s "$O/ours-Q4_K_M.gguf") bytes)"
+  else
+    IDENTICAL="DIFFERENT from llama.cpp's: $(cmp "$O/llama-Q4_K_M.gguf" "$O/ours-Q4_K_M.gguf" 2>&1 | head -1 || true)"
+  fi
+  echo "   ours_quant_gguf Q4_K_M: $IDENTICAL"
   rm -rf "$O"
 fi
 
@@ -162,9 +172,11 @@ for r in "${ROWS[@]}"; do
   case "$n" in
     ours_f16) [ -n "${SEC[llamacpp_f16]:-}" ] && ratio=$(awk -v a="$s" -v b="${SEC[llamacpp_f16]}" 'BEGIN{printf "%.2f", a/b}');;
     ours_q4km) [ -n "${SEC[llamacpp_q4km]:-}" ] && ratio=$(awk -v a="$s" -v b="${SEC[llamacpp_f16]}" -v c="${SEC[llamacpp_q4km]}" 'BEGIN{printf "%.2f (vs conv+quant)", a/(b+c)}');;
+    ours_quant_gguf) [ -n "${SEC[llamacpp_q4km]:-}" ] && ratio=$(awk -v a="$s" -v b="${SEC[llamacpp_q4km]}" 'BEGIN{printf "%.2f", a/b}');;
   esac
   awk -v n="$n" -v s="$s" -v rb="$rb" -v wb="$wb" -v rss="$rss" -v ratio="$ratio" -v dr="$DD_R" -v dw="$DD_W" 'BEGIN{
     gb=(rb+wb)/1e9; ideal=rb/1e9/dr + wb/1e9/dw;
     printf "%-16s %9.1f %9.2f %8.3f %10.2f %12s %10.2f\n", n, s, gb, gb/s, rss/1048576, ratio, ideal/s }'
 done
+if [ -n "${IDENTICAL:-}" ]; then echo "ours_quant_gguf output: $IDENTICAL"; fi
 if [ -f "$BENCH_DIR/micro.txt" ]; then echo; echo "quantizer micro-bench (threads: see src/quant/tests.rs):"; cat "$BENCH_DIR/micro.txt"; fi
