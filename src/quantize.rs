@@ -469,6 +469,8 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
             },
         )?;
         w.end_tensor()?;
+        // Keep resident memory near one tensor (a 7B F16 input otherwise ends at 12.6 GiB RSS).
+        g.release(rt);
         progress.inc(rt.n_bytes, &t.name);
         *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
         records.push(TensorRecord {
