@@ -133,8 +133,8 @@ pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 
 /// Rename complete files into place, in order. If one rename fails, the ones already renamed
 /// are removed again, so a set of files (artefacts + their manifest) appears all or nothing.
-/// Every file was fully written and flushed before the first rename, so the only failure left
-/// here is a rename, the one step that cannot run out of space.
+/// Every file was fully written and fsynced before the first rename, so what can still fail
+/// here is a rename alone (rare: no data is written).
 pub fn commit_all(files: Vec<AtomicFile>) -> Result<Vec<PathBuf>> {
     let mut done: Vec<PathBuf> = vec![];
     for f in files {
