@@ -66,41 +66,6 @@ fn cast_float(out: GgmlType, f: &[f32]) -> Option<Vec<u8>> {
     })
 }
 
-/// Float source values as f32 through half's slice conversions (F16C/SIMD where available);
-/// `dst.len()` values.
-fn float_to_f32(ty: GgmlType, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
-    use half::slice::HalfFloatSliceExt;
-    match ty {
-        GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
-            Ok(v) => dst.copy_from_slice(v),
-            Err(_) => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(4))
-                .for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        },
-        GgmlType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-            Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(2))
-                .for_each(|(d, c)| {
-                    *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }),
-        },
-        GgmlType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(bytes) {
-            Ok(v) => v.convert_to_f32_slice(dst),
-            Err(_) => dst
-                .iter_mut()
-                .zip(bytes.chunks_exact(2))
-                .for_each(|(d, c)| {
-                    *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }),
-        },
-        other => return Err(Error::other(format!("{other} is not a float type"))),
-    }
-    Ok(())
-}
-
 /// f32 values into float output bytes (`dst.len() / out.type_size()` values), rounding as
 /// [`cast_float`].
 fn f32_to_float(out: GgmlType, f: &[f32], dst: &mut [u8]) {
@@ -137,7 +102,8 @@ fn cast_into(src_ty: GgmlType, src: &[u8], out: GgmlType, dst: &mut [u8]) -> Res
             let mut f = [0f32; CAST_STEP];
             for (dd, ss) in d.chunks_mut(CAST_STEP * os).zip(s.chunks(CAST_STEP * is)) {
                 let n = dd.len() / os;
-                float_to_f32(src_ty, ss, &mut f[..n])?;
+                crate::quant::dequantize_into(src_ty, ss, &mut f[..n])
+                    .map_err(|e| Error::other(e.to_string()))?;
                 f32_to_float(out, &f[..n], dd);
             }
             Ok(())

@@ -505,26 +505,3 @@ impl TensorStore {
         }
     }
 }
-
-/// Convert source bytes of type F32/F16/BF16 to f32.
-pub fn to_f32(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
-    out.clear();
-    match ty {
-        GgmlType::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap())),
-        ),
-        GgmlType::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        GgmlType::BF16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
-        ),
-        _ => unreachable!("source tensors are F32/F16/BF16"),
-    }
-}

@@ -20,6 +20,7 @@ pub mod mixture;
 mod tests;
 
 pub use crate::gguf::GgmlType;
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -201,21 +202,32 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], dst: &mut [f32]) -> Result<()
     }
     check_len(ty, dst.len(), bytes.len())?;
     match ty {
-        GgmlType::F32 => {
-            for (b, y) in bytes.chunks_exact(4).zip(dst.iter_mut()) {
-                *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        // Float types through half's slice conversions (F16C/SIMD) where the bytes are aligned
+        // for it (exact either way; a mapped file's tensor may start at any byte).
+        GgmlType::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+            Ok(v) => dst.copy_from_slice(v),
+            Err(_) => {
+                for (b, y) in bytes.chunks_exact(4).zip(dst.iter_mut()) {
+                    *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
             }
-        }
-        GgmlType::F16 => {
-            for (b, y) in bytes.chunks_exact(2).zip(dst.iter_mut()) {
-                *y = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        },
+        GgmlType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(dst),
+            Err(_) => {
+                for (b, y) in bytes.chunks_exact(2).zip(dst.iter_mut()) {
+                    *y = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
             }
-        }
-        GgmlType::BF16 => {
-            for (b, y) in bytes.chunks_exact(2).zip(dst.iter_mut()) {
-                *y = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+        },
+        GgmlType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
+            Ok(v) => v.convert_to_f32_slice(dst),
+            Err(_) => {
+                for (b, y) in bytes.chunks_exact(2).zip(dst.iter_mut()) {
+                    *y = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
             }
-        }
+        },
         GgmlType::Q8_0 => dequantize_blocks::<BlockQ8_0>(bytes, dst),
         GgmlType::Q4_0 => dequantize_blocks::<BlockQ4_0>(bytes, dst),
         GgmlType::Q5_0 => dequantize_blocks::<BlockQ5_0>(bytes, dst),
