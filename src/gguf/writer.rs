@@ -326,3 +326,79 @@ impl GgufWriter {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+
+    /// Tensors written in place (`put_data_with`) across several output buffers, with alignment
+    /// 1 and an odd header so that elements straddle buffer boundaries: the file read back holds
+    /// exactly the bytes given, and every piece handed to `fill` is whole elements.
+    #[test]
+    fn in_place_data_crosses_buffer_boundaries() {
+        let chunk = super::super::sink::CHUNK;
+        let tensors = vec![
+            TensorInfo {
+                name: "a".into(),
+                ne: vec![3],
+                ty: GgmlType::F32,
+            },
+            TensorInfo {
+                name: "b".into(),
+                ne: vec![(chunk * 3 / 4) as u64, 2],
+                ty: GgmlType::F16,
+            },
+            TensorInfo {
+                name: "c".into(),
+                ne: vec![(chunk / 2 + 7) as u64],
+                ty: GgmlType::F32,
+            },
+        ];
+        let mut meta = Metadata::new();
+        meta.set("general.alignment", Value::U32(1));
+        let mut pad = String::new();
+        meta.set("pad", Value::String(pad.clone()));
+        while encode_header(&meta, &tensors)
+            .unwrap()
+            .0
+            .len()
+            .is_multiple_of(2)
+        {
+            pad.push('x');
+            meta.set("pad", Value::String(pad.clone()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("t.gguf");
+        let mut w = GgufWriter::create(&dest, &meta, tensors.clone()).unwrap();
+        let mut state = 7u32;
+        let mut want = vec![];
+        let mut bounced = 0;
+        for t in &tensors {
+            let n = t.n_bytes().unwrap() as usize;
+            let unit = t.ty.type_size();
+            let bytes: Vec<u8> = (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (state >> 24) as u8
+                })
+                .collect();
+            w.begin_tensor(&t.name).unwrap();
+            w.put_data_with(n, unit, |off, dst| {
+                assert_eq!(dst.len() % unit, 0, "a split element");
+                bounced += (dst.len() == unit) as usize;
+                dst.copy_from_slice(&bytes[off..off + dst.len()]);
+                Ok(())
+            })
+            .unwrap();
+            w.end_tensor().unwrap();
+            want.push(bytes);
+        }
+        assert!(bounced > 0, "no element straddled a buffer boundary");
+        let (path, ..) = w.finish().unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        for (rt, bytes) in g.tensors.iter().zip(&want) {
+            assert!(g.data(rt) == &bytes[..], "tensor {} differs", rt.info.name);
+        }
+    }
+}
