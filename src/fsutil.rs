@@ -9,6 +9,20 @@ use std::path::{Path, PathBuf};
 /// Prefix of every temporary file we create; `cleanup_stale_temps` removes old ones.
 pub const TEMP_MARK: &str = ".mmfuser-partial-";
 
+/// Drop the mapped pages covering bytes `start..end` of a read-only file map from this process:
+/// they stay in the page cache and a later access re-reads them. Keeps resident memory near
+/// what is in use while a large mapped file is read piece by piece. `start` need not be
+/// page-aligned (the page holding it is dropped too; a neighbour's use just re-reads it).
+pub fn drop_mapped_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let s = start / PAGE * PAGE;
+    if end > s {
+        // SAFETY: a read-only map of clean file pages; dropping them only forces a re-read.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s) };
+    }
+}
+
 /// An error while writing `dest` through its temporary file: named by the file the user asked
 /// for, with the temporary name (already removed by then) as a detail.
 pub fn write_error(dest: &Path, tmp: &Path, e: std::io::Error) -> Error {

@@ -163,10 +163,7 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
     for start in (0..map.len()).step_by(SLICE) {
         let end = (start + SLICE).min(map.len());
         h.update(&map[start..end]);
-        // SAFETY: clean file pages; dropping them only forces a re-read on a later access.
-        let _ = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
+        crate::fsutil::drop_mapped_pages(&map, start, end);
     }
     Ok((len, hex(&h.finalize())))
 }

@@ -493,15 +493,7 @@ impl TensorStore {
     pub fn release(&self, name: &str) {
         if let Some(e) = self.entries.get(name) {
             let (Backing::Safetensors(mmap) | Backing::Pth(mmap, _)) = &self.files[e.file].1;
-            let (s, end) = e.range;
-            let page = 4096;
-            let s = s / page * page;
-            if end > s {
-                // SAFETY: the pages are clean, read-only file pages; dropping them only forces re-reads.
-                let _ = unsafe {
-                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, end - s)
-                };
-            }
+            crate::fsutil::drop_mapped_pages(mmap, e.range.0, e.range.1);
         }
     }
 }

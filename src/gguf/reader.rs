@@ -341,18 +341,11 @@ impl GgufFile {
     /// Drop a tensor's pages from this process (they stay in the page cache): keeps resident
     /// memory near what is in use when a model is read tensor by tensor.
     pub fn release(&self, t: &ReaderTensor) {
-        let start = t.offset as usize / 4096 * 4096;
-        let end = (t.offset + t.n_bytes) as usize;
-        if end > start {
-            // SAFETY: clean, read-only file pages; dropping them only forces a re-read on next use.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
-        }
+        crate::fsutil::drop_mapped_pages(
+            &self.mmap,
+            t.offset as usize,
+            (t.offset + t.n_bytes) as usize,
+        );
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
