@@ -23,17 +23,6 @@ pub const DEFAULT_QUESTION: &str = "Describe the image.";
 /// Q4_K_S 5.4e-2, Q4_K_M 5.7e-2, Q4_0 7.7e-2 (a tiny random model is harsh on 4-bit; llama.cpp
 /// reports 1.3e-2 for Q4_K_M on LLaMA-2 7B). Bounds are 2.5-3x the fixture's figure; broken
 /// artefacts (unpermuted Q/K, swapped layers, zeroed gamma) measure 1e-2 and more against F16.
-/// Default bound on the image embeddings' relative RMS error, per mmproj file type: the image side
-/// has no distribution to compare, and a broken mmproj must not hide behind a loose LLM bound.
-/// Fixture: F16 0 (weights f16-exact), BF16 9.2e-4, Q8_0 (CLIP blocks) 2.9e-3; bounds ~10x that.
-pub fn default_image_tolerance(ft: Option<FileType>) -> f64 {
-    match ft {
-        Some(FileType::AllF32) => 1e-5,
-        Some(FileType::MostlyQ8_0) => 3e-2,
-        _ => 1e-2,
-    }
-}
-
 pub fn default_tolerance(ft: Option<FileType>) -> f64 {
     match ft {
         Some(FileType::AllF32) => 1e-6,
@@ -43,6 +32,17 @@ pub fn default_tolerance(ft: Option<FileType>) -> f64 {
         Some(FileType::MostlyQ4KM) | Some(FileType::MostlyQ4KS) => 0.15,
         Some(FileType::MostlyQ4_0) => 0.2,
         None => 1e-5,
+    }
+}
+
+/// Default bound on the image embeddings' relative RMS error, per mmproj file type: the image side
+/// has no distribution to compare, and a broken mmproj must not hide behind a loose LLM bound.
+/// Fixture: F16 0 (weights f16-exact), BF16 9.2e-4, Q8_0 (CLIP blocks) 2.9e-3; bounds ~10x that.
+pub fn default_image_tolerance(ft: Option<FileType>) -> f64 {
+    match ft {
+        Some(FileType::AllF32) => 1e-5,
+        Some(FileType::MostlyQ8_0) => 3e-2,
+        _ => 1e-2,
     }
 }
 
