@@ -42,6 +42,12 @@ use std::sync::{Arc, Mutex};
 
 /// Rows handled by the mat-vec kernels (MAXN in kernels/quant.cu); more go to cuBLAS.
 const MATVEC_MAX_ROWS: usize = 8;
+
+/// Whether attention of `n` queries over `m` keys with head size `hd` runs as the one fused
+/// kernel (few queries; scores and the query in at most 40 KiB of shared memory).
+fn attention_in_one_kernel(n: usize, m: usize, hd: usize) -> bool {
+    n <= MATVEC_MAX_ROWS && (m + hd) * 4 <= 40 * 1024
+}
 /// f16 elements of dequantized weight per cuBLAS call (64 MiB of scratch).
 const DEQUANT_CHUNK_ELEMS: usize = 32 << 20;
 /// Device memory left free when deciding whether to keep a weight cached.
@@ -960,8 +966,8 @@ impl CudaBackend {
         let s = self.stream();
         let scale = 1.0f32 / (hd as f32).sqrt();
         // A few queries (decode): one fused kernel, scores in shared memory.
-        let smem = (m + hd) * 4;
-        if n <= MATVEC_MAX_ROWS && smem <= 40 * 1024 {
+        if attention_in_one_kernel(n, m, hd) {
+            let smem = (m + hd) * 4;
             let cfg = LaunchConfig {
                 grid_dim: (n_head as u32, n as u32, 1),
                 block_dim: (128, 1, 1),
@@ -1311,7 +1317,8 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         self.op(
             || {
-                if q.rows <= MATVEC_MAX_ROWS {
+                let hd = q.cols / n_head.max(1);
+                if attention_in_one_kernel(q.rows, k.rows, hd) {
                     "attention (few queries, one kernel)".into()
                 } else {
                     "attention (SGEMM, softmax, SGEMM)".into()
