@@ -62,12 +62,16 @@ pub struct SinkEnd {
     pub direct: bool,
 }
 
+/// The writer thread's result: the file (None after an error), the error, whether any buffer
+/// went out with direct I/O.
+type WriterEnd = (Option<AtomicFile>, Option<std::io::Error>, bool);
+
 pub struct Sink {
     cur: Option<PageBuf>,
     to_hash: Option<SyncSender<PageBuf>>,
     pool: Receiver<PageBuf>,
     hasher: Option<JoinHandle<Sha256>>,
-    writer: Option<JoinHandle<(Option<AtomicFile>, Option<std::io::Error>, bool)>>,
+    writer: Option<JoinHandle<WriterEnd>>,
 }
 
 impl Sink {
@@ -151,7 +155,7 @@ impl Sink {
             self.cur = Some(cur);
             return true;
         }
-        if !self.to_hash.as_ref().is_some_and(|tx| tx.send(cur).is_ok()) {
+        if self.to_hash.as_ref().is_none_or(|tx| tx.send(cur).is_err()) {
             return false;
         }
         self.cur = self.pool.recv().ok();
@@ -225,7 +229,7 @@ fn write_at(
     padded: &mut bool,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
-    if *direct && pos % PAGE as u64 == 0 {
+    if *direct && pos.is_multiple_of(PAGE as u64) {
         let data = b.padded();
         match f.write_all_at(data, pos) {
             Ok(()) => {
