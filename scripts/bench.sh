@@ -28,8 +28,10 @@
 # write_GB / dd_write_GBps) / seconds, i.e. 1.0 = as fast as the disk allows.
 # Caveat: page cache. With DROP_CACHES=1 (root, writable /proc/sys/vm/drop_caches) caches are
 # dropped before every step; otherwise a step may read data still cached from the previous one.
-# Every step starts after a `sync` (untimed): without it, the first step after synth competed with
-# the writeback of synth's 27 GB and read at a fifth of the disk's speed.
+# Every step starts after a `sync` (untimed): when synth still wrote through the page cache, the
+# first step after it competed with the writeback of 27 GB and read at a fifth of the disk's speed.
+# synth now writes with direct I/O, so nothing it wrote is cached: later steps read cold input
+# (DROP_CACHES=1 makes that so for every step, llama.cpp's included).
 #
 # Environment: SIZE (7b|13b|tiny, default 7b), BENCH_DIR (default target/bench), ORACLE_VENV
 # (default ~/oracle-venv), THREADS (default nproc), DD_GB (default 4), KEEP=1, SKIP_MICRO=1,
@@ -85,9 +87,9 @@ bytes_of() { # total size of the given files/dirs (missing ones count 0)
 # measure NAME READ_BYTES OUTPUT_PATH -- CMD...   (OUTPUT_PATH: file or dir whose size is "written")
 measure() {
   local name="$1" rb="$2" outp="$3"; shift 4
-  # Flush what earlier steps left dirty (synth writes 27 GB without fsync), so a step does not
-  # pay for its predecessor's writeback. Not timed. Our commands fsync their own outputs (timed);
-  # llama.cpp's converter does not, so its dirty pages are flushed here, before the next step.
+  # Flush what earlier steps left dirty, so a step does not pay for its predecessor's writeback.
+  # Not timed. Our commands fsync their own outputs (timed); llama.cpp's converter does not, so
+  # its dirty pages are flushed here, before the next step.
   sync
   drop_caches
   local log="$BENCH_DIR/time-$name.txt"
@@ -162,7 +164,7 @@ fi
 
 # ---- table
 echo
-echo "== results ($SIZE, $(nproc) cores, dd O_DIRECT: write $DD_W GB/s, read $DD_R GB/s)"
+echo "== results ($SIZE, $(nproc) cores, dd O_DIRECT: write $DD_W GB/s, read $DD_R GB/s, page cache dropped before each step: ${DROP_CACHES:-0})"
 printf '%-16s %9s %9s %8s %10s %12s %10s\n' step seconds GB_moved GB/s peakRSS_GiB vs_llama.cpp disk_frac
 declare -A SEC
 for r in "${ROWS[@]}"; do IFS='|' read -r n s rb wb rss <<<"$r"; SEC[$n]=$s; done

@@ -14,17 +14,18 @@
 //!   tensors (same values: every value depends only on the seed, the tensor name and its index)
 //!   and the same tokenizer, for llama.cpp's `convert_hf_to_gguf.py`.
 //!
-//! Values: seeded, finite, "realistic" scale: linear weights ~ N(0, 0.02) (Irwin-Hall sum of four
-//! 16-bit uniforms from splitmix64, so bounded by +-3.46 sigma), norm weights ~ 1 + N(0, 0.05),
-//! biases ~ N(0, 0.02), gammas in ~[0.3, 0.7]. Generation runs in parallel (rayon) in 64 MiB blocks
-//! while the previous block is written (one writer, 16 MiB buffered writes): memory stays at a few
-//! blocks, whatever the model size.
+//! Values: seeded, finite, "realistic" scale: linear weights ~ N(0, 0.02) (the normal's 65536
+//! quantiles, so bounded by +-4.32 sigma), norm weights ~ 1 + N(0, 0.05), biases ~ N(0, 0.02),
+//! gammas uniform in [0.3, 0.7]. Values are generated in parallel (rayon) straight into the
+//! page-aligned buffers of `gguf::sink`, which writes them with direct I/O while the next buffer
+//! fills: memory stays at four 8 MiB buffers whatever the model size, and the disk sets the pace.
 use crate::error::{Error, IoContext, Result};
+use crate::fsutil::{write_error, AtomicFile};
+use crate::gguf::sink::Sink;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -371,14 +372,32 @@ pub fn clip_tensors(d: &Dims) -> Vec<TensorSpec> {
 
 // ---------------------------------------------------------------------------------------------
 // Values
+//
+// Every value is a pure function of (seed, tensor name, element index), so a tensor reads the same
+// whatever the buffer boundaries, the thread count or the file it lands in (the llama view). One
+// 64-bit hash of (tensor key, index / 4) gives four 16-bit lanes; each lane indexes a 65536-entry
+// table of the tensor's distribution, already in the output dtype: a hash and four table loads per
+// four values, fast enough that the disk, not the generator, sets synth's speed.
 
+/// Values drawn per 64-bit hash (16-bit table indices).
+const LANES: usize = 4;
+/// Entries in a quantile table: one per 16-bit index.
+const TABLE: usize = 1 << 16;
+/// Elements per parallel piece of a fill (a multiple of LANES).
+const PIECE: usize = 1 << 16;
+
+/// The splitmix64 finaliser: a well-mixed 64-bit hash of `z`.
 #[inline]
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
+fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Word `w` of a tensor's random stream (counter-based: any word is computed directly).
+#[inline]
+fn word(key: u64, w: u64) -> u64 {
+    mix64(key.wrapping_add(w.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
 }
 
 fn fnv1a(s: &str) -> u64 {
@@ -390,50 +409,100 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-/// Elements per independently seeded chunk (values do not depend on the thread count).
-const CHUNK: usize = 1 << 16;
-/// Elements per generated block handed to the writer (a multiple of CHUNK): 64 MiB of bf16.
-const BLOCK: usize = 1 << 25;
-
-/// Irwin-Hall(4) of 16-bit uniforms, standardised: mean 0, variance 1, |x| <= 3.47.
-#[inline]
-fn approx_normal(x: u64) -> f32 {
-    let s = (x & 0xFFFF) + ((x >> 16) & 0xFFFF) + ((x >> 32) & 0xFFFF) + (x >> 48);
-    // sum of 4 U{0..65535}: mean 131070, sd sqrt(4 * (65536^2 - 1) / 12)
-    (s as f32 - 131_070.0) * (1.0 / 37_837.2)
+/// The stream key of tensor `name` under `seed`.
+fn tensor_key(seed: u64, name: &str) -> u64 {
+    mix64(seed ^ fnv1a(name))
 }
 
-/// Fill `out` (dtype-sized elements) with the values of elements `start..start + n` of `t`.
-fn gen_into(t: &TensorSpec, seed: u64, dtype: Dtype, start: usize, out: &mut [u8]) {
-    debug_assert!(start % CHUNK == 0);
-    let mut tseed = seed ^ fnv1a(&t.name);
-    let tseed = splitmix64(&mut tseed);
-    let init = t.init;
-    out.par_chunks_mut(CHUNK * 2)
+/// Standard normal quantile: the x with Phi(x) = p, by bisection on Phi = erfc(-x / sqrt 2) / 2.
+fn probit(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-12.0f64, 12.0f64);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if 0.5 * libm::erfc(-mid * std::f64::consts::FRAC_1_SQRT_2) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Quantiles of N(0, 1) at (k + 0.5) / 65536 (|x| <= 4.32), computed once per process.
+fn normal_quantiles() -> &'static [f32] {
+    static Q: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    Q.get_or_init(|| {
+        let half: Vec<f64> = (0..TABLE / 2)
+            .map(|k| probit((k as f64 + 0.5) / TABLE as f64))
+            .collect();
+        // Symmetric by construction: the upper half mirrors the lower one.
+        let mut q: Vec<f32> = half.iter().map(|&x| x as f32).collect();
+        q.extend(half.iter().rev().map(|&x| -x as f32));
+        q
+    })
+}
+
+/// The 65536 values a tensor draws from, as output-dtype bits: its distribution's quantiles at
+/// (k + 0.5) / 65536, so a uniform 16-bit index samples the distribution.
+fn value_table(init: Init, dtype: Dtype) -> Vec<u16> {
+    let to_bits = |v: f32| match dtype {
+        Dtype::Bf16 => bf16::from_f32(v).to_bits(),
+        Dtype::F16 => f16::from_f32(v).to_bits(),
+    };
+    match init {
+        Init::Normal { mean, std } => normal_quantiles()
+            .iter()
+            .map(|&z| to_bits(mean + std * z))
+            .collect(),
+        Init::Uniform { lo, hi } => (0..TABLE)
+            .map(|k| to_bits(lo + (hi - lo) * ((k as f32 + 0.5) / TABLE as f32)))
+            .collect(),
+    }
+}
+
+/// Fill `out` (2-byte little-endian elements) with elements `first..` of the stream `key` drawn
+/// from `table`, in parallel pieces.
+fn fill(table: &[u16], key: u64, first: usize, out: &mut [u8]) {
+    debug_assert!(table.len() == TABLE && out.len().is_multiple_of(2));
+    // The first piece ends where the element index reaches a multiple of PIECE, so every later
+    // piece starts on a hash-word boundary.
+    let head = ((PIECE - first % PIECE) % PIECE).min(out.len() / 2);
+    let (a, b) = out.split_at_mut(head * 2);
+    fill_serial(table, key, first, a);
+    b.par_chunks_mut(PIECE * 2)
         .enumerate()
-        .for_each(|(ci, buf)| {
-            let chunk_idx = (start / CHUNK + ci) as u64;
-            let mut st = tseed ^ chunk_idx.wrapping_mul(0xD1B5_4A32_D192_ED03);
-            let _ = splitmix64(&mut st);
-            for e in buf.chunks_exact_mut(2) {
-                let r = splitmix64(&mut st);
-                let v = match init {
-                    Init::Normal { mean, std } => mean + std * approx_normal(r),
-                    Init::Uniform { lo, hi } => {
-                        lo + (hi - lo) * ((r >> 40) as f32 * (1.0 / (1u64 << 24) as f32))
-                    }
-                };
-                let bits = match dtype {
-                    Dtype::Bf16 => bf16::from_f32(v).to_bits(),
-                    Dtype::F16 => f16::from_f32(v).to_bits(),
-                };
-                e.copy_from_slice(&bits.to_le_bytes());
-            }
-        });
+        .for_each(|(i, piece)| fill_serial(table, key, first + head + i * PIECE, piece));
 }
 
-/// Write one safetensors file: header, then every tensor's values, generated block by block on the
-/// rayon pool while the writer thread writes the previous block. Returns the bytes written.
+fn fill_serial(table: &[u16], key: u64, first: usize, out: &mut [u8]) {
+    // A start inside a hash word takes the rest of that word's lanes; later words start at lane 0.
+    let lead = ((LANES - first % LANES) % LANES).min(out.len() / 2);
+    let (head, body) = out.split_at_mut(2 * lead);
+    if lead > 0 {
+        put_lanes(
+            table,
+            word(key, (first / LANES) as u64),
+            first % LANES,
+            head,
+        );
+    }
+    let w0 = (first + lead) / LANES;
+    for (j, e) in body.chunks_mut(2 * LANES).enumerate() {
+        put_lanes(table, word(key, (w0 + j) as u64), 0, e);
+    }
+}
+
+/// Lanes `from..` of hash word `r`, as table values, into `out` (one 2-byte element per lane).
+#[inline]
+fn put_lanes(table: &[u16], r: u64, from: usize, out: &mut [u8]) {
+    for (l, x) in (from..LANES).zip(out.chunks_exact_mut(2)) {
+        x.copy_from_slice(&table[(r >> (16 * l)) as usize & 0xFFFF].to_le_bytes());
+    }
+}
+
+/// Write one safetensors file: the header, then every tensor's values generated straight into
+/// the output sink's page-aligned buffers (see `gguf::sink`: direct I/O, buffers recycled,
+/// generation overlapping the write of the previous buffer). Returns the bytes written.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[TensorSpec],
@@ -456,41 +525,46 @@ pub fn write_safetensors(
     while hbytes.len() % 8 != 0 {
         hbytes.push(b' ');
     }
-    let tmp = path.with_extension("safetensors.partial");
-    let file = std::fs::File::create(&tmp).at(&tmp)?;
-    let mut w = std::io::BufWriter::with_capacity(16 << 20, file);
-    w.write_all(&(hbytes.len() as u64).to_le_bytes()).at(&tmp)?;
-    w.write_all(&hbytes).at(&tmp)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
-    let res: Result<()> = std::thread::scope(|s| {
-        s.spawn(move || {
-            for t in tensors {
-                let n = t.numel();
-                let mut start = 0;
-                while start < n {
-                    let len = BLOCK.min(n - start);
-                    let mut buf = vec![0u8; len * 2];
-                    gen_into(t, seed, dtype, start, &mut buf);
-                    if tx.send(buf).is_err() {
-                        return;
-                    }
-                    start += len;
-                }
-            }
-        });
-        for buf in rx.iter() {
-            w.write_all(&buf).at(&tmp)?;
+    let file = AtomicFile::create(path)?;
+    let tmp = file.temp_path().to_path_buf();
+    let mut sink = Sink::unhashed(file);
+    let ok = sink.put(&(hbytes.len() as u64).to_le_bytes())
+        && sink.put(&hbytes)
+        && tensors
+            .iter()
+            .all(|t| put_tensor(&mut sink, t, dtype, seed));
+    let end = sink.join();
+    let file = match (end.error, end.file) {
+        (None, Some(f)) if ok => f,
+        (e, _) => {
+            let e = e.unwrap_or_else(|| std::io::Error::other("writer thread failed"));
+            return Err(write_error(path, &tmp, e));
         }
-        Ok(())
-    });
-    res?;
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::other(format!("{}: {}", tmp.display(), e.error())))?;
-    file.sync_all().at(&tmp)?;
-    drop(file);
-    std::fs::rename(&tmp, path).at(path)?;
+    };
+    file.commit()?;
     Ok((8 + hbytes.len() + off) as u64)
+}
+
+/// Generate tensor `t` into the sink, a buffer's free space at a time. False once the sink failed.
+fn put_tensor(sink: &mut Sink, t: &TensorSpec, dtype: Dtype, seed: u64) -> bool {
+    let table = value_table(t.init, dtype);
+    let key = tensor_key(seed, &t.name);
+    let n = t.numel();
+    let mut i = 0;
+    while i < n {
+        let Some(buf) = sink.current() else {
+            return false;
+        };
+        // Header and tensors are whole 2-byte elements, so free space is too.
+        let spare = buf.spare();
+        let k = (spare.len() / 2).min(n - i);
+        fill(&table, key, i, &mut spare[..2 * k]);
+        i += k;
+        if !sink.advance(2 * k) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Split `tensors` (in order) into `shards` consecutive groups of about equal bytes; the last
@@ -866,28 +940,108 @@ mod tests {
         assert_eq!(split_shards(&all13, 6).len(), 6);
     }
 
-    #[test]
-    fn values_are_deterministic_and_scaled() {
-        let t = TensorSpec::new("x", &[3 * CHUNK + 5], W);
-        let mut a = vec![0u8; t.numel() * 2];
-        let mut b = vec![0u8; t.numel() * 2];
-        gen_into(&t, 7, Dtype::Bf16, 0, &mut a);
-        gen_into(&t, 7, Dtype::Bf16, 0, &mut b);
-        assert_eq!(a, b);
-        let v: Vec<f32> = a
+    /// Decode 2-byte elements.
+    fn values(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+        bytes
             .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect();
+            .map(|c| match dtype {
+                Dtype::Bf16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+            })
+            .collect()
+    }
+
+    fn mean_sd(v: &[f32]) -> (f64, f64) {
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
         let sd = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        (mean, sd)
+    }
+
+    #[test]
+    fn values_are_deterministic_and_scaled() {
+        let n = 3 * PIECE + 5;
+        let table = value_table(W, Dtype::Bf16);
+        let mut a = vec![0u8; n * 2];
+        let mut b = vec![0u8; n * 2];
+        fill(&table, tensor_key(7, "x"), 0, &mut a);
+        fill(&table, tensor_key(7, "x"), 0, &mut b);
+        assert_eq!(a, b);
+        let v = values(&a, Dtype::Bf16);
+        let (mean, sd) = mean_sd(&v);
         assert!(
             mean.abs() < 1e-3 && (sd - 0.02).abs() < 1e-3,
             "mean {mean} sd {sd}"
         );
-        assert!(v.iter().all(|x| x.is_finite() && x.abs() < 0.08));
-        let mut c = vec![0u8; t.numel() * 2];
-        gen_into(&t, 8, Dtype::Bf16, 0, &mut c);
+        // Finite, and inside the table's +-4.32 sigma (bf16 rounding aside).
+        assert!(v.iter().all(|x| x.is_finite() && x.abs() < 0.0875));
+        let mut c = vec![0u8; n * 2];
+        fill(&table, tensor_key(8, "x"), 0, &mut c);
         assert_ne!(a, c);
+        fill(&table, tensor_key(7, "y"), 0, &mut c);
+        assert_ne!(a, c);
+    }
+
+    /// The values at an index do not depend on where a fill starts or stops (sink buffers cut
+    /// tensors at arbitrary element offsets), nor on the thread count.
+    #[test]
+    fn values_do_not_depend_on_buffer_boundaries() {
+        let n = 2 * PIECE + 11;
+        let table = value_table(NORM, Dtype::F16);
+        let key = tensor_key(1, "model.norm.weight");
+        let mut whole = vec![0u8; n * 2];
+        fill(&table, key, 0, &mut whole);
+        for cuts in [
+            vec![1, 2, 3, 7],
+            vec![PIECE - 1, PIECE + 2],
+            vec![5, PIECE + 3, 2 * PIECE + 1],
+        ] {
+            let mut parts = vec![0u8; n * 2];
+            let mut from = 0;
+            for &to in cuts.iter().chain(std::iter::once(&n)) {
+                fill(&table, key, from, &mut parts[2 * from..2 * to]);
+                from = to;
+            }
+            assert!(parts == whole, "cut at {cuts:?}");
+        }
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut serial = vec![0u8; n * 2];
+        one.install(|| fill(&table, key, 0, &mut serial));
+        assert!(serial == whole);
+        let (mean, sd) = mean_sd(&values(&whole, Dtype::F16));
+        assert!(
+            (mean - 1.0).abs() < 2e-3 && (sd - 0.05).abs() < 2e-3,
+            "mean {mean} sd {sd}"
+        );
+    }
+
+    /// The quantile table against published values of the standard normal quantile function.
+    #[test]
+    fn normal_quantiles_match_published_values() {
+        for (p, x) in [
+            (0.5, 0.0),
+            (0.975, 1.959_963_985),
+            (0.841_344_746_068_543, 1.0),
+            (0.001, -3.090_232_306),
+        ] {
+            assert!((probit(p) - x).abs() < 1e-8, "probit({p}) = {}", probit(p));
+        }
+        let q = normal_quantiles();
+        assert_eq!(q.len(), TABLE);
+        assert!(q.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(q[0], -q[TABLE - 1]);
+        // p = 0.5 / 65536: the extreme, -4.3249190 (Python statistics.NormalDist().inv_cdf).
+        assert!((q[0] + 4.324_919).abs() < 1e-5, "{}", q[0]);
+        let u = value_table(Init::Uniform { lo: 0.3, hi: 0.7 }, Dtype::F16);
+        let u = values(
+            &u.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<u8>>(),
+            Dtype::F16,
+        );
+        // In [0.3, 0.7] up to f16 rounding (0.3 itself is 0.2998 in f16; spacing 2^-12 there).
+        assert!(u.iter().all(|&x| (0.2997..=0.7003).contains(&x)));
+        assert!(u.windows(2).all(|w| w[0] <= w[1]));
     }
 }

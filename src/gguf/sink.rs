@@ -1,5 +1,6 @@
-//! The byte stream under the GGUF writer: a fixed pool of page-aligned buffers that the producer
-//! fills, a thread that sha256-hashes them, and a thread that writes them with direct I/O.
+//! The byte stream under the GGUF writer (and `synth`'s safetensors): a fixed pool of page-aligned
+//! buffers that the producer fills, a thread that sha256-hashes them (unless made `unhashed`), and
+//! a thread that writes them with direct I/O.
 //!
 //! Why not a `BufWriter`: at 7B scale, copying 13 GB through the page cache (write() into freshly
 //! allocated cache pages, then writeback) cost as much CPU as the conversion itself; O_DIRECT
@@ -56,7 +57,8 @@ impl PageBuf {
 /// What the two threads leave behind: the file (None after a write error), bytes, digest, error.
 pub struct SinkEnd {
     pub file: Option<AtomicFile>,
-    pub sha256: Sha256,
+    /// None when the sink was made without hashing (or the hashing thread failed).
+    pub sha256: Option<Sha256>,
     pub error: Option<std::io::Error>,
     /// Whether any buffer went out with direct I/O.
     pub direct: bool,
@@ -70,18 +72,22 @@ pub struct Sink {
     cur: Option<PageBuf>,
     to_hash: Option<SyncSender<PageBuf>>,
     pool: Receiver<PageBuf>,
-    hasher: Option<JoinHandle<Sha256>>,
+    hasher: Option<JoinHandle<Option<Sha256>>>,
     writer: Option<JoinHandle<WriterEnd>>,
 }
 
 impl Sink {
-    /// Direct I/O unless MMFUSER_NO_DIRECT_IO=1.
+    /// Hashed; direct I/O unless MMFUSER_NO_DIRECT_IO=1.
     pub fn new(file: AtomicFile) -> Self {
-        let direct = std::env::var(ENV_NO_DIRECT).map_or(true, |v| v != "1");
-        Self::with_direct_io(file, direct)
+        Self::with_options(file, direct_io_wanted(), true)
     }
 
-    pub fn with_direct_io(mut file: AtomicFile, try_direct: bool) -> Self {
+    /// Not hashed (bulk data nobody records a digest of: `synth`); direct I/O as in `new`.
+    pub fn unhashed(file: AtomicFile) -> Self {
+        Self::with_options(file, direct_io_wanted(), false)
+    }
+
+    pub fn with_options(mut file: AtomicFile, try_direct: bool, hash: bool) -> Self {
         let (to_hash, hash_rx) = sync_channel::<PageBuf>(BUFFERS);
         let (to_write, write_rx) = sync_channel::<PageBuf>(BUFFERS);
         let (to_pool, pool) = sync_channel::<PageBuf>(BUFFERS);
@@ -89,9 +95,11 @@ impl Sink {
             to_pool.send(PageBuf::new()).expect("pool has room");
         }
         let hasher = std::thread::spawn(move || {
-            let mut h = Sha256::new();
+            let mut h = hash.then(Sha256::new);
             for b in hash_rx {
-                h.update(b.data());
+                if let Some(h) = h.as_mut() {
+                    h.update(b.data());
+                }
                 if to_write.send(b).is_err() {
                     break; // the writer stopped on an error; join reports it
                 }
@@ -183,7 +191,9 @@ impl Sink {
     pub fn join(&mut self) -> SinkEnd {
         let sent = self.send();
         self.to_hash = None;
-        let sha256 = self.hasher.take().and_then(|h| h.join().ok());
+        let hashed = self.hasher.take().map(JoinHandle::join);
+        let hasher_ok = matches!(hashed, Some(Ok(_)));
+        let sha256 = hashed.and_then(Result::ok).flatten();
         let (file, error, direct) = match self.writer.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
             _ => (
@@ -192,14 +202,14 @@ impl Sink {
                 false,
             ),
         };
-        let error = match (error, sent, &file, &sha256) {
+        let error = match (error, sent, &file, hasher_ok) {
             (Some(e), ..) => Some(e),
-            (None, true, Some(_), Some(_)) => None,
+            (None, true, Some(_), true) => None,
             _ => Some(std::io::Error::other("writer thread failed")),
         };
         SinkEnd {
             file,
-            sha256: sha256.unwrap_or_default(),
+            sha256,
             error,
             direct,
         }
@@ -218,6 +228,11 @@ impl Drop for Sink {
             let _ = w.join();
         }
     }
+}
+
+/// Direct I/O unless the environment says MMFUSER_NO_DIRECT_IO=1.
+fn direct_io_wanted() -> bool {
+    std::env::var(ENV_NO_DIRECT).map_or(true, |v| v != "1")
 }
 
 /// Positional write of one buffer: direct while offsets and lengths allow, else through the cache.
@@ -280,11 +295,12 @@ fn set_direct(_f: &std::fs::File, _on: bool) -> bool {
 mod tests {
     use super::*;
 
-    /// Returns whether direct I/O was used.
+    /// Returns whether direct I/O was used. Hashed when `direct`, to cover both settings.
     fn roundtrip(dir: &std::path::Path, sizes: &[usize], direct: bool) -> bool {
         let dest = dir.join(format!("out-{direct}-{}.bin", sizes.len()));
         let f = AtomicFile::create(&dest).unwrap();
-        let mut s = Sink::with_direct_io(f, direct);
+        let hash = direct;
+        let mut s = Sink::with_options(f, direct, hash);
         let mut want = vec![];
         let mut x = 1u32;
         for &n in sizes {
@@ -299,12 +315,15 @@ mod tests {
         }
         let end = s.join();
         assert!(end.error.is_none(), "{:?}", end.error);
-        let digest = end.sha256.finalize();
+        let digest = end.sha256.map(Sha256::finalize);
         end.file.unwrap().commit().unwrap();
         let got = std::fs::read(&dest).unwrap();
         assert_eq!(got.len(), want.len());
         assert!(got == want, "file content differs");
-        assert_eq!(digest, Sha256::digest(&want));
+        assert_eq!(digest.is_some(), hash, "a digest exactly when hashed");
+        if let Some(d) = digest {
+            assert_eq!(d, Sha256::digest(&want));
+        }
         end.direct
     }
 

@@ -319,7 +319,11 @@ impl GgufWriter {
                 std::io::Error::other("writer thread failed"),
             )
         })?;
-        Ok((file, self.written, hex(&end.sha256.finalize())))
+        let sha = end
+            .sha256
+            .expect("the GGUF writer's sink hashes")
+            .finalize();
+        Ok((file, self.written, hex(&sha)))
     }
 }
 
