@@ -99,6 +99,12 @@ fn cast_into(src_ty: GgmlType, src: &[u8], out: GgmlType, dst: &mut [u8]) -> Res
     dst.par_chunks_mut(task_values * os)
         .zip(src.par_chunks(task_values * is))
         .try_for_each(|(d, s)| {
+            // The common case (bf16 checkpoint -> F16 GGUF) in one pass where the CPU allows.
+            if (src_ty, out) == (GgmlType::BF16, GgmlType::F16)
+                && crate::quant::bf16_to_f16_into(s, d)
+            {
+                return Ok(());
+            }
             let mut f = [0f32; CAST_STEP];
             for (dd, ss) in d.chunks_mut(CAST_STEP * os).zip(s.chunks(CAST_STEP * is)) {
                 let n = dd.len() / os;

@@ -240,6 +240,49 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], dst: &mut [f32]) -> Result<()
     Ok(())
 }
 
+/// bf16 -> f16 (little-endian bytes, `dst.len() == src.len()`) in one pass where the CPU has F16C
+/// and AVX2; false (nothing written) elsewhere, for the caller's general path. Each bf16 widens to
+/// f32 exactly (a 16-bit shift) and F16C rounds it to nearest even, as half's conversion does.
+/// Why not half's slice conversion (through an f32 scratch): it converts eight values per
+/// non-inlined call; with the two passes that was about a quarter of the CPU samples of a 7B F16
+/// conversion (2026-11-27 profile), now 1-4 s less user time for the same bytes.
+pub fn bf16_to_f16_into(src: &[u8], dst: &mut [u8]) -> bool {
+    assert_eq!(src.len(), dst.len(), "bf16 -> f16 keeps the byte count");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has both features (checked just above).
+        unsafe { bf16_to_f16_f16c(src, dst) };
+        return true;
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn bf16_to_f16_f16c(src: &[u8], dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    const LANES: usize = 8;
+    let n = dst.len() / 2;
+    let whole = n / LANES * LANES;
+    for i in (0..whole).step_by(LANES) {
+        // SAFETY: i + 8 <= whole <= n values, so bytes 2i..2i + 16 lie inside both slices
+        // (equal lengths, asserted by the caller); unaligned loads and stores.
+        unsafe {
+            let b = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+            let f = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(b)));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(f);
+            _mm_storeu_si128(dst.as_mut_ptr().add(2 * i).cast(), h);
+        }
+    }
+    for (s, d) in src[2 * whole..]
+        .chunks_exact(2)
+        .zip(dst[2 * whole..].chunks_exact_mut(2))
+    {
+        let v = half::bf16::from_le_bytes([s[0], s[1]]).to_f32();
+        d.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    }
+}
+
 /// Dequantize `n` values of `ty` from `bytes` into a new buffer.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, QuantError> {
     let mut out = vec![0f32; n];
