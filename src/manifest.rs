@@ -97,9 +97,6 @@ impl Manifest {
             dropped,
         }
     }
-    pub fn write(&self, path: &Path) -> Result<()> {
-        self.write_pending(path)?.commit().map(|_| ())
-    }
     /// Written under a temporary name, to be renamed together with the artefacts it describes
     /// (see `fsutil::commit_all`): a full disk shows up before any earlier file is replaced.
     pub fn write_pending(&self, path: &Path) -> Result<crate::fsutil::AtomicFile> {

@@ -545,26 +545,15 @@ pub fn write_safetensors(
     Ok((8 + hbytes.len() + off) as u64)
 }
 
-/// Generate tensor `t` into the sink, a buffer's free space at a time. False once the sink failed.
+/// Generate tensor `t` into the sink's buffers. False once the sink failed.
 fn put_tensor(sink: &mut Sink, t: &TensorSpec, dtype: Dtype, seed: u64) -> bool {
     let table = value_table(t.init, dtype);
     let key = tensor_key(seed, &t.name);
-    let n = t.numel();
-    let mut i = 0;
-    while i < n {
-        let Some(buf) = sink.current() else {
-            return false;
-        };
-        // Header and tensors are whole 2-byte elements, so free space is too.
-        let spare = buf.spare();
-        let k = (spare.len() / 2).min(n - i);
-        fill(&table, key, i, &mut spare[..2 * k]);
-        i += k;
-        if !sink.advance(2 * k) {
-            return false;
-        }
-    }
-    true
+    let Ok(ok) = sink.put_with(t.numel() * 2, 2, |off, dst| {
+        fill(&table, key, off / 2, dst);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    ok
 }
 
 /// Split `tensors` (in order) into `shards` consecutive groups of about equal bytes; the last

@@ -187,6 +187,43 @@ impl Sink {
         true
     }
 
+    /// Append `n` bytes produced in place, straight into the buffers: `fill(offset, dst)` writes
+    /// the data's bytes `offset..offset + dst.len()`, every `dst` a whole number of `unit`s (the
+    /// element size), so a producer never sees a split element. Ok(false) once the threads have
+    /// stopped on an error (see `join`); `fill`'s own error is passed on.
+    pub fn put_with<E>(
+        &mut self,
+        n: usize,
+        unit: usize,
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let unit = unit.max(1);
+        let mut done = 0;
+        while done < n {
+            let Some(cur) = self.cur.as_mut() else {
+                return Ok(false);
+            };
+            let spare = cur.spare();
+            let k = (spare.len() / unit * unit).min(n - done);
+            if k == 0 {
+                // Less than one element of room left in this buffer: go through a small copy.
+                let mut one = vec![0u8; unit.min(n - done)];
+                fill(done, &mut one)?;
+                if !self.put(&one) {
+                    return Ok(false);
+                }
+                done += one.len();
+                continue;
+            }
+            fill(done, &mut spare[..k])?;
+            if !self.advance(k) {
+                return Ok(false);
+            }
+            done += k;
+        }
+        Ok(true)
+    }
+
     /// Send what is buffered, stop both threads and collect the file and the digest.
     pub fn join(&mut self) -> SinkEnd {
         let sent = self.send();

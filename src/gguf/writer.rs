@@ -224,38 +224,17 @@ impl GgufWriter {
         self.put(data)
     }
     /// Append `n` bytes produced in place, straight into the output buffers (no intermediate
-    /// copy): `fill(offset, dst)` must write the data's bytes `offset..offset + dst.len()`.
-    /// Every `dst` is a whole number of `unit`s (the element size), so a converter never sees
-    /// a split element.
+    /// copy); `fill` and `unit` as in [`Sink::put_with`].
     pub fn put_data_with(
         &mut self,
         n: usize,
         unit: usize,
-        mut fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
+        fill: impl FnMut(usize, &mut [u8]) -> Result<()>,
     ) -> Result<()> {
-        let unit = unit.max(1);
-        let mut done = 0;
-        while done < n {
-            let Some(cur) = self.sink.current() else {
-                return Err(self.sink_error());
-            };
-            let spare = cur.spare();
-            let k = (spare.len() / unit * unit).min(n - done);
-            if k == 0 {
-                // Less than one element of room left in this buffer: go through a small copy.
-                let mut one = vec![0u8; unit.min(n - done)];
-                fill(done, &mut one)?;
-                self.put(&one)?;
-                done += one.len();
-                continue;
-            }
-            fill(done, &mut spare[..k])?;
-            if !self.sink.advance(k) {
-                return Err(self.sink_error());
-            }
-            self.written += k as u64;
-            done += k;
+        if !self.sink.put_with(n, unit, fill)? {
+            return Err(self.sink_error());
         }
+        self.written += n as u64;
         Ok(())
     }
     pub fn end_tensor(&mut self) -> Result<()> {
