@@ -1,6 +1,8 @@
 //! hf-to-gguf: stream a checkpoint into the LLM GGUF and the mmproj GGUF, one tensor at a time,
 //! and write a manifest (sha256 of inputs and outputs, per-tensor mapping).
+use crate::checkpoint::stream::ShardStream;
 use crate::checkpoint::tokenizer::{load_vocab, GgufVocab};
+use crate::checkpoint::SrcTensor;
 use crate::error::{Error, Result};
 use crate::fsutil::AtomicFile;
 use crate::gguf::{FileType, GgmlType, GgufWriter, Metadata, TensorInfo, Value};
@@ -8,6 +10,7 @@ use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
 use crate::progress::Progress;
 use crate::recipe::{DtypePolicy, Var};
 use crate::source::{Source, SourceRow};
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -231,24 +234,56 @@ pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
     }
 }
 
+/// Whether an artefact takes its tensors in source-file order (see `plan_artefacts`), so that
+/// they can come from a `ShardStream`.
+fn in_source_order(plan: &ArtefactPlan) -> bool {
+    plan.kind == "llm" && crate::quantize::is_float_type(plan.file_type)
+}
+
 /// Write one artefact to its temporary file. Returns the record for the manifest, per-tensor
 /// records and the complete file, still to be committed (renamed into place) by the caller.
+/// With a `stream`, tensors it can deliver are taken from it (they must come in file order),
+/// the others read through the memory maps.
 pub fn write_artefact(
     src: &Source,
     plan: &ArtefactPlan,
     opts: &ConvertOptions,
     progress: &Progress,
+    mut stream: Option<&mut ShardStream>,
 ) -> Result<(OutputRecord, Vec<TensorRecord>, AtomicFile)> {
     let infos: Vec<TensorInfo> = plan.tensors.iter().map(|t| t.info.clone()).collect();
     let mut w = GgufWriter::create(&plan.path, &plan.meta, infos)?;
     let mut records = vec![];
+    // One buffer for streamed tensors, reused: a fresh allocation per tensor cost page faults
+    // and zeroing of every byte.
+    let mut scratch = Vec::new();
+    let streaming = stream.is_some();
+    let streamed = |r: &SourceRow| streaming.then(|| src.stream_range(r)).flatten();
     for (i, t) in plan.tensors.iter().enumerate() {
         let r: &SourceRow = &src.rows[t.row];
+        let range = streamed(r);
         if let Some(next) = plan.tensors.get(i + 1) {
-            src.prefetch(&src.rows[next.row]);
+            if streamed(&src.rows[next.row]).is_none() {
+                src.prefetch(&src.rows[next.row]);
+            }
         }
         let file = src.file_of(r);
-        let data = src.read(r)?;
+        let data = match (range, stream.as_deref_mut()) {
+            (Some((f, a, b)), Some(s)) => {
+                s.take_into(f, a, b, &mut scratch)?;
+                let e = src
+                    .store(r.store)
+                    .entry(&r.row.src)
+                    .expect("a streamed row has an entry");
+                let t = SrcTensor {
+                    ty: e.ty,
+                    shape: e.shape.clone(),
+                    data: Cow::Borrowed(&scratch[..]),
+                };
+                src.transform(r, t)?
+            }
+            _ => src.read(r)?,
+        };
         if !opts.allow_nonfinite {
             if let Some(i) = first_nonfinite(data.ty, &data.data) {
                 return Err(Error::tensor(&file, &r.row.src, format!("element {i} is NaN or infinite (pass --allow-nonfinite to convert it anyway)")));
@@ -262,7 +297,9 @@ pub fn write_artefact(
                 e => e,
             })?;
         w.end_tensor()?;
-        src.store(r.store).release(&r.row.src);
+        if range.is_none() {
+            src.store(r.store).release(&r.row.src);
+        }
         progress.inc(data.data.len() as u64, &t.info.name);
         records.push(TensorRecord {
             source: r.row.src.clone(),
@@ -298,9 +335,18 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     crate::fsutil::cleanup_stale_temps(&opts.out_dir);
     let plans = plan_artefacts(&mut src, opts)?;
-    // Hash the inputs on another thread while converting (the OS shares the page cache).
+    // Inputs are hashed while converting. A float LLM takes its tensors in file order, so the
+    // checkpoint's shards are read once, by a ShardStream that feeds both the hasher and the
+    // conversion; other inputs (and every input of a quantizing run) are hashed on a thread of
+    // their own that reads the files while the conversion maps them (the page cache shares them).
     let inputs = src.input_files();
-    let hasher = std::thread::spawn(move || manifest::hash_files(&inputs));
+    let mut stream = plans
+        .iter()
+        .any(in_source_order)
+        .then(|| ShardStream::start(src.checkpoint_files()));
+    let n_streamed = stream.as_ref().map_or(0, |_| src.checkpoint_files().len());
+    let rest = inputs[n_streamed..].to_vec();
+    let hasher = std::thread::spawn(move || manifest::hash_files(&rest));
     let total: u64 = plans
         .iter()
         .flat_map(|p| p.tensors.iter())
@@ -323,15 +369,27 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     // of an earlier run in the same directory are untouched by a run that fails.
     let mut pending = vec![];
     for plan in &plans {
-        let (o, t, file) = write_artefact(&src, plan, opts, &progress)?;
+        let s = stream.as_mut().filter(|_| in_source_order(plan));
+        let (o, t, file) = write_artefact(&src, plan, opts, &progress, s)?;
+        if in_source_order(plan) {
+            if let Some(s) = stream.as_mut() {
+                s.done_taking();
+            }
+        }
         outputs.push(o);
         tensors.extend(t);
         pending.push(file);
     }
     progress.finish();
-    let input_hashes = hasher
-        .join()
-        .map_err(|_| Error::other("input hashing thread panicked"))??;
+    let mut input_hashes = match stream {
+        Some(s) => s.finish()?,
+        None => vec![],
+    };
+    input_hashes.extend(
+        hasher
+            .join()
+            .map_err(|_| Error::other("input hashing thread panicked"))??,
+    );
     let stem = format!("{}-{}", output_name(&src, opts)?, opts.file_type.name());
     let m = Manifest::new(
         &opts.command_line,

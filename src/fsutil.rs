@@ -9,12 +9,89 @@ use std::path::{Path, PathBuf};
 /// Prefix of every temporary file we create; `cleanup_stale_temps` removes old ones.
 pub const TEMP_MARK: &str = ".mmfuser-partial-";
 
+/// Alignment for direct I/O (covers 512-byte and 4 KiB logical blocks) and the page size.
+pub const PAGE: usize = 4096;
+/// Set to 1 to read and write through the page cache (comparisons, odd filesystems).
+pub const ENV_NO_DIRECT: &str = "MMFUSER_NO_DIRECT_IO";
+
+/// Direct I/O unless the environment says MMFUSER_NO_DIRECT_IO=1.
+pub fn direct_io_wanted() -> bool {
+    std::env::var(ENV_NO_DIRECT).map_or(true, |v| v != "1")
+}
+
+/// Switch O_DIRECT on an open file; false where the filesystem refuses it.
+#[cfg(target_os = "linux")]
+pub fn set_direct(f: &File, on: bool) -> bool {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own only reads or changes status flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return false;
+        }
+        let want = if on {
+            flags | libc::O_DIRECT
+        } else {
+            flags & !libc::O_DIRECT
+        };
+        libc::fcntl(fd, libc::F_SETFL, want) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn set_direct(_f: &File, _on: bool) -> bool {
+    false
+}
+
+/// A page-aligned buffer of fixed capacity (a multiple of PAGE) holding `len` bytes: a window
+/// into an over-allocated Vec (alignment without unsafe code). Direct I/O reads and writes it.
+pub struct PageBuf {
+    raw: Vec<u8>,
+    off: usize,
+    cap: usize,
+    pub len: usize,
+}
+
+impl PageBuf {
+    pub fn new(cap: usize) -> Self {
+        debug_assert!(cap.is_multiple_of(PAGE));
+        let raw = vec![0u8; cap + PAGE];
+        let off = raw.as_ptr().align_offset(PAGE);
+        PageBuf {
+            raw,
+            off,
+            cap,
+            len: 0,
+        }
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    pub fn data(&self) -> &[u8] {
+        &self.raw[self.off..self.off + self.len]
+    }
+    /// The data padded with stale bytes to a whole number of pages (for a direct write).
+    pub fn padded(&self) -> &[u8] {
+        &self.raw[self.off..self.off + self.len.next_multiple_of(PAGE)]
+    }
+    /// The whole buffer, for a read into it.
+    pub fn all_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off..self.off + self.cap]
+    }
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.raw[self.off + self.len..self.off + self.cap]
+    }
+    pub fn is_full(&self) -> bool {
+        self.len == self.cap
+    }
+}
+
 /// Drop the mapped pages covering bytes `start..end` of a read-only file map from this process:
 /// they stay in the page cache and a later access re-reads them. Keeps resident memory near
 /// what is in use while a large mapped file is read piece by piece. `start` need not be
 /// page-aligned (the page holding it is dropped too; a neighbour's use just re-reads it).
 pub fn drop_mapped_pages(map: &memmap2::Mmap, start: usize, end: usize) {
-    const PAGE: usize = 4096;
     let s = start / PAGE * PAGE;
     if end > s {
         // SAFETY: a read-only map of clean file pages; dropping them only forces a re-read.

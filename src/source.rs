@@ -64,7 +64,7 @@ impl Source {
 
     /// Files read (weights, configs, tokenizer) for the manifest.
     pub fn input_files(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.store.files().map(Path::to_path_buf).collect();
+        let mut v = self.checkpoint_files();
         if let Some((dir, t)) = &self.tower {
             v.extend(t.files().map(Path::to_path_buf));
             for f in ["config.json", "preprocessor_config.json"] {
@@ -371,8 +371,11 @@ impl Source {
 
     /// A source tensor converted to its GGUF layout (Q/K rows permuted), still in its source type.
     pub fn read(&self, r: &SourceRow) -> Result<SrcTensor<'_>> {
-        let store = self.store(r.store);
-        let t = store.get(&r.row.src)?;
+        self.transform(r, self.store(r.store).get(&r.row.src)?)
+    }
+
+    /// The row's transform (if any) applied to its source tensor `t`, however it was read.
+    pub fn transform<'a>(&self, r: &SourceRow, t: SrcTensor<'a>) -> Result<SrcTensor<'a>> {
         let heads = match r.row.transform {
             None => return Ok(t),
             Some(Transform::PermuteQ) => self.hparams.llama.n_head,
@@ -396,6 +399,20 @@ impl Source {
             e.map_or(0, |e| e.file),
             e.map_or(0, |e| e.range.0),
         )
+    }
+
+    /// The checkpoint's own weight files, in store order (the first `input_files`).
+    pub fn checkpoint_files(&self) -> Vec<PathBuf> {
+        self.store.files().map(Path::to_path_buf).collect()
+    }
+
+    /// File index (into `checkpoint_files`) and byte range of a checkpoint row whose bytes can
+    /// be taken as they lie in the file (safetensors): what a `ShardStream` delivers.
+    pub fn stream_range(&self, r: &SourceRow) -> Option<(usize, u64, u64)> {
+        match r.store {
+            StoreId::Checkpoint => self.store.file_range(&r.row.src),
+            StoreId::Tower => None,
+        }
     }
 
     /// Ask the kernel to start reading a row's bytes now (the next tensor, while this one converts).

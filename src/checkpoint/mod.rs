@@ -2,6 +2,7 @@
 pub mod config;
 pub mod pickle;
 pub mod store;
+pub mod stream;
 pub mod tokenizer;
 pub use config::{LlavaConfig, SelectLayers};
 pub use store::{SrcTensor, TensorStore};

@@ -478,6 +478,17 @@ impl TensorStore {
         }
     }
 
+    /// Where a tensor's bytes lie as they are, when they do (safetensors): file index and byte
+    /// range. Pickled tensors may need a gather, so they are read through `get`.
+    pub fn file_range(&self, name: &str) -> Option<(usize, u64, u64)> {
+        let e = self.entries.get(name)?;
+        matches!(self.files[e.file].1, Backing::Safetensors(_)).then_some((
+            e.file,
+            e.range.0 as u64,
+            e.range.1 as u64,
+        ))
+    }
+
     /// Start reading a tensor's pages in the background (MADV_WILLNEED).
     pub fn prefetch(&self, name: &str) {
         if let Some(e) = self.entries.get(name) {

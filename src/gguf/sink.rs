@@ -12,47 +12,15 @@
 //! buffers are multiples of [`PAGE`] and written at multiples of it; the last, partial buffer is
 //! written padded to a page and the file is then cut to its true length. Where the filesystem
 //! refuses O_DIRECT (tmpfs, some network filesystems) the same code writes through the cache.
-use crate::fsutil::AtomicFile;
+use crate::fsutil::{direct_io_wanted, set_direct, AtomicFile, PageBuf, PAGE};
 use sha2::{Digest, Sha256};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-/// Alignment for direct I/O (covers 512-byte and 4 KiB logical blocks).
-const PAGE: usize = 4096;
 /// One buffer; a multiple of PAGE and of every element size (2, 4 bytes).
 pub const CHUNK: usize = 8 << 20;
 /// Buffers in flight: one being filled, one being hashed, one being written, one spare.
 const BUFFERS: usize = 4;
-/// Set to 1 to write through the page cache (comparisons, odd filesystems).
-pub const ENV_NO_DIRECT: &str = "MMFUSER_NO_DIRECT_IO";
-
-/// A CHUNK-sized, page-aligned window into an over-allocated Vec (alignment without unsafe code).
-pub struct PageBuf {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl PageBuf {
-    fn new() -> Self {
-        let raw = vec![0u8; CHUNK + PAGE];
-        let off = raw.as_ptr().align_offset(PAGE);
-        PageBuf { raw, off, len: 0 }
-    }
-    fn data(&self) -> &[u8] {
-        &self.raw[self.off..self.off + self.len]
-    }
-    /// The data padded with stale bytes to a whole number of pages (cut off again by set_len).
-    fn padded(&self) -> &[u8] {
-        &self.raw[self.off..self.off + self.len.next_multiple_of(PAGE)]
-    }
-    pub fn spare(&mut self) -> &mut [u8] {
-        &mut self.raw[self.off + self.len..self.off + CHUNK]
-    }
-    pub fn is_full(&self) -> bool {
-        self.len == CHUNK
-    }
-}
 
 /// What the two threads leave behind: the file (None after a write error), bytes, digest, error.
 pub struct SinkEnd {
@@ -92,7 +60,7 @@ impl Sink {
         let (to_write, write_rx) = sync_channel::<PageBuf>(BUFFERS);
         let (to_pool, pool) = sync_channel::<PageBuf>(BUFFERS);
         for _ in 1..BUFFERS {
-            to_pool.send(PageBuf::new()).expect("pool has room");
+            to_pool.send(PageBuf::new(CHUNK)).expect("pool has room");
         }
         let hasher = std::thread::spawn(move || {
             let mut h = hash.then(Sha256::new);
@@ -131,7 +99,7 @@ impl Sink {
             (Some(file), None, any_direct)
         });
         Sink {
-            cur: Some(PageBuf::new()),
+            cur: Some(PageBuf::new(CHUNK)),
             to_hash: Some(to_hash),
             pool,
             hasher: Some(hasher),
@@ -151,7 +119,7 @@ impl Sink {
             return false;
         };
         cur.len += n;
-        debug_assert!(cur.len <= CHUNK);
+        debug_assert!(cur.len <= cur.capacity());
         !cur.is_full() || self.send()
     }
 
@@ -267,11 +235,6 @@ impl Drop for Sink {
     }
 }
 
-/// Direct I/O unless the environment says MMFUSER_NO_DIRECT_IO=1.
-fn direct_io_wanted() -> bool {
-    std::env::var(ENV_NO_DIRECT).map_or(true, |v| v != "1")
-}
-
 /// Positional write of one buffer: direct while offsets and lengths allow, else through the cache.
 fn write_at(
     f: &mut std::fs::File,
@@ -301,31 +264,6 @@ fn write_at(
         *direct = false;
     }
     f.write_all_at(b.data(), pos)
-}
-
-/// Switch O_DIRECT on an open file; false where the filesystem refuses it.
-#[cfg(target_os = "linux")]
-fn set_direct(f: &std::fs::File, on: bool) -> bool {
-    use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own only reads or changes status flags.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            return false;
-        }
-        let want = if on {
-            flags | libc::O_DIRECT
-        } else {
-            flags & !libc::O_DIRECT
-        };
-        libc::fcntl(fd, libc::F_SETFL, want) == 0
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_direct(_f: &std::fs::File, _on: bool) -> bool {
-    false
 }
 
 #[cfg(test)]
