@@ -431,14 +431,20 @@ fn main() {
     let mut ws = MemWeights::new();
     clip_weights(&mut ws, &chp);
     let px = Tensor::from_vec(uniform(3 * 336 * 336, 2.0, 9), (3, 336, 336), &Device::Cpu).unwrap();
-    for mode in [GemmMode::Exact, GemmMode::Fast] {
+    // Fast + f16 attention: the setting PyTorch's fp16 anchor compares with.
+    for (mode, f16_attn) in [
+        (GemmMode::Exact, false),
+        (GemmMode::Fast, false),
+        (GemmMode::Fast, true),
+    ] {
         b.set_gemm_mode(mode);
+        b.set_f16_attention(f16_attn);
         let t = time(&b, 2, it(20), || {
             clip::clip_hidden_states(&b, &ws, &chp, &px).unwrap();
         });
         row(
             "CLIP ViT-L/14-336, 23 blocks (F16)",
-            &format!("{mode:?}"),
+            &format!("{mode:?}{}", if f16_attn { " +f16 attn" } else { "" }),
             t,
             Some(5.0),
         );
@@ -446,6 +452,7 @@ fn main() {
             clip::clip_hidden_states(&b, &ws, &chp, &px).unwrap();
         });
     }
+    b.set_f16_attention(false);
     b.clear_weights();
     drop(ws);
 
@@ -494,10 +501,6 @@ fn main() {
     profile(&b, "prefill", || {
         llama::decode(&b, &ws, &lhp, &emb640).unwrap();
     });
-    let t = time(&b, 3, it(30), || {
-        llama::decode(&b, &ws, &lhp, &emb1).unwrap();
-    });
-    row("LLaMA-7B one token, Q4_K_M", "-", t, Some(2.0));
     profile(&b, "one token", || {
         llama::decode(&b, &ws, &lhp, &emb1).unwrap();
     });
@@ -522,23 +525,63 @@ fn main() {
         }
     }
     let wts: Vec<_> = names.iter().map(|n| b.weight(&ws, n).unwrap()).collect();
-    let t = time(&b, 2, it(20), || {
-        for w in &wts {
-            let x = if b.weight_dims(w).1 == 11008 {
-                &x11008
-            } else {
-                &x4096
-            };
-            b.linear(x, w, None).unwrap();
+    // The Q4_K one-token kernel with 1, 2 and 4 weight rows per warp (same sums; the default
+    // last, so later rows of the table use it).
+    let default_rows = b.q4k_rows_per_warp();
+    let mut variants: Vec<u8> = [1u8, 2, 4]
+        .into_iter()
+        .filter(|&r| r != default_rows)
+        .collect();
+    variants.push(default_rows);
+    for r in variants {
+        b.set_q4k_rows_per_warp(r);
+        let tag = format!("Q4_K {r} row(s)/warp");
+        let t = time(&b, 3, it(30), || {
+            llama::decode(&b, &ws, &lhp, &emb1).unwrap();
+        });
+        row("LLaMA-7B one token, Q4_K_M", &tag, t, Some(2.0));
+        let t = time(&b, 2, it(20), || {
+            for w in &wts {
+                let x = if b.weight_dims(w).1 == 11008 {
+                    &x11008
+                } else {
+                    &x4096
+                };
+                b.linear(x, w, None).unwrap();
+            }
+        });
+        row("  of which: the 225 mat-vecs alone", &tag, t, None);
+        println!(
+            "  mat-vecs: {:.0} GB/s effective ({:.2} GB in {:.3} ms); device copy ceiling {bw:.0} GB/s",
+            mat_bytes as f64 / t.0 / 1e6,
+            mat_bytes as f64 / 1e9,
+            t.0
+        );
+        // One matrix of each shape, alone: per-launch time against its bytes.
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.0.ffn_up.weight",
+            "blk.0.ffn_down.weight",
+        ] {
+            let w = b.weight(&ws, name).unwrap();
+            let (o, i) = b.weight_dims(&w);
+            let x = if i == 11008 { &x11008 } else { &x4096 };
+            // 50 launches back to back per sample: the launch cost without a sync in each.
+            let t = time(&b, 2, it(20), || {
+                for _ in 0..50 {
+                    b.linear(x, &w, None).unwrap();
+                }
+            });
+            let t = (t.0 / 50.0, t.1 / 50.0);
+            let bytes = ws.tensors[name].2.len() as f64;
+            println!(
+                "    {name} [{o} x {i}] {}: {:.4} ms, {:.0} GB/s",
+                ws.tensors[name].0.name(),
+                t.0,
+                bytes / t.0 / 1e6
+            );
         }
-    });
-    row("  of which: the 225 mat-vecs alone", "-", t, None);
-    println!(
-        "  mat-vecs: {:.0} GB/s effective ({:.2} GB in {:.3} ms); device copy ceiling {bw:.0} GB/s",
-        mat_bytes as f64 / t.0 / 1e6,
-        mat_bytes as f64 / 1e9,
-        t.0
-    );
+    }
     // The same matrices, 640 rows: the prefill's GEMMs alone.
     let x640 = b.upload(&emb640).unwrap();
     let x640b = b

@@ -332,6 +332,90 @@ extern "C" __global__ void mv1_q4_k(const u8* __restrict__ W, const float* __res
     if (lane == 0) Y[row] = sum + (bias ? bias[row] : 0.0f);
 }
 
+// Q4_K, one token, R rows per warp: the lane layout and per-row arithmetic of mv1_q4_k (so the
+// results are bit-identical to it), but each lane's activations (8 float4 per super-block
+// group) are read once for R rows instead of once per row: in mv1_q4_k those L1 reads were 7x
+// the weight bytes. One group of 4 super-blocks per iteration; the next group's weights are
+// loaded before this group's arithmetic (software pipelining) to keep bytes in flight.
+struct Q4KLane {
+    uint4 q;
+    u32 dd, w0, w1, w2;
+};
+__device__ __forceinline__ Q4KLane q4k_lane(const u8* wr, int sb, int t) {
+    const u8* b = wr + (i64)sb * 144;
+    const u32* bw = (const u32*)b;
+    Q4KLane L;
+    L.dd = bw[0];
+    L.w0 = bw[1];
+    L.w1 = bw[2];
+    L.w2 = bw[3];
+    L.q = *(const uint4*)(b + 16 + 16 * t);
+    return L;
+}
+template <int R>
+__device__ __forceinline__ void mv1_q4_k_rows(const u8* __restrict__ W, const float* __restrict__ X,
+                                             const float* __restrict__ bias, float* __restrict__ Y,
+                                             int rows, int cols, i64 row_bytes) {
+    int warp = (int)(((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    int row0 = warp * R;
+    if (row0 >= rows) return;
+    const int nsb = cols / 256;
+    const int g = lane >> 3, t = lane & 7, c = t >> 1, h16 = (t & 1) * 16;
+    const u8* wr[R];
+    _Pragma("unroll") for (int r = 0; r < R; r++) wr[r] = W + (i64)min(row0 + r, rows - 1) * row_bytes;
+    float acc[R];
+    _Pragma("unroll") for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    Q4KLane cur[R], nxt[R];
+    _Pragma("unroll") for (int r = 0; r < R; r++) cur[r] = q4k_lane(wr[r], min(g, nsb - 1), t);
+    for (int sb0 = 0; sb0 < nsb; sb0 += 4) {
+        int sbn = min(sb0 + 4 + g, nsb - 1);  // past the end: a harmless re-read
+        _Pragma("unroll") for (int r = 0; r < R; r++) nxt[r] = q4k_lane(wr[r], sbn, t);
+        int sb = sb0 + g;
+        if (sb < nsb) {
+            const float* x = X + (i64)sb * 256 + 64 * c + h16;
+            float4 lo[4], hi[4];
+            _Pragma("unroll") for (int k = 0; k < 4; k++) {
+                lo[k] = *(const float4*)(x + 4 * k);
+                hi[k] = *(const float4*)(x + 32 + 4 * k);
+            }
+            _Pragma("unroll") for (int r = 0; r < R; r++) {
+                const Q4KLane& L = cur[r];
+                int s0, m0, s1, m1;
+                q4k_sm_words(L.w0, L.w1, L.w2, 2 * c, &s0, &m0);
+                q4k_sm_words(L.w0, L.w1, L.w2, 2 * c + 1, &s1, &m1);
+                float d = h2f((u16)(L.dd & 0xFFFF)), dmin = h2f((u16)(L.dd >> 16));
+                u32 qw[4] = {L.q.x, L.q.y, L.q.z, L.q.w};
+                float sq0 = 0.0f, sq1 = 0.0f, sx0 = 0.0f, sx1 = 0.0f;
+                _Pragma("unroll") for (int k = 0; k < 4; k++) {
+                    u32 w = qw[k];
+                    sq0 += nib_f(w & 0xF) * lo[k].x + nib_f((w >> 8) & 0xF) * lo[k].y +
+                           nib_f((w >> 16) & 0xF) * lo[k].z + nib_f((w >> 24) & 0xF) * lo[k].w;
+                    sq1 += nib_f((w >> 4) & 0xF) * hi[k].x + nib_f((w >> 12) & 0xF) * hi[k].y +
+                           nib_f((w >> 20) & 0xF) * hi[k].z + nib_f(w >> 28) * hi[k].w;
+                    sx0 += (lo[k].x + lo[k].y) + (lo[k].z + lo[k].w);
+                    sx1 += (hi[k].x + hi[k].y) + (hi[k].z + hi[k].w);
+                }
+                acc[r] += (d * (float)s0 * sq0 - dmin * (float)m0 * sx0) +
+                          (d * (float)s1 * sq1 - dmin * (float)m1 * sx1);
+            }
+        }
+        _Pragma("unroll") for (int r = 0; r < R; r++) cur[r] = nxt[r];
+    }
+    _Pragma("unroll") for (int r = 0; r < R; r++) {
+        float sum = warp_sum(acc[r]);
+        if (lane == 0 && row0 + r < rows) Y[row0 + r] = sum + (bias ? bias[row0 + r] : 0.0f);
+    }
+}
+#define MV1_Q4K_ROWS(NAME, R)                                                                   \
+    extern "C" __global__ void NAME(const u8* __restrict__ W, const float* __restrict__ X,      \
+                                    const float* __restrict__ bias, float* __restrict__ Y,      \
+                                    int rows, int cols, int n, i64 row_bytes) {                 \
+        mv1_q4_k_rows<R>(W, X, bias, Y, rows, cols, row_bytes);                                 \
+    }
+MV1_Q4K_ROWS(mv1_q4_k_r2, 2)
+MV1_Q4K_ROWS(mv1_q4_k_r4, 4)
+
 // Steps whose loads are issued together: 4 for up to MAXN tokens, 8 for one token (fewer
 // registers per step there; one warp then has 8 x 144 B of Q4_K in flight).
 MATVEC_KERNEL(mv_q8_0, MAXN, 4, LdQ8, load_q8_0, comp_q8_0)

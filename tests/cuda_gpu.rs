@@ -259,15 +259,23 @@ fn ops_match_cpu() {
         let q = t(rng.vec(n * nh * hd, 1.0), n, nh * hd);
         let k = t(rng.vec(m * nkv * hd, 1.0), m, nkv * hd);
         let v = t(rng.vec(m * nkv * hd, 1.0), m, nkv * hd);
-        let gy = g
-            .attention(&up(&q), &up(&k), &up(&v), nh, nkv, causal)
-            .unwrap();
         let cy = c.attention(&q, &k, &v, nh, nkv, causal).unwrap();
-        rep.add(
-            format!("attention n={n} m={m} heads={nh}/{nkv} hd={hd} causal={causal}"),
-            diff(&down(&gy), &flat(&cy)),
-            1e-5,
-        );
+        // f16 attention rounds Q, K, P and V to f16 (2^-11 relative each) for the tensor cores.
+        for (f16, tol) in [(false, 1e-5), (true, 2e-3)] {
+            g.set_f16_attention(f16);
+            let gy = g
+                .attention(&up(&q), &up(&k), &up(&v), nh, nkv, causal)
+                .unwrap();
+            rep.add(
+                format!(
+                    "attention n={n} m={m} heads={nh}/{nkv} hd={hd} causal={causal}{}",
+                    if f16 { " f16" } else { "" }
+                ),
+                diff(&down(&gy), &flat(&cy)),
+                tol,
+            );
+        }
+        g.set_f16_attention(false);
     }
 
     // deformable attention (fuser shapes: M=16 heads, L=4 levels of 24x24, P=4; and odd levels)
@@ -389,6 +397,29 @@ fn ops_match_cpu() {
                 );
             }
             g.set_gemm_mode(GemmMode::Exact);
+            // One token of Q4_K: 1, 2 or 4 weight rows per warp give the same sums (33 rows
+            // leave partial warps).
+            if n == 1 && ty == GgmlType::Q4K {
+                let b = with_bias.then_some(&gbias);
+                let default = g.q4k_rows_per_warp();
+                g.set_q4k_rows_per_warp(1);
+                let one = flat(&g.download(&g.linear(&up(&x), &gw, b).unwrap()).unwrap());
+                for r in [2u8, 4] {
+                    g.set_q4k_rows_per_warp(r);
+                    let gy = flat(&g.download(&g.linear(&up(&x), &gw, b).unwrap()).unwrap());
+                    rep.add(
+                        format!("linear {name} n=1 matvec {r} rows/warp vs CPU"),
+                        diff(&gy, &flat(&cy)),
+                        2e-5,
+                    );
+                    rep.add(
+                        format!("linear {name} n=1 matvec {r} rows/warp vs 1 row/warp"),
+                        diff(&gy, &one),
+                        1e-6,
+                    );
+                }
+                g.set_q4k_rows_per_warp(default);
+            }
         }
     }
     println!("{}", g.memory_report());

@@ -20,7 +20,9 @@
 //!   rounds each weight to 2^-11, so a second plane would cost a second GEMM and buy nothing
 //!   (measured on random data: 2.0e-4 vs 2.8e-4 relative error, tests/cuda_gpu.rs);
 //! - attention: cuBLAS strided-batched SGEMMs for the scores and P.V (GQA without repeating
-//!   K/V), a row-softmax kernel with the causal mask in between; for at most 8 queries (decode)
+//!   K/V), a row-softmax kernel with the causal mask in between (`set_f16_attention`, off by
+//!   default until measured on a GPU: the same GEMMs on the tensor cores with Q, K, V and the
+//!   probabilities rounded to f16); for at most 8 queries (decode)
 //!   one kernel per (query, head) with the scores in shared memory.
 pub mod gemm;
 pub mod kernels;
@@ -299,6 +301,10 @@ pub struct CudaBackend {
     weights: Mutex<HashMap<String, Arc<DevWeight>>>,
     params: Mutex<HashMap<String, CudaTensor>>,
     mode: AtomicU8,
+    /// Weight rows per warp of the one-token Q4_K mat-vec: 1, 2 or 4 (`set_q4k_rows_per_warp`).
+    q4k_rows: AtomicU8,
+    /// Attention GEMMs on f16 inputs (`set_f16_attention`).
+    f16_attention: AtomicBool,
     poison: AtomicBool,
     profiling: AtomicBool,
     prof: Mutex<Vec<(String, f64, CudaEvent, CudaEvent)>>,
@@ -365,6 +371,11 @@ impl CudaBackend {
             Ok("fast") => GemmMode::Fast,
             _ => GemmMode::Exact,
         };
+        let q4k_rows = match std::env::var("MMFUSER_CUDA_Q4K_ROWS").as_deref() {
+            Ok("2") => 2,
+            Ok("4") => 4,
+            _ => 1,
+        };
         Ok(CudaBackend {
             inner: Arc::new(Inner {
                 ctx,
@@ -382,6 +393,10 @@ impl CudaBackend {
             weights: Mutex::new(HashMap::new()),
             params: Mutex::new(HashMap::new()),
             mode: AtomicU8::new(mode as u8),
+            q4k_rows: AtomicU8::new(q4k_rows),
+            f16_attention: AtomicBool::new(
+                std::env::var("MMFUSER_CUDA_ATTN").as_deref() == Ok("f16"),
+            ),
             poison: AtomicBool::new(false),
             profiling: AtomicBool::new(false),
             prof: Mutex::new(Vec::new()),
@@ -413,6 +428,34 @@ impl CudaBackend {
 
     pub fn set_gemm_mode(&self, m: GemmMode) {
         self.mode.store(m as u8, Ordering::Relaxed);
+    }
+
+    /// Weight rows per warp in the one-token Q4_K mat-vec (1, 2 or 4; others round down to
+    /// one of those): several rows share each lane's activation reads. Same sums either way.
+    /// 1 (the kernel measured on a GPU) unless MMFUSER_CUDA_Q4K_ROWS=2|4: the others are
+    /// built and tested by tests/cuda_gpu.rs but have not run on a GPU yet.
+    pub fn set_q4k_rows_per_warp(&self, r: u8) {
+        let r = match r {
+            0 | 1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        self.q4k_rows.store(r, Ordering::Relaxed);
+    }
+
+    pub fn q4k_rows_per_warp(&self) -> u8 {
+        self.q4k_rows.load(Ordering::Relaxed)
+    }
+
+    /// Attention's two GEMMs on the tensor cores with Q, K, V and the probabilities rounded to
+    /// f16 (f32 accumulation and softmax), instead of f32 SGEMMs. Off unless
+    /// MMFUSER_CUDA_ATTN=f16: tested by tests/cuda_gpu.rs, not yet run on a GPU.
+    pub fn set_f16_attention(&self, on: bool) {
+        self.f16_attention.store(on, Ordering::Relaxed);
+    }
+
+    pub fn f16_attention(&self) -> bool {
+        self.f16_attention.load(Ordering::Relaxed)
     }
 
     /// Fill every new activation with NaN before an op writes it (tests: an element an op fails
@@ -701,8 +744,18 @@ impl CudaBackend {
         let s = self.stream();
         let y = self.alloc(x.rows, w.rows)?;
         let threads = 256usize;
+        // One token: the kernels built for one accumulator (fewer registers, more warps).
+        let one = x.rows == 1;
+        let rows_per_warp = match (w.ty, one) {
+            (GgmlType::Q4K, true) => self.q4k_rows_per_warp() as usize,
+            _ => 1,
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((w.rows * 32).div_ceil(threads) as u32, 1, 1),
+            grid_dim: (
+                (w.rows.div_ceil(rows_per_warp) * 32).div_ceil(threads) as u32,
+                1,
+                1,
+            ),
             block_dim: (threads as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -714,8 +767,6 @@ impl CudaBackend {
             x.rows as i32,
         );
         let rb = w.row_bytes as i64;
-        // One token: the kernels built for one accumulator (fewer registers, more warps).
-        let one = x.rows == 1;
         let q = match (w.ty, one) {
             (GgmlType::Q8_0, false) => Some("mv_q8_0"),
             (GgmlType::Q4_0, false) => Some("mv_q4_0"),
@@ -723,7 +774,11 @@ impl CudaBackend {
             (GgmlType::Q6K, false) => Some("mv_q6_k"),
             (GgmlType::Q8_0, true) => Some("mv1_q8_0"),
             (GgmlType::Q4_0, true) => Some("mv1_q4_0"),
-            (GgmlType::Q4K, true) => Some("mv1_q4_k"),
+            (GgmlType::Q4K, true) => Some(match rows_per_warp {
+                1 => "mv1_q4_k",
+                2 => "mv1_q4_k_r2",
+                _ => "mv1_q4_k_r4",
+            }),
             (GgmlType::Q6K, true) => Some("mv1_q6_k"),
             _ => None,
         };
@@ -988,39 +1043,56 @@ impl CudaBackend {
         let scores = self.alloc(1, sn)?;
         let sp = scores.ptr(s);
         let rep = n_head / n_head_kv;
+        // f16 attention: Q, K, V and the probabilities rounded to f16 for tensor-core GEMMs
+        // (f32 accumulation and softmax); otherwise SGEMMs on the f32 activations.
+        let fast = self.f16_attention();
+        let half = |t: &CudaTensor| -> Result<Option<CudaTensor>> {
+            if !fast {
+                return Ok(None);
+            }
+            let len = t.len();
+            let h = self.alloc(1, len.div_ceil(2))?; // u16 plane in an f32 buffer
+            launch!(self.inner, "split_f16", grid1d(len); t.ptr(s), h.ptr(s), len as i64, 1i32);
+            Ok(Some(h))
+        };
+        let ty = if fast { Ty::F16 } else { Ty::F32 };
+        let (qh, kh) = (half(q)?, half(k)?);
+        let ptr = |h: &Option<CudaTensor>, t: &CudaTensor| h.as_ref().unwrap_or(t).ptr(s);
         for r in 0..rep {
             unsafe {
                 gemm::run(
                     &self.inner.blas,
                     &gemm::attn_scores(n, m, n_head, n_head_kv, hd, r),
-                    k.ptr(s),
-                    Ty::F32,
-                    q.ptr(s),
-                    Ty::F32,
+                    ptr(&kh, k),
+                    ty,
+                    ptr(&qh, q),
+                    ty,
                     sp,
                     0.0,
                 )
             }
             .map_err(bad)?;
         }
+        drop((qh, kh));
         launch!(self.inner, "softmax_attn_f32", rows_cfg(n_head * n);
             sp, m as i32, n as i32, causal as i32, scale);
+        let (ph, vh) = (half(&scores)?, half(v)?);
         for r in 0..rep {
             unsafe {
                 gemm::run(
                     &self.inner.blas,
                     &gemm::attn_pv(n, m, n_head, n_head_kv, hd, r),
-                    v.ptr(s),
-                    Ty::F32,
-                    sp,
-                    Ty::F32,
+                    ptr(&vh, v),
+                    ty,
+                    ptr(&ph, &scores),
+                    ty,
                     out.ptr(s),
                     0.0,
                 )
             }
             .map_err(bad)?;
         }
-        drop(scores);
+        drop((ph, vh, scores));
         Ok(out)
     }
 
