@@ -268,39 +268,67 @@ pub fn write_artefact(
             }
         }
         let file = src.file_of(r);
-        let data = match (range, stream.as_deref_mut()) {
-            (Some((f, a, b)), Some(s)) => {
-                s.take_into(f, a, b, &mut scratch)?;
-                let e = src
-                    .store(r.store)
-                    .entry(&r.row.src)
-                    .expect("a streamed row has an entry");
-                let t = SrcTensor {
-                    ty: e.ty,
-                    shape: e.shape.clone(),
-                    data: Cow::Borrowed(&scratch[..]),
-                };
-                src.transform(r, t)?
-            }
-            _ => src.read(r)?,
+        let in_tensor = |e: Error| match e {
+            Error::Other(m) => Error::tensor(&file, &r.row.src, m),
+            e => e,
         };
-        if !opts.allow_nonfinite {
-            if let Some(i) = first_nonfinite(data.ty, &data.data) {
-                return Err(Error::tensor(&file, &r.row.src, format!("element {i} is NaN or infinite (pass --allow-nonfinite to convert it anyway)")));
+        let nonfinite = |ty: GgmlType, bytes: &[u8], before: usize| -> Result<()> {
+            match first_nonfinite(ty, bytes) {
+                Some(i) if !opts.allow_nonfinite => Err(Error::tensor(&file, &r.row.src, format!("element {} is NaN or infinite (pass --allow-nonfinite to convert it anyway)", before + i))),
+                _ => Ok(()),
             }
-        }
+        };
         let row_len = *r.row.shape.last().unwrap_or(&1);
-        w.begin_tensor(&t.info.name)?;
-        let stats = crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, &mut w)
-            .map_err(|e| match e {
-                Error::Other(m) => Error::tensor(&file, &r.row.src, m),
-                e => e,
-            })?;
-        w.end_tensor()?;
+        let entry = src.store(r.store).entry(&r.row.src);
+        let (src_ty, stats) = match (range, stream.as_deref_mut(), entry) {
+            // A float cast of a tensor as it lies in the file: straight from the read buffers
+            // into the writer, a buffer at a time (no whole-tensor copy: the 250 MiB embedding
+            // would have doubled peak memory).
+            (Some((f, a, b)), Some(s), Some(e))
+                if r.row.transform.is_none()
+                    && crate::quantize::is_elementwise(e.ty, t.info.ty) =>
+            {
+                let size = e.ty.type_size();
+                let mut before = 0;
+                w.begin_tensor(&t.info.name)?;
+                s.take_each(f, a, b, size, |seg| {
+                    nonfinite(e.ty, seg, before)?;
+                    before += seg.len() / size;
+                    crate::quantize::encode_tensor(e.ty, seg, row_len, t.info.ty, &mut w)
+                        .map_err(in_tensor)?;
+                    Ok(())
+                })?;
+                w.end_tensor()?;
+                (e.ty, Default::default())
+            }
+            (range, stream, _) => {
+                let data = match (range, stream, entry) {
+                    // Rows with a transform (Q/K permutation) need the whole tensor.
+                    (Some((f, a, b)), Some(s), Some(e)) => {
+                        s.take_into(f, a, b, &mut scratch)?;
+                        let t = SrcTensor {
+                            ty: e.ty,
+                            shape: e.shape.clone(),
+                            data: Cow::Borrowed(&scratch[..]),
+                        };
+                        src.transform(r, t)?
+                    }
+                    _ => src.read(r)?,
+                };
+                nonfinite(data.ty, &data.data, 0)?;
+                w.begin_tensor(&t.info.name)?;
+                let stats =
+                    crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, &mut w)
+                        .map_err(in_tensor)?;
+                w.end_tensor()?;
+                (data.ty, stats)
+            }
+        };
         if range.is_none() {
             src.store(r.store).release(&r.row.src);
         }
-        progress.inc(data.data.len() as u64, &t.info.name);
+        let src_bytes = entry.map_or(0, |e| (e.range.1 - e.range.0) as u64);
+        progress.inc(src_bytes, &t.info.name);
         records.push(TensorRecord {
             source: r.row.src.clone(),
             source_file: manifest::file_name(&file),
@@ -309,7 +337,7 @@ pub fn write_artefact(
             gguf: t.info.name.clone(),
             artefact: plan.kind.clone(),
             ggml_type: t.info.ty.name().to_string(),
-            quant_rel_rms: TensorRecord::quant_error(data.ty, t.info.ty, stats.rel_rms()),
+            quant_rel_rms: TensorRecord::quant_error(src_ty, t.info.ty, stats.rel_rms()),
         });
     }
     let (file, bytes, sha) = w.finish_pending()?;

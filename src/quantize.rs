@@ -159,6 +159,12 @@ fn encode_float(
     Ok(())
 }
 
+/// Whether `encode_tensor(src_ty, .., out, ..)` works value by value (a copy or a float cast),
+/// so that encoding any split of the data in order gives the same bytes.
+pub fn is_elementwise(src_ty: GgmlType, out: GgmlType) -> bool {
+    src_ty == out || cast_float(out, &[]).is_some()
+}
+
 /// Encode a row-major tensor from `src_ty` bytes into `out` bytes, in chunks of whole rows converted
 /// in parallel and handed to `sink` in order. Bytes do not depend on the thread count. Returns the
 /// quantization error statistics (zero work when the types are equal).
@@ -173,7 +179,7 @@ pub fn encode_tensor(
         sink.put(data)?;
         return Ok(ErrStats::default());
     }
-    if cast_float(out, &[]).is_some() {
+    if is_elementwise(src_ty, out) {
         return encode_float(src_ty, data, out, sink).map(|_| ErrStats::default());
     }
     let in_row = src_ty

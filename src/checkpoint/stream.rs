@@ -109,33 +109,86 @@ impl ShardStream {
         end: u64,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let want = (end - start) as usize;
         out.clear();
-        out.reserve(want);
-        while out.len() < want {
-            let pos = start + out.len() as u64;
-            let p = loop {
-                match &self.cur {
-                    Some(p) if p.file == file && p.offset <= pos && pos < p.end() => break p,
-                    Some(p) if (p.file, p.offset) > (file, pos) => {
-                        return Err(Error::other(format!(
-                            "internal: bytes {start}..{end} of {} requested after the stream passed them",
-                            self.files[file].display()
-                        )))
-                    }
-                    _ => {
-                        // Let go of the passed piece first: its buffer may be the one the
-                        // reader is waiting for.
-                        self.cur = None;
-                        self.cur = Some(self.next(file)?);
-                    }
-                }
-            };
+        out.reserve((end - start) as usize);
+        self.take_each(file, start, end, 1, |seg| {
+            out.extend_from_slice(seg);
+            Ok(())
+        })
+    }
+
+    /// Bytes `start..end` of file `file` handed to `f` in order, as they lie in the read
+    /// buffers (no copy, nothing held beyond one buffer), each slice a whole number of
+    /// `unit`-byte elements: an element split between two reads is passed alone, joined in a
+    /// small buffer. Same ordering rule as `take`.
+    pub fn take_each(
+        &mut self,
+        file: usize,
+        start: u64,
+        end: u64,
+        unit: usize,
+        mut f: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut split = [0u8; 16]; // a split element (unit <= 16)
+        let mut held = 0;
+        assert!((1..=split.len()).contains(&unit), "element size {unit}");
+        let mut pos = start;
+        while pos < end {
+            let p = self.piece_at(file, pos, (start, end))?;
             let from = (pos - p.offset) as usize;
-            let n = (want - out.len()).min(p.data().len() - from);
-            out.extend_from_slice(&p.data()[from..from + n]);
+            let n = ((end - pos) as usize).min(p.data().len() - from);
+            let mut seg = &p.data()[from..from + n];
+            pos += n as u64;
+            if held > 0 {
+                let k = (unit - held).min(seg.len());
+                split[held..held + k].copy_from_slice(&seg[..k]);
+                held += k;
+                seg = &seg[k..];
+                if held < unit {
+                    continue;
+                }
+                f(&split[..unit])?;
+            }
+            let whole = seg.len() / unit * unit;
+            if whole > 0 {
+                f(&seg[..whole])?;
+            }
+            held = seg.len() - whole;
+            split[..held].copy_from_slice(&seg[whole..]);
+        }
+        if held > 0 {
+            return Err(Error::other(format!(
+                "internal: bytes {start}..{end} of {} are not whole {unit}-byte elements",
+                self.files[file].display()
+            )));
         }
         Ok(())
+    }
+
+    /// The piece holding byte `pos` of `file`, receiving (and letting go of passed pieces) as
+    /// needed. `asked` is the caller's whole range, for the error message.
+    fn piece_at(&mut self, file: usize, pos: u64, asked: (u64, u64)) -> Result<Arc<Piece>> {
+        loop {
+            match &self.cur {
+                Some(p) if p.file == file && p.offset <= pos && pos < p.end() => {
+                    return Ok(p.clone())
+                }
+                Some(p) if (p.file, p.offset) > (file, pos) => {
+                    return Err(Error::other(format!(
+                        "internal: bytes {}..{} of {} requested after the stream passed them",
+                        asked.0,
+                        asked.1,
+                        self.files[file].display()
+                    )))
+                }
+                _ => {
+                    // Let go of the passed piece first: its buffer may be the one the reader
+                    // is waiting for.
+                    self.cur = None;
+                    self.cur = Some(self.next(file)?);
+                }
+            }
+        }
     }
 
     /// No more `take`s: the reader goes on for the hasher alone.
@@ -360,6 +413,45 @@ mod tests {
                     assert_eq!(h.sha256, hex(&Sha256::digest(d)));
                 }
             }
+        }
+    }
+
+    /// `take_each` hands over whole elements only, however the reads split them, and in order.
+    #[test]
+    fn take_each_joins_split_elements() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = crate::fsutil::PAGE;
+        let (paths, data) = files(dir.path(), &[5 * chunk + 7]);
+        for unit in [1usize, 2, 4] {
+            // Ranges starting at odd offsets put element boundaries off the read boundaries.
+            let mut s = ShardStream::with_options(paths.clone(), chunk, 2, true);
+            let mut a = 1u64;
+            for len in [3 * unit, chunk * 2 + unit, unit, 2 * chunk] {
+                let b = a + len as u64;
+                let mut got = vec![];
+                s.take_each(0, a, b, unit, |seg| {
+                    assert!(
+                        seg.len() % unit == 0 && !seg.is_empty(),
+                        "slice of {}",
+                        seg.len()
+                    );
+                    got.extend_from_slice(seg);
+                    Ok(())
+                })
+                .unwrap();
+                assert!(
+                    got == data[0][a as usize..b as usize],
+                    "unit {unit} {a}..{b}"
+                );
+                a = b + 3;
+            }
+            // A range that is not whole elements is refused.
+            if unit > 1 {
+                assert!(s
+                    .take_each(0, a, a + unit as u64 + 1, unit, |_| Ok(()))
+                    .is_err());
+            }
+            s.finish().unwrap();
         }
     }
 
