@@ -174,8 +174,8 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
             &mut tensors,
             &mut meta,
         )?;
-        // A float LLM is written in source-file order, so the conversion reads each shard front to
-        // back in step with the input hasher (one disk read of each byte). A quantized LLM keeps
+        // A float LLM is written in source-file order, so its tensors can come from the
+        // ShardStream that also feeds the input hasher (one disk read of each byte). A quantized LLM keeps
         // llama-quantize's order (byte-identical files); the small mmproj keeps the recipe order
         // (identical whichever way the tower is stored).
         if art.kind == "llm" && crate::quantize::is_float_type(ft) {
@@ -368,9 +368,13 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     // conversion; other inputs (and every input of a quantizing run) are hashed on a thread of
     // their own that reads the files while the conversion maps them (the page cache shares them).
     let inputs = src.input_files();
+    // (Only when the float LLM's tensors lie as-is in the files: a stream nobody takes from
+    // would hold its buffers and stall the hashing until the LLM is written.)
     let mut stream = plans
         .iter()
-        .any(in_source_order)
+        .filter(|p| in_source_order(p))
+        .flat_map(|p| &p.tensors)
+        .any(|t| src.stream_range(&src.rows[t.row]).is_some())
         .then(|| ShardStream::start(src.checkpoint_files()));
     let n_streamed = stream.as_ref().map_or(0, |_| src.checkpoint_files().len());
     let rest = inputs[n_streamed..].to_vec();

@@ -173,6 +173,8 @@ impl ShardStream {
                 Some(p) if p.file == file && p.offset <= pos && pos < p.end() => {
                     return Ok(p.clone())
                 }
+                // The stream moved on to the next file: this one ended early.
+                Some(p) if p.file > file => return Err(self.ended(file)),
                 Some(p) if (p.file, p.offset) > (file, pos) => {
                     return Err(Error::other(format!(
                         "internal: bytes {}..{} of {} requested after the stream passed them",
@@ -197,15 +199,18 @@ impl ShardStream {
         self.rx = None;
     }
 
+    fn ended(&self, file: usize) -> Error {
+        Error::input(
+            &self.files[file],
+            "ended before the bytes of a tensor listed in its header (was the file cut while being read?)",
+        )
+    }
+
     fn next(&mut self, file: usize) -> Result<Arc<Piece>> {
-        let ended = || {
-            let f = &self.files[file];
-            Error::input(f, "ended before the bytes of a tensor listed in its header (was the file cut while being read?)")
-        };
-        match self.rx.as_ref().ok_or_else(ended)?.recv() {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ended()),
+        match self.rx.as_ref().map(|rx| rx.recv()) {
+            Some(Ok(Ok(p))) => Ok(p),
+            Some(Ok(Err(e))) => Err(e),
+            _ => Err(self.ended(file)),
         }
     }
 
@@ -395,7 +400,6 @@ mod tests {
                     (0, 2 * chunk as u64 + 1, 2 * chunk as u64 + 2),
                     (0, 3 * chunk as u64, 3 * chunk as u64 + 100),
                     (2, 0, 1),
-                    (4, 17, 4 * chunk as u64 + 3),
                 ];
                 for (f, a, b) in asks {
                     let got = s.take(f, a, b).unwrap();
@@ -404,6 +408,12 @@ mod tests {
                         "file {f} {a}..{b} direct {direct}"
                     );
                 }
+                // Past the end of file 2 (1 byte): an error naming it, not file 3's bytes.
+                let e = s.take(2, 1, 2).unwrap_err().to_string();
+                assert!(e.contains("f2.bin") && e.contains("ended"), "{e}");
+                assert!(s.take(3, 0, 1).unwrap() == data[3][..1]);
+                let (a, b) = (17, 4 * chunk as u64 + 3);
+                assert!(s.take(4, a, b).unwrap() == data[4][a as usize..b as usize]);
                 // Backwards is refused, not answered with wrong bytes.
                 assert!(s.take(4, 0, 5).is_err());
                 let hashes = s.finish().unwrap();
@@ -444,6 +454,19 @@ mod tests {
                     "unit {unit} {a}..{b}"
                 );
                 a = b + 3;
+            }
+            // Past the end of the file: an error naming it, not bytes of the next file.
+            if unit == 2 {
+                let len = data[0].len() as u64;
+                let e = s
+                    .take_each(0, len - 2, len + 2, unit, |_| Ok(()))
+                    .unwrap_err();
+                assert!(
+                    e.to_string().contains("f0.bin") && e.to_string().contains("ended"),
+                    "{e}"
+                );
+                s.finish().unwrap();
+                continue;
             }
             // A range that is not whole elements is refused.
             if unit > 1 {
