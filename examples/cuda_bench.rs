@@ -262,6 +262,29 @@ fn time(b: &CudaBackend, warm: usize, iters: usize, mut f: impl FnMut()) -> (f64
     (ts[ts.len() / 2], ts[0])
 }
 
+/// The activation a LLaMA-7B matrix with `cols` inputs reads: the model width (4096) or, for
+/// ffn_down, the feed-forward width (11008).
+fn input_for<'a, T>(cols: usize, embd: &'a T, ff: &'a T) -> &'a T {
+    if cols == 11008 {
+        ff
+    } else {
+        embd
+    }
+}
+
+/// Every matrix of `wts` applied once to the matching activation (`input_for`).
+fn linear_all(
+    b: &CudaBackend,
+    wts: &[std::sync::Arc<mmfuser_convert::cuda::DevWeight>],
+    embd: &<CudaBackend as Backend>::T,
+    ff: &<CudaBackend as Backend>::T,
+) {
+    for w in wts {
+        b.linear(input_for(b.weight_dims(w).1, embd, ff), w, None)
+            .unwrap();
+    }
+}
+
 /// One more run with the per-op profiler on: where the time goes.
 fn profile(b: &CudaBackend, what: &str, mut f: impl FnMut()) {
     b.synchronize().unwrap();
@@ -540,16 +563,7 @@ fn main() {
             llama::decode(&b, &ws, &lhp, &emb1).unwrap();
         });
         row("LLaMA-7B one token, Q4_K_M", &tag, t, Some(2.0));
-        let t = time(&b, 2, it(20), || {
-            for w in &wts {
-                let x = if b.weight_dims(w).1 == 11008 {
-                    &x11008
-                } else {
-                    &x4096
-                };
-                b.linear(x, w, None).unwrap();
-            }
-        });
+        let t = time(&b, 2, it(20), || linear_all(&b, &wts, &x4096, &x11008));
         row("  of which: the 225 mat-vecs alone", &tag, t, None);
         println!(
             "  mat-vecs: {:.0} GB/s effective ({:.2} GB in {:.3} ms); device copy ceiling {bw:.0} GB/s",
@@ -565,7 +579,7 @@ fn main() {
         ] {
             let w = b.weight(&ws, name).unwrap();
             let (o, i) = b.weight_dims(&w);
-            let x = if i == 11008 { &x11008 } else { &x4096 };
+            let x = input_for(i, &x4096, &x11008);
             // 50 launches back to back per sample: the launch cost without a sync in each.
             let t = time(&b, 2, it(20), || {
                 for _ in 0..50 {
@@ -590,16 +604,7 @@ fn main() {
         )
         .unwrap();
     {
-        let t = time(&b, 2, it(5), || {
-            for w in &wts {
-                let x = if b.weight_dims(w).1 == 11008 {
-                    &x640b
-                } else {
-                    &x640
-                };
-                b.linear(x, w, None).unwrap();
-            }
-        });
+        let t = time(&b, 2, it(5), || linear_all(&b, &wts, &x640, &x640b));
         let flops: f64 = wts
             .iter()
             .map(|w| {

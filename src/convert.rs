@@ -8,6 +8,7 @@ use crate::fsutil::AtomicFile;
 use crate::gguf::{FileType, GgmlType, GgufWriter, Metadata, TensorInfo, Value};
 use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
 use crate::progress::Progress;
+use crate::quantize::ErrStats;
 use crate::recipe::{DtypePolicy, Var};
 use crate::source::{Source, SourceRow};
 use std::borrow::Cow;
@@ -268,18 +269,21 @@ pub fn write_artefact(
             }
         }
         let file = src.file_of(r);
-        let in_tensor = |e: Error| match e {
-            Error::Other(m) => Error::tensor(&file, &r.row.src, m),
-            e => e,
-        };
-        let nonfinite = |ty: GgmlType, bytes: &[u8], before: usize| -> Result<()> {
-            match first_nonfinite(ty, bytes) {
-                Some(i) if !opts.allow_nonfinite => Err(Error::tensor(&file, &r.row.src, format!("element {} is NaN or infinite (pass --allow-nonfinite to convert it anyway)", before + i))),
-                _ => Ok(()),
-            }
-        };
         let row_len = *r.row.shape.last().unwrap_or(&1);
         let entry = src.store(r.store).entry(&r.row.src);
+        w.begin_tensor(&t.info.name)?;
+        // Values `before..` of the tensor, in its source type: refuse NaN/Inf, encode, write.
+        let mut put = |ty: GgmlType, bytes: &[u8], before: usize| -> Result<ErrStats> {
+            if let Some(i) = first_nonfinite(ty, bytes).filter(|_| !opts.allow_nonfinite) {
+                return Err(Error::tensor(&file, &r.row.src, format!("element {} is NaN or infinite (pass --allow-nonfinite to convert it anyway)", before + i)));
+            }
+            crate::quantize::encode_tensor(ty, bytes, row_len, t.info.ty, &mut w).map_err(|e| {
+                match e {
+                    Error::Other(m) => Error::tensor(&file, &r.row.src, m),
+                    e => e,
+                }
+            })
+        };
         let (src_ty, stats) = match (range, stream.as_deref_mut(), entry) {
             // A float cast of a tensor as it lies in the file: straight from the read buffers
             // into the writer, a buffer at a time (no whole-tensor copy: the 250 MiB embedding
@@ -290,40 +294,30 @@ pub fn write_artefact(
             {
                 let size = e.ty.type_size();
                 let mut before = 0;
-                w.begin_tensor(&t.info.name)?;
                 s.take_each(f, a, b, size, |seg| {
-                    nonfinite(e.ty, seg, before)?;
+                    put(e.ty, seg, before)?;
                     before += seg.len() / size;
-                    crate::quantize::encode_tensor(e.ty, seg, row_len, t.info.ty, &mut w)
-                        .map_err(in_tensor)?;
                     Ok(())
                 })?;
-                w.end_tensor()?;
-                (e.ty, Default::default())
+                (e.ty, ErrStats::default())
             }
-            (range, stream, _) => {
-                let data = match (range, stream, entry) {
-                    // Rows with a transform (Q/K permutation) need the whole tensor.
-                    (Some((f, a, b)), Some(s), Some(e)) => {
-                        s.take_into(f, a, b, &mut scratch)?;
-                        let t = SrcTensor {
-                            ty: e.ty,
-                            shape: e.shape.clone(),
-                            data: Cow::Borrowed(&scratch[..]),
-                        };
-                        src.transform(r, t)?
-                    }
-                    _ => src.read(r)?,
+            // Rows with a transform (Q/K permutation) need the whole tensor.
+            (Some((f, a, b)), Some(s), Some(e)) => {
+                s.take_into(f, a, b, &mut scratch)?;
+                let whole = SrcTensor {
+                    ty: e.ty,
+                    shape: e.shape.clone(),
+                    data: Cow::Borrowed(&scratch[..]),
                 };
-                nonfinite(data.ty, &data.data, 0)?;
-                w.begin_tensor(&t.info.name)?;
-                let stats =
-                    crate::quantize::encode_tensor(data.ty, &data.data, row_len, t.info.ty, &mut w)
-                        .map_err(in_tensor)?;
-                w.end_tensor()?;
-                (data.ty, stats)
+                let data = src.transform(r, whole)?;
+                (data.ty, put(data.ty, &data.data, 0)?)
+            }
+            _ => {
+                let data = src.read(r)?;
+                (data.ty, put(data.ty, &data.data, 0)?)
             }
         };
+        w.end_tensor()?;
         if range.is_none() {
             src.store(r.store).release(&r.row.src);
         }
@@ -370,13 +364,18 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let inputs = src.input_files();
     // (Only when the float LLM's tensors lie as-is in the files: a stream nobody takes from
     // would hold its buffers and stall the hashing until the LLM is written.)
-    let mut stream = plans
+    let shards = src.checkpoint_files(); // the first of `inputs`
+    let n_streamed = if plans
         .iter()
         .filter(|p| in_source_order(p))
         .flat_map(|p| &p.tensors)
         .any(|t| src.stream_range(&src.rows[t.row]).is_some())
-        .then(|| ShardStream::start(src.checkpoint_files()));
-    let n_streamed = stream.as_ref().map_or(0, |_| src.checkpoint_files().len());
+    {
+        shards.len()
+    } else {
+        0
+    };
+    let mut stream = (n_streamed > 0).then(|| ShardStream::start(shards));
     let rest = inputs[n_streamed..].to_vec();
     let hasher = std::thread::spawn(move || manifest::hash_files(&rest));
     let total: u64 = plans

@@ -93,15 +93,9 @@ impl ShardStream {
         }
     }
 
-    /// Bytes `start..end` of file `file` (an index into the list given to `start`). Requests must
-    /// come in increasing order of (file, start) and must not overlap: what was passed is gone.
-    pub fn take(&mut self, file: usize, start: u64, end: u64) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        self.take_into(file, start, end, &mut out)?;
-        Ok(out)
-    }
-
-    /// `take` into `out` (cleared first; its allocation is reused).
+    /// Bytes `start..end` of file `file` (an index into the list given to `start`) into `out`
+    /// (cleared first; its allocation is reused). Requests must come in increasing order of
+    /// (file, start) and must not overlap: what was passed is gone.
     pub fn take_into(
         &mut self,
         file: usize,
@@ -120,7 +114,7 @@ impl ShardStream {
     /// Bytes `start..end` of file `file` handed to `f` in order, as they lie in the read
     /// buffers (no copy, nothing held beyond one buffer), each slice a whole number of
     /// `unit`-byte elements: an element split between two reads is passed alone, joined in a
-    /// small buffer. Same ordering rule as `take`.
+    /// small buffer. Same ordering rule as `take_into`.
     pub fn take_each(
         &mut self,
         file: usize,
@@ -358,6 +352,14 @@ fn hash_pieces(files: &[PathBuf], rx: Receiver<Delivery>) -> Result<Vec<FileHash
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl ShardStream {
+        fn take(&mut self, file: usize, start: u64, end: u64) -> Result<Vec<u8>> {
+            let mut out = Vec::new();
+            self.take_into(file, start, end, &mut out)?;
+            Ok(out)
+        }
+    }
 
     fn bytes(n: usize, seed: u32) -> Vec<u8> {
         let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
