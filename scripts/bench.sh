@@ -26,6 +26,7 @@
 # "vs llama.cpp" = our seconds / llama.cpp's seconds for the same job (F16 conversion; Q4_K_M:
 # our one pass against llama.cpp convert + quantize); "disk frac" = (read_GB / dd_read_GBps +
 # write_GB / dd_write_GBps) / seconds, i.e. 1.0 = as fast as the disk allows.
+# Under the table, for SIZE=7b and 13b: each goal of the issue with "met" or "MISSED".
 # Caveat: page cache. With DROP_CACHES=1 (root, writable /proc/sys/vm/drop_caches) caches are
 # dropped before every step; otherwise a step may read data still cached from the previous one.
 # Every step starts after a `sync` (untimed): when synth still wrote through the page cache, the
@@ -181,4 +182,21 @@ for r in "${ROWS[@]}"; do
     printf "%-16s %9.1f %9.2f %8.3f %10.2f %12s %10.2f\n", n, s, gb, gb/s, rss/1048576, ratio, ideal/s }'
 done
 if [ -n "${IDENTICAL:-}" ]; then echo "ours_quant_gguf output: $IDENTICAL"; fi
+
+# ---- goals (issue "Real scale"): 7B F16 <= 28 s with peak RSS <= 512 MiB, 7B one-pass Q4_K_M
+# <= 150 s; 13B F16 and Q4_K_M with peak RSS <= 1 GiB.
+goal() { # step, max seconds ("-": none), max peak RSS in KiB
+  local r n s rb wb rss
+  for r in "${ROWS[@]}"; do
+    IFS='|' read -r n s rb wb rss <<<"$r"
+    [ "$n" = "$1" ] || continue
+    awk -v n="$n" -v s="$s" -v rss="$rss" -v ms="$2" -v mr="$3" 'BEGIN{
+      ok = (ms == "-" || s <= ms) && rss <= mr
+      printf "goal %-10s %6.1f s (max %s), peak RSS %4.0f MiB (max %.0f): %s\n", n, s, ms, rss/1024, mr/1024, ok ? "met" : "MISSED" }'
+  done
+}
+case "$SIZE" in
+  7b) echo; goal ours_f16 28 524288; goal ours_q4km 150 1048576;;
+  13b) echo; goal ours_f16 - 1048576; goal ours_q4km - 1048576;;
+esac
 if [ -f "$BENCH_DIR/micro.txt" ]; then echo; echo "quantizer micro-bench (threads: see src/quant/tests.rs):"; cat "$BENCH_DIR/micro.txt"; fi
