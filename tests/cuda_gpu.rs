@@ -1,12 +1,15 @@
-//! The CUDA backend against the CPU backend, on a machine with an NVIDIA GPU. Skipped unless
-//! MMFUSER_GPU_TESTS=1 (CI has no GPU); with it set, a missing GPU is a failure.
+//! The CUDA backend against the CPU backend, on a machine with an NVIDIA GPU. Every test here is
+//! `#[ignore]`d (CI has no GPU: `cargo test` lists them as ignored, with the reason); run them on a
+//! GPU machine with `--ignored`, where a missing or unusable GPU is a failure:
 //!
-//!     MMFUSER_GPU_TESTS=1 cargo test --release --test cuda_gpu -- --nocapture --test-threads=1
+//!     cargo test --release --test cuda_gpu -- --ignored --nocapture --test-threads=1
 //!
+//! (`scripts/gpu_run.sh` does this with the binary built by `scripts/gpu_prepare.sh`.)
 //! - every op on random inputs (outputs poisoned with NaN first), each weight type and both
 //!   linear paths (mat-vec for <= 8 rows, cuBLAS above), both GEMM modes;
 //! - the whole model on the fixture (source checkpoint, F16 / Q8_0 / Q4_K_M artefacts): image
-//!   embeddings and logits against the CPU backend (F16: within 1e-3 relative, same top-1);
+//!   embeddings and logits against the CPU backend (F16: within 1e-3 relative, same top-1), in
+//!   both GEMM modes (bounds per mode below);
 //! - `verify --device cuda` passes and fails exactly where `--device cpu` does.
 #[path = "common/sabotage.rs"]
 mod sabotage;
@@ -23,17 +26,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_mmfuser-convert");
 const CK: &str = "fixtures/tiny-llava-mmfuser";
 const TOWER: &str = "fixtures/tiny-clip";
 
-fn gpu(test: &str) -> Option<CudaBackend> {
-    if std::env::var("MMFUSER_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("{test}: skipped (set MMFUSER_GPU_TESTS=1 on a machine with an NVIDIA GPU)");
-        return None;
-    }
+/// The backend; these tests run only when asked for (`--ignored`), so no GPU is a failure.
+fn gpu(test: &str) -> CudaBackend {
     match CudaBackend::open() {
         Ok(b) => {
             println!("{test}: {} — {}", b.describe(), b.compile_note());
-            Some(b)
+            b
         }
-        Err(e) => panic!("MMFUSER_GPU_TESTS=1 but CUDA is unusable: {e}"),
+        Err(e) => panic!("{test} needs a usable NVIDIA GPU (it is #[ignore]d for that): {e}"),
     }
 }
 
@@ -79,6 +79,9 @@ fn diff(a: &[f32], b: &[f32]) -> f64 {
 
 /// Relative RMS error of a against the reference b.
 fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
     let (mut num, mut den) = (0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
         num += (x as f64 - y as f64).powi(2);
@@ -88,6 +91,24 @@ fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
         return f64::INFINITY;
     }
     (num / den.max(1e-300)).sqrt()
+}
+
+/// A figure within its bound. NaN fails, and so does an infinite error (a NaN or Inf output)
+/// whatever the bound.
+fn passes(d: f64, tol: f64) -> bool {
+    d.is_finite() && d <= tol
+}
+
+#[test]
+fn a_nan_or_inf_figure_fails_any_bound() {
+    assert!(passes(0.0, 0.0) && passes(1e-4, 1e-3));
+    assert!(!passes(2e-3, 1e-3));
+    for d in [f64::NAN, f64::INFINITY] {
+        assert!(!passes(d, f64::INFINITY) && !passes(d, 1.0), "{d}");
+    }
+    assert_eq!(diff(&[f32::NAN], &[1.0]), f64::INFINITY);
+    assert_eq!(rel_rms(&[f32::INFINITY], &[1.0]), f64::INFINITY);
+    assert_eq!(rel_rms(&[1.0], &[1.0, 2.0]), f64::INFINITY);
 }
 
 struct Report {
@@ -104,7 +125,7 @@ impl Report {
             name,
             d,
             tol,
-            if d <= tol { "ok" } else { "FAIL" }
+            if passes(d, tol) { "ok" } else { "FAIL" }
         );
         self.rows.push((name, d, tol));
     }
@@ -112,7 +133,7 @@ impl Report {
         let bad: Vec<_> = self
             .rows
             .iter()
-            .filter(|(_, d, t)| d.is_nan() || d > t)
+            .filter(|(_, d, t)| !passes(*d, *t))
             .collect();
         assert!(
             bad.is_empty(),
@@ -123,10 +144,9 @@ impl Report {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run with --ignored there (scripts/gpu_run.sh)"]
 fn ops_match_cpu() {
-    let Some(g) = gpu("ops_match_cpu") else {
-        return;
-    };
+    let g = gpu("ops_match_cpu");
     g.set_poison(true);
     let c = CpuBackend;
     let mut rep = Report::new();
@@ -460,128 +480,171 @@ fn artefacts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     (llm, mmproj, q[0].clone(), q[1].clone())
 }
 
-#[test]
-fn whole_model_matches_cpu() {
-    let Some(g) = gpu("whole_model_matches_cpu") else {
-        return;
+/// One side of the whole-model comparison, with its bounds per GEMM mode: (largest relative
+/// error allowed for every stage, smallest top-1 agreement of the logits).
+struct Side {
+    label: &'static str,
+    ws: Box<dyn WeightSource>,
+    exact: (f64, f64),
+    fast: (f64, f64),
+}
+
+// Fast mode (`GemmMode::Fast`) rounds the activations of every cuBLAS product to one f16 plane
+// (bf16 against BF16 weights). Its bounds come from `fast_mode_rounding_on_the_cpu`, which applies
+// that rounding on the CPU and prints the figures. On this fixture (2026-12-02) the largest
+// relative error of any stage was 6.4e-3 for the source checkpoint (bf16 LLM: activations rounded
+// to 2^-9), 9.1e-4 for the F16 GGUF, 1.1e-3 / 1.2e-3 for Q8_0 / Q4_K_M, and top-1 agreement was
+// 1.0 on every side. The bounds are about 3x those figures (the GPU adds its own summation order,
+// far smaller), never below the Exact bound for the quantized sides (their LLM weights take the
+// same f16 path in both modes); the top-1 floors allow one or two flipped positions of 89.
+fn sides(llm: &Path, mmproj: &Path, q8: &Path, q4: &Path) -> Vec<Side> {
+    let gguf = |l: &Path| -> Box<dyn WeightSource> {
+        Box::new(GgufWeights::open(l, mmproj).unwrap_or_else(|e| panic!("{e}")))
     };
-    let dir = tempfile::tempdir().unwrap();
-    let (llm, mmproj, q8, q4) = artefacts(dir.path());
+    let src = Source::open(Path::new(CK), Some(Path::new(TOWER))).unwrap_or_else(|e| panic!("{e}"));
+    vec![
+        Side {
+            label: "source checkpoint (bf16)",
+            ws: Box::new(src),
+            exact: (1e-3, 1.0),
+            fast: (2e-2, 0.97),
+        },
+        Side {
+            label: "F16 GGUF",
+            ws: gguf(llm),
+            exact: (1e-3, 1.0),
+            fast: (3e-3, 0.98),
+        },
+        Side {
+            label: "Q8_0 GGUF",
+            ws: gguf(q8),
+            exact: (1e-2, 0.95),
+            fast: (1e-2, 0.95),
+        },
+        Side {
+            label: "Q4_K_M GGUF",
+            ws: gguf(q4),
+            exact: (1e-2, 0.95),
+            fast: (1e-2, 0.95),
+        },
+    ]
+}
+
+/// The fixture's probe: pixel values, the image prompt's ids, the text-only ids.
+fn probe() -> (Tensor, Vec<i64>, Vec<i64>) {
     let pv = mmfuser_convert::npy::read("fixtures/reference/pixel_values.npy").unwrap();
     let pv = Tensor::from_vec(pv.to_f32().unwrap(), pv.shape.as_slice(), &Device::Cpu).unwrap();
-    let ids: Vec<i64> = serde_json::from_str(
-        &std::fs::read_to_string("fixtures/reference/input_ids.json").unwrap(),
+    let ids = |f: &str| -> Vec<i64> {
+        serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap()
+    };
+    (
+        pv,
+        ids("fixtures/reference/input_ids.json"),
+        ids("fixtures/reference/text_only_ids.json"),
     )
-    .unwrap();
-    let text_ids: Vec<i64> = serde_json::from_str(
-        &std::fs::read_to_string("fixtures/reference/text_only_ids.json").unwrap(),
-    )
-    .unwrap();
-    let src = Source::open(Path::new(CK), Some(Path::new(TOWER))).unwrap();
-    let mut rep = Report::new();
-    let sides: Vec<(&str, Box<dyn WeightSource>, f64, f64)> = vec![
-        ("source checkpoint (bf16)", Box::new(src), 1e-3, 1.0),
-        (
-            "F16 GGUF",
-            Box::new(GgufWeights::open(&llm, &mmproj).unwrap()),
-            1e-3,
-            1.0,
-        ),
-        (
-            "Q8_0 GGUF",
-            Box::new(GgufWeights::open(&q8, &mmproj).unwrap()),
-            1e-2,
-            0.95,
-        ),
-        (
-            "Q4_K_M GGUF",
-            Box::new(GgufWeights::open(&q4, &mmproj).unwrap()),
-            1e-2,
-            0.95,
-        ),
-    ];
-    for (label, ws, tol, top1_min) in &sides {
-        let hp = match GgufWeights::open(&llm, &mmproj) {
-            Ok(a) => a.hparams().unwrap(),
-            Err(e) => panic!("{e}"),
+}
+
+/// The hyper-parameters of the fixture, with only the CLIP blocks the selected layers need.
+fn fixture_hparams(llm: &Path, mmproj: &Path) -> mmfuser_convert::hparams::ModelHParams {
+    let mut hp = GgufWeights::open(llm, mmproj)
+        .and_then(|a| a.hparams())
+        .unwrap_or_else(|e| panic!("{e}"));
+    hp.clip.n_layer = hp.clip.blocks_needed();
+    hp
+}
+
+/// Every stage of backend `b` against the CPU backend on one side, into `rep` with bounds
+/// (t_rel, t_top).
+#[allow(clippy::too_many_arguments)]
+fn compare_with_cpu<B: Backend>(
+    b: &B,
+    tag: &str,
+    ws: &dyn WeightSource,
+    hp: &mmfuser_convert::hparams::ModelHParams,
+    (pv, ids, text_ids): &(Tensor, Vec<i64>, Vec<i64>),
+    (t_rel, t_top): (f64, f64),
+    rep: &mut Report,
+) {
+    let ci = model::encode_image_with(&CpuBackend, ws, hp, pv).unwrap();
+    let gi = model::encode_image_with(b, ws, hp, pv).unwrap();
+    let cl = model::logits_with(&CpuBackend, ws, hp, ids, Some(&ci.image_embeds)).unwrap();
+    let gl = model::logits_with(b, ws, hp, ids, Some(&gi.image_embeds)).unwrap();
+    let ct = model::logits_with(&CpuBackend, ws, hp, text_ids, None).unwrap();
+    let gt = model::logits_with(b, ws, hp, text_ids, None).unwrap();
+    let vocab = cl.dim(1).unwrap();
+    let (cf, gf) = (flat(&cl), flat(&gl));
+    let top1 = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len(), "{tag}: logits of different sizes");
+        let am = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                .0
         };
-        let mut hp = hp;
-        hp.clip.n_layer = hp.clip.blocks_needed();
-        for mode in [GemmMode::Exact, GemmMode::Fast] {
+        let rows = a.len() / vocab;
+        (0..rows)
+            .filter(|&r| am(&a[r * vocab..(r + 1) * vocab]) == am(&b[r * vocab..(r + 1) * vocab]))
+            .count() as f64
+            / rows as f64
+    };
+    assert_eq!(ci.selected.len(), gi.selected.len(), "{tag}: selected CLIP layers");
+    for (i, (cs, gs)) in ci.selected.iter().zip(&gi.selected).enumerate() {
+        rep.add(
+            format!("{tag} clip layer {i} rel RMS"),
+            rel_rms(&flat(gs), &flat(cs)),
+            t_rel,
+        );
+    }
+    assert_eq!(ci.fuser_out.is_some(), gi.fuser_out.is_some(), "{tag}: fuser output");
+    if let (Some(a), Some(b)) = (&ci.fuser_out, &gi.fuser_out) {
+        rep.add(
+            format!("{tag} fuser out rel RMS"),
+            rel_rms(&flat(b), &flat(a)),
+            t_rel,
+        );
+    }
+    rep.add(
+        format!("{tag} image embeds rel RMS"),
+        rel_rms(&flat(&gi.image_embeds), &flat(&ci.image_embeds)),
+        t_rel,
+    );
+    rep.add(format!("{tag} logits rel RMS"), rel_rms(&gf, &cf), t_rel);
+    rep.add(
+        format!("{tag} logits max|diff| / max|logit|"),
+        diff(&gf, &cf),
+        t_rel,
+    );
+    rep.add(
+        format!("{tag} logits top-1 disagreement"),
+        1.0 - top1(&gf, &cf),
+        1.0 - t_top,
+    );
+    rep.add(
+        format!("{tag} text-only logits rel RMS"),
+        rel_rms(&flat(&gt), &flat(&ct)),
+        t_rel,
+    );
+    rep.add(
+        format!("{tag} text-only top-1 disagreement"),
+        1.0 - top1(&flat(&gt), &flat(&ct)),
+        1.0 - t_top,
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --ignored there (scripts/gpu_run.sh)"]
+fn whole_model_matches_cpu() {
+    let g = gpu("whole_model_matches_cpu");
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj, q8, q4) = artefacts(dir.path());
+    let hp = fixture_hparams(&llm, &mmproj);
+    let probe = probe();
+    let mut rep = Report::new();
+    for side in sides(&llm, &mmproj, &q8, &q4) {
+        for (mode, bounds) in [(GemmMode::Exact, side.exact), (GemmMode::Fast, side.fast)] {
             g.set_gemm_mode(mode);
-            let ci = model::encode_image_with(&CpuBackend, ws.as_ref(), &hp, &pv).unwrap();
-            let gi = model::encode_image_with(&g, ws.as_ref(), &hp, &pv).unwrap();
-            let cl =
-                model::logits_with(&CpuBackend, ws.as_ref(), &hp, &ids, Some(&ci.image_embeds))
-                    .unwrap();
-            let gl =
-                model::logits_with(&g, ws.as_ref(), &hp, &ids, Some(&gi.image_embeds)).unwrap();
-            let ct = model::logits_with(&CpuBackend, ws.as_ref(), &hp, &text_ids, None).unwrap();
-            let gt = model::logits_with(&g, ws.as_ref(), &hp, &text_ids, None).unwrap();
-            let vocab = cl.dim(1).unwrap();
-            let (cf, gf) = (flat(&cl), flat(&gl));
-            let top1 = |a: &[f32], b: &[f32]| {
-                let am = |r: &[f32]| {
-                    r.iter()
-                        .enumerate()
-                        .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
-                        .0
-                };
-                let rows = a.len() / vocab;
-                (0..rows)
-                    .filter(|&r| {
-                        am(&a[r * vocab..(r + 1) * vocab]) == am(&b[r * vocab..(r + 1) * vocab])
-                    })
-                    .count() as f64
-                    / rows as f64
-            };
-            let exact = mode == GemmMode::Exact;
-            let (t_rel, t_top) = if exact {
-                (*tol, *top1_min)
-            } else {
-                (f64::INFINITY, 0.0)
-            };
-            let tag = format!("{label} [{mode:?}]");
-            for (i, (cs, gs)) in ci.selected.iter().zip(&gi.selected).enumerate() {
-                rep.add(
-                    format!("{tag} clip layer {i} rel RMS"),
-                    rel_rms(&flat(gs), &flat(cs)),
-                    t_rel,
-                );
-            }
-            if let (Some(a), Some(b)) = (&ci.fuser_out, &gi.fuser_out) {
-                rep.add(
-                    format!("{tag} fuser out rel RMS"),
-                    rel_rms(&flat(b), &flat(a)),
-                    t_rel,
-                );
-            }
-            rep.add(
-                format!("{tag} image embeds rel RMS"),
-                rel_rms(&flat(&gi.image_embeds), &flat(&ci.image_embeds)),
-                t_rel,
-            );
-            rep.add(format!("{tag} logits rel RMS"), rel_rms(&gf, &cf), t_rel);
-            rep.add(
-                format!("{tag} logits max|diff| / max|logit|"),
-                diff(&gf, &cf),
-                t_rel,
-            );
-            rep.add(
-                format!("{tag} logits top-1 disagreement"),
-                1.0 - top1(&gf, &cf),
-                1.0 - t_top,
-            );
-            rep.add(
-                format!("{tag} text-only logits rel RMS"),
-                rel_rms(&flat(&gt), &flat(&ct)),
-                t_rel,
-            );
-            rep.add(
-                format!("{tag} text-only top-1 disagreement"),
-                1.0 - top1(&flat(&gt), &flat(&ct)),
-                1.0 - t_top,
-            );
+            let tag = format!("{} [{mode:?}]", side.label);
+            compare_with_cpu(&g, &tag, side.ws.as_ref(), &hp, &probe, bounds, &mut rep);
             g.clear_weights();
         }
         g.set_gemm_mode(GemmMode::Exact);
@@ -590,11 +653,160 @@ fn whole_model_matches_cpu() {
     rep.finish("whole model");
 }
 
+/// `GemmMode::Fast`'s rounding applied on the CPU (src/cuda/mod.rs, gemm_linear): a product of
+/// more than 8 rows (the GPU's cuBLAS path) rounds its activations to f16 (to bf16 against a
+/// BF16 weight; F32 weights take f32) and uses a quantized weight dequantized to f16; fewer rows
+/// (the mat-vec kernels) and everything else is the CPU backend.
+struct FastRounding;
+
+fn rounded(x: &Tensor, dt: candle_core::DType) -> mmfuser_convert::error::Result<Tensor> {
+    Ok(x.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?)
+}
+
+impl Backend for FastRounding {
+    type T = Tensor;
+    type W = (Tensor, GgmlType);
+    fn name(&self) -> &'static str {
+        "cpu with GemmMode::Fast rounding"
+    }
+    fn upload(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.upload(x)
+    }
+    fn download(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.download(x)
+    }
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        CpuBackend.dims(x)
+    }
+    fn weight(&self, ws: &dyn WeightSource, name: &str) -> mmfuser_convert::error::Result<Self::W> {
+        let ty = ws.raw(name)?.ty;
+        Ok((CpuBackend.weight(ws, name)?, ty))
+    }
+    fn weight_dims(&self, w: &Self::W) -> (usize, usize) {
+        CpuBackend.weight_dims(&w.0)
+    }
+    fn param(&self, ws: &dyn WeightSource, name: &str) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.param(ws, name)
+    }
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &Self::W,
+        bias: Option<&Tensor>,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        use candle_core::DType;
+        if CpuBackend.dims(x).0 <= 8 || w.1 == GgmlType::F32 {
+            return CpuBackend.linear(x, &w.0, bias);
+        }
+        let (xr, wr) = match w.1 {
+            GgmlType::BF16 => (rounded(x, DType::BF16)?, w.0.clone()),
+            GgmlType::F16 => (rounded(x, DType::F16)?, w.0.clone()),
+            _ => (rounded(x, DType::F16)?, rounded(&w.0, DType::F16)?),
+        };
+        CpuBackend.linear(&xr, &wr, bias)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_head: usize,
+        n_head_kv: usize,
+        causal: bool,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.attention(q, k, v, n_head, n_head_kv, causal)
+    }
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        eps: f32,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.layer_norm(x, w, b, eps)
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn softmax_groups(&self, x: &Tensor, group: usize) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.softmax_groups(x, group)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.add(a, b)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.mul(a, b)
+    }
+    fn quick_gelu(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.quick_gelu(x)
+    }
+    fn gelu_erf(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.gelu_erf(x)
+    }
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.silu_mul(gate, up)
+    }
+    fn rope_interleaved(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn msda(
+        &self,
+        value: &Tensor,
+        levels: &[(usize, usize)],
+        offsets: &Tensor,
+        weights: &Tensor,
+        ref_grid: (usize, usize),
+        n_heads: usize,
+        n_points: usize,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.msda(value, levels, offsets, weights, ref_grid, n_heads, n_points)
+    }
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.rows(x, start, len)
+    }
+    fn concat_rows(&self, xs: &[&Tensor]) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.concat_rows(xs)
+    }
+}
+
+/// Runs without a GPU (in CI): the Fast-mode bounds of `sides` against the error that Fast mode's
+/// rounding alone causes. Its figures are where those bounds come from; a model or fixture change
+/// that makes them exceed a bound fails here first.
 #[test]
+fn fast_mode_rounding_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj, q8, q4) = artefacts(dir.path());
+    let hp = fixture_hparams(&llm, &mmproj);
+    let probe = probe();
+    let mut rep = Report::new();
+    let mut largest = vec![];
+    for side in sides(&llm, &mmproj, &q8, &q4) {
+        let tag = format!("{} [Fast rounding, CPU]", side.label);
+        let before = rep.rows.len();
+        compare_with_cpu(&FastRounding, &tag, side.ws.as_ref(), &hp, &probe, side.fast, &mut rep);
+        let rows = &rep.rows[before..];
+        let worst = rows
+            .iter()
+            .filter(|r| !r.0.contains("top-1"))
+            .fold(0f64, |m, r| m.max(r.1));
+        // Rounding must show: a comparison that measured nothing would pass any bound.
+        assert!(worst > 0.0, "{tag}: no difference at all from the CPU backend");
+        largest.push(format!("{}: {worst:.2e} (bound {:.0e})", side.label, side.fast.0));
+    }
+    println!("largest relative error per side: {}", largest.join("; "));
+    rep.finish("Fast-mode rounding on the CPU");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run with --ignored there (scripts/gpu_run.sh)"]
 fn verify_on_cuda_passes_and_fails_where_cpu_does() {
-    let Some(g) = gpu("verify_on_cuda_passes_and_fails_where_cpu_does") else {
-        return;
-    };
+    let g = gpu("verify_on_cuda_passes_and_fails_where_cpu_does");
     drop(g);
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj, q8, q4) = artefacts(dir.path());

@@ -5,6 +5,8 @@
 //! - the PTX cache round-trips;
 //! - `--device auto` falls back to the CPU with a one-line note and `--device cuda` is a usage
 //!   error (exit 2) with a one-line message when no GPU is usable (where one is, both use it).
+#[path = "common/skip.rs"]
+mod skip;
 use mmfuser_convert::cuda::{self, kernels};
 use std::path::Path;
 use std::process::Command;
@@ -24,8 +26,10 @@ fn nvrtc_or_skip(test: &str) -> bool {
              install the nvidia-cuda-nvrtc wheel and put its lib folder on LD_LIBRARY_PATH (.ci/run does)"
         );
     }
-    eprintln!(
-        "{test}: skipped, no NVRTC library (set MMFUSER_REQUIRE_NVRTC=1 to make this a failure)"
+    skip::skip(
+        test,
+        "no NVRTC library (libnvrtc.so) loads here; .ci/run installs one and sets \
+         MMFUSER_REQUIRE_NVRTC=1, which makes this a failure",
     );
     false
 }

@@ -176,6 +176,14 @@ fn jpeg_decode_and_pipeline() {
         "tall.jpg end to end pixel values: max abs difference {max:e} (one level = {:e})",
         1.0 / 255.0 / CLIP_STD[1]
     );
+    // The pixel values are the uint8 images normalised: their largest difference is at most
+    // m2 levels of the channel with the smallest std (and 0 only if the bytes agree).
+    let std_min = CLIP_STD.iter().cloned().fold(f32::INFINITY, f32::min);
+    let bound = m2 as f32 / 255.0 / std_min * (1.0 + 1e-5);
+    assert!(
+        max <= bound && (max > 0.0) == (m2 > 0),
+        "pixel values differ by {max:e}, but the uint8 images by {m2} levels (bound {bound:e})"
+    );
 }
 
 #[test]

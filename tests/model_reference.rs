@@ -1,10 +1,23 @@
-//! The CPU forward pass against the float64 PyTorch/transformers references in fixtures/reference/
-//! (made by fixtures/make_fixtures.py). Every stage must be within 1e-4 relative RMS error.
+//! The CPU forward pass against the float64 references in fixtures/reference/ (made by
+//! fixtures/make_fixtures.py; see fixtures/README.md). Every stage must be within 1e-4 relative
+//! RMS error. What each reference is:
+//! - CLIP hidden states and the LLaMA logits (end to end, on the reference image embeddings, and
+//!   text only): transformers' `CLIPVisionModel` / `LlamaForCausalLM` run in float64 (third-party
+//!   model code);
+//! - the fuser stages (cross attention, fuser output) and the MLP projector (image embeddings):
+//!   NOT third-party model code. They come from make_fixtures.py's own PyTorch implementation of
+//!   the spec (../shared/spec/llava-mmfuser.md section 3, `torch.nn.functional.grid_sample` for
+//!   the deformable sampling; `F.linear` / exact `F.gelu` for the MLP), cross-checked there against
+//!   a point-by-point loop of the bilinear / zero-padding rule. For the fuser this test therefore
+//!   shows agreement with a second, independent reading of the spec, not with the authors' code.
 //!
 //! The weights come through the crate's real source adapter (`Source`: recipe name maps, Q/K
 //! permutation), from the sharded bf16 safetensors + separate CLIP directory and from the f16
 //! pytorch_model.bin with the tower embedded. The hyper-parameters are built here independently
 //! from the fixture's JSON files and must equal what `Source` parsed.
+//!
+//! `fixture_files_match_meta_json` checks every file listed in reference/meta.json (size and
+//! sha256), so a fixture edited by hand, or regenerated without meta.json, fails here.
 use candle_core::{Device, Tensor};
 use mmfuser_convert::hparams::{
     ClipHParams, FuserHParams, LlamaHParams, ModelHParams, ProjectorHParams,
@@ -223,5 +236,55 @@ fn run_stages(fx: &Path, ws: &dyn WeightSource, parsed: &ModelHParams) {
         failures.is_empty(),
         "stages out of tolerance:\n{}",
         failures.join("\n")
+    );
+}
+
+/// Every file that reference/meta.json lists (make_fixtures.py records size and sha256 of all
+/// files under fixtures/ when it runs) is present with exactly those bytes.
+#[test]
+fn fixture_files_match_meta_json() {
+    use sha2::{Digest, Sha256};
+    let fx = fixtures();
+    let meta = json(&fx.join("reference/meta.json"));
+    let files = meta["files"]
+        .as_object()
+        .expect("reference/meta.json has a \"files\" object");
+    let mut bad = vec![];
+    for (rel, rec) in files {
+        let (Some(want_sha), Some(want_len)) = (rec["sha256"].as_str(), rec["bytes"].as_u64())
+        else {
+            bad.push(format!("{rel}: meta.json entry without sha256/bytes: {rec}"));
+            continue;
+        };
+        match std::fs::read(fx.join(rel)) {
+            Err(e) => bad.push(format!("fixtures/{rel}: {e}")),
+            Ok(b) => {
+                let sha: String = Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect();
+                if b.len() as u64 != want_len || sha != want_sha {
+                    bad.push(format!(
+                        "fixtures/{rel}: {} bytes, sha256 {sha}; meta.json says {want_len} bytes, {want_sha}",
+                        b.len()
+                    ));
+                }
+            }
+        }
+    }
+    // The four directories make_fixtures.py writes must be listed in full.
+    for d in ["tiny-clip", "tiny-llava-mmfuser", "tiny-llava-mmfuser-bin", "reference"] {
+        for e in std::fs::read_dir(fx.join(d)).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            let rel = format!("{d}/{name}");
+            if rel != "reference/meta.json" && !files.contains_key(&rel) {
+                bad.push(format!("fixtures/{rel}: not listed in reference/meta.json"));
+            }
+        }
+    }
+    println!("reference/meta.json: {} files checked", files.len());
+    assert!(files.len() >= 100, "meta.json lists only {} files", files.len());
+    assert!(
+        bad.is_empty(),
+        "fixtures differ from reference/meta.json (regenerate all with \
+         `~/oracle-venv/bin/python fixtures/make_fixtures.py`, never by hand):\n{}",
+        bad.join("\n")
     );
 }

@@ -171,6 +171,7 @@ fn assert_vocab_eq(v: &GgufVocab, r: &Value, what: &str) {
         .iter()
         .map(|x| x.as_f64().unwrap() as f32)
         .collect();
+    assert_eq!(v.scores.len(), scores.len(), "{what}: score count");
     for (i, (a, b)) in v.scores.iter().zip(&scores).enumerate() {
         assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i} ({a} vs {b})");
     }
@@ -180,6 +181,7 @@ fn assert_vocab_eq(v: &GgufVocab, r: &Value, what: &str) {
         .iter()
         .map(|x| x.as_i64().unwrap() as i32)
         .collect();
+    assert_eq!(v.token_types.len(), types.len(), "{what}: token type count");
     for (i, (a, b)) in v.token_types.iter().zip(&types).enumerate() {
         assert_eq!(a, b, "{what}: token type {i} ({:?})", v.tokens[i]);
     }
