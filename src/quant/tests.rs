@@ -6,6 +6,12 @@ use super::*;
 use crate::gguf::FileType;
 use std::path::PathBuf;
 
+/// `skip::skip(what, reason)`: a check that cannot run on this machine, said out loud (the same
+/// file the integration tests use).
+mod skip {
+    include!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/skip.rs"));
+}
+
 const QUANT_TYPES: [GgmlType; 7] = [
     GgmlType::Q8_0,
     GgmlType::Q4_0,
@@ -389,6 +395,32 @@ const KQUANT_ISAS: [kquants::Isa; 3] = [
     kquants::Isa::Avx512,
 ];
 
+/// The K-quant search implementations this CPU runs, in KQUANT_ISAS order. Each one it lacks is
+/// reported as a skip of `test`: asking for it would quietly run a lesser one (`Isa::usable`).
+fn kquant_isas_here(test: &str) -> Vec<kquants::Isa> {
+    use kquants::Isa;
+    let rank = |i: Isa| match i {
+        Isa::Scalar => 0,
+        Isa::Avx2 => 1,
+        Isa::Avx512 => 2,
+    };
+    let best = Isa::detected();
+    KQUANT_ISAS
+        .into_iter()
+        .filter(|&isa| {
+            let here = rank(isa) <= rank(best);
+            if !here {
+                let need = if isa == Isa::Avx512 { "AVX-512F" } else { "AVX2" };
+                skip::skip(
+                    &format!("{test} [{isa:?}]"),
+                    &format!("this CPU has no {need} (best here: {best:?}); that path did not run"),
+                );
+            }
+            here
+        })
+        .collect()
+}
+
 /// `quantize(ty, x)` for a K-quant `ty` with the search run by `isa` (None for other types;
 /// an `isa` the CPU lacks falls back to the best it has, down to scalar).
 fn quantize_kquant_with(ty: GgmlType, x: &[f32], isa: kquants::Isa) -> Option<Vec<u8>> {
@@ -454,9 +486,10 @@ fn quant_kquant_simd_matches_scalar() {
     let mut rng = Rng(11);
     let x = kquant_corner_blocks(&mut rng, 3000);
     assert!(x.iter().all(|v| v.is_finite()));
+    let isas = kquant_isas_here("quant_kquant_simd_matches_scalar");
     for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
         let reference = quantize_kquant_with(ty, &x, kquants::Isa::Scalar).unwrap();
-        for isa in KQUANT_ISAS {
+        for &isa in &isas {
             let got = quantize_kquant_with(ty, &x, isa).unwrap();
             let bs = ty.type_size();
             let bad = reference
@@ -509,6 +542,7 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
         &std::fs::read(dir.join("manifest.json")).expect("fixtures/quant/manifest.json"),
     )
     .expect("manifest is JSON");
+    let isas = kquant_isas_here("quant_parity_with_llamacpp_and_ggufpy");
     let mut compared_blocks = std::collections::BTreeMap::<String, (usize, usize)>::new();
     let mut failures = Vec::new();
     for case in manifest["cases"].as_array().expect("cases") {
@@ -538,7 +572,7 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
                 }
                 // The K-quants again through every implementation of the search (the default
                 // above is the best the CPU has, or scalar under MMFUSER_QUANT_SCALAR).
-                for isa in KQUANT_ISAS {
+                for &isa in &isas {
                     if let Some(alt) = quantize_kquant_with(ty, &x, isa) {
                         if alt != theirs {
                             failures.push(format!(
@@ -569,14 +603,26 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
     eprintln!(
         "K-quant search: default {:?}, also checked {:?} (CPU has {:?})",
         kquants::Isa::current(),
-        KQUANT_ISAS,
+        isas,
         kquants::Isa::detected()
     );
     for (ty, (n_ggml, n_py)) in &compared_blocks {
         eprintln!("{ty}: {n_ggml} blocks equal to llama.cpp, {n_py} blocks equal to gguf-py");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert!(!compared_blocks.is_empty());
+    // Blocks were actually compared, for every type with a reference (the map's entries exist
+    // before any comparison, so its size proves nothing).
+    let want_ggml = [
+        "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    ];
+    let want_py = ["F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q5_1"];
+    let n = |ty: &str, k: usize| compared_blocks.get(ty).map_or(0, |c| [c.0, c.1][k]);
+    let missing: Vec<String> = (want_ggml.iter().map(|t| (t, 0, "llama.cpp")))
+        .chain(want_py.iter().map(|t| (t, 1, "gguf-py")))
+        .filter(|&(t, k, _)| n(t, k) < 64)
+        .map(|(t, k, who)| format!("{t}: {} blocks compared with {who}", n(t, k)))
+        .collect();
+    assert!(missing.is_empty(), "too few blocks compared: {missing:?}");
 }
 
 #[test]
@@ -664,7 +710,7 @@ fn quant_mixture_matches_llama_quantize() {
 /// Single-threaded throughput of every quantizer on a 4096x11008 matrix (prints MB/s of f32
 /// input). `cargo test --release --lib quant_speed -- --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "a timing, not a check: run with --ignored --nocapture"]
 fn quant_speed() {
     let mut rng = Rng(1);
     let (rows, cols) = (4096usize, 11008usize);
@@ -687,7 +733,7 @@ fn quant_speed() {
     }
     // The K-quants with each implementation of the search (the default above is the best).
     for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
-        for isa in KQUANT_ISAS {
+        for isa in kquant_isas_here("quant_speed") {
             let t0 = std::time::Instant::now();
             let out = quantize_kquant_with(ty, &x, isa).unwrap();
             let dt = t0.elapsed().as_secs_f64();
@@ -702,7 +748,7 @@ fn quant_speed() {
 /// times; MB/s of f32 input from the fastest repeat.
 /// `cargo test --release --lib quant_kquant_bench -- --ignored --nocapture`
 #[test]
-#[ignore]
+#[ignore = "a timing, not a check: run with --ignored --nocapture"]
 fn quant_kquant_bench() {
     const REPS: usize = 40;
     let mut rng = Rng(1);
@@ -721,7 +767,7 @@ fn quant_kquant_bench() {
         let mut out = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
         let dt = best(&mut || quantize_into(ty, &x, &mut out).unwrap());
         eprintln!("{ty:>5} default: {:7.1} MB/s", mb / dt);
-        for isa in KQUANT_ISAS {
+        for isa in kquant_isas_here("quant_kquant_bench") {
             let dt = best(&mut || {
                 std::hint::black_box(quantize_kquant_with(ty, &x, isa));
             });
@@ -743,7 +789,10 @@ fn bf16_to_f16_matches_half_on_every_pattern() {
         .collect();
     let mut got = vec![0u8; src.len()];
     if !crate::quant::bf16_to_f16_into(&src, &mut got) {
-        eprintln!("no F16C/AVX2 here: the general path is used, nothing to compare");
+        skip::skip(
+            "bf16_to_f16_matches_half_on_every_pattern",
+            "this CPU has no F16C/AVX2: the one-pass conversion cannot run here",
+        );
         return;
     }
     let bad: Vec<String> = got
