@@ -9,11 +9,13 @@
 //! (`mmfuser_convert::quant::dequantize`) is written to `<dir>/<tensor>.npy`, and
 //! `tests/interop/check_quant.py` checks, with gguf.GGUFReader only: Q8_0/Q4_0 bytes ==
 //! gguf.quants.quantize(source f32); gguf.quants.dequantize(our bytes) == our .npy bit for bit for
-//! every quantized type; float tensors unchanged; fuser tensors still F16/F32.
+//! every quantized type; float tensors unchanged; fuser tensors still F16/F32; and (d) every
+//! `quant_rel_rms` in the manifest our `quantize` wrote equals the relative RMS error computed
+//! from the source values and gguf.quants.dequantize of our bytes.
 //!
 //! Then the check is shown able to fail: one byte of a Q4_K tensor (only (b) can see it) and one
-//! of a Q8_0 tensor (both (a) and (b)) are flipped in scratch copies, and the script must exit
-//! non-zero naming both tensors and types.
+//! of a Q8_0 tensor (both (a) and (b)) are flipped in scratch copies, and one manifest value is
+//! changed by 1e-6 of itself ((d)); the script must exit non-zero naming each tensor and type.
 use mmfuser_convert::gguf::{GgmlType, GgufFile};
 use mmfuser_convert::quant;
 use std::path::{Path, PathBuf};
@@ -38,7 +40,9 @@ fn python() -> PathBuf {
     let o = Command::new(&py)
         .args([
             "-c",
-            "import gguf, numpy, gguf.quants; from gguf import GGUFReader",
+            "import gguf, numpy, gguf.quants; from gguf import GGUFReader; \
+             import importlib.metadata as m; v = m.version('gguf'); \
+             assert v == '0.19.0', f'gguf {v} installed; this test is pinned to gguf 0.19.0'",
         ])
         .output()
         .unwrap_or_else(|e| {
@@ -49,7 +53,7 @@ fn python() -> PathBuf {
         });
     assert!(
         o.status.success(),
-        "MMFUSER_PYTHON={} cannot import gguf/numpy:\n{}\n{FIX_HINT}",
+        "MMFUSER_PYTHON={} cannot import gguf/numpy, or has another gguf version:\n{}\n{FIX_HINT}",
         py.display(),
         String::from_utf8_lossy(&o.stderr)
     );
@@ -90,6 +94,13 @@ struct Case {
     source: PathBuf,
     quantized: PathBuf,
     npy: PathBuf,
+    /// The manifest `quantize` wrote beside `quantized` (checked by (d)), if any.
+    manifest: Option<PathBuf>,
+}
+
+/// Where `quantize -o X.gguf` writes its manifest: X.manifest.json.
+fn manifest_of(q: &Path) -> PathBuf {
+    q.with_extension("manifest.json")
 }
 
 struct Out {
@@ -107,6 +118,9 @@ fn check(py: &Path, cases: &[&Case], require: &str) -> Out {
             .arg(&k.source)
             .arg(&k.quantized)
             .arg(&k.npy);
+        if let Some(m) = &k.manifest {
+            c.arg("--manifest").arg(&k.label).arg(m);
+        }
     }
     let o = c.output().expect("run check_quant.py");
     let text = format!(
@@ -168,6 +182,7 @@ fn quantizers_match_gguf_py() {
         cases.push(Case {
             label: format!("LLM --type {t}"),
             source: llm.clone(),
+            manifest: Some(manifest_of(&q)),
             quantized: q,
             npy: d.join(format!("npy-llm-{t}")),
         });
@@ -187,6 +202,7 @@ fn quantizers_match_gguf_py() {
         cases.push(Case {
             label: format!("mmproj ({tag}) --vision-type Q8_0"),
             source: src,
+            manifest: Some(manifest_of(&q)),
             quantized: q,
             npy: d.join(format!("npy-mmproj-{tag}")),
         });
@@ -222,14 +238,38 @@ fn quantizers_match_gguf_py() {
         source: k.source.clone(),
         quantized: bad_k,
         npy: k.npy.clone(),
+        manifest: None,
     };
     let ce = Case {
         label: "corrupt Q8_0".into(),
         source: e.source.clone(),
         quantized: bad_e,
         npy: e.npy.clone(),
+        manifest: None,
     };
-    let out = check(&py, &[&ck, &ce], "");
+    // The unchanged Q4_K_M file with one quant_rel_rms of its manifest 1e-6 (relative) off.
+    let m_path = k.manifest.clone().expect("the Q4_K_M case has a manifest");
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&m_path).unwrap()).unwrap();
+    let rec = m["tensors"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r["ggml_type"] == "Q4_K")
+        .expect("a Q4_K record in the Q4_K_M manifest");
+    let m_name = rec["gguf"].as_str().unwrap().to_string();
+    let v = rec["quant_rel_rms"].as_f64().expect("a quant_rel_rms");
+    rec["quant_rel_rms"] = serde_json::json!(v * (1.0 + 1e-6));
+    let bad_m = d.join("corrupt-Q4_K_M.manifest.json");
+    std::fs::write(&bad_m, serde_json::to_vec(&m).unwrap()).unwrap();
+    let cm = Case {
+        label: "corrupt manifest".into(),
+        source: k.source.clone(),
+        quantized: k.quantized.clone(),
+        npy: k.npy.clone(),
+        manifest: Some(bad_m),
+    };
+    let out = check(&py, &[&ck, &ce, &cm], "");
     println!("{}", out.text);
     assert!(
         !out.ok,
@@ -240,6 +280,7 @@ fn quantizers_match_gguf_py() {
         format!("[corrupt Q4_K_M] {k_name} (Q4_K): "),
         format!("[corrupt Q8_0] {e_name} (Q8_0): 1 bytes differ from gguf.quants.quantize"),
         format!("[corrupt Q8_0] {e_name} (Q8_0): 1 values of gguf.quants.dequantize differ"),
+        format!("[corrupt manifest] {m_name} (Q4_K): manifest quant_rel_rms "),
     ] {
         assert!(
             out.text.contains(&needle),
@@ -249,8 +290,8 @@ fn quantizers_match_gguf_py() {
     }
     let n_errors = out.text.lines().filter(|l| l.starts_with("  [")).count();
     assert_eq!(
-        n_errors, 3,
-        "exactly the three planted mismatches:\n{}",
+        n_errors, 4,
+        "exactly the four planted mismatches:\n{}",
         out.text
     );
 }

@@ -16,12 +16,17 @@ files are read with gguf.GGUFReader only (not our reader). Per case and per tens
       (F16/BF16 tensors too: gguf-py's widening to f32 == ours);
   (c) float tensors (F32/F16/BF16): same type and the same bytes as in SOURCE;
   plus: the same tensor names and shapes as SOURCE, and every tensor whose name starts with a
-  --float-prefix is F16 or F32 (the MMFuser fuser is never quantized).
+  --float-prefix is F16 or F32 (the MMFuser fuser is never quantized);
+  (d) with `--manifest LABEL MANIFEST.json`: every tensor the run quantized (quantized type, not
+      the source's type) has a `quant_rel_rms`, float tensors have none, and each value equals
+      sqrt(sum (y - x)^2 / sum x^2) in float64, with x the source values and
+      y = gguf.quants.dequantize(our bytes), within 1e-9 relative.
 
 Prints counts per case and type; exits 1 on any mismatch (each one named by case, tensor, type),
 2 on a usage or environment problem.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -70,7 +75,20 @@ def first_diff(a, b):
     return (int(d[0]), int(d.size)) if d.size else (None, 0)
 
 
-def check_case(label, src_path, q_path, npy_dir, float_prefixes, counts, errors, seen_types):
+REL_RMS_TOL = 1e-9  # both sides sum in float64; only the summation order differs (measured 1.6e-16)
+REL_RMS_DEV = []  # |manifest - ours| / ours of every value checked by (d)
+
+
+def rel_rms(y, x):
+    """sqrt(sum (y - x)^2 / sum x^2) in float64; sqrt(sum (y - x)^2) for an all-zero x."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    num, den = float(np.sum((y - x) ** 2)), float(np.sum(x * x))
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def check_case(label, src_path, q_path, npy_dir, float_prefixes, counts, errors, seen_types,
+               manifest=None):
     def err(name, ty, msg):
         errors.append(f"[{label}] {name} ({ty}): {msg}")
 
@@ -80,6 +98,10 @@ def check_case(label, src_path, q_path, npy_dir, float_prefixes, counts, errors,
     for n in sorted(set(src) - out_names):
         err(n, "-", "in the source but missing from the quantized file")
     c = counts.setdefault(label, {})
+    records = None
+    if manifest is not None:
+        with open(manifest) as f:
+            records = {r["gguf"]: r for r in json.load(f)["tensors"]}
     for t in out:
         ty = QT(int(t.tensor_type))
         tyn = ty.name
@@ -87,7 +109,8 @@ def check_case(label, src_path, q_path, npy_dir, float_prefixes, counts, errors,
         row = c.setdefault(tyn, {"tensors": 0})
         for k, applies in (("bytes==gguf.quantize", ty in BYTE_CHECKED),
                            ("gguf.dequantize==ours", ty != QT.F32),
-                           ("unchanged", ty in FLOAT_TYPES)):
+                           ("unchanged", ty in FLOAT_TYPES),
+                           ("manifest rel RMS", records is not None and ty not in FLOAT_TYPES)):
             if applies:
                 row.setdefault(k, 0)
         row["tensors"] += 1
@@ -102,6 +125,27 @@ def check_case(label, src_path, q_path, npy_dir, float_prefixes, counts, errors,
         if any(t.name.startswith(p) for p in float_prefixes) and ty not in (QT.F16, QT.F32):
             err(t.name, tyn, f"tensors named {float_prefixes} must stay F16/F32")
         ours = raw_bytes(t)
+
+        # (d) the manifest's quant_rel_rms against gguf-py's dequantization of our bytes.
+        if records is not None:
+            rec = records.get(t.name)
+            got = None if rec is None else rec.get("quant_rel_rms")
+            quantized_here = ty not in FLOAT_TYPES and ty != QT(int(s.tensor_type))
+            if rec is None:
+                err(t.name, tyn, "no record in the manifest")
+            elif not quantized_here:
+                if got is not None:
+                    err(t.name, tyn, f"manifest has quant_rel_rms {got!r} for a tensor this run did not quantize")
+            elif not isinstance(got, (int, float)):
+                err(t.name, tyn, f"manifest quant_rel_rms is {got!r}, expected a number")
+            else:
+                want = rel_rms(gq.dequantize(np.asarray(t.data), ty), as_f32(s))
+                if want > 0:
+                    REL_RMS_DEV.append(abs(got - want) / want)
+                if not abs(got - want) <= REL_RMS_TOL * want:
+                    err(t.name, tyn, f"manifest quant_rel_rms {got!r} != {want!r} (gguf-py dequantize vs source)")
+                else:
+                    row["manifest rel RMS"] += 1
 
         # (c) float tensors are copied unchanged.
         if ty in FLOAT_TYPES:
@@ -162,6 +206,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs=4, action="append", required=True,
                     metavar=("LABEL", "SOURCE", "QUANTIZED", "NPY_DIR"))
+    ap.add_argument("--manifest", nargs=2, action="append", default=[], metavar=("LABEL", "MANIFEST"),
+                    help="the manifest our run wrote for case LABEL: check its quant_rel_rms values (d)")
     ap.add_argument("--float-prefix", action="append", default=[])
     ap.add_argument("--require-types", default="",
                     help="comma-separated ggml types that must occur in the quantized files")
@@ -170,9 +216,13 @@ def main():
     print(f"gguf-py {getattr(gguf, '__version__', None) or _dist_version()} ({os.path.dirname(gguf.__file__)}), "
           f"numpy {np.__version__}")
     counts, errors, seen = {}, [], set()
+    manifests = dict(args.manifest)
+    for m in set(manifests) - {c[0] for c in args.case}:
+        errors.append(f"--manifest {m}: no --case with that label")
     for label, src, q, npy_dir in args.case:
         try:
-            check_case(label, src, q, npy_dir, args.float_prefix, counts, errors, seen)
+            check_case(label, src, q, npy_dir, args.float_prefix, counts, errors, seen,
+                       manifests.get(label))
         except Exception as e:  # a crash on our file is a mismatch too
             errors.append(f"[{label}] {q}: {type(e).__name__}: {e}")
     for t in [x for x in args.require_types.split(",") if x]:
@@ -183,6 +233,9 @@ def main():
         print(f"{label}:")
         for ty, row in sorted(per.items()):
             print(f"  {ty:5} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    if REL_RMS_DEV:
+        print(f"manifest quant_rel_rms: {len(REL_RMS_DEV)} values checked, largest relative deviation "
+              f"{max(REL_RMS_DEV):.1e} (tolerance {REL_RMS_TOL:.0e})")
     if errors:
         print(f"FAIL: {len(errors)} mismatch(es)")
         for e in errors:
