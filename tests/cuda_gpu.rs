@@ -587,7 +587,11 @@ fn compare_with_cpu<B: Backend>(
             .count() as f64
             / rows as f64
     };
-    assert_eq!(ci.selected.len(), gi.selected.len(), "{tag}: selected CLIP layers");
+    assert_eq!(
+        ci.selected.len(),
+        gi.selected.len(),
+        "{tag}: selected CLIP layers"
+    );
     for (i, (cs, gs)) in ci.selected.iter().zip(&gi.selected).enumerate() {
         rep.add(
             format!("{tag} clip layer {i} rel RMS"),
@@ -595,7 +599,11 @@ fn compare_with_cpu<B: Backend>(
             t_rel,
         );
     }
-    assert_eq!(ci.fuser_out.is_some(), gi.fuser_out.is_some(), "{tag}: fuser output");
+    assert_eq!(
+        ci.fuser_out.is_some(),
+        gi.fuser_out.is_some(),
+        "{tag}: fuser output"
+    );
     if let (Some(a), Some(b)) = (&ci.fuser_out, &gi.fuser_out) {
         rep.add(
             format!("{tag} fuser out rel RMS"),
@@ -789,15 +797,29 @@ fn fast_mode_rounding_on_the_cpu() {
     for side in sides(&llm, &mmproj, &q8, &q4) {
         let tag = format!("{} [Fast rounding, CPU]", side.label);
         let before = rep.rows.len();
-        compare_with_cpu(&FastRounding, &tag, side.ws.as_ref(), &hp, &probe, side.fast, &mut rep);
+        compare_with_cpu(
+            &FastRounding,
+            &tag,
+            side.ws.as_ref(),
+            &hp,
+            &probe,
+            side.fast,
+            &mut rep,
+        );
         let rows = &rep.rows[before..];
         let worst = rows
             .iter()
             .filter(|r| !r.0.contains("top-1"))
             .fold(0f64, |m, r| m.max(r.1));
         // Rounding must show: a comparison that measured nothing would pass any bound.
-        assert!(worst > 0.0, "{tag}: no difference at all from the CPU backend");
-        largest.push(format!("{}: {worst:.2e} (bound {:.0e})", side.label, side.fast.0));
+        assert!(
+            worst > 0.0,
+            "{tag}: no difference at all from the CPU backend"
+        );
+        largest.push(format!(
+            "{}: {worst:.2e} (bound {:.0e})",
+            side.label, side.fast.0
+        ));
     }
     println!("largest relative error per side: {}", largest.join("; "));
     rep.finish("Fast-mode rounding on the CPU");

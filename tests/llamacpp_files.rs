@@ -49,7 +49,10 @@ fn show(line: String) {
 }
 
 fn hex(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// [name, type, ne, sha256 of the data] per tensor in file order, as make_file_refs.py writes it.

@@ -140,7 +140,6 @@ fn run_stages(fx: &Path, ws: &dyn WeightSource, parsed: &ModelHParams) {
         &hp, parsed,
         "hyper-parameters parsed by Source differ from the fixture's JSON"
     );
-    let ws = ws;
     let fx = fx.to_path_buf();
     let (shape, px) = npy(&fx, "pixel_values.npy");
     let px = Tensor::from_vec(
@@ -253,13 +252,18 @@ fn fixture_files_match_meta_json() {
     for (rel, rec) in files {
         let (Some(want_sha), Some(want_len)) = (rec["sha256"].as_str(), rec["bytes"].as_u64())
         else {
-            bad.push(format!("{rel}: meta.json entry without sha256/bytes: {rec}"));
+            bad.push(format!(
+                "{rel}: meta.json entry without sha256/bytes: {rec}"
+            ));
             continue;
         };
         match std::fs::read(fx.join(rel)) {
             Err(e) => bad.push(format!("fixtures/{rel}: {e}")),
             Ok(b) => {
-                let sha: String = Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect();
+                let sha: String = Sha256::digest(&b)
+                    .iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect();
                 if b.len() as u64 != want_len || sha != want_sha {
                     bad.push(format!(
                         "fixtures/{rel}: {} bytes, sha256 {sha}; meta.json says {want_len} bytes, {want_sha}",
@@ -270,7 +274,12 @@ fn fixture_files_match_meta_json() {
         }
     }
     // The four directories make_fixtures.py writes must be listed in full.
-    for d in ["tiny-clip", "tiny-llava-mmfuser", "tiny-llava-mmfuser-bin", "reference"] {
+    for d in [
+        "tiny-clip",
+        "tiny-llava-mmfuser",
+        "tiny-llava-mmfuser-bin",
+        "reference",
+    ] {
         for e in std::fs::read_dir(fx.join(d)).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().to_string();
             let rel = format!("{d}/{name}");
@@ -280,7 +289,11 @@ fn fixture_files_match_meta_json() {
         }
     }
     println!("reference/meta.json: {} files checked", files.len());
-    assert!(files.len() >= 100, "meta.json lists only {} files", files.len());
+    assert!(
+        files.len() >= 100,
+        "meta.json lists only {} files",
+        files.len()
+    );
     assert!(
         bad.is_empty(),
         "fixtures differ from reference/meta.json (regenerate all with \

@@ -410,7 +410,11 @@ fn kquant_isas_here(test: &str) -> Vec<kquants::Isa> {
         .filter(|&isa| {
             let here = rank(isa) <= rank(best);
             if !here {
-                let need = if isa == Isa::Avx512 { "AVX-512F" } else { "AVX2" };
+                let need = if isa == Isa::Avx512 {
+                    "AVX-512F"
+                } else {
+                    "AVX2"
+                };
                 skip::skip(
                     &format!("{test} [{isa:?}]"),
                     &format!("this CPU has no {need} (best here: {best:?}); that path did not run"),
