@@ -3,13 +3,14 @@
 //! the outputs (metadata types as llama.cpp asserts them, every tensor equal to its source after
 //! the cast and the Q/K permutation, the manifest and --json summary against schemas/).
 //!
-//! Python: $MMFUSER_PYTHON (default `python3`) with numpy and gguf==0.19.0 (.ci/run installs them;
-//! jsonschema is used when present). This test FAILS, it does not skip, when they are missing.
+//! Python: $MMFUSER_PYTHON (default `python3`) with numpy, gguf==0.19.0 and jsonschema (.ci/run
+//! installs them). This test FAILS, it does not skip, when one is missing or gguf is another
+//! version (check_gguf.py alone, run by hand, leaves out the schema check without jsonschema).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mmfuser-convert");
-const HINT: &str = "run .ci/run (it installs them into the CI venv), or `pip install gguf==0.19.0 numpy` (optionally jsonschema) and set MMFUSER_PYTHON to that python";
+const HINT: &str = "run .ci/run (it installs them into the CI venv), or `pip install gguf==0.19.0 numpy jsonschema` and set MMFUSER_PYTHON to that python";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,13 +23,13 @@ fn python() -> String {
         .unwrap_or_else(|| "python3".into())
 }
 
-/// Fail loudly when python, numpy or gguf is missing.
+/// Fail loudly when python, numpy, gguf or jsonschema is missing.
 fn require_python(py: &str) {
-    let probe = "import sys, numpy, gguf, importlib.metadata as m; print(sys.version.split()[0], 'numpy', numpy.__version__, 'gguf', m.version('gguf'))";
+    let probe = "import sys, numpy, gguf, jsonschema, importlib.metadata as m; print(sys.version.split()[0], 'numpy', numpy.__version__, 'gguf', m.version('gguf'))";
     match Command::new(py).args(["-c", probe]).output() {
-        Err(e) => panic!("cannot run the python '{py}' (MMFUSER_PYTHON): {e}. The gguf-py interop test needs python with numpy and gguf: {HINT}"),
+        Err(e) => panic!("cannot run the python '{py}' (MMFUSER_PYTHON): {e}. The gguf-py interop test needs python with numpy, gguf and jsonschema: {HINT}"),
         Ok(o) if !o.status.success() => panic!(
-            "'{py}' (MMFUSER_PYTHON) lacks numpy or the gguf package:\n{}\nThe gguf-py interop test needs them: {HINT}",
+            "'{py}' (MMFUSER_PYTHON) lacks numpy, gguf or jsonschema:\n{}\nThe gguf-py interop test needs them: {HINT}",
             String::from_utf8_lossy(&o.stderr).trim_end()
         ),
         Ok(o) => {
@@ -106,6 +107,10 @@ fn gguf_py_reads_f16_f32_bf16_conversions() {
     eprintln!("{text}");
     assert!(ok, "tests/interop/check_gguf.py found problems:\n{text}");
     assert!(text.contains("all checks passed"), "{text}");
+    assert!(
+        !text.contains("jsonschema not installed"),
+        "the schema checks did not run:\n{text}"
+    );
     assert_eq!(
         text.matches("166 tensors equal to their sources").count(),
         3,
