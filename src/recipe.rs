@@ -119,9 +119,10 @@ impl Recipe {
 
 /// `name` rewritten by the first rule whose first string prefixes it; None when no rule matches.
 pub fn rewrite(rules: &[(String, String)], name: &str) -> Option<String> {
-    rules
-        .iter()
-        .find_map(|(from, to)| name.strip_prefix(from.as_str()).map(|rest| format!("{to}{rest}")))
+    rules.iter().find_map(|(from, to)| {
+        name.strip_prefix(from.as_str())
+            .map(|rest| format!("{to}{rest}"))
+    })
 }
 
 /// A vision tower known by hub id: its `config.json` (a CLIPVisionConfig's keys) and

@@ -130,11 +130,13 @@ impl Source {
         // The vision tower: --vision-tower, else embedded in the checkpoint.
         let clip_map = recipe::name_map("clip-vision")?;
         let embedded_prefix = recipe.prefix(&clip_map).to_string();
-        let embedded = ck_names.contains_key(&format!("{embedded_prefix}embeddings.class_embedding"));
+        let embedded =
+            ck_names.contains_key(&format!("{embedded_prefix}embeddings.class_embedding"));
         let hub = config
             .vision_tower
             .clone()
             .unwrap_or_else(|| "(mm_vision_tower not set)".into());
+        let mut table_note = String::new();
         let (tower, tower_prefix, clip_cfg_path, clip_cfg, preproc) = match vision_tower {
             Some(tdir) => {
                 if !tdir.is_dir() {
@@ -152,7 +154,10 @@ impl Source {
                 let (cfg, pre) = match (config.vision_config.clone(), recipe::known_tower(&hub)?) {
                     (Some(cfg), _) => (cfg, pre),
                     // Only the hub id: the built-in table's config (every shape is still checked).
-                    (None, Some(k)) => (k.config, pre.or(k.preprocessor)),
+                    (None, Some(k)) => {
+                        table_note = format!(" (the vision tower's config is the built-in one for '{hub}'; if the embedded tower is not that model, pass --vision-tower DIR)");
+                        (k.config, pre.or(k.preprocessor))
+                    }
                     (None, None) => return Err(Error::input(
                         &config.path,
                         format!("the vision tower is embedded in the checkpoint but config.json has no \"vision_config\" and '{hub}' is not a tower this tool knows; pass --vision-tower DIR (a local copy of '{hub}') for its config"),
@@ -179,7 +184,7 @@ impl Source {
                 return Err(Error::input(
                     &config.path,
                     format!(
-                        "mm_hidden_size {mm} differs from the vision tower's hidden_size {}",
+                        "mm_hidden_size {mm} differs from the vision tower's hidden_size {}{table_note}",
                         clip.n_embd
                     ),
                 ));
@@ -258,7 +263,8 @@ impl Source {
             dropped: vec![],
             by_gguf: BTreeMap::new(),
         };
-        src.plan(&tower_prefix)?;
+        src.plan(&tower_prefix)
+            .map_err(|e| with_note(e, &table_note))?;
         Ok(src)
     }
 
@@ -358,7 +364,10 @@ impl Source {
             .collect();
         let mut unknown = vec![];
         let mut dropped = vec![];
-        for (id, names) in [(StoreId::Checkpoint, &ck_names), (StoreId::Tower, &tower_names)] {
+        for (id, names) in [
+            (StoreId::Checkpoint, &ck_names),
+            (StoreId::Tower, &tower_names),
+        ] {
             for (canon, n) in names {
                 if used.contains(&(id == StoreId::Tower, n.as_str())) {
                     continue;
@@ -453,6 +462,22 @@ impl Source {
             .entry(&r.row.src)
             .map(|e| src_dtype_name(e.ty))
             .unwrap_or("?")
+    }
+}
+
+/// `e` with `note` appended to its message (input and tensor errors).
+fn with_note(e: Error, note: &str) -> Error {
+    match e {
+        Error::Input { path, msg } => Error::Input {
+            path,
+            msg: msg + note,
+        },
+        Error::Tensor { path, tensor, msg } => Error::Tensor {
+            path,
+            tensor,
+            msg: msg + note,
+        },
+        e => e,
     }
 }
 

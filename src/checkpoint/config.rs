@@ -190,8 +190,8 @@ impl LlavaConfig {
             .filter(|v| v.is_object())
             .map(|t| with_defaults(t, "llama", LLAMA_DEFAULTS));
         let t = text.as_ref().unwrap_or(&raw);
-        let hf_layout =
-            raw.get("mm_vision_select_layer").is_none() && raw.get("vision_feature_layer").is_some();
+        let hf_layout = raw.get("mm_vision_select_layer").is_none()
+            && raw.get("vision_feature_layer").is_some();
         let n_embd = get_usize(&path, t, "hidden_size")?;
         let n_head = get_usize(&path, t, "num_attention_heads")?;
         if n_head == 0 || n_embd % n_head != 0 {
@@ -288,7 +288,8 @@ impl LlavaConfig {
             },
             select_feature: match (
                 raw.get("mm_vision_select_feature").and_then(Json::as_str),
-                raw.get("vision_feature_select_strategy").and_then(Json::as_str),
+                raw.get("vision_feature_select_strategy")
+                    .and_then(Json::as_str),
             ) {
                 (Some(f), _) => f.to_string(),
                 (None, Some(s)) => select_feature_of(s),
