@@ -258,3 +258,44 @@ fn two_spellings_of_one_tensor_are_refused() {
         ],
     );
 }
+
+#[test]
+fn prompt_encoded_from_tokenizer_json_like_transformers() {
+    let ck = layout("tiny-llava-hf");
+    assert!(!ck.join("tokenizer.model").exists() && ck.join("tokenizer.json").exists());
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(layout("reference/prompt_ids.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<i64> = want["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let got = mmfuser_convert::checkpoint::tokenizer::encode_llava_prompt(
+        &ck,
+        want["prompt"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got, ids);
+    // and verify's default probe (that prompt, a synthetic image) runs on such a checkpoint
+    let tmp = tempdir();
+    let out = tmp.path().join("out");
+    let (llm, mmproj) = convert_f32("tiny-llava-hf", None, &out);
+    let r = run(
+        args([
+            "verify".as_ref(),
+            ck.as_os_str(),
+            "--gguf".as_ref(),
+            llm.as_os_str(),
+            "--mmproj".as_ref(),
+            mmproj.as_os_str(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+        ]),
+        tmp.path(),
+    )
+    .ok();
+    assert!(r.stdout.contains("PASS"), "{}", r.stdout);
+}
