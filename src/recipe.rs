@@ -79,6 +79,9 @@ pub struct MetaRule {
     pub value: Option<String>,
     #[serde(default, rename = "const")]
     pub constant: Option<serde_json::Value>,
+    /// Written only when its value is known (e.g. general.basename).
+    #[serde(default)]
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +315,10 @@ impl Vars {
     pub fn metadata(&self, rules: &[MetaRule]) -> Result<Metadata> {
         let mut m = Metadata::new();
         for r in rules {
+            let absent = r.value.as_ref().is_some_and(|v| !self.map.contains_key(v));
+            if r.optional && absent {
+                continue;
+            }
             m.set(&r.key, self.value(r)?);
         }
         Ok(m)

@@ -265,6 +265,22 @@ impl Source {
         };
         src.plan(&tower_prefix)
             .map_err(|e| with_note(e, &table_note))?;
+        // general.basename / general.size_label of the LLM, as llama.cpp's converter derives them.
+        let llm_params: u64 = src
+            .rows
+            .iter()
+            .filter(|r| src.recipe.artefacts[r.artefact].kind == "llm")
+            .map(|r| r.row.shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum();
+        let name_or_path = src.config.raw.get("_name_or_path").and_then(|v| v.as_str());
+        let (basename, size) =
+            crate::naming::basename_and_size(name_or_path, &src.name, llm_params);
+        if let Some(b) = basename {
+            src.vars.set("basename", Var::Str(b));
+        }
+        if let Some(s) = size {
+            src.vars.set("size_label", Var::Str(s));
+        }
         Ok(src)
     }
 

@@ -299,3 +299,110 @@ fn prompt_encoded_from_tokenizer_json_like_transformers() {
     .ok();
     assert!(r.stdout.contains("PASS"), "{}", r.stdout);
 }
+
+/// gguf-py (0.19.0, what convert_hf_to_gguf.py uses) run on `script` with `args`; its stdout as JSON.
+fn gguf_py(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let py = std::env::var("MMFUSER_PYTHON")
+        .expect("MMFUSER_PYTHON must point at a Python with gguf==0.19.0 (run .ci/run)");
+    let o = std::process::Command::new(py)
+        .args(["-c", script])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn model_id_parts_and_size_labels_as_gguf_py() {
+    use mmfuser_convert::naming::{model_id_parts, size_label};
+    let ids = [
+        "liuhaotian/llava-v1.5-7b",
+        "llava-hf/llava-1.5-13b-hf",
+        "meta-llama/Llama-2-7b-chat-hf",
+        "lmsys/vicuna-7b-v1.5",
+        "LLaVA-MMFuser-13B",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1",
+        "bigscience/bloom-7b1",
+        "tiny-org/tiny-llava-mmfuser",
+        "Qwen2-VL-2B-Instruct-GPTQ-Int4",
+        "some model with spaces",
+        "model-Q4_K_M-F16",
+        "phi-3-mini-128k-instruct",
+        "gpt2-large",
+        "x-iter3-1_5B",
+        "T5-a7b-xxl",
+    ];
+    let totals: [i64; 4] = [0, 1_312_768, 6_738_415_616, 13_015_864_320];
+    let script = "import json,sys,gguf\nids=json.loads(sys.argv[1]); ts=json.loads(sys.argv[2])\n\
+print(json.dumps({'parts': [[list(gguf.Metadata.get_model_id_components(i, t)[2:]) for t in ts] for i in ids],\
+ 'labels': [gguf.size_label(t, 0, 0, 0) for t in ts if t > 0] + [gguf.size_label(n, 0, 0, 0) for n in (999, 1000, 1001, 999999, 1000001, 5e8, 9.99e9, 1.5e12)]}))";
+    let want = gguf_py(
+        script,
+        &[
+            serde_json::to_string(&ids).unwrap().as_ref(),
+            serde_json::to_string(&totals).unwrap().as_ref(),
+        ],
+    );
+    for (i, id) in ids.iter().enumerate() {
+        for (j, &t) in totals.iter().enumerate() {
+            let p = model_id_parts(id, t);
+            let got = serde_json::json!([p.basename, p.finetune, p.version, p.size_label]);
+            assert_eq!(got, want["parts"][i][j], "{id} with {t} parameters");
+        }
+    }
+    let mut counts: Vec<u64> = totals
+        .iter()
+        .filter(|&&t| t > 0)
+        .map(|&t| t as u64)
+        .collect();
+    counts.extend([
+        999,
+        1000,
+        1001,
+        999_999,
+        1_000_001,
+        500_000_000,
+        9_990_000_000,
+        1_500_000_000_000,
+    ]);
+    for (k, &n) in counts.iter().enumerate() {
+        assert_eq!(serde_json::json!(size_label(n)), want["labels"][k], "{n}");
+    }
+}
+
+#[test]
+fn llm_basename_and_size_label_as_convert_hf_to_gguf() {
+    let tmp = tempdir();
+    for (dir, name_or_path) in [
+        ("llava-v1.5-7b", "./checkpoints/llava-v1.5-7b"),
+        ("tiny-llava-1.5", "tiny-org/tiny-llava-1.5"),
+        ("LLaVA-MMFuser-13B", "tiny-org/tiny-llava"),
+    ] {
+        let ck = tmp.path().join(dir);
+        copy_dir(&layout("tiny-llava-1.5"), &ck);
+        edit_json(&ck.join("config.json"), |c| {
+            c["_name_or_path"] = name_or_path.into()
+        });
+        let out = tmp.path().join(format!("out-{dir}"));
+        convert(&ck, None, &out, &[]).ok();
+        let llm = out.join(format!("{dir}-F16.gguf"));
+        // gguf-py's Metadata.load on the checkpoint directory, with the parameter count of our
+        // LLM file as its writer would count it, then the converter's size_label fallback
+        let script = "import json,sys,gguf\nfrom pathlib import Path\n\
+r=gguf.GGUFReader(sys.argv[2]); total=sum(int(t.n_elements) for t in r.tensors)\n\
+m=gguf.Metadata.load(None, Path(sys.argv[1]), None, total)\n\
+size=m.size_label if m.size_label is not None else gguf.size_label(total, 0, 0, 0)\n\
+got={k: str(bytes(r.fields[k].parts[r.fields[k].data[0]]), 'utf-8') for k in ('general.basename','general.size_label') if k in r.fields}\n\
+print(json.dumps({'want': {'general.basename': m.basename, 'general.size_label': size}, 'got': got}))";
+        let v = gguf_py(script, &[ck.as_os_str(), llm.as_os_str()]);
+        let want = v["want"].as_object().unwrap();
+        for (k, w) in want {
+            assert_eq!(
+                v["got"].get(k).unwrap_or(&serde_json::Value::Null),
+                w,
+                "{dir}: {k}"
+            );
+        }
+    }
+}
