@@ -1746,7 +1746,16 @@ fn gguf_hostile_headers() {
         ),
         (
             "alignment 64 (offsets written for 32)",
-            with_kvs(&|k| k.push(gguf_kv("general.alignment", 4, &64u32.to_le_bytes()))),
+            with_kvs(&|k| {
+                k.push(gguf_kv("general.alignment", 4, &64u32.to_le_bytes()));
+                // The data must start off a 64-byte boundary, whatever the header's length: a
+                // 32-byte key/value shifts it when the 32-padded header is a multiple of 64.
+                let len = 24 + k.iter().chain(&info_bytes).map(Vec::len).sum::<usize>();
+                if len.next_multiple_of(32) % 64 == 0 {
+                    let pad = [&7u64.to_le_bytes()[..], b"padding"].concat();
+                    k.push(gguf_kv("x.pad", 8, &pad));
+                }
+            }),
             vec![],
         ),
         (
@@ -2045,7 +2054,7 @@ fn gguf_wrong_content() {
         cases.check(
             &format!("{case} / verify"),
             &r,
-            2,
+            1,
             vtmp.path(),
             &[],
             &needles,
@@ -2085,7 +2094,7 @@ fn gguf_wrong_content() {
     cases.check(
         "mmproj without mmfuser.head_count / verify",
         &r,
-        2,
+        1,
         vtmp.path(),
         &["mmproj-nokey.gguf"],
         &["mmproj-nokey.gguf", "mmfuser.head_count"],
