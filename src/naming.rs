@@ -46,7 +46,7 @@ fn is_type(p: &str) -> bool {
         if c.next().is_some_and(|d| d.is_ascii_digit()) {
             // then zero or more "_" + one word character
             let tail: Vec<char> = c.collect();
-            return tail.len() % 2 == 0
+            return tail.len().is_multiple_of(2)
                 && tail
                     .chunks(2)
                     .all(|w| w[0] == '_' && (w[1].is_alphanumeric() || w[1] == '_'));
