@@ -106,6 +106,13 @@ fn llava_hf_layout_matches_transformers() {
     let tmp = tempdir();
     let out = tmp.path().join("out");
     let (llm, mmproj) = convert_f32("tiny-llava-hf", None, &out);
+    // tokenizer.json only, 514 tokens, 528 embedding rows: the token list is padded to the rows
+    // (llama.cpp takes n_vocab from it and refuses a token_embd of another size)
+    let l = GgufFile::open(&llm).unwrap();
+    match l.get("tokenizer.ggml.tokens") {
+        Some(mmfuser_convert::gguf::Value::Array(_, a)) => assert_eq!(a.len(), 528),
+        other => panic!("tokenizer.ggml.tokens: {other:?}"),
+    }
     let g = GgufFile::open(&mmproj).unwrap();
     assert_eq!(g.get_str("clip.projector_type").unwrap(), "mlp");
     assert!(g.tensor("mm.0.weight").is_some() && g.tensor("mm.2.bias").is_some());
