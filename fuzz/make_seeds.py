@@ -68,7 +68,7 @@ if os.path.exists(BIN):
     import subprocess, tempfile
     with tempfile.TemporaryDirectory() as t:
         subprocess.run([BIN, "hf-to-gguf", os.path.join(ROOT, "fixtures", "tiny-llava-mmfuser"), "--vision-tower",
-                        os.path.join(ROOT, "fixtures", "tiny-clip"), "-o", t, "-q"], check=True, stdout=subprocess.DEVNULL)
+                        os.path.join(ROOT, "fixtures", "tiny-clip"), "--out-dir", t, "-q"], check=True, stdout=subprocess.DEVNULL)
         for name, seed in [("tiny-llava-mmfuser-F16.gguf", "fixture-llm-head.gguf"), ("mmproj-tiny-llava-mmfuser-F16.gguf", "fixture-mmproj-head.gguf")]:
             with open(os.path.join(t, name), "rb") as f:
                 # The header (about 13 KiB) and the first tensors' bytes; the rest run past the end.

@@ -135,7 +135,7 @@ LL_BYTES=$(bytes_of "$LL"/*.safetensors)
 
 # ---- 3. ours F16
 O="$BENCH_DIR/out-f16"
-measure ours_f16 "$CK_BYTES" "$O" -- "$BIN" hf-to-gguf "$CK" --vision-tower "$CLIP" -o "$O" -q
+measure ours_f16 "$CK_BYTES" "$O" -- "$BIN" hf-to-gguf "$CK" --vision-tower "$CLIP" --out-dir "$O" -q
 rm -rf "$O"
 
 # ---- 4. ours Q4_K_M one pass

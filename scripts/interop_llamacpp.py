@@ -66,7 +66,7 @@ def main():
     ref = np.load(os.path.join(FIX, "reference", "text_only_logits.npy"))
 
     for outtype, bound in (("f32", 1e-5), ("f16", 1e-2)):
-        run(BIN, "hf-to-gguf", ck, "--vision-tower", tower, "--outtype", outtype, "-o", work, "-q")
+        run(BIN, "hf-to-gguf", ck, "--vision-tower", tower, "--outtype", outtype, "--out-dir", work, "-q")
         f = os.path.join(work, f"tiny-llava-mmfuser-{outtype.upper()}.gguf")
         out = os.path.join(work, f"lcpp-{outtype}.npy")
         run(py, os.path.join(ORACLE, "llamacpp_logits.py"), f, "--ids-file", ids, "--out", out)

@@ -3,8 +3,8 @@ use crate::convert::{self, ConvertOptions};
 use crate::error::{Error, Result};
 use crate::gguf::{FileType, GgmlType};
 use crate::quantize::{self, QuantizeOptions};
-use clap::{Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
 
 /// The bundled fixture, used when hf-to-gguf is run without a checkpoint.
 pub const FIXTURE_CHECKPOINT: &str = "fixtures/tiny-llava-mmfuser";
@@ -18,7 +18,9 @@ pub const FIXTURE_TOWER: &str = "fixtures/tiny-clip";
     long_about = "Convert LLaVA-MMFuser (and plain LLaVA-1.5) checkpoints into the two GGUF files llama.cpp-style \
 runtimes use: the language model (which stock llama.cpp loads) and an mmproj file (CLIP tower + MMFuser fuser + \
 MLP projector). Quantize the language model to Q8_0 / Q4_K_M byte-identically to llama.cpp's llama-quantize, \
-keeping the fuser in F16.\n\nExit codes: 0 success, 1 bad input or failed check, 2 usage error.",
+keeping the fuser in F16.\n\nExit codes (every verb): 0 success; 1 bad input (a file that is missing, unreadable, malformed or \
+not what the recipe expects) or a failed check (verify); 2 usage error (the command line: unknown, missing, \
+conflicting or inapplicable options).",
     after_help = "Examples:\n  mmfuser-convert hf-to-gguf                       # the bundled tiny fixture -> ./out\n  \
 mmfuser-convert hf-to-gguf ~/llava-mmfuser-7b --vision-tower ~/clip-vit-large-patch14-336\n  \
 mmfuser-convert quantize --bits 4 out/llava-mmfuser-7b-F16.gguf\n  \
@@ -27,6 +29,41 @@ mmfuser-convert quantize --bits 4 ~/llava-mmfuser-7b --vision-tower ~/clip   # c
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Where a verb writes, the same options on every verb: `-o FILE` where it writes one file,
+/// `--out-dir DIR` for the directory; a combination a verb cannot honour is a usage error.
+#[derive(Args, Debug, Clone, Default)]
+pub struct OutArgs {
+    /// Output file, for a verb that writes one file (quantize of a GGUF file; its manifest goes beside it).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// What a verb prints, the same options on every verb.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct Print {
+    /// Errors only: no progress bar, no "wrote ..." lines or tables (the exit code tells the outcome).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print one JSON document on stdout and nothing else there (schemas/: hf-to-gguf-summary,
+    /// quantize-summary, verify-report, synth-summary, demo-summary).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The directory of a verb that writes several files: `-o` names one file, so it cannot be honoured.
+pub fn out_dir_only(verb: &str, o: &OutArgs, default: &str) -> Result<PathBuf> {
+    if let Some(f) = &o.output {
+        return Err(Error::usage(format!(
+            "{verb} writes several files, so -o/--output {} (one file) cannot be honoured; give --out-dir DIR",
+            f.display()
+        )));
+    }
+    Ok(o.out_dir.clone().unwrap_or_else(|| PathBuf::from(default)))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -55,9 +92,9 @@ on any error nothing is left behind.\n\nWithout CHECKPOINT_DIR, converts the bun
         /// Hugging Face CLIP directory (the model named by mm_vision_tower), if the checkpoint does not embed the tower.
         #[arg(long, value_name = "DIR")]
         vision_tower: Option<PathBuf>,
-        /// Output directory.
-        #[arg(short = 'o', long, value_name = "DIR", default_value = "out")]
-        out_dir: PathBuf,
+        /// --out-dir DIR (default ./out) receives the two GGUF files and the manifest.
+        #[command(flatten)]
+        out: OutArgs,
         /// Type of the 2-D weights (norms, biases and other 1-D tensors stay F32; the fuser stays F16 unless f32).
         #[arg(long, value_enum, default_value = "f16")]
         outtype: OutType,
@@ -67,12 +104,9 @@ on any error nothing is left behind.\n\nWithout CHECKPOINT_DIR, converts the bun
         /// Convert tensors that contain NaN or Inf instead of failing.
         #[arg(long)]
         allow_nonfinite: bool,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        /// Print a JSON summary on stdout (schema: schemas/hf-to-gguf-summary.schema.json).
-        #[arg(long)]
-        json: bool,
+        /// --json: schemas/hf-to-gguf-summary.schema.json.
+        #[command(flatten)]
+        print: Print,
     },
     /// Quantize an LLM GGUF (or a checkpoint directory, in one pass) to Q8_0, Q4_K_M, ... like llama-quantize.
     #[command(
@@ -82,14 +116,14 @@ ffn_down layers in Q6_K), the same block bytes, the same metadata.\n\n\
 INPUT is an F32/F16/BF16 LLM GGUF, or a checkpoint directory (then conversion and quantization happen in one \
 streaming pass with no F16 intermediate, and the mmproj is written alongside).\n\
 An mmproj file is only quantized with --vision-type Q8_0, which quantizes the CLIP encoder blocks; the MMFuser \
-fuser is never quantized.\n\nDefault output: <name>-<TYPE>.gguf beside the input (<name> without its -F16 suffix)."
+fuser is never quantized.\n\nOutput of a GGUF input: -o FILE, or <name>-<TYPE>.gguf (<name> without its -F16 suffix) in \
+--out-dir DIR, by default beside the input. A checkpoint input writes several files: --out-dir DIR (default ./out)."
     )]
     Quantize {
         /// LLM GGUF file, mmproj GGUF file, or checkpoint directory.
         input: PathBuf,
-        /// Output file (GGUF input) .
-        #[arg(short = 'o', long, value_name = "FILE")]
-        output: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutArgs,
         /// 8 -> Q8_0, 4 -> Q4_K_M.
         #[arg(long, value_parser = ["8", "4"], conflicts_with = "type")]
         bits: Option<String>,
@@ -102,26 +136,25 @@ fuser is never quantized.\n\nDefault output: <name>-<TYPE>.gguf beside the input
         /// CLIP directory for a checkpoint input (see hf-to-gguf).
         #[arg(long, value_name = "DIR")]
         vision_tower: Option<PathBuf>,
-        /// Output directory for a checkpoint input.
-        #[arg(long, value_name = "DIR", default_value = "out")]
-        out_dir: PathBuf,
         /// Quantize tensors containing NaN or Inf values anyway (F16 passes them; quantizers still refuse).
         #[arg(long)]
         allow_nonfinite: bool,
         /// Threads (default: all cores). Output bytes do not depend on it.
         #[arg(short = 't', long)]
         threads: Option<usize>,
-        #[arg(short, long)]
-        quiet: bool,
-        /// Print a JSON summary on stdout, with each tensor's type and relative RMS quantization error.
-        #[arg(long)]
-        json: bool,
+        /// --json: schemas/quantize-summary.schema.json for a GGUF input (each tensor's type and
+        /// relative RMS quantization error), schemas/hf-to-gguf-summary.schema.json for a checkpoint.
+        #[command(flatten)]
+        print: Print,
     },
     /// The whole pipeline on the bundled fixture: hf-to-gguf, quantize to Q4_K_M, verify (ends with the verify table).
     Demo {
-        /// Output directory.
-        #[arg(short = 'o', long, value_name = "DIR", default_value = "out")]
-        out_dir: PathBuf,
+        /// --out-dir DIR (default ./out).
+        #[command(flatten)]
+        out: OutArgs,
+        /// --json: schemas/demo-summary.schema.json.
+        #[command(flatten)]
+        print: Print,
     },
     /// Run the model from the checkpoint and from the GGUF artefacts on the same probe and compare logits.
     #[command(
@@ -171,9 +204,9 @@ Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 u
         /// Write source.npy and artefact.npy ([positions, vocab] f32 logits) here.
         #[arg(long, value_name = "DIR")]
         dump_logits: Option<PathBuf>,
-        /// Print the report as JSON (schemas/verify-report.schema.json) instead of the table.
-        #[arg(long)]
-        json: bool,
+        /// --json: the report (schemas/verify-report.schema.json) instead of the table.
+        #[command(flatten)]
+        print: Print,
     },
     /// Write a synthetic LLaVA-MMFuser checkpoint at real scale (random weights, real names and shapes).
     #[command(
@@ -186,19 +219,20 @@ OUT_DIR/llama/       with --llama-view: the same LLM as a plain LlamaForCausalLM
         /// Model size: 7b (about 14 GB), 13b (about 26 GB) or tiny (a few MB).
         #[arg(long, value_enum)]
         size: crate::synth::SynthSize,
-        /// Output directory (its checkpoint/, clip/ and llama/ subdirectories are replaced).
-        out_dir: PathBuf,
+        /// Output directory (its checkpoint/, clip/ and llama/ subdirectories are replaced); or --out-dir.
+        #[arg(value_name = "OUT_DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutArgs,
         /// Seed of the random values.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Also write OUT_DIR/llama/, a plain LlamaForCausalLM directory with the same LLM tensors.
         #[arg(long)]
         llama_view: bool,
-        #[arg(short, long)]
-        quiet: bool,
-        /// Print a JSON summary on stdout.
-        #[arg(long)]
-        json: bool,
+        /// --json: schemas/synth-summary.schema.json.
+        #[command(flatten)]
+        print: Print,
     },
 }
 
@@ -272,30 +306,186 @@ fn print_convert(s: &convert::ConvertSummary) {
     );
 }
 
+/// The "wrote ..." lines of a conversion, unless -q or --json.
+fn report_convert(s: &convert::ConvertSummary, print: Print) -> Result<()> {
+    if print.json {
+        print_json(s)
+    } else {
+        if !print.quiet {
+            print_convert(s);
+        }
+        Ok(())
+    }
+}
+
+fn print_quantize(s: &quantize::QuantizeSummary) {
+    let counts: Vec<String> = s
+        .type_counts
+        .iter()
+        .map(|(k, v)| format!("{v} x {k}"))
+        .collect();
+    println!(
+        "wrote {} ({}, {} tensors: {}, {}) in {:.2} s",
+        s.output.path.display(),
+        s.file_type,
+        s.output.tensors,
+        counts.join(", "),
+        human_bytes(s.output.bytes),
+        s.seconds
+    );
+    println!("wrote {}", s.manifest.display());
+}
+
+/// The bundled fixture (checkpoint, tower): in the working directory when run from the
+/// repository root, else next to the sources this binary was built from (`cargo install --path .`).
+pub fn fixture_paths() -> Option<(PathBuf, PathBuf)> {
+    let here = (
+        PathBuf::from(FIXTURE_CHECKPOINT),
+        PathBuf::from(FIXTURE_TOWER),
+    );
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let beside = (built.join(FIXTURE_CHECKPOINT), built.join(FIXTURE_TOWER));
+    [here, beside]
+        .into_iter()
+        .find(|(c, t)| c.join("config.json").is_file() && t.join("config.json").is_file())
+}
+
+/// The fixture, or a tiny synthetic checkpoint generated into `scratch` when the sources are
+/// gone (synth --size tiny: the same layout, random weights).
+fn fixture_or_synth(scratch: &Path, quiet: bool) -> Result<(PathBuf, PathBuf)> {
+    if let Some(p) = fixture_paths() {
+        return Ok(p);
+    }
+    if !quiet {
+        eprintln!(
+            "the bundled fixture is not here (nor next to the sources); generating a tiny synthetic checkpoint in {}",
+            scratch.display()
+        );
+    }
+    let s = crate::synth::run(&crate::synth::SynthOptions {
+        size: crate::synth::SynthSize::Tiny,
+        out_dir: scratch.to_path_buf(),
+        seed: 0,
+        llama_view: false,
+        quiet: true,
+    })?;
+    Ok((s.checkpoint, s.clip))
+}
+
+/// The whole pipeline's results, for `demo --json` (schemas/demo-summary.schema.json).
+#[derive(serde::Serialize)]
+struct DemoSummary {
+    convert: convert::ConvertSummary,
+    quantize: quantize::QuantizeSummary,
+    verify: crate::verify::Report,
+}
+
+fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
+    let say = !print.quiet && !print.json;
+    let scratch = out_dir.join("demo-checkpoint");
+    let (ck, tower) = fixture_or_synth(&scratch, !say)?;
+    if say {
+        println!(
+            "== 1/3 hf-to-gguf {} --vision-tower {}",
+            ck.display(),
+            tower.display()
+        );
+    }
+    let conv = ConvertOptions {
+        checkpoint: ck.clone(),
+        vision_tower: Some(tower.clone()),
+        out_dir: out_dir.clone(),
+        file_type: FileType::MostlyF16,
+        vision_type: None,
+        name: None,
+        allow_nonfinite: false,
+        quiet: true,
+        command_line: argv.clone(),
+    };
+    let s = convert::run(&conv)?;
+    if say {
+        print_convert(&s);
+    }
+    let path_of = |kind: &str| {
+        s.outputs
+            .iter()
+            .find(|o| o.kind == kind)
+            .map(|o| o.path.clone())
+            .ok_or_else(|| Error::other(format!("no {kind} written")))
+    };
+    let (llm, mmproj) = (path_of("llm")?, path_of("mmproj")?);
+    if say {
+        println!("\n== 2/3 quantize --bits 4 {}", llm.display());
+    }
+    let q = quantize::quantize_file(&QuantizeOptions {
+        input: llm,
+        output: None,
+        out_dir: None,
+        file_type: Some(FileType::MostlyQ4KM),
+        vision_type: None,
+        quiet: true,
+        allow_nonfinite: false,
+        command_line: argv.clone(),
+    })?;
+    if say {
+        print_quantize(&q);
+        println!("\n== 3/3 verify (source checkpoint vs Q4_K_M + F16 mmproj)");
+    }
+    let opts = crate::verify::VerifyOptions {
+        checkpoint: ck,
+        gguf: q.output.path.clone(),
+        mmproj,
+        vision_tower: Some(tower),
+        tolerance: None,
+        image_tolerance: None,
+        image: None,
+        pixel_values: None,
+        prompt: None,
+        input_ids: None,
+        dump_logits: None,
+    };
+    let r = crate::verify::run(&opts, &argv)?;
+    let passed = r.passed;
+    if print.json {
+        print_json(&DemoSummary {
+            convert: s,
+            quantize: q,
+            verify: r,
+        })?;
+    } else if say {
+        print!("{}", crate::verify::render(&r));
+    }
+    if passed {
+        Ok(())
+    } else {
+        Err(Error::Other("verification failed".into()))
+    }
+}
+
 fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
     match cli.command {
         Command::HfToGguf {
             checkpoint,
             vision_tower,
-            out_dir,
+            out,
             outtype,
             name,
             allow_nonfinite,
-            quiet,
-            json,
+            print,
         } => {
+            let out_dir = out_dir_only("hf-to-gguf", &out, "out")?;
             let (checkpoint, vision_tower) = match checkpoint {
                 Some(c) => (c, vision_tower),
                 None => {
-                    let c = PathBuf::from(FIXTURE_CHECKPOINT);
-                    if !c.is_dir() {
-                        return Err(Error::usage(format!("no CHECKPOINT_DIR given and the bundled fixture {FIXTURE_CHECKPOINT} is not here (run from the repository root)")));
+                    let (c, t) = fixture_or_synth(&out_dir.join("demo-checkpoint"), print.quiet)?;
+                    if !print.quiet {
+                        eprintln!(
+                            "no checkpoint given: converting the bundled fixture {} (vision tower {})",
+                            c.display(),
+                            t.display()
+                        );
                     }
-                    eprintln!("no checkpoint given: converting the bundled fixture {FIXTURE_CHECKPOINT} (vision tower {FIXTURE_TOWER})");
-                    (
-                        c,
-                        vision_tower.or_else(|| Some(PathBuf::from(FIXTURE_TOWER))),
-                    )
+                    (c, vision_tower.or(Some(t)))
                 }
             };
             let opts = ConvertOptions {
@@ -306,87 +496,12 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 vision_type: None,
                 name,
                 allow_nonfinite,
-                quiet,
+                quiet: print.quiet || print.json,
                 command_line: argv,
             };
-            let s = convert::run(&opts)?;
-            if json {
-                print_json(&s)
-            } else {
-                print_convert(&s);
-                Ok(())
-            }
+            report_convert(&convert::run(&opts)?, print)
         }
-        Command::Demo { out_dir } => {
-            let ck = PathBuf::from(FIXTURE_CHECKPOINT);
-            let tower = PathBuf::from(FIXTURE_TOWER);
-            if !ck.is_dir() {
-                return Err(Error::usage(format!("the bundled fixture {FIXTURE_CHECKPOINT} is not here (run from the repository root)")));
-            }
-            println!("== 1/3 hf-to-gguf {FIXTURE_CHECKPOINT} --vision-tower {FIXTURE_TOWER}");
-            let conv = ConvertOptions {
-                checkpoint: ck.clone(),
-                vision_tower: Some(tower.clone()),
-                out_dir: out_dir.clone(),
-                file_type: FileType::MostlyF16,
-                vision_type: None,
-                name: None,
-                allow_nonfinite: false,
-                quiet: true,
-                command_line: argv.clone(),
-            };
-            let s = convert::run(&conv)?;
-            print_convert(&s);
-            let llm = s
-                .outputs
-                .iter()
-                .find(|o| o.kind == "llm")
-                .map(|o| o.path.clone())
-                .ok_or_else(|| Error::other("no LLM written"))?;
-            let mmproj = s
-                .outputs
-                .iter()
-                .find(|o| o.kind == "mmproj")
-                .map(|o| o.path.clone())
-                .ok_or_else(|| Error::other("no mmproj written"))?;
-            println!("\n== 2/3 quantize --bits 4 {}", llm.display());
-            let q = quantize::quantize_file(&QuantizeOptions {
-                input: llm,
-                output: None,
-                file_type: Some(FileType::MostlyQ4KM),
-                vision_type: None,
-                quiet: true,
-                allow_nonfinite: false,
-                command_line: argv.clone(),
-            })?;
-            let counts: Vec<String> = q
-                .type_counts
-                .iter()
-                .map(|(k, v)| format!("{v} x {k}"))
-                .collect();
-            println!("wrote {} ({})", q.output.path.display(), counts.join(", "));
-            println!("\n== 3/3 verify (source checkpoint vs Q4_K_M + F16 mmproj)");
-            let opts = crate::verify::VerifyOptions {
-                checkpoint: ck,
-                gguf: q.output.path.clone(),
-                mmproj,
-                vision_tower: Some(tower),
-                tolerance: None,
-                image_tolerance: None,
-                image: None,
-                pixel_values: None,
-                prompt: None,
-                input_ids: None,
-                dump_logits: None,
-            };
-            let r = crate::verify::run(&opts, &argv)?;
-            print!("{}", crate::verify::render(&r));
-            if r.passed {
-                Ok(())
-            } else {
-                Err(Error::Other("verification failed".into()))
-            }
-        }
+        Command::Demo { out, print } => run_demo(out_dir_only("demo", &out, "out")?, print, argv),
         Command::Verify {
             checkpoint,
             gguf,
@@ -400,7 +515,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             prompt,
             input_ids,
             dump_logits,
-            json,
+            print,
         } => {
             let dev = crate::device::select(&device)?;
             let opts = crate::verify::VerifyOptions {
@@ -416,35 +531,31 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 input_ids,
                 dump_logits,
             };
-            // Everything that stops verify from running is a usage or input error (exit 2),
-            // reported with its own message (naming file and tensor), not as a usage line.
-            let r = crate::verify::run_on(&opts, &argv, &dev).map_err(|e| match e {
-                Error::Usage(_) => e,
-                e => Error::CannotCheck(Box::new(e)),
-            })?;
-            if json {
+            let r = crate::verify::run_on(&opts, &argv, &dev)?;
+            if print.json {
                 print_json(&r)?;
-            } else {
+            } else if !print.quiet {
                 print!("{}", crate::verify::render(&r));
             }
             if r.passed {
                 Ok(())
             } else {
-                Err(Error::Other("verification failed".into()))
+                Err(Error::Other(format!(
+                    "verification failed: {}",
+                    r.reasons.join("; ")
+                )))
             }
         }
         Command::Quantize {
             input,
-            output,
+            out,
             bits,
             r#type,
             vision_type,
             vision_tower,
-            out_dir,
             allow_nonfinite,
             threads,
-            quiet,
-            json,
+            print,
         } => {
             if let Some(n) = threads {
                 rayon::ThreadPoolBuilder::new()
@@ -467,97 +578,96 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             };
             if input.is_dir() {
                 let ft = ft.ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
-                if output.is_some() {
-                    return Err(Error::usage(
-                        "-o names one file; with a checkpoint directory use --out-dir",
-                    ));
-                }
                 let opts = ConvertOptions {
                     checkpoint: input,
                     vision_tower,
-                    out_dir,
+                    out_dir: out_dir_only("quantize of a checkpoint directory", &out, "out")?,
                     file_type: ft,
                     vision_type: vt,
                     name: None,
                     allow_nonfinite,
-                    quiet,
+                    quiet: print.quiet || print.json,
                     command_line: argv,
                 };
-                let s = convert::run(&opts)?;
-                return if json {
-                    print_json(&s)
-                } else {
-                    print_convert(&s);
-                    Ok(())
-                };
+                return report_convert(&convert::run(&opts)?, print);
             }
             if vision_tower.is_some() {
                 return Err(Error::usage(
                     "--vision-tower applies to a checkpoint directory input",
                 ));
             }
+            if out.output.is_some() && out.out_dir.is_some() {
+                return Err(Error::usage(
+                    "give -o FILE or --out-dir DIR, not both (-o names the file itself)",
+                ));
+            }
             let opts = QuantizeOptions {
                 input,
-                output,
+                output: out.output,
+                out_dir: out.out_dir,
                 file_type: ft,
                 vision_type: vt,
-                quiet,
+                quiet: print.quiet || print.json,
                 allow_nonfinite,
                 command_line: argv,
             };
             let s = quantize::quantize_file(&opts)?;
-            if json {
+            if print.json {
                 print_json(&s)
             } else {
-                let counts: Vec<String> = s
-                    .type_counts
-                    .iter()
-                    .map(|(k, v)| format!("{v} x {k}"))
-                    .collect();
-                println!(
-                    "wrote {} ({}, {} tensors: {}, {}) in {:.2} s",
-                    s.output.path.display(),
-                    s.file_type,
-                    s.output.tensors,
-                    counts.join(", "),
-                    human_bytes(s.output.bytes),
-                    s.seconds
-                );
-                println!("wrote {}", s.manifest.display());
+                if !print.quiet {
+                    print_quantize(&s);
+                }
                 Ok(())
             }
         }
         Command::Synth {
             size,
-            out_dir,
+            dir,
+            out,
             seed,
             llama_view,
-            quiet,
-            json,
+            print,
         } => {
+            let out_dir = match (dir, out_dir_only("synth", &out, "")?) {
+                (Some(d), o) if o.as_os_str().is_empty() => d,
+                (None, o) if !o.as_os_str().is_empty() => o,
+                (Some(_), _) => {
+                    return Err(Error::usage(
+                        "give the output directory once (OUT_DIR or --out-dir)",
+                    ))
+                }
+                (None, _) => {
+                    return Err(Error::usage(
+                        "give the output directory (OUT_DIR or --out-dir)",
+                    ))
+                }
+            };
             let s = crate::synth::run(&crate::synth::SynthOptions {
                 size,
                 out_dir,
                 seed,
                 llama_view,
-                quiet,
+                quiet: print.quiet || print.json,
             })?;
-            if json {
+            if print.json {
                 print_json(&s)
             } else {
-                println!(
-                    "wrote {} and {}{} ({:.3e} parameters, {} in {:.1} s, {:.2} GB/s)",
-                    s.checkpoint.display(),
-                    s.clip.display(),
-                    s.llama
-                        .as_ref()
-                        .map(|l| format!(" and {}", l.display()))
-                        .unwrap_or_default(),
-                    s.parameters as f64,
-                    human_bytes(s.bytes_written),
-                    s.seconds,
-                    s.bytes_written as f64 / 1e9 / s.seconds.max(1e-9)
-                );
+                if !print.quiet {
+                    println!(
+                        "wrote {} and {}{} ({:.3e} parameters, {} in {:.1} s, {:.2} GB/s)",
+                        s.checkpoint.display(),
+                        s.clip.display(),
+                        s.llama
+                            .as_ref()
+                            .map(|l| format!(" and {}", l.display()))
+                            .unwrap_or_default(),
+                        s.parameters as f64,
+                        human_bytes(s.bytes_written),
+                        s.seconds,
+                        s.bytes_written as f64 / 1e9 / s.seconds.max(1e-9)
+                    );
+                }
                 Ok(())
             }
         }

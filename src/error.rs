@@ -1,11 +1,13 @@
 //! One error type for the whole crate. Every error names the file and, where
-//! there is one, the tensor; `exit_code` maps errors to the CLI contract
-//! (1 = bad input or failed check, 2 = usage error).
+//! there is one, the tensor; `exit_code` maps errors to the CLI contract, the same for every
+//! verb: 1 = bad input (a file missing, unreadable, malformed or not what the recipe expects)
+//! or a failed check (verify), 2 = usage error (the command line itself).
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The command line itself is wrong (conflicting flags, missing arguments).
+    /// The command line itself is wrong (conflicting or missing arguments, an option that does
+    /// not apply to the input given).
     #[error("usage: {0}")]
     Usage(String),
     /// A file is malformed or does not match what the recipe expects.
@@ -24,13 +26,9 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// Anything else (numerical backends, CUDA, internal invariants).
+    /// Anything else (numerical backends, CUDA, internal invariants, a failed verification).
     #[error("{0}")]
     Other(String),
-    /// An error that stopped a check from running at all, as opposed to a check that ran and
-    /// failed: same message, exit code 2 (verify's contract: 1 means "not within tolerance").
-    #[error("{0}")]
-    CannotCheck(Box<Error>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -68,7 +66,7 @@ impl Error {
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage(_) | Error::CannotCheck(_) => 2,
+            Error::Usage(_) => 2,
             _ => 1,
         }
     }

@@ -12,6 +12,7 @@ pub mod hparams;
 pub mod image;
 pub mod manifest;
 pub mod model;
+pub mod naming;
 pub mod npy;
 pub mod progress;
 pub mod quant;

@@ -298,6 +298,8 @@ pub fn set_quant_keys(meta: &mut Metadata, ft: FileType) {
 pub struct QuantizeOptions {
     pub input: PathBuf,
     pub output: Option<PathBuf>,
+    /// Where the default-named output goes instead of beside the input (created if missing).
+    pub out_dir: Option<PathBuf>,
     pub file_type: Option<FileType>,
     pub vision_type: Option<GgmlType>,
     pub quiet: bool,
@@ -345,10 +347,11 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
     let (ft, tag) = if is_mmproj {
         match (opts.file_type, opts.vision_type) {
             (Some(ft), _) if !is_float_type(ft) => {
-                return Err(Error::input(
-                    &opts.input,
-                    format!("this is an mmproj file: its MMFuser fuser is never quantized and --type/--bits {} would do that; use --vision-type Q8_0 to quantize only the CLIP tower", ft.name()),
-                ))
+                return Err(Error::usage(format!(
+                    "{} is an mmproj file: its MMFuser fuser is never quantized and --type/--bits {} would do that; use --vision-type Q8_0 to quantize only the CLIP tower",
+                    opts.input.display(),
+                    ft.name()
+                )))
             }
             (_, Some(GgmlType::Q8_0)) => (FileType::MostlyQ8_0, "Q8_0".to_string()),
             (_, Some(other)) => return Err(Error::usage(format!("--vision-type {other} is not supported (Q8_0 is)"))),
@@ -363,10 +366,15 @@ pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
             .ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
         (ft, ft.name().to_string())
     };
-    let out_path = opts
-        .output
-        .clone()
-        .unwrap_or_else(|| default_output(&opts.input, &tag));
+    let beside = default_output(&opts.input, &tag);
+    let out_path = match (&opts.output, &opts.out_dir) {
+        (Some(o), _) => o.clone(),
+        (None, Some(d)) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            d.join(beside.file_name().unwrap_or_default())
+        }
+        (None, None) => beside,
+    };
     if out_path.canonicalize().ok() == opts.input.canonicalize().ok() {
         return Err(Error::usage(
             "the output would overwrite the input; choose another -o",

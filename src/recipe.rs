@@ -19,6 +19,10 @@ pub const NAME_MAPS: &[(&str, &str)] = &[
         "mlp-projector",
         include_str!("../schemas/names/mlp-projector.json"),
     ),
+    (
+        "llava-hf-projector",
+        include_str!("../schemas/names/llava-hf-projector.json"),
+    ),
 ];
 pub const RECIPES: &[(&str, &str)] = &[
     (
@@ -26,8 +30,11 @@ pub const RECIPES: &[(&str, &str)] = &[
         include_str!("../converters/llava-mmfuser.json"),
     ),
     ("llava-1.5", include_str!("../converters/llava-1.5.json")),
+    ("llava-hf", include_str!("../converters/llava-hf.json")),
 ];
 pub const DTYPE_POLICY: &str = include_str!("../schemas/dtype-policy.json");
+/// Vision towers LLaVA checkpoints name only by hub id (`mm_vision_tower`), with their configs.
+pub const VISION_TOWERS: &str = include_str!("../schemas/vision-towers.json");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,6 +64,10 @@ pub struct NameMap {
     pub tensors: Vec<NameRule>,
     #[serde(default)]
     pub drop: Vec<String>,
+    /// Other spellings of the source names, relative to the component's prefix: a name starting
+    /// with the first string is read as if it started with the second (first match wins).
+    #[serde(default)]
+    pub aliases: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +79,9 @@ pub struct MetaRule {
     pub value: Option<String>,
     #[serde(default, rename = "const")]
     pub constant: Option<serde_json::Value>,
+    /// Written only when its value is known (e.g. general.basename).
+    #[serde(default)]
+    pub optional: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +100,52 @@ pub struct Recipe {
     pub select_layer: String,
     pub projector_type: String,
     pub artefacts: Vec<ArtefactSpec>,
+    /// Where a component lives in the checkpoint, when not at its name map's `source_prefix`
+    /// (`clip-vision`: the embedded tower).
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, String>,
+    /// Other spellings of whole checkpoint names (other transformers versions), applied before
+    /// the name maps' own aliases: a name starting with the first string is read as if it
+    /// started with the second (first match wins).
+    #[serde(default)]
+    pub aliases: Vec<(String, String)>,
+}
+
+impl Recipe {
+    /// The checkpoint prefix of a component's names.
+    pub fn prefix<'a>(&'a self, map: &'a NameMap) -> &'a str {
+        self.prefixes
+            .get(&map.component)
+            .map_or(map.source_prefix.as_str(), String::as_str)
+    }
+}
+
+/// `name` rewritten by the first rule whose first string prefixes it; None when no rule matches.
+pub fn rewrite(rules: &[(String, String)], name: &str) -> Option<String> {
+    rules.iter().find_map(|(from, to)| {
+        name.strip_prefix(from.as_str())
+            .map(|rest| format!("{to}{rest}"))
+    })
+}
+
+/// A vision tower known by hub id: its `config.json` (a CLIPVisionConfig's keys) and
+/// preprocessor values, for checkpoints that embed the weights but carry no `vision_config`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KnownTower {
+    pub hub_id: String,
+    pub config: serde_json::Value,
+    #[serde(default)]
+    pub preprocessor: Option<serde_json::Value>,
+}
+
+pub fn known_tower(hub_id: &str) -> Result<Option<KnownTower>> {
+    #[derive(Deserialize)]
+    struct Table {
+        towers: Vec<KnownTower>,
+    }
+    let t: Table = serde_json::from_str(VISION_TOWERS)
+        .map_err(|e| Error::other(format!("schemas/vision-towers.json: {e}")))?;
+    Ok(t.towers.into_iter().find(|k| k.hub_id == hub_id))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -255,6 +315,10 @@ impl Vars {
     pub fn metadata(&self, rules: &[MetaRule]) -> Result<Metadata> {
         let mut m = Metadata::new();
         for r in rules {
+            let absent = r.value.as_ref().is_some_and(|v| !self.map.contains_key(v));
+            if r.optional && absent {
+                continue;
+            }
             m.set(&r.key, self.value(r)?);
         }
         Ok(m)

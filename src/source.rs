@@ -9,8 +9,6 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Where the embedded vision tower lives inside a LLaVA checkpoint.
-pub const EMBEDDED_TOWER_PREFIX: &str = "model.vision_tower.vision_tower.";
 /// The released MSCrossAttnBlock hard-codes 16 heads; M is not derivable from the shapes alone
 /// (only M*P is), so a config key may override it.
 pub const DEFAULT_FUSER_HEADS: usize = 16;
@@ -116,20 +114,29 @@ impl Source {
                 "no mm_vision_select_layer: this is not a multimodal LLaVA checkpoint",
             )
         })?;
-        let recipe = recipe::recipe(match select {
-            SelectLayers::List(_) => "llava-mmfuser",
-            SelectLayers::Single(_) => "llava-1.5",
-        })?;
+        let recipe = recipe::recipe(recipe_name(&config, &select)?)?;
+        if config.select_feature != "patch" {
+            return Err(Error::input(
+                &config.path,
+                format!(
+                    "vision feature selection '{}' is not supported (only the patch tokens, CLS dropped: \"patch\" / \"default\")",
+                    config.select_feature
+                ),
+            ));
+        }
         let store = TensorStore::open_dir(dir)?;
+        let ck_names = canonical_names(&store, &store_rules(&recipe, StoreId::Checkpoint)?, dir)?;
 
         // The vision tower: --vision-tower, else embedded in the checkpoint.
-        let embedded = store.contains(&format!(
-            "{EMBEDDED_TOWER_PREFIX}vision_model.embeddings.class_embedding"
-        ));
+        let clip_map = recipe::name_map("clip-vision")?;
+        let embedded_prefix = recipe.prefix(&clip_map).to_string();
+        let embedded =
+            ck_names.contains_key(&format!("{embedded_prefix}embeddings.class_embedding"));
         let hub = config
             .vision_tower
             .clone()
             .unwrap_or_else(|| "(mm_vision_tower not set)".into());
+        let mut table_note = String::new();
         let (tower, tower_prefix, clip_cfg_path, clip_cfg, preproc) = match vision_tower {
             Some(tdir) => {
                 if !tdir.is_dir() {
@@ -142,15 +149,21 @@ impl Source {
                 (Some((tdir.to_path_buf(), TensorStore::open_dir(tdir)?)), String::new(), cfg_path, cfg, pre)
             }
             None if embedded => {
-                let cfg = config.vision_config.clone().ok_or_else(|| {
-                    Error::input(
-                        &config.path,
-                        format!("the vision tower is embedded in the checkpoint but config.json has no \"vision_config\"; pass --vision-tower DIR (a local copy of '{hub}') for its config"),
-                    )
-                })?;
                 let pre = dir.join("preprocessor_config.json");
                 let pre = if pre.exists() { Some(read_json(&pre)?) } else { None };
-                (None, EMBEDDED_TOWER_PREFIX.to_string(), config.path.clone(), cfg, pre)
+                let (cfg, pre) = match (config.vision_config.clone(), recipe::known_tower(&hub)?) {
+                    (Some(cfg), _) => (cfg, pre),
+                    // Only the hub id: the built-in table's config (every shape is still checked).
+                    (None, Some(k)) => {
+                        table_note = format!(" (the vision tower's config is the built-in one for '{hub}'; if the embedded tower is not that model, pass --vision-tower DIR)");
+                        (k.config, pre.or(k.preprocessor))
+                    }
+                    (None, None) => return Err(Error::input(
+                        &config.path,
+                        format!("the vision tower is embedded in the checkpoint but config.json has no \"vision_config\" and '{hub}' is not a tower this tool knows; pass --vision-tower DIR (a local copy of '{hub}') for its config"),
+                    )),
+                };
+                (None, embedded_prefix, config.path.clone(), cfg, pre)
             }
             None => {
                 return Err(Error::input(
@@ -171,7 +184,7 @@ impl Source {
                 return Err(Error::input(
                     &config.path,
                     format!(
-                        "mm_hidden_size {mm} differs from the vision tower's hidden_size {}",
+                        "mm_hidden_size {mm} differs from the vision tower's hidden_size {}{table_note}",
                         clip.n_embd
                     ),
                 ));
@@ -250,17 +263,42 @@ impl Source {
             dropped: vec![],
             by_gguf: BTreeMap::new(),
         };
-        src.plan(&tower_prefix)?;
+        src.plan(&tower_prefix)
+            .map_err(|e| with_note(e, &table_note))?;
+        // general.basename / general.size_label of the LLM, as llama.cpp's converter derives them.
+        let llm_params: u64 = src
+            .rows
+            .iter()
+            .filter(|r| src.recipe.artefacts[r.artefact].kind == "llm")
+            .map(|r| r.row.shape.iter().map(|&d| d as u64).product::<u64>())
+            .sum();
+        let name_or_path = src.config.raw.get("_name_or_path").and_then(|v| v.as_str());
+        let (basename, size) =
+            crate::naming::basename_and_size(name_or_path, &src.name, llm_params);
+        if let Some(b) = basename {
+            src.vars.set("basename", Var::Str(b));
+        }
+        if let Some(s) = size {
+            src.vars.set("size_label", Var::Str(s));
+        }
         Ok(src)
     }
 
     /// Expand the recipe's name maps, then check that every needed tensor exists with the right
-    /// shape and that every source tensor is either used or deliberately dropped.
+    /// shape and that every source tensor is either used or deliberately dropped. Name maps speak
+    /// of canonical names; each row's `src` becomes the name the checkpoint actually uses.
     fn plan(&mut self, tower_prefix: &str) -> Result<()> {
         let tower_store = if self.tower.is_some() {
             StoreId::Tower
         } else {
             StoreId::Checkpoint
+        };
+        let ck_rules = store_rules(&self.recipe, StoreId::Checkpoint)?;
+        let tower_rules = store_rules(&self.recipe, StoreId::Tower)?;
+        let ck_names = canonical_names(&self.store, &ck_rules, &self.dir)?;
+        let tower_names = match &self.tower {
+            Some((d, t)) => canonical_names(t, &tower_rules, d)?,
+            None => BTreeMap::new(),
         };
         let mut drops: Vec<(StoreId, Pattern)> = vec![];
         for (ai, art) in self.recipe.artefacts.iter().enumerate() {
@@ -269,7 +307,7 @@ impl Source {
                 let (store, prefix) = if comp == "clip-vision" {
                     (tower_store, tower_prefix.to_string())
                 } else {
-                    (StoreId::Checkpoint, map.source_prefix.clone())
+                    (StoreId::Checkpoint, self.recipe.prefix(&map).to_string())
                 };
                 let (rows, d) = recipe::expand(&map, &prefix, &self.vars)?;
                 drops.extend(d.into_iter().map(|p| (store, p)));
@@ -282,17 +320,27 @@ impl Source {
         }
         // With --vision-tower, an embedded copy in the checkpoint is not used.
         if self.tower.is_some() {
+            let clip_map = recipe::name_map("clip-vision")?;
             drops.push((
                 StoreId::Checkpoint,
-                Pattern::parse(&format!("{EMBEDDED_TOWER_PREFIX}*"), &self.vars)?,
+                Pattern::parse(&format!("{}*", self.recipe.prefix(&clip_map)), &self.vars)?,
             ));
         }
         let mut missing = vec![];
+        for r in &mut self.rows {
+            let names = match r.store {
+                StoreId::Checkpoint => &ck_names,
+                StoreId::Tower => &tower_names,
+            };
+            match names.get(&r.row.src) {
+                Some(actual) => r.row.src = actual.clone(),
+                None => missing.push(r.row.src.clone()),
+            }
+        }
         for r in &self.rows {
             let store = self.store(r.store);
-            match store.entry(&r.row.src) {
-                None => missing.push(r.row.src.clone()),
-                Some(e) if e.shape != r.row.shape => {
+            if let Some(e) = store.entry(&r.row.src) {
+                if e.shape != r.row.shape {
                     let file = store.file_of(&r.row.src).unwrap_or(Path::new("?"));
                     return Err(Error::tensor(
                         file,
@@ -303,7 +351,6 @@ impl Source {
                         ),
                     ));
                 }
-                _ => {}
             }
         }
         if !missing.is_empty() {
@@ -333,16 +380,15 @@ impl Source {
             .collect();
         let mut unknown = vec![];
         let mut dropped = vec![];
-        let mut stores = vec![(StoreId::Checkpoint, &self.store)];
-        if let Some((_, t)) = &self.tower {
-            stores.push((StoreId::Tower, t));
-        }
-        for (id, st) in stores {
-            for n in st.names() {
+        for (id, names) in [
+            (StoreId::Checkpoint, &ck_names),
+            (StoreId::Tower, &tower_names),
+        ] {
+            for (canon, n) in names {
                 if used.contains(&(id == StoreId::Tower, n.as_str())) {
                     continue;
                 }
-                if drops.iter().any(|(sid, p)| *sid == id && p.matches(n)) {
+                if drops.iter().any(|(sid, p)| *sid == id && p.matches(canon)) {
                     dropped.push((id, n.clone()));
                 } else {
                     unknown.push(n.clone());
@@ -432,6 +478,89 @@ impl Source {
             .entry(&r.row.src)
             .map(|e| src_dtype_name(e.ty))
             .unwrap_or("?")
+    }
+}
+
+/// `e` with `note` appended to its message (input and tensor errors).
+fn with_note(e: Error, note: &str) -> Error {
+    match e {
+        Error::Input { path, msg } => Error::Input {
+            path,
+            msg: msg + note,
+        },
+        Error::Tensor { path, tensor, msg } => Error::Tensor {
+            path,
+            tensor,
+            msg: msg + note,
+        },
+        e => e,
+    }
+}
+
+/// The name rewrites of one store: the recipe's whole-name aliases (checkpoint only), then each
+/// component's aliases under the prefix it has in that store.
+fn store_rules(recipe: &Recipe, id: StoreId) -> Result<[Vec<(String, String)>; 2]> {
+    let mut comp = vec![];
+    for art in &recipe.artefacts {
+        for c in &art.components {
+            let map = recipe::name_map(c)?;
+            let prefix = match id {
+                StoreId::Tower if c == "clip-vision" => "",
+                StoreId::Tower => continue,
+                StoreId::Checkpoint => recipe.prefix(&map),
+            };
+            comp.extend(
+                map.aliases
+                    .iter()
+                    .map(|(f, t)| (format!("{prefix}{f}"), format!("{prefix}{t}"))),
+            );
+        }
+    }
+    let whole = match id {
+        StoreId::Checkpoint => recipe.aliases.clone(),
+        StoreId::Tower => vec![],
+    };
+    Ok([whole, comp])
+}
+
+/// A source name in the spelling the name maps use.
+fn canonical(rules: &[Vec<(String, String)>; 2], name: &str) -> String {
+    let n = recipe::rewrite(&rules[0], name).unwrap_or_else(|| name.to_string());
+    recipe::rewrite(&rules[1], &n).unwrap_or(n)
+}
+
+/// canonical name -> the store's own name, for every tensor in `store`; two spellings of one
+/// tensor are refused (which would be converted is not ours to guess).
+fn canonical_names(
+    store: &TensorStore,
+    rules: &[Vec<(String, String)>; 2],
+    dir: &Path,
+) -> Result<BTreeMap<String, String>> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for n in store.names() {
+        let c = canonical(rules, n);
+        if let Some(other) = out.get(&c) {
+            return Err(Error::input(
+                dir,
+                format!("tensors '{other}' and '{n}' are two spellings of the same weight '{c}'; keep one"),
+            ));
+        }
+        out.insert(c, n.clone());
+    }
+    Ok(out)
+}
+
+/// Which recipe a config selects: transformers' own LLaVA layout, or the LLaVA repository's
+/// with a list of selected layers (MMFuser) or one (LLaVA-1.5).
+fn recipe_name(config: &LlavaConfig, select: &SelectLayers) -> Result<&'static str> {
+    match (config.hf_layout, select) {
+        (true, SelectLayers::Single(_)) => Ok("llava-hf"),
+        (true, SelectLayers::List(_)) => Err(Error::input(
+            &config.path,
+            "vision_feature_layer as a list (several CLIP layers concatenated) is not supported; one layer, or an MMFuser checkpoint's mm_vision_select_layer list",
+        )),
+        (false, SelectLayers::List(_)) => Ok("llava-mmfuser"),
+        (false, SelectLayers::Single(_)) => Ok("llava-1.5"),
     }
 }
 

@@ -1,7 +1,6 @@
 //! verify: run the whole model from the source checkpoint and from the GGUF artefacts on the same
 //! probe (image + prompt), compare logits and image embeddings, and decide pass/fail.
 use crate::artefact::GgufWeights;
-use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
 use crate::gguf::{FileType, GgufFile};
@@ -326,8 +325,10 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             } else {
                 LLAVA_V1_TEMPLATE.replace("{question}", &q)
             };
-            let tok = SpmTokenizer::from_file(&opts.checkpoint.join("tokenizer.model"))?;
-            (tok.encode_llava_prompt(&text), text)
+            (
+                crate::checkpoint::tokenizer::encode_llava_prompt(&opts.checkpoint, &text)?,
+                text,
+            )
         }
         (Some(_), Some(_)) => return Err(Error::usage("give --prompt or --input-ids, not both")),
     };

@@ -458,7 +458,15 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// The fixture converted to F16 GGUFs, plus Q8_0 and Q4_K_M LLMs.
 fn artefacts(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let d = dir.to_str().unwrap();
-    let (rc, _, err) = run(&["hf-to-gguf", CK, "--vision-tower", TOWER, "-o", d, "-q"]);
+    let (rc, _, err) = run(&[
+        "hf-to-gguf",
+        CK,
+        "--vision-tower",
+        TOWER,
+        "--out-dir",
+        d,
+        "-q",
+    ]);
     assert_eq!(rc, 0, "{err}");
     let llm = dir.join("tiny-llava-mmfuser-F16.gguf");
     let mmproj = dir.join("mmproj-tiny-llava-mmfuser-F16.gguf");

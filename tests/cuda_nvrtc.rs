@@ -139,7 +139,15 @@ fn verify_args(dir: &Path, device: &str) -> Vec<String> {
 fn device_choice_without_and_with_a_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let (rc, _, err) = run(&["hf-to-gguf", CK, "--vision-tower", TOWER, "-o", d, "-q"]);
+    let (rc, _, err) = run(&[
+        "hf-to-gguf",
+        CK,
+        "--vision-tower",
+        TOWER,
+        "--out-dir",
+        d,
+        "-q",
+    ]);
     assert_eq!(rc, 0, "{err}");
     // In-process: opening the backend never panics, whatever is installed.
     let opened = cuda::CudaBackend::open();

@@ -53,7 +53,7 @@ fn convert(out: &Path, outtype: &str) {
         .arg(root().join("fixtures/tiny-llava-mmfuser"))
         .arg("--vision-tower")
         .arg(root().join("fixtures/tiny-clip"))
-        .arg("-o")
+        .arg("--out-dir")
         .arg(out)
         .args(["--outtype", outtype, "-q", "--json"])
         .output()

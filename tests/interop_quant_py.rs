@@ -168,7 +168,7 @@ fn quantizers_match_gguf_py() {
             &root().join("fixtures/tiny-clip"),
             &"--outtype",
             &outtype,
-            &"-o",
+            &"--out-dir",
             dir,
             &"-q",
         ]);

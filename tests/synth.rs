@@ -110,7 +110,7 @@ fn synth_tiny_then_hf_to_gguf() {
         ck.as_os_str(),
         "--vision-tower".as_ref(),
         out.join("clip").as_os_str(),
-        "-o".as_ref(),
+        "--out-dir".as_ref(),
         gg.as_os_str(),
         "-q".as_ref(),
     ]);

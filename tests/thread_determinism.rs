@@ -30,7 +30,7 @@ fn same_bytes_for_every_thread_count() {
                 "fixtures/tiny-llava-mmfuser",
                 "--vision-tower",
                 "fixtures/tiny-clip",
-                "-o",
+                "--out-dir",
                 d,
                 "-q",
             ],

@@ -21,7 +21,15 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 fn convert(dir: &Path) -> (PathBuf, PathBuf) {
     let d = dir.to_str().unwrap();
-    let (rc, _, err) = run(&["hf-to-gguf", CK, "--vision-tower", TOWER, "-o", d, "-q"]);
+    let (rc, _, err) = run(&[
+        "hf-to-gguf",
+        CK,
+        "--vision-tower",
+        TOWER,
+        "--out-dir",
+        d,
+        "-q",
+    ]);
     assert_eq!(rc, 0, "{err}");
     (
         dir.join("tiny-llava-mmfuser-F16.gguf"),
@@ -152,7 +160,7 @@ fn source_forward_matches_transformers_reference() {
 
 #[test]
 fn usage_errors_exit_2() {
-    // An input error: exit 2 (verify could not run), reported as what it is, naming the file.
+    // An input error: exit 1 (as in every verb), reported as what it is, naming the file.
     let (rc, _, err) = run(&[
         "verify",
         CK,
@@ -161,7 +169,7 @@ fn usage_errors_exit_2() {
         "--mmproj",
         "/nonexistent2.gguf",
     ]);
-    assert_eq!(rc, 2);
+    assert_eq!(rc, 1);
     assert!(err.contains("/nonexistent"), "{err}");
     assert!(
         !err.contains("usage:"),

@@ -93,8 +93,67 @@ pub struct LlavaConfig {
     pub projector_type: Option<String>,
     pub select_layers: Option<SelectLayers>,
     pub select_feature: String,
-    /// An embedded `vision_config` (HF-style LLaVA configs carry one).
+    /// An embedded `vision_config` (HF-style LLaVA configs carry one), with CLIPVisionConfig's
+    /// defaults filled in for the keys it leaves out.
     pub vision_config: Option<Json>,
+    /// transformers' own LLaVA layout (`LlavaForConditionalGeneration`: `vision_feature_layer`,
+    /// `multi_modal_projector`) rather than the LLaVA repository's (`mm_*` keys).
+    pub hf_layout: bool,
+}
+
+/// transformers' `LlamaConfig` defaults for the keys this crate reads: a `text_config` saved
+/// by transformers omits keys equal to them (llava-hf/llava-1.5-7b-hf's has no hidden_size).
+const LLAMA_DEFAULTS: &[(&str, f64)] = &[
+    ("vocab_size", 32000.0),
+    ("hidden_size", 4096.0),
+    ("intermediate_size", 11008.0),
+    ("num_hidden_layers", 32.0),
+    ("num_attention_heads", 32.0),
+    ("max_position_embeddings", 2048.0),
+    ("rms_norm_eps", 1e-6),
+];
+/// transformers' `CLIPVisionConfig` defaults (hidden_act "quick_gelu" and layer_norm_eps 1e-5
+/// are defaulted where they are read).
+const CLIP_VISION_DEFAULTS: &[(&str, f64)] = &[
+    ("hidden_size", 768.0),
+    ("intermediate_size", 3072.0),
+    ("num_hidden_layers", 12.0),
+    ("num_attention_heads", 12.0),
+    ("image_size", 224.0),
+    ("patch_size", 32.0),
+];
+
+/// A transformers sub-config (`text_config` of model_type `model_type`, or `vision_config`)
+/// with its class defaults filled in; other model types are returned as they are.
+fn with_defaults(sub: &Json, model_type: &str, defaults: &[(&str, f64)]) -> Json {
+    let mut out = sub.clone();
+    let same_type = sub
+        .get("model_type")
+        .and_then(Json::as_str)
+        .is_none_or(|t| t == model_type);
+    if let (true, Some(o)) = (same_type, out.as_object_mut()) {
+        for (k, v) in defaults {
+            if !o.contains_key(*k) {
+                let v = if v.fract() == 0.0 {
+                    Json::from(*v as u64)
+                } else {
+                    Json::from(*v)
+                };
+                o.insert(k.to_string(), v);
+            }
+        }
+    }
+    out
+}
+
+/// transformers' `vision_feature_select_strategy` in the LLaVA repository's words
+/// (`mm_vision_select_feature`): "default" drops the CLS token, "full" keeps it.
+fn select_feature_of(strategy: &str) -> String {
+    match strategy {
+        "default" => "patch".into(),
+        "full" => "cls_patch".into(),
+        other => other.into(),
+    }
 }
 
 fn get_usize(path: &Path, j: &Json, key: &str) -> Result<usize> {
@@ -126,10 +185,13 @@ impl LlavaConfig {
     /// The config from its parsed JSON (`path` names it in errors).
     pub fn from_json(path: PathBuf, raw: Json) -> Result<Self> {
         // HF-style llava configs nest the LLM under text_config.
-        let t = raw
+        let text = raw
             .get("text_config")
             .filter(|v| v.is_object())
-            .unwrap_or(&raw);
+            .map(|t| with_defaults(t, "llama", LLAMA_DEFAULTS));
+        let t = text.as_ref().unwrap_or(&raw);
+        let hf_layout = raw.get("mm_vision_select_layer").is_none()
+            && raw.get("vision_feature_layer").is_some();
         let n_embd = get_usize(&path, t, "hidden_size")?;
         let n_head = get_usize(&path, t, "num_attention_heads")?;
         if n_head == 0 || n_embd % n_head != 0 {
@@ -179,9 +241,29 @@ impl LlavaConfig {
             rms_eps: get_f32_or(t, "rms_norm_eps", 1e-6),
             rope_theta,
         };
-        let select_layers = match raw.get("mm_vision_select_layer") {
+        let select_layers = match raw
+            .get("mm_vision_select_layer")
+            .or_else(|| raw.get("vision_feature_layer"))
+        {
             Some(v) => Some(SelectLayers::parse(&path, v)?),
             None => None,
+        };
+        // transformers' LlavaMultiModalProjector is mlp2x_gelu when its activation is GELU
+        // and its linears have biases (both the defaults).
+        let hf_projector = || {
+            let act = raw
+                .get("projector_hidden_act")
+                .and_then(Json::as_str)
+                .unwrap_or("gelu");
+            let bias = raw
+                .get("multimodal_projector_bias")
+                .and_then(Json::as_bool)
+                .unwrap_or(true);
+            if act == "gelu" && bias {
+                "mlp2x_gelu".to_string()
+            } else {
+                format!("projector_hidden_act {act}, multimodal_projector_bias {bias}")
+            }
         };
         Ok(LlavaConfig {
             model_type: raw
@@ -197,16 +279,27 @@ impl LlavaConfig {
                 .get("mm_hidden_size")
                 .and_then(Json::as_u64)
                 .map(|v| v as usize),
-            projector_type: raw
-                .get("mm_projector_type")
-                .and_then(Json::as_str)
-                .map(str::to_string),
-            select_feature: raw
-                .get("mm_vision_select_feature")
-                .and_then(Json::as_str)
-                .unwrap_or("patch")
-                .to_string(),
-            vision_config: raw.get("vision_config").filter(|v| v.is_object()).cloned(),
+            projector_type: if hf_layout {
+                Some(hf_projector())
+            } else {
+                raw.get("mm_projector_type")
+                    .and_then(Json::as_str)
+                    .map(str::to_string)
+            },
+            select_feature: match (
+                raw.get("mm_vision_select_feature").and_then(Json::as_str),
+                raw.get("vision_feature_select_strategy")
+                    .and_then(Json::as_str),
+            ) {
+                (Some(f), _) => f.to_string(),
+                (None, Some(s)) => select_feature_of(s),
+                (None, None) => "patch".to_string(),
+            },
+            vision_config: raw
+                .get("vision_config")
+                .filter(|v| v.is_object())
+                .map(|v| with_defaults(v, "clip_vision_model", CLIP_VISION_DEFAULTS)),
+            hf_layout,
             select_layers,
             llama,
             path,

@@ -171,7 +171,7 @@ pub fn convert(ckpt: &Path, tower: Option<&Path>, out: &Path, extra: &[&str]) ->
         a.push("--vision-tower".into());
         a.push(t.into());
     }
-    a.push("-o".into());
+    a.push("--out-dir".into());
     a.push(out.into());
     a.push("-q".into());
     a.extend(extra.iter().map(OsString::from));

@@ -255,6 +255,8 @@ def llm_table(cfg, name, ft_id):
         "general.architecture": ("STRING", "llama"),
         "general.type": ("STRING", "model"),
         "general.name": ("STRING", name),
+        "general.basename": ("STRING", None),
+        "general.size_label": ("STRING", None),
         "general.file_type": ("UINT32", ft_id),
         "general.quantization_version": ("UINT32", 2),
         "llama.block_count": ("UINT32", cfg["num_hidden_layers"]),

@@ -125,7 +125,18 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
             &tc_path,
         )?
     } else if json_path.is_file() {
-        vocab_from_tokenizer_json(&json_path, tokenizer_config.as_ref(), dir)?
+        let (mut tokens, mut scores, mut types) =
+            vocab_from_tokenizer_json(&json_path, tokenizer_config.as_ref(), dir)?;
+        // Embedding rows past the tokenizer (llava-hf pads vocab_size to 32064): llama.cpp takes
+        // n_vocab from the token list and refuses token_embd with more rows, so pad as the
+        // SentencePiece path does (convert_hf_to_gguf's tokenizer.json path does not, and its
+        // file does not load).
+        for i in tokens.len()..config_vocab_size {
+            tokens.push(format!("[PAD{i}]"));
+            scores.push(-1000.0);
+            types.push(piece_type::UNUSED);
+        }
+        (tokens, scores, types)
     } else {
         return Err(Error::input(
             dir,
