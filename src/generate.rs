@@ -214,7 +214,7 @@ pub fn vocab_from_gguf(g: &GgufFile) -> Result<GgufVocab> {
 
 /// Where the weights come from: the GGUF artefacts, or the source checkpoint itself.
 pub enum Weights {
-    Gguf(GgufWeights),
+    Gguf(Box<GgufWeights>),
     Checkpoint(Box<Source>),
 }
 
@@ -233,7 +233,7 @@ impl LoadedModel {
         let vocab = vocab_from_gguf(&w.llm)?;
         let tokenizer = SpmTokenizer::from_vocab(&vocab).map_err(|e| Error::input(llm, e))?;
         Ok(LoadedModel {
-            weights: Weights::Gguf(w),
+            weights: Weights::Gguf(Box::new(w)),
             hparams,
             tokenizer,
         })
@@ -253,7 +253,7 @@ impl LoadedModel {
 
     pub fn ws(&self) -> &dyn WeightSource {
         match &self.weights {
-            Weights::Gguf(w) => w,
+            Weights::Gguf(w) => w.as_ref(),
             Weights::Checkpoint(s) => s.as_ref(),
         }
     }

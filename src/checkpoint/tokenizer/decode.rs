@@ -6,6 +6,7 @@
 //!   valid character becoming U+FFFD;
 //! - other pieces are their text with U+2581 read as a space, and when the model adds a dummy
 //!   prefix, the first non-control piece of the text loses one leading U+2581.
+//!
 //! (fixtures/reference/generate.json `decode_cases` holds sentencepiece's own results.)
 use super::proto::piece_type;
 use super::spm::SpmTokenizer;
