@@ -363,7 +363,7 @@ pub fn run_turn<B: Backend>(
     };
     let prefill_positions = feed.len() + n_image - usize::from(n_image > 0);
     let n_ctx = sess.hp.llama.n_ctx;
-    if sess.positions() + prefill_positions >= n_ctx {
+    if sess.positions() + prefill_positions > n_ctx {
         return Err(Error::usage(format!(
             "the prompt needs {} positions after {} already used; the model's context is {n_ctx}",
             prefill_positions,
@@ -404,7 +404,7 @@ pub fn run_turn<B: Backend>(
             sess.pending = vec![i64::from(t)];
             break;
         }
-        if sess.positions() + 1 >= n_ctx {
+        if sess.positions() + 1 > n_ctx {
             out.stop = Stop::Context;
             sess.pending = vec![i64::from(t)];
             break;
@@ -635,6 +635,20 @@ fn run_with<B: Backend>(
     };
     if ids.is_empty() {
         return Err(Error::usage("the prompt has no tokens"));
+    }
+    let n_pos = ids.len()
+        + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
+            * hp.clip.n_patches().saturating_sub(1);
+    if n_pos > hp.llama.n_ctx {
+        return Err(Error::input(
+            opts.input_ids
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("--prompt")),
+            format!(
+                "the prompt has {n_pos} positions, more than the model's context length {}",
+                hp.llama.n_ctx
+            ),
+        ));
     }
     let has_image = ids.contains(&model::IMAGE_TOKEN);
     let pixels = pixel_values(opts, hp)?;

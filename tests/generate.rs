@@ -486,6 +486,28 @@ fn cli_json_report() {
         let r = run(base(&args), &root());
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
     }
+    // The context (256 positions) ends the text: 89 prompt positions, then 167 fed tokens and
+    // one more sampled from the last position's logits.
+    let r = run(
+        base(&["--input-ids", ids, "--max-tokens", "1000", "--json"]),
+        &root(),
+    )
+    .ok();
+    let doc: Json = serde_json::from_str(&r.stdout).unwrap();
+    if doc["stop_reason"] != "eos" {
+        assert_eq!(doc["stop_reason"], "context");
+        assert_eq!(doc["tokens"].as_array().unwrap().len(), 256 - 89 + 1);
+        assert_eq!(doc["decode"]["positions"], 256 - 89);
+    }
+    let long = dir.path().join("long_ids.json");
+    std::fs::write(&long, serde_json::to_string(&vec![5; 300]).unwrap()).unwrap();
+    let r = run(base(&["--input-ids", long.to_str().unwrap()]), &root());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("long_ids.json") && r.stderr.contains("context"),
+        "{}",
+        r.stderr
+    );
     let bad = dir.path().join("bad_ids.json");
     std::fs::write(&bad, "[1, 2, 99999]").unwrap();
     let r = run(base(&["--input-ids", bad.to_str().unwrap()]), &root());
