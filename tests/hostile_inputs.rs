@@ -1746,7 +1746,19 @@ fn gguf_hostile_headers() {
         ),
         (
             "alignment 64 (offsets written for 32)",
-            with_kvs(&|k| k.push(gguf_kv("general.alignment", 4, &64u32.to_le_bytes()))),
+            with_kvs(&|k| {
+                k.push(gguf_kv("general.alignment", 4, &64u32.to_le_bytes()));
+                // The data must start at an odd multiple of 32, where 64 misplaces it; whether it
+                // does depends on the header's length, so a 32-byte key-value evens it out.
+                let raw: usize = 24
+                    + k.iter().map(Vec::len).sum::<usize>()
+                    + info_bytes.iter().map(Vec::len).sum::<usize>();
+                if raw.next_multiple_of(32).is_multiple_of(64) {
+                    let mut v = 4u64.to_le_bytes().to_vec();
+                    v.extend(b"    ");
+                    k.push(gguf_kv("test.pad", 8, &v)); // 8 + 8 + 4 + 12 = 32 bytes
+                }
+            }),
             vec![],
         ),
         (
