@@ -1,7 +1,9 @@
 //! The llava_v1 conversation (LLaVA `conversation.py` `conv_llava_v1`, SeparatorStyle.TWO with
 //! separators " " and "</s>"), which LLaVA-1.5 and LLaVA-MMFuser were trained with:
 //!
-//!     SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:
+//! ```text
+//! SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:
+//! ```
 //!
 //! The same conversation as a Jinja chat template is written into the LLM GGUF as
 //! `tokenizer.chat_template` (converters/chat_templates/llava_v1.jinja) for other runtimes;
