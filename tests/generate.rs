@@ -476,6 +476,32 @@ fn cli_json_report() {
     .ok();
     assert_eq!(t(&k1), reference()["greedy"]["tokens"]);
 
+    // --image is preprocessed as LLaVA does: the same text as transformers' CLIPImageProcessor
+    // output for that image (image_preprocessed.npy) given as pixel values.
+    let with = |img: (&str, &str)| {
+        let v: Vec<std::ffi::OsString> = vec![
+            "generate".into(),
+            "--gguf".into(),
+            a.f32.0.clone().into(),
+            "--mmproj".into(),
+            a.f32.1.clone().into(),
+            img.0.into(),
+            fixture(img.1).into(),
+            "--prompt".into(),
+            "Describe the image.".into(),
+            "--max-tokens".into(),
+            "16".into(),
+            "--json".into(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        t(&run(v, &root()).ok())
+    };
+    assert_eq!(
+        with(("--image", "reference/image.png")),
+        with(("--pixel-values", "reference/image_preprocessed.npy"))
+    );
+
     // Usage errors (exit 2) and bad input (exit 1, naming the file).
     for (args, code) in [
         (vec!["--input-ids", ids, "--temp", "-1"], 2),
