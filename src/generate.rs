@@ -289,6 +289,11 @@ impl<'a, B: Backend> Session<'a, B> {
         self.cache.len()
     }
 
+    /// Whether `n` more text ids (after the pending token) fit in the model's context.
+    pub fn fits(&self, n: usize) -> bool {
+        self.positions() + self.pending.len() + n <= self.hp.llama.n_ctx
+    }
+
     /// The image embeddings [N, H] of CLIP-normalized pixels [3, S, S].
     pub fn encode_image(&self, pixels: &Tensor) -> Result<Tensor> {
         Ok(model::encode_image_with(self.b, self.ws, self.hp, pixels)?.image_embeds)
@@ -712,11 +717,24 @@ fn run_with<B: Backend>(
     }
     if opts.interactive {
         let mut last = first.clone();
-        while let Some(q) = read_question(input)? {
+        while last.stop != Stop::Context {
+            let Some(q) = read_question(input)? else {
+                break;
+            };
             let ids = next_turn_ids(tok, &last, &q);
+            if !sess.fits(ids.len()) {
+                last.stop = Stop::Context;
+                break;
+            }
             last = run_turn(&mut sess, &ids, None, &mut sampler, &topts, &mut emit)?;
             emit("\n")?;
             stats(&last);
+        }
+        if last.stop == Stop::Context {
+            eprintln!(
+                "the model's context ({} positions) is full: the conversation ends",
+                hp.llama.n_ctx
+            );
         }
     }
     let report = Report {
