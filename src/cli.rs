@@ -208,6 +208,17 @@ Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 u
         #[command(flatten)]
         print: Print,
     },
+    /// Run the converted model: image + prompt -> text (tokens streamed to stdout).
+    #[command(
+        long_about = "Run LLaVA-MMFuser from the GGUF artefacts (--gguf + --mmproj), or from the source checkpoint \
+(--checkpoint, for comparison): the image is encoded once (CLIP, deformable-attention fuser, MLP), the question is \
+put into the llava_v1 conversation template, and the answer is generated with a KV cache, one position per token, \
+streamed to stdout as it comes. Prefill and decode speed and peak memory go to stderr.\n\n\
+Greedy with --temp 0 (the default); otherwise temperature, top-k and top-p sampling with a seeded generator. \
+--interactive reads further questions from stdin (one per line, an empty line ends), about the same image.\n\
+Exit codes: 0 done, 1 bad input, 2 usage error."
+    )]
+    Generate(GenerateArgs),
     /// Write a synthetic LLaVA-MMFuser checkpoint at real scale (random weights, real names and shapes).
     #[command(
         long_about = "Write a synthetic LLaVA-MMFuser checkpoint with the real tensor names and shapes and seeded \
@@ -234,6 +245,87 @@ OUT_DIR/llama/       with --llama-view: the same LLM as a plain LlamaForCausalLM
         #[command(flatten)]
         print: Print,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// The LLM GGUF (any type quantize writes).
+    #[arg(long, value_name = "FILE", requires = "mmproj")]
+    gguf: Option<PathBuf>,
+    /// The mmproj GGUF.
+    #[arg(long, value_name = "FILE", requires = "gguf")]
+    mmproj: Option<PathBuf>,
+    /// Run the source checkpoint instead of the artefacts.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["gguf", "mmproj"])]
+    checkpoint: Option<PathBuf>,
+    /// CLIP directory for --checkpoint, as for hf-to-gguf.
+    #[arg(long, value_name = "DIR", requires = "checkpoint")]
+    vision_tower: Option<PathBuf>,
+    /// A PNG or JPEG, preprocessed as LLaVA does (pad to square, resize, centre crop, normalise).
+    #[arg(long, conflicts_with = "pixel_values")]
+    image: Option<PathBuf>,
+    /// Already normalised pixels, a [3,H,W] f32 .npy.
+    #[arg(long, value_name = "NPY")]
+    pixel_values: Option<PathBuf>,
+    /// The question (put into the llava_v1 template after the image), or a user message containing <image>.
+    #[arg(long, conflicts_with = "input_ids")]
+    prompt: Option<String>,
+    /// The whole prompt as a JSON list of token ids; -200 marks the image.
+    #[arg(long, value_name = "JSON")]
+    input_ids: Option<PathBuf>,
+    /// Stop after this many tokens (or at EOS).
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    /// Sample from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample from the most likely tokens whose probability reaches p.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or auto (auto: CUDA when usable, else CPU).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
+    device: String,
+    /// Further questions about the same image from stdin, one per line (an empty line ends).
+    #[arg(long, conflicts_with = "json")]
+    interactive: bool,
+    /// One JSON document on stdout instead of streamed text (schemas/generate-report.schema.json).
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let dev = crate::device::select(&a.device)?;
+    let opts = crate::generate::GenerateOptions {
+        gguf: a.gguf,
+        mmproj: a.mmproj,
+        checkpoint: a.checkpoint,
+        vision_tower: a.vision_tower,
+        image: a.image,
+        pixel_values: a.pixel_values,
+        prompt: a.prompt,
+        input_ids: a.input_ids,
+        max_tokens: a.max_tokens,
+        sampling: crate::generate::SamplingOptions {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        interactive: a.interactive,
+        stream: !a.json,
+    };
+    let stdin = std::io::stdin();
+    let r = crate::generate::run(&opts, &dev, &mut stdin.lock(), &mut std::io::stdout())?;
+    if a.json {
+        print_json(&r)?;
+    }
+    Ok(())
 }
 
 fn outtype_file_type(o: OutType) -> FileType {
@@ -621,6 +713,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 Ok(())
             }
         }
+        Command::Generate(a) => run_generate(a),
         Command::Synth {
             size,
             dir,

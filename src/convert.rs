@@ -1,6 +1,7 @@
 //! hf-to-gguf: stream a checkpoint into the LLM GGUF and the mmproj GGUF, one tensor at a time,
 //! and write a manifest (sha256 of inputs and outputs, per-tensor mapping).
 use crate::checkpoint::stream::ShardStream;
+use crate::checkpoint::tokenizer::chat::LLAVA_V1_CHAT_TEMPLATE;
 use crate::checkpoint::tokenizer::{load_vocab, GgufVocab};
 use crate::checkpoint::SrcTensor;
 use crate::error::{Error, Result};
@@ -137,7 +138,11 @@ pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<Art
         _ => GgmlType::F16,
     };
     let policy = DtypePolicy::load();
-    let vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
+    let mut vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
+    // LLaVA checkpoints carry no chat template; the one they were trained with is llava_v1.
+    if vocab.chat_template.is_none() {
+        vocab.chat_template = Some(LLAVA_V1_CHAT_TEMPLATE.to_string());
+    }
     let mut plans = vec![];
     for (ai, art) in src.recipe.artefacts.iter().enumerate() {
         let art_ft = if art.kind == "llm" {

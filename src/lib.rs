@@ -7,6 +7,7 @@ pub mod cuda;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 pub mod gguf;
 pub mod hparams;
 pub mod image;

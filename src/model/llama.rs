@@ -78,13 +78,40 @@ pub fn build_inputs(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
-/// One decoder layer: x + attn(rms(x)), then + mlp(rms(.)).
+/// Keys and values of the positions already decoded, per layer (rows = positions, after rope),
+/// so that generation feeds one new position at a time instead of the whole sequence again.
+pub struct KvCache<T> {
+    /// Per layer: (keys [len, n_head_kv*hd], values [len, n_head_kv*hd]); None before the first feed.
+    layers: Vec<Option<(T, T)>>,
+    len: usize,
+}
+
+impl<T: Clone> KvCache<T> {
+    pub fn new(n_layer: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layer],
+            len: 0,
+        }
+    }
+    /// Positions held (the position of the next row fed).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One decoder layer: x + attn(rms(x)), then + mlp(rms(.)). Row t of x is at position pos0 + t;
+/// with a cache, its keys/values are appended and the attention reads all of them.
 fn layer<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
     hp: &LlamaHParams,
     x: &B::T,
     i: usize,
+    pos0: usize,
+    cache: Option<&mut Option<(B::T, B::T)>>,
 ) -> Result<B::T> {
     let p = format!("blk.{i}");
     let norm = |x: &B::T, n: &str| -> Result<B::T> {
@@ -93,15 +120,51 @@ fn layer<B: Backend>(
     };
     let lin = |x: &B::T, n: &str| linear(b, ws, x, &format!("{p}.{n}.weight"), None);
     let h = norm(x, "attn_norm")?;
-    let q = b.rope_interleaved(&lin(&h, "attn_q")?, hp.n_head, 0, hp.rope_theta)?;
-    let k = b.rope_interleaved(&lin(&h, "attn_k")?, hp.n_head_kv, 0, hp.rope_theta)?;
+    let q = b.rope_interleaved(&lin(&h, "attn_q")?, hp.n_head, pos0, hp.rope_theta)?;
+    let k = b.rope_interleaved(&lin(&h, "attn_k")?, hp.n_head_kv, pos0, hp.rope_theta)?;
     let v = lin(&h, "attn_v")?;
-    let a = b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?;
-    drop((q, k, v, h));
+    let a = match cache {
+        None => b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?,
+        Some(slot) => {
+            let (k, v) = match slot.take() {
+                None => (k, v),
+                Some((pk, pv)) => (b.concat_rows(&[&pk, &k])?, b.concat_rows(&[&pv, &v])?),
+            };
+            let a = b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?;
+            *slot = Some((k, v));
+            a
+        }
+    };
+    drop((q, h));
     let x = b.add(x, &lin(&a, "attn_output")?)?;
     let h = norm(&x, "ffn_norm")?;
     let g = b.silu_mul(&lin(&h, "ffn_gate")?, &lin(&h, "ffn_up")?)?;
     b.add(&x, &lin(&g, "ffn_down")?)
+}
+
+/// Final norm and output head on hidden states [n, H] -> logits [n, vocab].
+fn head<B: Backend>(b: &B, ws: &dyn WeightSource, hp: &LlamaHParams, x: &B::T) -> Result<B::T> {
+    let w = b.param(ws, "output_norm.weight")?;
+    let x = b.rms_norm(x, &w, hp.rms_eps)?;
+    // Tied embeddings: no output.weight.
+    let head = if ws.has("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    linear(b, ws, &x, head, None)
+}
+
+fn upload_checked<B: Backend>(b: &B, hp: &LlamaHParams, embeds: &Tensor) -> Result<B::T> {
+    let x = b.upload(embeds)?;
+    if b.dims(&x).1 != hp.n_embd {
+        return Err(Error::other(format!(
+            "decoder input has {} columns, n_embd is {}",
+            b.dims(&x).1,
+            hp.n_embd
+        )));
+    }
+    Ok(x)
 }
 
 /// The decoder on input embeddings [n, H]: logits [n, vocab]. Weights are fetched per layer.
@@ -111,24 +174,50 @@ pub fn decode<B: Backend>(
     hp: &LlamaHParams,
     embeds: &Tensor,
 ) -> Result<B::T> {
-    let mut x = b.upload(embeds)?;
-    if b.dims(&x).1 != hp.n_embd {
+    let mut x = upload_checked(b, hp, embeds)?;
+    for i in 0..hp.n_layer {
+        x = layer(b, ws, hp, &x, i, 0, None)?;
+    }
+    head(b, ws, hp, &x)
+}
+
+/// The decoder on the next positions' embeddings [n, H], after the `cache.len()` positions the
+/// cache holds (whose keys/values it appends). Logits of every new row, or of the last only
+/// (`last_only`: a prompt's prefill needs one row of the [n, vocab] head).
+pub fn decode_cached<B: Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &LlamaHParams,
+    embeds: &Tensor,
+    cache: &mut KvCache<B::T>,
+    last_only: bool,
+) -> Result<B::T> {
+    let mut x = upload_checked(b, hp, embeds)?;
+    let n = b.dims(&x).0;
+    if n == 0 {
+        return Err(Error::other("decoder input has no rows"));
+    }
+    if cache.layers.len() != hp.n_layer {
         return Err(Error::other(format!(
-            "decoder input has {} columns, n_embd is {}",
-            b.dims(&x).1,
-            hp.n_embd
+            "KV cache has {} layers, the model {}",
+            cache.layers.len(),
+            hp.n_layer
         )));
     }
-    for i in 0..hp.n_layer {
-        x = layer(b, ws, hp, &x, i)?;
+    if cache.len + n > hp.n_ctx {
+        return Err(Error::other(format!(
+            "{} positions exceed the model's context length {}",
+            cache.len + n,
+            hp.n_ctx
+        )));
     }
-    let w = b.param(ws, "output_norm.weight")?;
-    let x = b.rms_norm(&x, &w, hp.rms_eps)?;
-    // Tied embeddings: no output.weight.
-    let head = if ws.has("output.weight") {
-        "output.weight"
-    } else {
-        "token_embd.weight"
-    };
-    linear(b, ws, &x, head, None)
+    let pos0 = cache.len;
+    for i in 0..hp.n_layer {
+        x = layer(b, ws, hp, &x, i, pos0, Some(&mut cache.layers[i]))?;
+    }
+    cache.len += n;
+    if last_only && n > 1 {
+        x = b.rows(&x, n - 1, 1)?;
+    }
+    head(b, ws, hp, &x)
 }

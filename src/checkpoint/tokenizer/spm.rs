@@ -259,6 +259,15 @@ impl SpmTokenizer {
         self.scores.get(id as usize).copied()
     }
 
+    /// The SentencePiece type of an id (`proto::piece_type`: NORMAL, BYTE, CONTROL, ...).
+    pub fn kind(&self, id: u32) -> Option<i32> {
+        self.kinds.get(id as usize).copied()
+    }
+    /// Whether encoding adds the dummy-prefix space (decoding then drops it at the start).
+    pub fn adds_dummy_prefix(&self) -> bool {
+        self.add_dummy_prefix && !self.treat_whitespace_as_suffix
+    }
+
     /// `PieceToId`: reserved pieces first, then normal ones, else unk.
     fn piece_to_id(&self, w: &str) -> u32 {
         if let Some(&i) = self.reserved.get(w) {
@@ -280,6 +289,10 @@ impl SpmTokenizer {
 
     /// The normaliser for the identity rule (no charsmap): `normalizer.cc Normalize`.
     pub fn normalize(&self, text: &str) -> String {
+        self.normalize_with(text, self.add_dummy_prefix)
+    }
+
+    fn normalize_with(&self, text: &str, add_dummy_prefix: bool) -> String {
         let ws = if self.escape_whitespaces {
             SPACE_SYMBOL
         } else {
@@ -293,7 +306,7 @@ impl SpmTokenizer {
         if input.is_empty() {
             return out;
         }
-        if !self.treat_whitespace_as_suffix && self.add_dummy_prefix {
+        if !self.treat_whitespace_as_suffix && add_dummy_prefix {
             out.push_str(ws);
         }
         let mut is_prev_space = self.remove_extra_whitespaces;
@@ -332,7 +345,7 @@ impl SpmTokenizer {
                 out.truncate(out.len() - ws.len());
             }
         }
-        if self.treat_whitespace_as_suffix && self.add_dummy_prefix {
+        if self.treat_whitespace_as_suffix && add_dummy_prefix {
             out.push_str(ws);
         }
         out
@@ -362,6 +375,66 @@ impl SpmTokenizer {
                 out.push(IMAGE_TOKEN_INDEX);
             }
             out.extend(self.encode(chunk, i == 0).into_iter().map(i64::from));
+        }
+        out
+    }
+
+    /// Encoding of text that follows a special token inside a prompt (after "</s>" in a
+    /// conversation): no dummy prefix, as HF's LlamaTokenizer does with `legacy: false` (the
+    /// setting of Vicuna-v1.5 / LLaVA-1.5 tokenizer_config.json; fixtures/reference/generate.json
+    /// holds the ids transformers gives a two-turn llava_v1 prompt).
+    pub fn encode_continuation(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_normalized(&self.normalize_with(text, false), &mut out);
+        out
+    }
+
+    /// LLaVA's `tokenizer_image_token` on a whole conversation as HF's tokenizer runs it: like
+    /// [`Self::encode_llava_prompt`], and within each chunk the texts of UNKNOWN / CONTROL pieces
+    /// ("<unk>", "<s>", "</s>") are those ids, the text after one encoded by
+    /// [`Self::encode_continuation`].
+    pub fn encode_llava_chat(&self, prompt: &str) -> Vec<i64> {
+        let specials: Vec<(&str, u32)> = self
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| {
+                !p.is_empty() && matches!(self.kinds[*i], piece_type::CONTROL | piece_type::UNKNOWN)
+            })
+            .map(|(i, p)| (p.as_str(), i as u32))
+            .collect();
+        let mut out: Vec<i64> = Vec::new();
+        for (i, chunk) in prompt.split("<image>").enumerate() {
+            if i > 0 {
+                out.push(IMAGE_TOKEN_INDEX);
+            }
+            if i == 0 {
+                out.extend(self.bos_id.map(i64::from));
+            }
+            let (mut rest, mut first) = (chunk, true);
+            loop {
+                // The earliest special text (longest on a tie).
+                let hit = specials
+                    .iter()
+                    .filter_map(|&(p, id)| {
+                        rest.find(p).map(|at| (at, std::cmp::Reverse(p.len()), id))
+                    })
+                    .min();
+                let end = hit.map_or(rest.len(), |(at, _, _)| at);
+                let text = &rest[..end];
+                let ids = if first {
+                    self.encode(text, false)
+                } else {
+                    self.encode_continuation(text)
+                };
+                out.extend(ids.into_iter().map(i64::from));
+                let Some((at, std::cmp::Reverse(len), id)) = hit else {
+                    break;
+                };
+                out.push(i64::from(id));
+                rest = &rest[at + len..];
+                first = false;
+            }
         }
         out
     }
