@@ -14,11 +14,12 @@ bin_of() { cargo test --release --no-run --test "$1" --message-format=json 2>/de
 cp target/release/mmfuser-convert $G/
 cp "$(bin_of cuda_nvrtc)" $G/cuda_nvrtc
 cp "$(bin_of cuda_gpu)" $G/cuda_gpu
+cp "$(bin_of generate)" $G/generate
 cp target/release/examples/cuda_bench $G/
 cp ../shared/reference/torch_anchor.py $G/
 cp scripts/gpu_run.sh $G/run.sh
 # Refuse a bundle whose test binaries are not test binaries (they list their tests).
-for t in cuda_nvrtc cuda_gpu; do
+for t in cuda_nvrtc cuda_gpu generate; do
   [ "$($G/$t --list 2>/dev/null | grep -c ': test$')" -gt 0 ] || { echo "gpu_prepare: $G/$t is not the $t test binary" >&2; exit 1; }
 done
 ls -la $G
