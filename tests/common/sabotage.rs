@@ -1,6 +1,7 @@
 //! Broken artefacts for verify's fail tests (CPU in tests/verify.rs, CUDA in tests/cuda_gpu.rs):
 //! each is a GGUF rewritten with one deliberate fault.
-use mmfuser_convert::gguf::{GgufFile, GgufWriter};
+#![allow(dead_code)] // each test binary uses its own part of the set
+use mmfuser_convert::gguf::{GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo};
 use mmfuser_convert::recipe::permute_rows;
 use std::path::{Path, PathBuf};
 
@@ -97,4 +98,51 @@ pub fn sabotaged_artefacts(
         ("zeroed gamma2", llm.to_path_buf(), gamma),
         ("perturbed tensor", perturbed, mmproj.to_path_buf()),
     ]
+}
+
+/// Rewrite a GGUF with its metadata edited (tensor data unchanged).
+pub fn with_metadata(src: &Path, dst: &Path, edit: &dyn Fn(&mut Metadata)) {
+    rewrite(src, dst, edit, &|_, _, _| {}, None);
+}
+
+/// Rewrite a GGUF with metadata and tensor data edited, optionally appending one tensor.
+pub fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit_meta: &dyn Fn(&mut Metadata),
+    edit: &dyn Fn(&str, &GgufFile, &mut Vec<u8>),
+    extra: Option<(TensorInfo, Vec<u8>)>,
+) {
+    let g = GgufFile::open(src).unwrap();
+    let mut meta = g.metadata.clone();
+    edit_meta(&mut meta);
+    let mut infos: Vec<TensorInfo> = g.tensors.iter().map(|t| t.info.clone()).collect();
+    if let Some((i, _)) = &extra {
+        infos.push(i.clone());
+    }
+    let mut w = GgufWriter::create(dst, &meta, infos).unwrap();
+    for t in &g.tensors {
+        let mut data = g.data(t).to_vec();
+        edit(&t.info.name, &g, &mut data);
+        w.write_tensor(&t.info.name, &data).unwrap();
+    }
+    if let Some((i, d)) = &extra {
+        w.write_tensor(&i.name, d).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// Multiply the f16 at `at` in `data` by `k`.
+pub fn scale_f16(data: &mut [u8], at: usize, k: f32) {
+    let v = half::f16::from_le_bytes([data[at], data[at + 1]]).to_f32() * k;
+    data[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+}
+
+/// Offset of the super-block scale `d` (an f16) inside one block of a quantized type: Q4_K and
+/// Q8_0/Q4_0 begin with it, Q6_K ends with it (ggml's block layouts).
+pub fn scale_offset(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q6K => ty.type_size() - 2,
+        _ => 0,
+    }
 }
