@@ -429,6 +429,46 @@ impl WeightSource for Expected<'_> {
     }
 }
 
+/// A weight source that advances a progress bar as the model fetches its tensors (one forward
+/// fetches each tensor once, layer by layer), so a long CPU forward shows where it is.
+struct Counted<'a> {
+    inner: &'a dyn WeightSource,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl WeightSource for Counted<'_> {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        self.bar.inc(1);
+        self.bar.set_message(name.to_string());
+        self.inner.raw(name)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+    fn origin(&self) -> PathBuf {
+        self.inner.origin()
+    }
+    fn release(&self, name: &str) {
+        self.inner.release(name)
+    }
+}
+
+/// A bar on stderr for one step (`len` units), hidden with -q and on a non-terminal.
+fn bar(opts: &VerifyOptions, len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if opts.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {what} {{bar:30}} {{pos}}/{{len}} tensors {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
 /// Named differences of two hyper-parameter sets (`key: source X, artefact Y`).
 pub fn hparam_diffs(s: &ModelHParams, a: &ModelHParams) -> Vec<String> {
     let mut out = vec![];
@@ -716,14 +756,6 @@ fn check(name: &str, status: &str, detail: impl Into<String>) -> Check {
     }
 }
 
-/// Progress of the long steps on stderr (a terminal only, not with -q).
-fn phase(opts: &VerifyOptions, what: &str) {
-    use std::io::IsTerminal;
-    if !opts.quiet && std::io::stderr().is_terminal() {
-        eprintln!("verify: {what}");
-    }
-}
-
 /// The whole verification with the model on `dev` (all sides on the same device).
 pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
     let _ = command;
@@ -817,8 +849,16 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         ));
         (TensorCheck::default(), HashSet::new())
     } else {
-        phase(opts, "comparing every tensor with the plan's output");
-        let (t, p) = exactness::check_tensors(&src, &art, &|_| {})?;
+        let b = bar(
+            opts,
+            (art.llm.tensors.len() + art.mmproj.tensors.len()) as u64,
+            "tensor bytes vs the plan",
+        );
+        let (t, p) = exactness::check_tensors(&src, &art, &|n| {
+            b.inc(1);
+            b.set_message(n.to_string());
+        })?;
+        b.finish_and_clear();
         let ok = t.mismatches.is_empty() && t.first_nonfinite.is_none();
         for m in &t.mismatches {
             reasons.push(format!(
@@ -880,18 +920,24 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         )));
     }
     let has_image = ids.contains(&model::IMAGE_TOKEN);
-    let run_side = |ws: &dyn WeightSource, hp: &ModelHParams, ids: &[i64]| -> Result<Outputs> {
-        let r = match dev {
-            RunDevice::Cpu => forward(&model::CpuBackend, ws, hp, &pv, ids),
-            RunDevice::Cuda(b) => {
-                // Each side's weights are uploaded once and dropped after it.
-                let r = forward(b.as_ref(), ws, hp, &pv, ids);
-                b.clear_weights();
-                r
-            }
+    let n_weights = src.rows.len() as u64;
+    let run_side =
+        |ws: &dyn WeightSource, hp: &ModelHParams, ids: &[i64], what: &str| -> Result<Outputs> {
+            let b = bar(opts, n_weights, what);
+            let ws = Counted { inner: ws, bar: &b };
+            let ws = &ws;
+            let r = match dev {
+                RunDevice::Cpu => forward(&model::CpuBackend, ws, hp, &pv, ids),
+                RunDevice::Cuda(b) => {
+                    // Each side's weights are uploaded once and dropped after it.
+                    let r = forward(b.as_ref(), ws, hp, &pv, ids);
+                    b.clear_weights();
+                    r
+                }
+            };
+            b.finish_and_clear();
+            outputs(r?)
         };
-        outputs(r?)
-    };
 
     // Why the artefact forward cannot run, if it cannot.
     let mut art_blocked: Option<String> = None;
@@ -946,9 +992,8 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
     }
     let art_out = match (&art_blocked, &hp_art) {
         (None, Some(hp)) => {
-            phase(opts, "forward 1/3: the artefact");
             // An error here is one the probe itself causes (it would on the source side too).
-            Some(run_side(&art, hp, &art_ids)?)
+            Some(run_side(&art, hp, &art_ids, "forward 1/3, artefact")?)
         }
         _ => None,
     };
@@ -968,17 +1013,13 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
                 .unwrap_or("the artefact forward did not run"),
         ),
         (Some(a), None) => {
-            phase(
-                opts,
-                "forward 2/3: the expected model (the source through the artefact's types)",
-            );
             let exp = Expected {
                 src: &src,
                 art: &art,
                 proven: &proven,
                 via: road,
             };
-            let e = run_side(&exp, &hp_src, &ids)?;
+            let e = run_side(&exp, &hp_src, &ids, "forward 2/3, expected")?;
             compare_sides(&e, "expected", a, "artefact", false, &mut reasons)
         }
     };
@@ -1024,8 +1065,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             (a, b, None)
         }
         (Some(a), false) => {
-            phase(opts, "forward 3/3: the float source (quality)");
-            let s = run_side(&src, &hp_src, &ids)?;
+            let s = run_side(&src, &hp_src, &ids, "forward 3/3, float source")?;
             let (e, l) = compare_sides(&s, "source", a, "artefact", true, &mut reasons);
             (e, l, Some(s))
         }

@@ -874,3 +874,34 @@ fn perturbed_tensor_without_manifest_is_named() {
         assert!(exact_rel_rms(&r, "exact_logits").unwrap() > BOUND, "{r}");
     }
 }
+
+/// A file quantized with an importance matrix cannot be re-derived: verify says so and judges it
+/// by the quality bound alone (and fails without one).
+#[test]
+fn imatrix_artefact_is_judged_by_quality_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = convert(dir.path());
+    let q4 = quantize_to(&llm, dir.path(), "Q4_K_M");
+    let im = dir.path().join("imatrix.gguf");
+    with_metadata(&q4, &im, &|m| {
+        m.set("quantize.imatrix.file", Value::String("imatrix.dat".into()));
+        m.set("quantize.imatrix.entries_count", Value::I32(14));
+    });
+    let (rc, r, err) = verify(&im, &mmproj, &[]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(
+        r["imatrix"]
+            .as_str()
+            .unwrap()
+            .contains("quantize.imatrix.file"),
+        "{r}"
+    );
+    assert_eq!(check_status(&r, "tensors"), "not run");
+    assert_eq!(check_status(&r, "header"), "pass", "{}", reasons(&r));
+    assert!(reasons(&r).contains("give --tolerance"), "{}", reasons(&r));
+    let (rc, r, err) = verify(&im, &mmproj, &["--tolerance", "0.2"]);
+    assert_eq!(rc, 0, "{err} {}", reasons(&r));
+    assert_eq!(check_status(&r, "quality"), "pass");
+    let (rc, _, _) = verify(&im, &mmproj, &["--tolerance", "0.01"]);
+    assert_eq!(rc, 1);
+}
