@@ -168,14 +168,16 @@ Exit codes: 0 pass, 1 fail, 2 usage or input error."
         #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
         device: String,
         /// A PNG or JPEG, preprocessed as LLaVA does (pad to square, resize, centre crop, normalise).
+        /// Repeatable: each --image with the --prompt of the same position (or one of either for all).
         #[arg(long, conflicts_with = "pixel_values")]
-        image: Option<PathBuf>,
+        image: Vec<PathBuf>,
         /// Already normalised pixels, a [3,H,W] f32 .npy.
         #[arg(long, value_name = "NPY")]
         pixel_values: Option<PathBuf>,
         /// The question in the llava_v1 template (or a whole prompt containing <image>).
+        /// Repeatable (see --image); the report gives per-probe and overall figures.
         #[arg(long, conflicts_with = "input_ids")]
-        prompt: Option<String>,
+        prompt: Vec<String>,
         /// A JSON list of token ids; -200 marks the image.
         #[arg(long, value_name = "JSON")]
         input_ids: Option<PathBuf>,
@@ -386,9 +388,9 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 image_tolerance: None,
                 exact_only: false,
                 quiet: true,
-                image: None,
+                image: vec![],
                 pixel_values: None,
-                prompt: None,
+                prompt: vec![],
                 input_ids: None,
                 dump_logits: None,
             };

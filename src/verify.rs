@@ -46,9 +46,11 @@ pub struct VerifyOptions {
     pub image_tolerance: Option<f64>,
     /// Skip the float-source forward (no quality figures).
     pub exact_only: bool,
-    pub image: Option<PathBuf>,
+    /// Images of the probes (repeatable; paired with `prompt` in order, or one broadcast).
+    pub image: Vec<PathBuf>,
     pub pixel_values: Option<PathBuf>,
-    pub prompt: Option<String>,
+    /// Questions of the probes (repeatable).
+    pub prompt: Vec<String>,
     pub input_ids: Option<PathBuf>,
     pub dump_logits: Option<PathBuf>,
     pub quiet: bool,
@@ -136,7 +138,10 @@ pub struct Report {
     pub mmproj: PathBuf,
     pub llm_file_type: String,
     pub mmproj_file_type: String,
-    pub probe: Probe,
+    /// Positions over all probes.
+    pub n_positions: usize,
+    /// Each probe with its own figures (the report's rows pool all probes' positions).
+    pub probes: Vec<Probe>,
     pub integrity: Vec<Integrity>,
     pub checks: Vec<Check>,
     pub header_mismatches: Vec<String>,
@@ -166,6 +171,10 @@ pub struct Probe {
     pub prompt: String,
     pub n_positions: usize,
     pub n_image_positions: usize,
+    pub exact_image_embeddings: Row,
+    pub exact_logits: Row,
+    pub quality_image_embeddings: Row,
+    pub quality_logits: Row,
 }
 
 pub const REPORT_SCHEMA: &str = "mmfuser-convert/verify-report/v2";
@@ -335,7 +344,8 @@ fn read_ids(path: &Path) -> Result<Vec<i64>> {
     })
 }
 
-fn pixel_values(opts: &VerifyOptions, hp: &ModelHParams) -> Result<(Vec<f32>, String)> {
+/// The probes' pixel values: `--pixel-values`, each `--image`, or the synthetic probe.
+fn probe_pixels(opts: &VerifyOptions, hp: &ModelHParams) -> Result<Vec<(Vec<f32>, String)>> {
     let s = hp.clip.image_size;
     if let Some(p) = &opts.pixel_values {
         let a = crate::npy::read(p)?;
@@ -348,18 +358,23 @@ fn pixel_values(opts: &VerifyOptions, hp: &ModelHParams) -> Result<(Vec<f32>, St
                 ),
             ));
         }
-        return Ok((a.to_f32()?, p.display().to_string()));
+        return Ok(vec![(a.to_f32()?, p.display().to_string())]);
     }
-    if let Some(p) = &opts.image {
-        return Ok((
-            crate::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?,
-            p.display().to_string(),
-        ));
+    if opts.image.is_empty() {
+        return Ok(vec![(
+            crate::image::synthetic_probe(s, hp.clip.image_mean, hp.clip.image_std),
+            "synthetic probe".into(),
+        )]);
     }
-    Ok((
-        crate::image::synthetic_probe(s, hp.clip.image_mean, hp.clip.image_std),
-        "synthetic probe".into(),
-    ))
+    opts.image
+        .iter()
+        .map(|p| {
+            Ok((
+                crate::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?,
+                p.display().to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// Image embeddings (when the prompt has the marker) and logits of one model on one backend.
@@ -624,36 +639,46 @@ pub fn check_bound(flag: &str, v: Option<f64>) -> Result<()> {
     }
 }
 
-/// The probe prompt's token ids as the source tokenizer and as the artefact's own vocabulary
+/// Each probe prompt's token ids as the source tokenizer and as the artefact's own vocabulary
 /// encode it (a runtime tokenizes with the GGUF's vocabulary). With `--input-ids`, both sides
 /// take the ids. Returns (source ids, artefact ids or why they could not be made, description).
 #[allow(clippy::type_complexity)]
 fn probe_ids(
     opts: &VerifyOptions,
     art: &GgufWeights,
-) -> Result<(Vec<i64>, std::result::Result<Vec<i64>, String>, String)> {
-    match (&opts.input_ids, &opts.prompt) {
-        (Some(p), None) => {
-            let ids = read_ids(p)?;
-            Ok((ids.clone(), Ok(ids), p.display().to_string()))
+) -> Result<Vec<(Vec<i64>, std::result::Result<Vec<i64>, String>, String)>> {
+    if let Some(p) = &opts.input_ids {
+        if !opts.prompt.is_empty() {
+            return Err(Error::usage("give --prompt or --input-ids, not both"));
         }
-        (None, q) => {
-            let q = q.clone().unwrap_or_else(|| DEFAULT_QUESTION.to_string());
+        let ids = read_ids(p)?;
+        return Ok(vec![(ids.clone(), Ok(ids), p.display().to_string())]);
+    }
+    let tok = SpmTokenizer::from_file(&opts.checkpoint.join("tokenizer.model"))?;
+    let art_tok = art
+        .vocab()
+        .map_err(|e| e.to_string())
+        .and_then(|v| SpmTokenizer::from_vocab(&v));
+    let questions = if opts.prompt.is_empty() {
+        vec![DEFAULT_QUESTION.to_string()]
+    } else {
+        opts.prompt.clone()
+    };
+    Ok(questions
+        .into_iter()
+        .map(|q| {
             let text = if q.contains("<image>") {
                 q
             } else {
                 LLAVA_V1_TEMPLATE.replace("{question}", &q)
             };
-            let tok = SpmTokenizer::from_file(&opts.checkpoint.join("tokenizer.model"))?;
-            let art_ids = art
-                .vocab()
-                .map_err(|e| e.to_string())
-                .and_then(|v| SpmTokenizer::from_vocab(&v))
-                .map(|t| t.encode_llava_prompt(&text));
-            Ok((tok.encode_llava_prompt(&text), art_ids, text))
-        }
-        (Some(_), Some(_)) => Err(Error::usage("give --prompt or --input-ids, not both")),
-    }
+            let art_ids = match &art_tok {
+                Ok(t) => Ok(t.encode_llava_prompt(&text)),
+                Err(e) => Err(e.clone()),
+            };
+            (tok.encode_llava_prompt(&text), art_ids, text)
+        })
+        .collect())
 }
 
 /// The first position where two id lists differ, named with both sides' pieces.
@@ -702,6 +727,156 @@ fn outputs(r: (Option<Tensor>, Tensor)) -> Result<Outputs> {
         logits: flat(&r.1)?,
         vocab: r.1.dim(1)?,
     })
+}
+
+/// All probes' outputs stacked (positions after positions).
+fn pool(outs: &[Outputs]) -> Outputs {
+    let emb_cols = outs.iter().find_map(|o| o.emb.as_ref().map(|e| e.1));
+    Outputs {
+        emb: emb_cols.map(|c| {
+            let v = outs
+                .iter()
+                .flat_map(|o| o.emb.iter().flat_map(|e| e.0.iter().copied()))
+                .collect();
+            (v, c)
+        }),
+        logits: outs.iter().flat_map(|o| o.logits.iter().copied()).collect(),
+        vocab: outs.first().map_or(0, |o| o.vocab),
+    }
+}
+
+/// One probe, ready to run.
+struct ProbeIn {
+    pv: Tensor,
+    ids: Vec<i64>,
+    /// The ids the artefact's own vocabulary gives (the source's where it cannot tokenize).
+    art_ids: Vec<i64>,
+    /// Why the artefact's ids differ from the source's, if they do.
+    art_ids_problem: Option<String>,
+    image: String,
+    prompt: String,
+    n_pos: usize,
+    has_image: bool,
+}
+
+/// The probes: images and prompts paired in order (one of either applies to all).
+fn probes(opts: &VerifyOptions, art: &GgufWeights, hp: &ModelHParams) -> Result<Vec<ProbeIn>> {
+    let pixels = probe_pixels(opts, hp)?;
+    let prompts = probe_ids(opts, art)?;
+    if pixels.len() > 1 && prompts.len() > 1 && pixels.len() != prompts.len() {
+        return Err(Error::usage(format!(
+            "{} images and {} prompts: give them in pairs, or one of either for all",
+            pixels.len(),
+            prompts.len()
+        )));
+    }
+    let art_vocab = art.vocab().ok();
+    let ids_origin = || {
+        opts.input_ids
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("--prompt"))
+    };
+    let s = hp.clip.image_size;
+    let mut out = vec![];
+    for i in 0..pixels.len().max(prompts.len()) {
+        let (px, image) = &pixels[i.min(pixels.len() - 1)];
+        let (ids, art_ids, prompt) = &prompts[i.min(prompts.len() - 1)];
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&i| i >= hp.llama.n_vocab as i64 || (i < 0 && i != model::IMAGE_TOKEN))
+        {
+            return Err(Error::input(
+                ids_origin(),
+                format!(
+                    "token id {bad}: ids must be in 0..{} (or -200 for the image)",
+                    hp.llama.n_vocab
+                ),
+            ));
+        }
+        // Positions after the image marker expands: beyond the model's context the attention
+        // alone would need n^2 floats (a 100k-token ids file asked for 160 GB).
+        let n_pos = ids.len()
+            + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
+                * hp.clip.n_patches().saturating_sub(1);
+        if n_pos > hp.llama.n_ctx {
+            return Err(Error::input(ids_origin(), format!(
+                "the probe has {n_pos} positions, more than the model's context length {} (max_position_embeddings)",
+                hp.llama.n_ctx
+            )));
+        }
+        let (art_ids, problem) = match art_ids {
+            Ok(a) => (a.clone(), ids_diff(ids, a, art_vocab.as_ref())),
+            Err(e) => (
+                ids.clone(),
+                Some(format!(
+                    "the artefact's vocabulary cannot tokenize the probe: {e}"
+                )),
+            ),
+        };
+        out.push(ProbeIn {
+            pv: Tensor::from_vec(px.clone(), (3, s, s), &Device::Cpu)?,
+            has_image: ids.contains(&model::IMAGE_TOKEN),
+            ids: ids.clone(),
+            art_ids,
+            art_ids_problem: problem,
+            image: image.clone(),
+            prompt: prompt.clone(),
+            n_pos,
+        });
+    }
+    Ok(out)
+}
+
+/// The comparison rows of one pair of sides: pooled over probes and per probe.
+struct Rows {
+    emb: Row,
+    logits: Row,
+    per_probe: Vec<(Row, Row)>,
+}
+
+impl Rows {
+    fn not(why: &str, n: usize) -> Rows {
+        Rows {
+            emb: Row::not(why),
+            logits: Row::not(why),
+            per_probe: (0..n).map(|_| (Row::not(why), Row::not(why))).collect(),
+        }
+    }
+
+    /// `side` (the artefact) against `reference`, probe by probe and pooled; non-finite values
+    /// are reasons named by probe, side and position.
+    fn compare(
+        reference: &[Outputs],
+        ref_name: &str,
+        side: &[Outputs],
+        with_kl: bool,
+        tag: &dyn Fn(usize) -> String,
+        reasons: &mut Vec<String>,
+    ) -> Rows {
+        let mut per_probe = vec![];
+        for (i, (r, s)) in reference.iter().zip(side).enumerate() {
+            let mut why = vec![];
+            per_probe.push(compare_sides(r, ref_name, s, "artefact", with_kl, &mut why));
+            reasons.extend(why.into_iter().map(|w| format!("{}{w}", tag(i))));
+        }
+        let (emb, logits) = if per_probe.len() == 1 {
+            per_probe[0].clone()
+        } else {
+            compare_sides(
+                &pool(reference),
+                ref_name,
+                &pool(side),
+                "artefact",
+                with_kl,
+                &mut vec![],
+            )
+        };
+        Rows {
+            emb,
+            logits,
+            per_probe,
+        }
+    }
 }
 
 /// Compare one side's outputs with a reference side's: rows for image embeddings and logits,
@@ -880,64 +1055,55 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         reasons.push(format!("non-finite value stored in the artefacts: {nf}"));
     }
 
-    // 4. Forwards: artefact, expected (exactness), float source (quality).
+    // 4. Forwards: artefact, expected (exactness), float source (quality), over every probe.
     let effective = |mut hp: ModelHParams| {
         hp.clip.n_layer = hp.clip.blocks_needed();
         hp
     };
     let hp_src = effective(src.hparams.clone());
     let hp_art = art.hparams().map(effective);
-    let (pixels, image_desc) = pixel_values(opts, &hp_src)?;
-    let s = hp_src.clip.image_size;
-    let pv = Tensor::from_vec(pixels, (3, s, s), &Device::Cpu)?;
-    let (ids, art_ids, prompt_desc) = probe_ids(opts, &art)?;
-    let ids_origin = || {
-        opts.input_ids
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("--prompt"))
+    let probes_in = probes(opts, &art, &hp_src)?;
+    let n_probes = probes_in.len();
+    let tag = |i: usize| {
+        if n_probes > 1 {
+            format!("probe {}: ", i + 1)
+        } else {
+            String::new()
+        }
     };
-    if let Some(bad) = ids
-        .iter()
-        .find(|&&i| i >= hp_src.llama.n_vocab as i64 || (i < 0 && i != model::IMAGE_TOKEN))
-    {
-        return Err(Error::input(
-            ids_origin(),
-            format!(
-                "token id {bad}: ids must be in 0..{} (or -200 for the image)",
-                hp_src.llama.n_vocab
-            ),
-        ));
-    }
-    // Positions after the image marker expands: beyond the model's context the attention alone
-    // would need n^2 floats (a 100k-token ids file asked for 160 GB).
-    let n_pos = ids.len()
-        + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
-            * hp_src.clip.n_patches().saturating_sub(1);
-    if n_pos > hp_src.llama.n_ctx {
-        return Err(Error::input(ids_origin(), format!(
-            "the probe has {n_pos} positions, more than the model's context length {} (max_position_embeddings)",
-            hp_src.llama.n_ctx
-        )));
-    }
-    let has_image = ids.contains(&model::IMAGE_TOKEN);
-    let n_weights = src.rows.len() as u64;
-    let run_side =
-        |ws: &dyn WeightSource, hp: &ModelHParams, ids: &[i64], what: &str| -> Result<Outputs> {
-            let b = bar(opts, n_weights, what);
-            let ws = Counted { inner: ws, bar: &b };
-            let ws = &ws;
+    let n_weights = src.rows.len() as u64 * n_probes as u64;
+    // One side over all probes (on CUDA its weights are uploaded once and dropped after it).
+    let run_side = |ws: &dyn WeightSource,
+                    hp: &ModelHParams,
+                    art_ids: bool,
+                    what: &str|
+     -> Result<Vec<Outputs>> {
+        let b = bar(opts, n_weights, what);
+        let ws = Counted { inner: ws, bar: &b };
+        let ws = &ws;
+        let mut outs = vec![];
+        for p in &probes_in {
+            let ids = if art_ids { &p.art_ids } else { &p.ids };
             let r = match dev {
-                RunDevice::Cpu => forward(&model::CpuBackend, ws, hp, &pv, ids),
-                RunDevice::Cuda(b) => {
-                    // Each side's weights are uploaded once and dropped after it.
-                    let r = forward(b.as_ref(), ws, hp, &pv, ids);
-                    b.clear_weights();
-                    r
-                }
+                RunDevice::Cpu => forward(&model::CpuBackend, ws, hp, &p.pv, ids),
+                RunDevice::Cuda(c) => forward(c.as_ref(), ws, hp, &p.pv, ids),
             };
-            b.finish_and_clear();
-            outputs(r?)
-        };
+            match r.and_then(outputs) {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    if let Some(c) = dev.cuda() {
+                        c.clear_weights();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(c) = dev.cuda() {
+            c.clear_weights();
+        }
+        b.finish_and_clear();
+        Ok(outs)
+    };
 
     // Why the artefact forward cannot run, if it cannot.
     let mut art_blocked: Option<String> = None;
@@ -952,52 +1118,37 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             if !same_shapes(&hp_src, &h) {
                 art_blocked = Some(format!("hyper-parameters differ ({})", d.join("; ")));
             }
-            Some(h)
+            h
         }
         // An artefact whose hyper-parameters cannot be read cannot be run at all (exit 2).
         Err(e) => return Err(e),
     };
-    let art_vocab = art.vocab().ok();
-    let art_ids = match art_ids {
-        Ok(a) => {
-            if let Some(d) = ids_diff(&ids, &a, art_vocab.as_ref()) {
-                reasons.push(d);
-                if a.len() != ids.len() {
-                    art_blocked.get_or_insert_with(|| {
-                        "the artefact tokenizes the probe to another length".into()
-                    });
-                }
+    for (i, p) in probes_in.iter().enumerate() {
+        if let Some(why) = &p.art_ids_problem {
+            reasons.push(format!("{}{why}", tag(i)));
+            if p.art_ids.len() != p.ids.len() {
+                art_blocked.get_or_insert_with(|| {
+                    "the artefact's vocabulary tokenizes the probe to another length".into()
+                });
             }
-            a
         }
-        Err(e) => {
-            reasons.push(format!(
-                "the artefact's vocabulary cannot tokenize the probe: {e}"
-            ));
-            art_blocked.get_or_insert_with(|| "the artefact's vocabulary cannot tokenize".into());
-            ids.clone()
-        }
-    };
-    let missing: Vec<&str> = header
+    }
+    if header
         .iter()
-        .filter(|h| {
-            h.contains("tensor '") && (h.contains("' is missing") || h.contains("' has ne"))
-        })
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
+        .any(|h| h.contains("tensor '") && (h.contains("' is missing") || h.contains("' has ne")))
+    {
         art_blocked.get_or_insert_with(|| {
             "tensors are missing from the artefact or have other shapes".into()
         });
     }
-    let art_out = match (&art_blocked, &hp_art) {
-        (None, Some(hp)) => {
-            // An error here is one the probe itself causes (it would on the source side too).
-            Some(run_side(&art, hp, &art_ids, "forward 1/3, artefact")?)
-        }
-        _ => None,
+    // An error in the artefact forward is one the probe itself causes (as on the source side).
+    let art_out = match &art_blocked {
+        None => Some(run_side(&art, &hp_art, true, "forward 1/3, artefact")?),
+        Some(_) => None,
     };
-    let not_run = |why: &str| (Row::not(why), Row::not(why));
+    let blocked = art_blocked
+        .clone()
+        .unwrap_or_else(|| "the artefact forward did not run".into());
     let road = tensors.roads.values().next().and_then(|r| {
         exactness::INTERMEDIATES
             .iter()
@@ -1005,13 +1156,12 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             .copied()
             .flatten()
     });
-    let (exact_emb, exact_logits) = match (&art_out, &imatrix_note) {
-        (_, Some(_)) => not_run("importance matrix: the expected model cannot be re-derived"),
-        (None, _) => not_run(
-            art_blocked
-                .as_deref()
-                .unwrap_or("the artefact forward did not run"),
+    let exact = match (&art_out, &imatrix_note) {
+        (_, Some(_)) => Rows::not(
+            "importance matrix: the expected model cannot be re-derived",
+            n_probes,
         ),
+        (None, _) => Rows::not(&blocked, n_probes),
         (Some(a), None) => {
             let exp = Expected {
                 src: &src,
@@ -1019,12 +1169,12 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
                 proven: &proven,
                 via: road,
             };
-            let e = run_side(&exp, &hp_src, &ids, "forward 2/3, expected")?;
-            compare_sides(&e, "expected", a, "artefact", false, &mut reasons)
+            let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
+            Rows::compare(&e, "expected", a, false, &tag, &mut reasons)
         }
     };
     let mut exact_ok = true;
-    for (what, row) in [("image embeddings", &exact_emb), ("logits", &exact_logits)] {
+    for (what, row) in [("image embeddings", &exact.emb), ("logits", &exact.logits)] {
         if let Some(m) = &row.metrics {
             if !(m.rel_rms <= EXACT_REL_RMS_BOUND) {
                 exact_ok = false;
@@ -1034,7 +1184,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
                     m.rel_rms / EXACT_REL_RMS_BOUND
                 ));
             }
-        } else if !(what == "image embeddings" && !has_image) {
+        } else if !(what == "image embeddings" && !probes_in.iter().any(|p| p.has_image)) {
             exact_ok = false;
         }
     }
@@ -1051,25 +1201,18 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
     ));
 
     // 5. Quality against the float source.
-    let (q_emb, q_logits, src_out) = match (&art_out, opts.exact_only) {
-        (_, true) => {
-            let (a, b) = not_run("--exact-only");
-            (a, b, None)
-        }
-        (None, false) => {
-            let (a, b) = not_run(
-                art_blocked
-                    .as_deref()
-                    .unwrap_or("the artefact forward did not run"),
-            );
-            (a, b, None)
-        }
+    let (quality, src_out) = match (&art_out, opts.exact_only) {
+        (_, true) => (Rows::not("--exact-only", n_probes), None),
+        (None, false) => (Rows::not(&blocked, n_probes), None),
         (Some(a), false) => {
-            let s = run_side(&src, &hp_src, &ids, "forward 3/3, float source")?;
-            let (e, l) = compare_sides(&s, "source", a, "artefact", true, &mut reasons);
-            (e, l, Some(s))
+            let s = run_side(&src, &hp_src, false, "forward 3/3, float source")?;
+            (
+                Rows::compare(&s, "source", a, true, &tag, &mut reasons),
+                Some(s),
+            )
         }
     };
+    let (q_emb, q_logits) = (&quality.emb, &quality.logits);
     let mut q_status = if opts.exact_only {
         "not run"
     } else {
@@ -1129,10 +1272,10 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             )
         };
         if let Some(o) = &src_out {
-            dump("source.npy", o)?;
+            dump("source.npy", &pool(o))?;
         }
         if let Some(o) = &art_out {
-            dump("artefact.npy", o)?;
+            dump("artefact.npy", &pool(o))?;
         }
     }
     if let Some(b) = dev.cuda() {
@@ -1150,25 +1293,34 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         mmproj: opts.mmproj.clone(),
         llm_file_type: ft_name(&art.llm),
         mmproj_file_type: ft_name(&art.mmproj),
-        probe: Probe {
-            image: image_desc,
-            prompt: prompt_desc,
-            n_positions: n_pos,
-            n_image_positions: if has_image {
-                hp_src.clip.n_patches()
-            } else {
-                0
-            },
-        },
+        n_positions: probes_in.iter().map(|p| p.n_pos).sum(),
+        probes: probes_in
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Probe {
+                image: p.image.clone(),
+                prompt: p.prompt.clone(),
+                n_positions: p.n_pos,
+                n_image_positions: if p.has_image {
+                    hp_src.clip.n_patches()
+                } else {
+                    0
+                },
+                exact_image_embeddings: exact.per_probe[i].0.clone(),
+                exact_logits: exact.per_probe[i].1.clone(),
+                quality_image_embeddings: quality.per_probe[i].0.clone(),
+                quality_logits: quality.per_probe[i].1.clone(),
+            })
+            .collect(),
         integrity,
         checks,
         header_mismatches: header,
         tensors,
-        exact_image_embeddings: exact_emb,
-        exact_logits,
+        exact_image_embeddings: exact.emb.clone(),
+        exact_logits: exact.logits.clone(),
         exact_bound_rel_rms: EXACT_REL_RMS_BOUND,
-        quality_image_embeddings: q_emb,
-        quality_logits: q_logits,
+        quality_image_embeddings: quality.emb.clone(),
+        quality_logits: quality.logits.clone(),
         tolerance_kl_mean: opts.tolerance,
         tolerance_image_rel_rms: opts.image_tolerance,
         imatrix: imatrix_note,
@@ -1219,10 +1371,15 @@ pub fn render(r: &Report) -> String {
         r.mmproj_file_type
     );
     s += &format!("source  {}\n", r.checkpoint.display());
-    s += &format!(
-        "probe   image: {}; {} positions ({} image)\n",
-        r.probe.image, r.probe.n_positions, r.probe.n_image_positions
-    );
+    for (i, p) in r.probes.iter().enumerate() {
+        s += &format!(
+            "probe {}  image: {}; {} positions ({} image)\n",
+            i + 1,
+            p.image,
+            p.n_positions,
+            p.n_image_positions
+        );
+    }
     for i in &r.integrity {
         s += &format!("sha256  {}  {}\n", i.status, i.path.display());
     }
@@ -1247,6 +1404,17 @@ pub fn render(r: &Report) -> String {
     s += "\nquality (artefact vs the float source)\n";
     s += &render_row("image embeddings", &r.quality_image_embeddings);
     s += &render_row("logits", &r.quality_logits);
+    if r.probes.len() > 1 {
+        s += &format!(
+            "\nper probe (the rows above pool all {} positions)\n",
+            r.n_positions
+        );
+        for (i, p) in r.probes.iter().enumerate() {
+            s += &format!("probe {}\n", i + 1);
+            s += &render_row("  exact logits", &p.exact_logits);
+            s += &render_row("  quality logits", &p.quality_logits);
+        }
+    }
     s += "\nchecks\n";
     for c in &r.checks {
         s += &format!("  {:<14} {:<9} {}\n", c.name, c.status, c.detail);

@@ -765,6 +765,7 @@ fn json_report_validates_against_schema() {
             vec!["--exact-only", "--input-ids", ids.to_str().unwrap()],
         ),
         (&broken, vec![]),
+        (&q4, vec!["--prompt", "a", "--prompt", "b"]),
     ] {
         let mut args = vec![
             "verify",
@@ -904,4 +905,63 @@ fn imatrix_artefact_is_judged_by_quality_alone() {
     assert_eq!(check_status(&r, "quality"), "pass");
     let (rc, _, _) = verify(&im, &mmproj, &["--tolerance", "0.01"]);
     assert_eq!(rc, 1);
+}
+
+/// Several probes: each has its own figures; the overall rows pool their positions (the pooled
+/// mean KL is the position-weighted mean of the probes').
+#[test]
+fn several_probes_report_each_and_overall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = convert(dir.path());
+    let q4 = quantize_to(&llm, dir.path(), "Q4_K_M");
+    let (img_a, img_b) = (
+        "fixtures/image_refs/small.png",
+        "fixtures/image_refs/mode_1.png",
+    );
+    let (rc, r, err) = verify(
+        &q4,
+        &mmproj,
+        &[
+            "--image",
+            img_a,
+            "--prompt",
+            "What is this?",
+            "--image",
+            img_b,
+            "--prompt",
+            "Describe the colours.",
+        ],
+    );
+    assert_eq!(rc, 0, "{err} {}", reasons(&r));
+    let probes = r["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2);
+    assert!(probes[0]["image"].as_str().unwrap().ends_with("small.png"));
+    assert!(probes[1]["prompt"]
+        .as_str()
+        .unwrap()
+        .contains("Describe the colours."));
+    let (mut w, mut n) = (0.0, 0usize);
+    for p in probes {
+        let k = p["quality_logits"]["kl"]["kl_mean"].as_f64().unwrap();
+        let m = p["n_positions"].as_u64().unwrap() as usize;
+        w += k * m as f64;
+        n += m;
+        assert_eq!(exact_rel_rms(p, "exact_logits"), Some(0.0));
+    }
+    assert_eq!(r["n_positions"].as_u64().unwrap() as usize, n);
+    let pooled = r["quality_logits"]["kl"]["kl_mean"].as_f64().unwrap();
+    assert!(
+        (pooled - w / n as f64).abs() <= 1e-12 + 1e-9 * pooled,
+        "{pooled} vs {}",
+        w / n as f64
+    );
+    // Three images and two prompts do not pair.
+    let (rc, _, err) = verify(
+        &q4,
+        &mmproj,
+        &[
+            "--image", img_a, "--image", img_b, "--image", img_a, "--prompt", "a", "--prompt", "b",
+        ],
+    );
+    assert_eq!(rc, 2, "{err}");
 }
