@@ -259,6 +259,7 @@ pub fn check_tensors(
         // Try first the road that reproduced the previous quantized tensor of this file.
         let mut roads: Vec<Option<GgmlType>> = INTERMEDIATES.to_vec();
         let mut used: Vec<String> = vec![];
+        let mut any_quantized = false;
         for t in &g.tensors {
             let name = &t.info.name;
             progress(name);
@@ -300,11 +301,13 @@ pub fn check_tensors(
                     out.equal += 1;
                     proven.insert(name.clone());
                     if t.info.ty.is_quantized() {
-                        roads.retain(|&x| x != via);
-                        roads.insert(0, via);
-                        let rn = road_name(via);
-                        if !used.contains(&rn) {
-                            used.push(rn);
+                        any_quantized = true;
+                        // A road is named when a tensor needed it (the preferred one failed);
+                        // tensors equal on every road say nothing about the road.
+                        if via != roads[0] {
+                            roads.retain(|&x| x != via);
+                            roads.insert(0, via);
+                            used.push(road_name(via));
                         }
                     }
                 }
@@ -315,8 +318,13 @@ pub fn check_tensors(
                 }
             }
         }
-        if !used.is_empty() {
-            out.roads.insert(fname, used.join(" + "));
+        if any_quantized {
+            let road = if used.is_empty() {
+                road_name(None)
+            } else {
+                used.join(" + ")
+            };
+            out.roads.insert(fname, road);
         }
     }
     Ok((out, proven))

@@ -965,3 +965,102 @@ fn several_probes_report_each_and_overall() {
     );
     assert_eq!(rc, 2, "{err}");
 }
+
+/// A copy of the fixture checkpoint whose `model.layers.0.mlp.up_proj.weight` row 0 holds bf16
+/// values around 1e-6, below f16's normal range: an F16 file rounds them (f16 subnormals), so a
+/// Q4_K_M made from the F16 file differs from one made in one pass, and verify must reproduce
+/// each on its own road.
+fn checkpoint_with_tiny_block(dir: &Path) -> PathBuf {
+    let ck = dir.join("ck-tiny");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in std::fs::read_dir(CK).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, ck.join(p.file_name().unwrap())).unwrap();
+    }
+    let shard = ck.join("model-00001-of-00002.safetensors");
+    let mut b = std::fs::read(&shard).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    let t = &h["model.layers.0.mlp.up_proj.weight"];
+    assert_eq!(t["dtype"], "BF16");
+    let start = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    for i in 0..256 {
+        let x = 1e-6 * (1.0 + (i as f32 * 0.37).sin());
+        b[start + 2 * i..start + 2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+    }
+    std::fs::write(&shard, b).unwrap();
+    ck
+}
+
+#[test]
+fn quantized_files_are_reproduced_on_their_own_road() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ck = checkpoint_with_tiny_block(d);
+    let cks = ck.to_str().unwrap();
+    let f16dir = d.join("f16");
+    let (rc, _, err) = run(&[
+        "hf-to-gguf",
+        cks,
+        "--vision-tower",
+        TOWER,
+        "-o",
+        f16dir.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let via = quantize_to(&f16dir.join("ck-tiny-F16.gguf"), d, "Q4_K_M");
+    let one = d.join("one");
+    let (rc, _, err) = run(&[
+        "quantize",
+        "--bits",
+        "4",
+        cks,
+        "--vision-tower",
+        TOWER,
+        "--out-dir",
+        one.to_str().unwrap(),
+        "-q",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    let one_q = one.join("ck-tiny-Q4_K_M.gguf");
+    let (a, b) = (
+        GgufFile::open(&via).unwrap(),
+        GgufFile::open(&one_q).unwrap(),
+    );
+    let name = "blk.0.ffn_up.weight";
+    let (ta, tb) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+    assert_eq!(ta.info.ty, GgmlType::Q4K);
+    assert_ne!(
+        a.data(ta),
+        b.data(tb),
+        "the two roads must give different bytes for this test to mean anything"
+    );
+    let mmproj = f16dir.join("mmproj-ck-tiny-F16.gguf");
+    for (file, road) in [(&via, "via F16"), (&one_q, "one pass")] {
+        let (rc, r, err) = run_verify_on(cks, file, &mmproj);
+        assert_eq!(rc, 0, "{road}: {err} {}", reasons(&r));
+        let fname = file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(r["tensors"]["roads"][fname], road, "{r}");
+    }
+}
+
+fn run_verify_on(ck: &str, llm: &Path, mmproj: &Path) -> (i32, serde_json::Value, String) {
+    let (rc, out, err) = run(&[
+        "verify",
+        ck,
+        "--vision-tower",
+        TOWER,
+        "--gguf",
+        llm.to_str().unwrap(),
+        "--mmproj",
+        mmproj.to_str().unwrap(),
+        "--json",
+        "--exact-only",
+    ]);
+    (
+        rc,
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null),
+        err,
+    )
+}
