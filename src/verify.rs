@@ -931,26 +931,10 @@ fn check(name: &str, status: &str, detail: impl Into<String>) -> Check {
     }
 }
 
-/// The whole verification with the model on `dev` (all sides on the same device).
-pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
-    let _ = command;
-    let t0 = Instant::now();
-    check_bound("--tolerance", opts.tolerance)?;
-    check_bound("--image-tolerance", opts.image_tolerance)?;
-    if opts.exact_only && (opts.tolerance.is_some() || opts.image_tolerance.is_some()) {
-        return Err(Error::usage(
-            "--exact-only skips the quality forward that --tolerance / --image-tolerance bound",
-        ));
-    }
-    let integrity = vec![check_integrity(&opts.gguf)?, check_integrity(&opts.mmproj)?];
-    let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
-    let art = GgufWeights::open(&opts.gguf, &opts.mmproj)?;
-    let mut reasons = vec![];
-    let mut checks = vec![];
-
-    // 1. Integrity against the manifests.
+/// Check 1: the artefacts' sha256 against their manifests.
+fn integrity_step(integrity: &[Integrity], checks: &mut Vec<Check>, reasons: &mut Vec<String>) {
     let mut integrity_ok = true;
-    for i in &integrity {
+    for i in integrity {
         let m = i
             .manifest
             .as_ref()
@@ -975,15 +959,18 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         if integrity_ok { "pass" } else { "fail" },
         "sha256 of each artefact against the manifest beside it (no manifest: nothing to check)",
     ));
+}
 
-    // 2. Header: metadata and tensor list against the plan.
-    let imatrix: Vec<String> = [&art.llm, &art.mmproj]
-        .iter()
-        .flat_map(|g| exactness::imatrix_keys(g))
-        .collect();
+/// Check 2: every metadata key and the tensor list against what conversion would write.
+fn header_step(
+    src: &mut Source,
+    art: &GgufWeights,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) -> Vec<String> {
     let mut header = vec![];
     for (g, kind) in [(&art.llm, "llm"), (&art.mmproj, "mmproj")] {
-        match exactness::plan_for(&mut src, g, kind) {
+        match exactness::plan_for(src, g, kind) {
             Ok(plan) => {
                 header.extend(exactness::metadata_diffs(&g.path, &plan.meta, &g.metadata));
                 header.extend(exactness::tensor_list_diffs(&plan, g));
@@ -1008,15 +995,20 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             header.len() - 20
         ));
     }
+    header
+}
 
-    // 3. Tensor bytes against the plan's output (not possible with an importance matrix).
-    let imatrix_note = (!imatrix.is_empty()).then(|| {
-        format!(
-            "quantized with an importance matrix ({}): its bytes cannot be re-derived without that matrix, so exactness is not checked and the verdict rests on the quality bound (--tolerance)",
-            imatrix.join(", ")
-        )
-    });
-    let (tensors, proven) = if imatrix_note.is_some() {
+/// Check 3: every tensor's bytes against the plan's output (not possible with an importance
+/// matrix). Returns the findings and the names proven equal.
+fn tensor_step(
+    opts: &VerifyOptions,
+    src: &Source,
+    art: &GgufWeights,
+    imatrix: bool,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) -> Result<(TensorCheck, HashSet<String>)> {
+    let (tensors, proven) = if imatrix {
         checks.push(check(
             "tensors",
             "not run",
@@ -1029,7 +1021,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             (art.llm.tensors.len() + art.mmproj.tensors.len()) as u64,
             "tensor bytes vs the plan",
         );
-        let (t, p) = exactness::check_tensors(&src, &art, &|n| {
+        let (t, p) = exactness::check_tensors(src, art, &|n| {
             b.inc(1);
             b.set_message(n.to_string());
         })?;
@@ -1054,7 +1046,142 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
     if let Some(nf) = &tensors.first_nonfinite {
         reasons.push(format!("non-finite value stored in the artefacts: {nf}"));
     }
+    Ok((tensors, proven))
+}
 
+/// Check 4's verdict: the artefact forward against the expected model, one bound for every type.
+fn exact_step(
+    exact: &Rows,
+    has_image: bool,
+    imatrix: bool,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) {
+    let mut exact_ok = true;
+    for (what, row) in [("image embeddings", &exact.emb), ("logits", &exact.logits)] {
+        if let Some(m) = &row.metrics {
+            if !(m.rel_rms <= EXACT_REL_RMS_BOUND) {
+                exact_ok = false;
+                reasons.push(format!(
+                    "exactness: {what} differ from the expected model's by relative RMS {:.3e}, {:.1}x the bound {EXACT_REL_RMS_BOUND:.0e}",
+                    m.rel_rms,
+                    m.rel_rms / EXACT_REL_RMS_BOUND
+                ));
+            }
+        } else if what == "logits" || has_image {
+            // Not compared although there was something to compare.
+            exact_ok = false;
+        }
+    }
+    checks.push(check(
+        "exact forward",
+        if imatrix {
+            "not run"
+        } else if exact_ok {
+            "pass"
+        } else {
+            "fail"
+        },
+        format!("artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e}"),
+    ));
+}
+
+/// Check 5: quality against the float source, judged only under --tolerance / --image-tolerance.
+fn quality_step(
+    opts: &VerifyOptions,
+    quality: &Rows,
+    imatrix_note: Option<&str>,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) {
+    let (q_emb, q_logits) = (&quality.emb, &quality.logits);
+    let mut q_status = if opts.exact_only {
+        "not run"
+    } else {
+        "reported"
+    };
+    if let Some(tol) = opts.tolerance {
+        q_status = "pass";
+        match &q_logits.kl {
+            Some(k) if k.kl_mean <= tol => {}
+            Some(k) => {
+                q_status = "fail";
+                reasons.push(format!(
+                    "quality: mean KL divergence {:.3e} exceeds --tolerance {tol:.3e}",
+                    k.kl_mean
+                ));
+            }
+            None => {
+                q_status = "fail";
+                reasons.push(
+                    "quality: the logits were not compared, so --tolerance cannot be met".into(),
+                );
+            }
+        }
+    }
+    if let Some(tol) = opts.image_tolerance {
+        if let Some(m) = &q_emb.metrics {
+            if !(m.rel_rms <= tol) {
+                q_status = "fail";
+                reasons.push(format!(
+                    "quality: image embeddings differ from the source's by relative RMS {:.3e}, above --image-tolerance {tol:.1e}",
+                    m.rel_rms
+                ));
+            }
+        }
+    }
+    if let Some(note) = imatrix_note {
+        if opts.tolerance.is_none() {
+            reasons.push(format!("{note}; give --tolerance to judge it"));
+        }
+    }
+    checks.push(check(
+        "quality",
+        q_status,
+        match opts.tolerance {
+            Some(t) => format!("mean KL(source float || artefact) <= {t:.3e} (--tolerance)"),
+            None => "KL(source float || artefact) reported; judged only with --tolerance".into(),
+        },
+    ));
+}
+
+/// The whole verification with the model on `dev` (all sides on the same device).
+pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
+    let _ = command;
+    let t0 = Instant::now();
+    check_bound("--tolerance", opts.tolerance)?;
+    check_bound("--image-tolerance", opts.image_tolerance)?;
+    if opts.exact_only && (opts.tolerance.is_some() || opts.image_tolerance.is_some()) {
+        return Err(Error::usage(
+            "--exact-only skips the quality forward that --tolerance / --image-tolerance bound",
+        ));
+    }
+    let integrity = vec![check_integrity(&opts.gguf)?, check_integrity(&opts.mmproj)?];
+    let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
+    let art = GgufWeights::open(&opts.gguf, &opts.mmproj)?;
+    let mut reasons = vec![];
+    let mut checks = vec![];
+
+    integrity_step(&integrity, &mut checks, &mut reasons);
+    let imatrix: Vec<String> = [&art.llm, &art.mmproj]
+        .iter()
+        .flat_map(|g| exactness::imatrix_keys(g))
+        .collect();
+    let header = header_step(&mut src, &art, &mut checks, &mut reasons);
+    let imatrix_note = (!imatrix.is_empty()).then(|| {
+        format!(
+            "quantized with an importance matrix ({}): its bytes cannot be re-derived without that matrix, so exactness is not checked and the verdict rests on the quality bound (--tolerance)",
+            imatrix.join(", ")
+        )
+    });
+    let (tensors, proven) = tensor_step(
+        opts,
+        &src,
+        &art,
+        imatrix_note.is_some(),
+        &mut checks,
+        &mut reasons,
+    )?;
     // 4. Forwards: artefact, expected (exactness), float source (quality), over every probe.
     let effective = |mut hp: ModelHParams| {
         hp.clip.n_layer = hp.clip.blocks_needed();
@@ -1173,33 +1300,13 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             Rows::compare(&e, "expected", a, false, &tag, &mut reasons)
         }
     };
-    let mut exact_ok = true;
-    for (what, row) in [("image embeddings", &exact.emb), ("logits", &exact.logits)] {
-        if let Some(m) = &row.metrics {
-            if !(m.rel_rms <= EXACT_REL_RMS_BOUND) {
-                exact_ok = false;
-                reasons.push(format!(
-                    "exactness: {what} differ from the expected model's by relative RMS {:.3e}, {:.1}x the bound {EXACT_REL_RMS_BOUND:.0e}",
-                    m.rel_rms,
-                    m.rel_rms / EXACT_REL_RMS_BOUND
-                ));
-            }
-        } else if what == "logits" || probes_in.iter().any(|p| p.has_image) {
-            // Not compared although there was something to compare.
-            exact_ok = false;
-        }
-    }
-    checks.push(check(
-        "exact forward",
-        if imatrix_note.is_some() {
-            "not run"
-        } else if exact_ok {
-            "pass"
-        } else {
-            "fail"
-        },
-        format!("artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e}"),
-    ));
+    exact_step(
+        &exact,
+        probes_in.iter().any(|p| p.has_image),
+        imatrix_note.is_some(),
+        &mut checks,
+        &mut reasons,
+    );
 
     // 5. Quality against the float source.
     let (quality, src_out) = match (&art_out, opts.exact_only) {
@@ -1209,59 +1316,18 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
             let s = run_side(&src, &hp_src, false, "forward 3/3, float source")?;
             (
                 Rows::compare(&s, "source", a, true, &tag, &mut reasons),
-                Some(s),
+                // Kept only to be dumped (at 7B each side's logits are 100 MB).
+                opts.dump_logits.is_some().then_some(s),
             )
         }
     };
-    let (q_emb, q_logits) = (&quality.emb, &quality.logits);
-    let mut q_status = if opts.exact_only {
-        "not run"
-    } else {
-        "reported"
-    };
-    if let Some(tol) = opts.tolerance {
-        q_status = "pass";
-        match &q_logits.kl {
-            Some(k) if k.kl_mean <= tol => {}
-            Some(k) => {
-                q_status = "fail";
-                reasons.push(format!(
-                    "quality: mean KL divergence {:.3e} exceeds --tolerance {tol:.3e}",
-                    k.kl_mean
-                ));
-            }
-            None => {
-                q_status = "fail";
-                reasons.push(
-                    "quality: the logits were not compared, so --tolerance cannot be met".into(),
-                );
-            }
-        }
-    }
-    if let Some(tol) = opts.image_tolerance {
-        if let Some(m) = &q_emb.metrics {
-            if !(m.rel_rms <= tol) {
-                q_status = "fail";
-                reasons.push(format!(
-                    "quality: image embeddings differ from the source's by relative RMS {:.3e}, above --image-tolerance {tol:.1e}",
-                    m.rel_rms
-                ));
-            }
-        }
-    }
-    if let Some(note) = &imatrix_note {
-        if opts.tolerance.is_none() {
-            reasons.push(format!("{note}; give --tolerance to judge it"));
-        }
-    }
-    checks.push(check(
-        "quality",
-        q_status,
-        match opts.tolerance {
-            Some(t) => format!("mean KL(source float || artefact) <= {t:.3e} (--tolerance)"),
-            None => "KL(source float || artefact) reported; judged only with --tolerance".into(),
-        },
-    ));
+    quality_step(
+        opts,
+        &quality,
+        imatrix_note.as_deref(),
+        &mut checks,
+        &mut reasons,
+    );
 
     if let Some(dir) = &opts.dump_logits {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
