@@ -1027,7 +1027,13 @@ fn tensor_step(
         })?;
         b.finish_and_clear();
         let ok = t.mismatches.is_empty() && t.first_nonfinite.is_none();
-        for m in &t.mismatches {
+        if t.mismatches.len() > 20 {
+            reasons.push(format!(
+                "{} tensors differ from the plan's output (the first 20 follow; all in the JSON report)",
+                t.mismatches.len()
+            ));
+        }
+        for m in t.mismatches.iter().take(20) {
             reasons.push(format!(
                 "{}: tensor '{}' ({}) differs from the plan's output from the checkpoint: first at block {} (row {}), {} of {} blocks differ",
                 m.file, m.tensor, m.ggml_type, m.first_block, m.first_row, m.blocks_differing, m.blocks

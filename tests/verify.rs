@@ -390,6 +390,21 @@ fn faults_inside_quantization_noise_fail_exactness() {
                 }
             }
         }
+        // The older sabotage set on this quantized file.
+        let sub = d.join(format!("sab-{ty}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for (what, l, m) in sabotage::sabotaged_artefacts(&sub, &q, &mmproj) {
+            let (rc, r, err) = verify(&l, &m, &[]);
+            assert_eq!(rc, 1, "{what} at {ty} must fail: {err}");
+            assert_eq!(check_status(&r, "tensors"), "fail", "{what} at {ty}");
+            println!(
+                "  {:<52} {:>6} {:>13}",
+                what,
+                ty,
+                exact_rel_rms(&r, "exact_logits")
+                    .map_or("not compared".to_string(), |x| format!("{:.3e}", x / BOUND))
+            );
+        }
         println!("  (unbroken {ty}: quality KL mean {base_kl:.3e})");
     }
 }

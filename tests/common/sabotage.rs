@@ -31,7 +31,8 @@ pub fn sabotage(
     w.finish().unwrap();
 }
 
-/// The four sabotaged (LLM, mmproj) pairs built from the fixture's F16 artefacts, written into `dir`:
+/// The four sabotaged (LLM, mmproj) pairs built from the fixture's artefacts (an F16 or quantized
+/// LLM), written into `dir`:
 /// Q/K left unpermuted, layers 0 and 1 swapped, the fuser's gamma2 zeroed, one tensor perturbed.
 pub fn sabotaged_artefacts(
     dir: &Path,
@@ -52,13 +53,15 @@ pub fn sabotaged_artefacts(
             return;
         };
         let t = g.tensor(name).unwrap();
-        let (cols, rows) = (t.info.ne[0] as usize, t.info.ne[1] as usize);
+        // Rows are whole blocks in every type: permute them as opaque byte rows.
+        let (cols, rows) = (t.info.ne[0], t.info.ne[1] as usize);
+        let row_bytes = t.info.ty.bytes_for(cols).unwrap() as usize;
         let orig = data.clone();
-        let mut cur = permute_rows(&orig, rows, cols, heads, 2);
+        let mut cur = permute_rows(&orig, rows, row_bytes, heads, 1);
         let mut prev = orig.clone();
         while cur != orig {
             prev = cur.clone();
-            cur = permute_rows(&cur, rows, cols, heads, 2);
+            cur = permute_rows(&cur, rows, row_bytes, heads, 1);
         }
         *data = prev;
     });
@@ -83,7 +86,7 @@ pub fn sabotaged_artefacts(
             data.iter_mut().for_each(|b| *b = 0);
         }
     });
-    // A few f16 values of one matrix perturbed.
+    // A few bytes of one matrix perturbed (for F16: one bit of 2000 values).
     let perturbed = dir.join("perturbed.gguf");
     sabotage(llm, &perturbed, &same, &|name, _, data| {
         if name == "blk.1.ffn_down.weight" {
