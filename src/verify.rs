@@ -1056,6 +1056,8 @@ fn tensor_step(
 }
 
 /// Check 4's verdict: the artefact forward against the expected model, one bound for every type.
+// `!(x <= bound)` on purpose: a NaN figure fails.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn exact_step(
     exact: &Rows,
     has_image: bool,
@@ -1093,6 +1095,8 @@ fn exact_step(
 }
 
 /// Check 5: quality against the float source, judged only under --tolerance / --image-tolerance.
+// `!(x <= bound)` on purpose: a NaN figure fails.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn quality_step(
     opts: &VerifyOptions,
     quality: &Rows,
