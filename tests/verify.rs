@@ -948,6 +948,8 @@ fn several_probes_report_each_and_overall() {
         ],
     );
     assert_eq!(rc, 0, "{err} {}", reasons(&r));
+    // No progress bars on a non-terminal.
+    assert!(!err.contains("forward 1/3") && !err.contains("tensors"), "{err}");
     let probes = r["probes"].as_array().unwrap();
     assert_eq!(probes.len(), 2);
     assert!(probes[0]["image"].as_str().unwrap().ends_with("small.png"));
