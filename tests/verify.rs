@@ -845,6 +845,34 @@ fn flipped_bit_in_any_tensor_is_caught_by_the_manifest() {
         assert_eq!(check_integrity(path).unwrap().status, "ok");
     }
     assert!(n > 180, "{n}");
+
+    // End to end: verify fails (exit 1) naming the mismatch, for the mmproj and for a quantized LLM.
+    for (l, m, which) in [(&q4, &mmproj, 1usize), (&q4, &mmproj, 0)] {
+        let victim = if which == 0 { l } else { m };
+        let orig = std::fs::read(victim).unwrap();
+        let g = GgufFile::open(victim).unwrap();
+        let t = &g.tensors[g.tensors.len() / 2];
+        let at = (t.offset + t.n_bytes / 3) as usize;
+        drop(g);
+        let mut b = orig.clone();
+        b[at] ^= 0x10;
+        std::fs::write(victim, &b).unwrap();
+        let (rc, r, err) = verify(l, m, &[]);
+        assert_eq!(rc, 1, "{err} {r}");
+        assert_eq!(r["integrity"][which]["status"], "mismatch", "{r}");
+        assert_eq!(r["integrity"][1 - which]["status"], "ok", "{r}");
+        assert!(
+            r["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x.as_str().unwrap().contains("sha256")),
+            "{r}"
+        );
+        // The tensor check names the same flip without the manifest.
+        assert_eq!(check_status(&r, "tensors"), "fail", "{r}");
+        std::fs::write(victim, &orig).unwrap();
+    }
 }
 
 /// With the manifests removed, a perturbed tensor (one tensor of a Q4_K_M LLM, one CLIP matrix of
@@ -949,7 +977,10 @@ fn several_probes_report_each_and_overall() {
     );
     assert_eq!(rc, 0, "{err} {}", reasons(&r));
     // No progress bars on a non-terminal.
-    assert!(!err.contains("forward 1/3") && !err.contains("tensors"), "{err}");
+    assert!(
+        !err.contains("forward 1/3") && !err.contains("tensors"),
+        "{err}"
+    );
     let probes = r["probes"].as_array().unwrap();
     assert_eq!(probes.len(), 2);
     assert!(probes[0]["image"].as_str().unwrap().ends_with("small.png"));
