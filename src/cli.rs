@@ -158,14 +158,19 @@ fuser is never quantized.\n\nOutput of a GGUF input: -o FILE, or <name>-<TYPE>.g
     },
     /// Run the model from the checkpoint and from the GGUF artefacts on the same probe and compare logits.
     #[command(
-        long_about = "Run the whole LLaVA-MMFuser forward pass (CLIP, deformable-attention fuser, MLP, LLaMA) twice \
-on the CPU, from the source checkpoint and from the artefacts, on the same image and prompt, and compare.\n\n\
-Metrics over all positions: max |diff|, relative RMS error, cosine similarity, mean and max KL divergence of \
-the softmaxes, top-1 agreement, top-5 overlap; the same (without the distribution metrics) for the image \
-embeddings alone, so a fuser fault is told apart from an LLM fault. First checks the artefacts' sha256 \
-against the manifest written beside them, when there is one.\n\n\
+        long_about = "Decide whether the artefacts are what conversion makes from this checkpoint, at any scale and \
+for any type.\n\n\
+Exactness (the verdict): the artefacts' sha256 against the manifest beside them; every metadata key, tensor name, \
+shape and type against what hf-to-gguf/quantize would write from the checkpoint; every tensor's bytes against the \
+plan's output (our quantizers are byte-identical to llama.cpp's; a mismatch names the tensor and first differing \
+block); then the whole model (CLIP, deformable-attention fuser, MLP, LLaMA) run from the artefacts (with their own \
+metadata and vocabulary) and from the source passed through the types the artefacts record, compared with one \
+tight bound for every type. Any NaN/Inf fails, naming where.\n\n\
+Quality (reported; judged only with --tolerance): KL(source float || artefact) over positions (mean, median, p99, \
+p99.9, max), top-1 agreement and the mean change in the probability of the source's top token, as \
+llama-perplexity --kl-divergence reports them; --exact-only skips this third forward.\n\n\
 Default probe: a deterministic synthetic image and the llava_v1 prompt \"Describe the image.\".\n\
-Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 usage or input error."
+Exit codes: 0 pass, 1 fail, 2 usage or input error."
     )]
     Verify {
         /// Source checkpoint directory.
@@ -179,25 +184,30 @@ Exit codes: 0 within tolerance, 1 not within tolerance (or sha256 mismatch), 2 u
         /// CLIP directory, as for hf-to-gguf.
         #[arg(long, value_name = "DIR")]
         vision_tower: Option<PathBuf>,
-        /// Bound on the mean KL divergence (default: per LLM file type, see the README).
-        #[arg(long)]
+        /// Quality gate: bound on the mean KL(source float || artefact) (a finite number >= 0;
+        /// without it quality is reported, not judged).
+        #[arg(long, value_name = "KL")]
         tolerance: Option<f64>,
-        /// Bound on the image embeddings' relative RMS error (default per mmproj type: F32 1e-5,
-        /// F16/BF16 1e-2, Q8_0 3e-2), so a broken mmproj fails even under a loose LLM bound.
+        /// Quality gate: bound on the image embeddings' relative RMS error against the float source.
         #[arg(long, value_name = "T")]
         image_tolerance: Option<f64>,
+        /// Exactness only: skip the float-source forward and its quality figures.
+        #[arg(long)]
+        exact_only: bool,
         /// cpu, cuda or auto (auto: CUDA when usable, else CPU).
         #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
         device: String,
         /// A PNG or JPEG, preprocessed as LLaVA does (pad to square, resize, centre crop, normalise).
+        /// Repeatable: each --image with the --prompt of the same position (or one of either for all).
         #[arg(long, conflicts_with = "pixel_values")]
-        image: Option<PathBuf>,
+        image: Vec<PathBuf>,
         /// Already normalised pixels, a [3,H,W] f32 .npy.
         #[arg(long, value_name = "NPY")]
         pixel_values: Option<PathBuf>,
         /// The question in the llava_v1 template (or a whole prompt containing <image>).
+        /// Repeatable (see --image); the report gives per-probe and overall figures.
         #[arg(long, conflicts_with = "input_ids")]
-        prompt: Option<String>,
+        prompt: Vec<String>,
         /// A JSON list of token ids; -200 marks the image.
         #[arg(long, value_name = "JSON")]
         input_ids: Option<PathBuf>,
@@ -530,9 +540,11 @@ fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
         vision_tower: Some(tower),
         tolerance: None,
         image_tolerance: None,
-        image: None,
+        exact_only: false,
+        quiet: true,
+        image: vec![],
         pixel_values: None,
-        prompt: None,
+        prompt: vec![],
         input_ids: None,
         dump_logits: None,
     };
@@ -550,7 +562,7 @@ fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
     if passed {
         Ok(())
     } else {
-        Err(Error::Other("verification failed".into()))
+        Err(Error::Failed("verification failed".into()))
     }
 }
 
@@ -601,6 +613,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             vision_tower,
             tolerance,
             image_tolerance,
+            exact_only,
             device,
             image,
             pixel_values,
@@ -617,6 +630,8 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 vision_tower,
                 tolerance,
                 image_tolerance,
+                exact_only,
+                quiet: print.quiet || print.json,
                 image,
                 pixel_values,
                 prompt,
@@ -632,7 +647,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             if r.passed {
                 Ok(())
             } else {
-                Err(Error::Other(format!(
+                Err(Error::Failed(format!(
                     "verification failed: {}",
                     r.reasons.join("; ")
                 )))

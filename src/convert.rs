@@ -1,16 +1,14 @@
 //! hf-to-gguf: stream a checkpoint into the LLM GGUF and the mmproj GGUF, one tensor at a time,
 //! and write a manifest (sha256 of inputs and outputs, per-tensor mapping).
 use crate::checkpoint::stream::ShardStream;
-use crate::checkpoint::tokenizer::chat::LLAVA_V1_CHAT_TEMPLATE;
-use crate::checkpoint::tokenizer::{load_vocab, GgufVocab};
 use crate::checkpoint::SrcTensor;
 use crate::error::{Error, Result};
 use crate::fsutil::AtomicFile;
-use crate::gguf::{FileType, GgmlType, GgufWriter, Metadata, TensorInfo, Value};
+use crate::gguf::{FileType, GgmlType, GgufWriter, TensorInfo};
 use crate::manifest::{self, Manifest, OutputRecord, TensorRecord};
+use crate::plan::{is_float_type, plan_artefacts, ArtefactPlan};
 use crate::progress::Progress;
-use crate::quantize::ErrStats;
-use crate::recipe::{DtypePolicy, Var};
+use crate::quantize::{first_nonfinite, ErrStats};
 use crate::source::{Source, SourceRow};
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -44,66 +42,6 @@ pub struct ConvertSummary {
     pub peak_rss_bytes: u64,
 }
 
-/// One planned output tensor.
-pub struct OutTensor {
-    pub info: TensorInfo,
-    pub row: usize,
-}
-
-/// An artefact about to be written.
-pub struct ArtefactPlan {
-    pub kind: String,
-    pub path: PathBuf,
-    pub file_type: FileType,
-    pub meta: Metadata,
-    pub tensors: Vec<OutTensor>,
-}
-
-/// GGUF tokenizer keys (convert_hf_to_gguf.py `_set_vocab_sentencepiece`; types as llama.cpp reads them).
-pub fn vocab_metadata(v: &GgufVocab, meta: &mut Metadata) {
-    meta.set("tokenizer.ggml.model", Value::String(v.model.clone()));
-    meta.set("tokenizer.ggml.pre", Value::String(v.pre.clone()));
-    meta.set(
-        "tokenizer.ggml.tokens",
-        Value::strings(v.tokens.iter().cloned()),
-    );
-    meta.set(
-        "tokenizer.ggml.scores",
-        Value::f32s(v.scores.iter().copied()),
-    );
-    meta.set(
-        "tokenizer.ggml.token_type",
-        Value::i32s(v.token_types.iter().copied()),
-    );
-    for (k, id) in [
-        ("tokenizer.ggml.bos_token_id", v.bos_id),
-        ("tokenizer.ggml.eos_token_id", v.eos_id),
-        ("tokenizer.ggml.unknown_token_id", v.unk_id),
-        ("tokenizer.ggml.padding_token_id", v.pad_id),
-    ] {
-        if let Some(id) = id {
-            meta.set(k, Value::U32(id));
-        }
-    }
-    for (k, b) in [
-        ("tokenizer.ggml.add_bos_token", v.add_bos),
-        ("tokenizer.ggml.add_eos_token", v.add_eos),
-        ("tokenizer.ggml.add_space_prefix", v.add_space_prefix),
-    ] {
-        if let Some(b) = b {
-            meta.set(k, Value::Bool(b));
-        }
-    }
-    if let Some(t) = &v.chat_template {
-        meta.set("tokenizer.chat_template", Value::String(t.clone()));
-    }
-}
-
-/// GGUF `ne` (reverse of the PyTorch shape).
-pub fn ne_of(shape: &[usize]) -> Vec<u64> {
-    shape.iter().rev().map(|&d| d as u64).collect()
-}
-
 /// The model name used in output file names: --name, else the checkpoint directory's name. It
 /// must be one plain file-name part: `--name ../x` would write outside the output directory, and
 /// a leading dot could collide with our temporary files (which `cleanup_stale_temps` deletes).
@@ -126,124 +64,10 @@ pub fn output_name(src: &Source, opts: &ConvertOptions) -> Result<String> {
     Ok(name)
 }
 
-/// Decide every output tensor's type and build the artefacts' metadata.
-pub fn plan_artefacts(src: &mut Source, opts: &ConvertOptions) -> Result<Vec<ArtefactPlan>> {
-    let name = output_name(src, opts)?;
-    src.vars.set("name", Var::Str(name.clone()));
-    let ft = opts.file_type;
-    // The base type for non-quantized outputs; quantized file types start from F16 for the mmproj.
-    let float_out = match ft {
-        FileType::AllF32 => GgmlType::F32,
-        FileType::MostlyBF16 => GgmlType::BF16,
-        _ => GgmlType::F16,
-    };
-    let policy = DtypePolicy::load();
-    let mut vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
-    // LLaVA checkpoints carry no chat template; the one they were trained with is llava_v1.
-    if vocab.chat_template.is_none() {
-        vocab.chat_template = Some(LLAVA_V1_CHAT_TEMPLATE.to_string());
-    }
-    let mut plans = vec![];
-    for (ai, art) in src.recipe.artefacts.iter().enumerate() {
-        let art_ft = if art.kind == "llm" {
-            ft
-        } else {
-            mmproj_file_type(ft, opts.vision_type)
-        };
-        src.vars.set("file_type", Var::Int(art_ft.id() as i64));
-        let mut meta = src.vars.metadata(&art.metadata)?;
-        if art.tokenizer {
-            vocab_metadata(&vocab, &mut meta);
-        }
-        let mut tensors: Vec<OutTensor> = src
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.artefact == ai)
-            .map(|(i, r)| {
-                let ty = policy.choose(&r.row.dst, r.row.shape.len(), float_out);
-                OutTensor {
-                    info: TensorInfo {
-                        name: r.row.dst.clone(),
-                        ne: ne_of(&r.row.shape),
-                        ty,
-                    },
-                    row: i,
-                }
-            })
-            .collect();
-        crate::quantize::apply_mixture(
-            &art.kind,
-            ft,
-            opts.vision_type,
-            &src.hparams,
-            &mut tensors,
-            &mut meta,
-        )?;
-        // A float LLM is written in source-file order, so its tensors can come from the
-        // ShardStream that also feeds the input hasher (one disk read of each byte). A quantized LLM keeps
-        // llama-quantize's order (byte-identical files); the small mmproj keeps the recipe order
-        // (identical whichever way the tower is stored).
-        if art.kind == "llm" && crate::quantize::is_float_type(ft) {
-            tensors.sort_by_key(|t| src.source_position(&src.rows[t.row]));
-        }
-        // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
-        let file = art
-            .file
-            .replace("{name}", &name)
-            .replace("{ftype}", art_ft.name());
-        plans.push(ArtefactPlan {
-            kind: art.kind.clone(),
-            path: opts.out_dir.join(file),
-            file_type: art_ft,
-            meta,
-            tensors,
-        });
-    }
-    Ok(plans)
-}
-
-/// The mmproj's own file type: F16/F32/BF16 follow --outtype; under quantization it stays F16
-/// unless the vision tower is quantized too.
-fn mmproj_file_type(ft: FileType, vision_type: Option<GgmlType>) -> FileType {
-    match (ft, vision_type) {
-        (FileType::AllF32 | FileType::MostlyBF16 | FileType::MostlyF16, _) => ft,
-        (_, Some(GgmlType::Q8_0)) => FileType::MostlyQ8_0,
-        _ => FileType::MostlyF16,
-    }
-}
-
-/// Index of the first NaN or ±Inf value, if any. Scans 256-byte blocks without branching (the
-/// compiler vectorizes it: at 7B scale an early-exit loop cost 6 s of the main thread), and
-/// looks for the exact index only inside a block that has one.
-pub fn first_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
-    fn scan<const N: usize>(bytes: &[u8], bad: impl Fn([u8; N]) -> bool) -> Option<usize> {
-        const BLOCK: usize = 256;
-        let elem = |c: &[u8]| -> [u8; N] { c.try_into().expect("chunks_exact") };
-        bytes.chunks(BLOCK).enumerate().find_map(|(bi, block)| {
-            let any = block
-                .chunks_exact(N)
-                .fold(0u8, |acc, c| acc | bad(elem(c)) as u8);
-            (any != 0).then(|| {
-                let i = block.chunks_exact(N).position(|c| bad(elem(c)));
-                bi * BLOCK / N + i.expect("a hit in this block")
-            })
-        })
-    }
-    match ty {
-        GgmlType::F32 => scan::<4>(bytes, |c| {
-            u32::from_le_bytes(c) & 0x7f80_0000 == 0x7f80_0000
-        }),
-        GgmlType::F16 => scan::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7c00 == 0x7c00),
-        GgmlType::BF16 => scan::<2>(bytes, |c| u16::from_le_bytes(c) & 0x7f80 == 0x7f80),
-        _ => None,
-    }
-}
-
 /// Whether an artefact takes its tensors in source-file order (see `plan_artefacts`), so that
 /// they can come from a `ShardStream`.
 fn in_source_order(plan: &ArtefactPlan) -> bool {
-    plan.kind == "llm" && crate::quantize::is_float_type(plan.file_type)
+    plan.kind == "llm" && is_float_type(plan.file_type)
 }
 
 /// Write one artefact to its temporary file. Returns the record for the manifest, per-tensor
@@ -358,10 +182,16 @@ pub fn write_artefact(
 pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let t0 = Instant::now();
     let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
-    output_name(&src, opts)?; // a bad --name is refused before anything is created
+    let name = output_name(&src, opts)?; // a bad --name is refused before anything is created
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     crate::fsutil::cleanup_stale_temps(&opts.out_dir);
-    let plans = plan_artefacts(&mut src, opts)?;
+    let plans = plan_artefacts(
+        &mut src,
+        &name,
+        opts.file_type,
+        opts.vision_type,
+        &opts.out_dir,
+    )?;
     // Inputs are hashed while converting. A float LLM takes its tensors in file order, so the
     // checkpoint's shards are read once, by a ShardStream that feeds both the hasher and the
     // conversion; other inputs (and every input of a quantizing run) are hashed on a thread of
@@ -426,7 +256,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
             .join()
             .map_err(|_| Error::other("input hashing thread panicked"))??,
     );
-    let stem = format!("{}-{}", output_name(&src, opts)?, opts.file_type.name());
+    let stem = format!("{name}-{}", opts.file_type.name());
     let m = Manifest::new(
         &opts.command_line,
         &src.recipe.name,
@@ -448,38 +278,4 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_bytes: crate::progress::peak_rss_bytes(),
     })
-}
-
-#[cfg(test)]
-mod nonfinite_tests {
-    use super::*;
-
-    /// Every position of one NaN/Inf in every float type, against a plain per-value test.
-    #[test]
-    fn finds_the_first_nonfinite_value() {
-        let n = 700; // several 256-byte blocks plus a tail
-        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
-            let enc = |v: f32| -> Vec<u8> {
-                match ty {
-                    GgmlType::F32 => v.to_le_bytes().to_vec(),
-                    GgmlType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
-                    _ => half::bf16::from_f32(v).to_le_bytes().to_vec(),
-                }
-            };
-            let finite: Vec<u8> = (0..n).flat_map(|i| enc(i as f32 * 0.37 - 100.0)).collect();
-            assert_eq!(first_nonfinite(ty, &finite), None, "{ty}");
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                for pos in [0, 1, 63, 64, 127, 128, 255, 256, n - 1] {
-                    let mut b = finite.clone();
-                    let sz = ty.type_size();
-                    b[pos * sz..(pos + 1) * sz].copy_from_slice(&enc(bad));
-                    // a second one later must not win
-                    if pos + 5 < n {
-                        b[(pos + 5) * sz..(pos + 6) * sz].copy_from_slice(&enc(bad));
-                    }
-                    assert_eq!(first_nonfinite(ty, &b), Some(pos), "{ty} {bad} at {pos}");
-                }
-            }
-        }
-    }
 }

@@ -1,7 +1,9 @@
 //! One error type for the whole crate. Every error names the file and, where
 //! there is one, the tensor; `exit_code` maps errors to the CLI contract, the same for every
-//! verb: 1 = bad input (a file missing, unreadable, malformed or not what the recipe expects)
-//! or a failed check (verify), 2 = usage error (the command line itself).
+//! verb: 1 = bad input (a file missing, unreadable, malformed or not what the recipe expects),
+//! 2 = usage error (the command line itself), 3 = the verb ran and its check came out negative
+//! (verify: the artefact failed). 3 stands alone so that a script can tell "the artefact is wrong"
+//! from "verify could not run".
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +28,10 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// Anything else (numerical backends, CUDA, internal invariants, a failed verification).
+    /// A check ran and failed (verify's verdict): the one error that is not about the input.
+    #[error("{0}")]
+    Failed(String),
+    /// Anything else (numerical backends, CUDA, internal invariants).
     #[error("{0}")]
     Other(String),
 }
@@ -67,6 +72,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Usage(_) => 2,
+            Error::Failed(_) => 3,
             _ => 1,
         }
     }

@@ -890,7 +890,11 @@ fn verify_on_cuda_passes_and_fails_where_cpu_does() {
             assert_eq!(v["device"], dev, "{what}");
             res.push((rc, v));
         }
-        let kl = |v: &serde_json::Value| v["logits"]["kl_mean"].as_f64().unwrap_or(f64::NAN);
+        let kl = |v: &serde_json::Value| {
+            v["quality_logits"]["kl"]["kl_mean"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
         let secs = |v: &serde_json::Value| v["seconds"].as_f64().unwrap_or(f64::NAN);
         println!(
             "  {:<22} {:>4} {:>4}  {:>11.3e} {:>11.3e}  {:>8.3} {:>8.3}",

@@ -1,6 +1,7 @@
 //! Broken artefacts for verify's fail tests (CPU in tests/verify.rs, CUDA in tests/cuda_gpu.rs):
 //! each is a GGUF rewritten with one deliberate fault.
-use mmfuser_convert::gguf::{GgufFile, GgufWriter};
+#![allow(dead_code)] // each test binary uses its own part of the set
+use mmfuser_convert::gguf::{GgmlType, GgufFile, GgufWriter, Metadata, TensorInfo};
 use mmfuser_convert::recipe::permute_rows;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,8 @@ pub fn sabotage(
     w.finish().unwrap();
 }
 
-/// The four sabotaged (LLM, mmproj) pairs built from the fixture's F16 artefacts, written into `dir`:
+/// The four sabotaged (LLM, mmproj) pairs built from the fixture's artefacts (an F16 or quantized
+/// LLM), written into `dir`:
 /// Q/K left unpermuted, layers 0 and 1 swapped, the fuser's gamma2 zeroed, one tensor perturbed.
 pub fn sabotaged_artefacts(
     dir: &Path,
@@ -51,13 +53,15 @@ pub fn sabotaged_artefacts(
             return;
         };
         let t = g.tensor(name).unwrap();
-        let (cols, rows) = (t.info.ne[0] as usize, t.info.ne[1] as usize);
+        // Rows are whole blocks in every type: permute them as opaque byte rows.
+        let (cols, rows) = (t.info.ne[0], t.info.ne[1] as usize);
+        let row_bytes = t.info.ty.bytes_for(cols).unwrap() as usize;
         let orig = data.clone();
-        let mut cur = permute_rows(&orig, rows, cols, heads, 2);
+        let mut cur = permute_rows(&orig, rows, row_bytes, heads, 1);
         let mut prev = orig.clone();
         while cur != orig {
             prev = cur.clone();
-            cur = permute_rows(&cur, rows, cols, heads, 2);
+            cur = permute_rows(&cur, rows, row_bytes, heads, 1);
         }
         *data = prev;
     });
@@ -82,7 +86,7 @@ pub fn sabotaged_artefacts(
             data.iter_mut().for_each(|b| *b = 0);
         }
     });
-    // A few f16 values of one matrix perturbed.
+    // A few bytes of one matrix perturbed (for F16: one bit of 2000 values).
     let perturbed = dir.join("perturbed.gguf");
     sabotage(llm, &perturbed, &same, &|name, _, data| {
         if name == "blk.1.ffn_down.weight" {
@@ -97,4 +101,51 @@ pub fn sabotaged_artefacts(
         ("zeroed gamma2", llm.to_path_buf(), gamma),
         ("perturbed tensor", perturbed, mmproj.to_path_buf()),
     ]
+}
+
+/// Rewrite a GGUF with its metadata edited (tensor data unchanged).
+pub fn with_metadata(src: &Path, dst: &Path, edit: &dyn Fn(&mut Metadata)) {
+    rewrite(src, dst, edit, &|_, _, _| {}, None);
+}
+
+/// Rewrite a GGUF with metadata and tensor data edited, optionally appending one tensor.
+pub fn rewrite(
+    src: &Path,
+    dst: &Path,
+    edit_meta: &dyn Fn(&mut Metadata),
+    edit: &dyn Fn(&str, &GgufFile, &mut Vec<u8>),
+    extra: Option<(TensorInfo, Vec<u8>)>,
+) {
+    let g = GgufFile::open(src).unwrap();
+    let mut meta = g.metadata.clone();
+    edit_meta(&mut meta);
+    let mut infos: Vec<TensorInfo> = g.tensors.iter().map(|t| t.info.clone()).collect();
+    if let Some((i, _)) = &extra {
+        infos.push(i.clone());
+    }
+    let mut w = GgufWriter::create(dst, &meta, infos).unwrap();
+    for t in &g.tensors {
+        let mut data = g.data(t).to_vec();
+        edit(&t.info.name, &g, &mut data);
+        w.write_tensor(&t.info.name, &data).unwrap();
+    }
+    if let Some((i, d)) = &extra {
+        w.write_tensor(&i.name, d).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// Multiply the f16 at `at` in `data` by `k`.
+pub fn scale_f16(data: &mut [u8], at: usize, k: f32) {
+    let v = half::f16::from_le_bytes([data[at], data[at + 1]]).to_f32() * k;
+    data[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+}
+
+/// Offset of the super-block scale `d` (an f16) inside one block of a quantized type: Q4_K and
+/// Q8_0/Q4_0 begin with it, Q6_K ends with it (ggml's block layouts).
+pub fn scale_offset(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q6K => ty.type_size() - 2,
+        _ => 0,
+    }
 }
