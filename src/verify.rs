@@ -6,6 +6,7 @@
 //! weights passed through the types the artefact records, config.json's hyper-parameters, the
 //! checkpoint's tokenizer). Quality (KL against the float source, as llama-perplexity's
 //! `--kl-divergence` reports it) is always reported and judged only under `--tolerance`.
+use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::artefact::GgufWeights;
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
