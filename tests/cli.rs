@@ -264,7 +264,8 @@ fn output_options_are_one_set() {
     }
 }
 
-/// One rule for every verb: 0 success, 1 bad input or failed check, 2 usage error.
+/// One rule for every verb: 0 success, 1 bad input, 2 usage error, 3 a check that ran and failed
+/// (verify), so that a failed artefact is never mistaken for a verify that could not run.
 #[test]
 fn exit_codes_follow_one_rule() {
     let tmp = tempdir();
@@ -309,13 +310,13 @@ fn exit_codes_follow_one_rule() {
     );
     one(os(&[&"synth", &"--size", &"tiny"]), 2);
     one(os(&[&"demo", &"--no-such-flag"]), 2);
-    // a check that ran and failed: 1
+    // a check that ran and failed: 3
     let q = t.join("q.gguf");
     run(
         os(&[&"quantize", &llm, &"--bits", &"4", &"-o", &q, &"-q"]),
         t,
     )
     .ok();
-    one(verify_args(&q, &mmproj, &["--tolerance", "1e-12", "-q"]), 1);
+    one(verify_args(&q, &mmproj, &["--tolerance", "1e-12", "-q"]), 3);
     assert!(!out.exists());
 }

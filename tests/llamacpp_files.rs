@@ -103,7 +103,7 @@ fn quantized_files_are_llama_cpp_s_files() {
         &"--outtype",
         &"f32",
         &"-q",
-        &"-o",
+        &"--out-dir",
         &d,
     ]);
     let input = d.join("tiny-llava-mmfuser-F32.gguf");
