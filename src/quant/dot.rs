@@ -373,9 +373,7 @@ pub fn matmul_with(
                 for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
                     ys[r * n + j] = match &act {
                         Act::Q8K(a) => dot_row_k(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]),
-                        Act::Q8_0(a) => {
-                            dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row])
-                        }
+                        Act::Q8_0(a) => dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]),
                     };
                 }
             }
@@ -401,7 +399,7 @@ mod avx2 {
     //! levels by signed activations and adds pairs into i16 (no saturation: |levels| <= 63,
     //! |activations| <= 127), `madd` by the sub-block scale (or 1) adds pairs into i32.
     //! Safety: callers run these only after detecting AVX2; the slices have the block's size.
-    use super::{BlockQ8K, BlockQ8_0Act, get_scale_min_k4};
+    use super::{get_scale_min_k4, BlockQ8K, BlockQ8_0Act};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -493,10 +491,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn q8_0_sum(w: &[u8], a: &BlockQ8_0Act) -> i32 {
-        dot_i8(
-            load(w[2..34].as_ptr()),
-            load(a.qs.as_ptr() as *const u8),
-        )
+        dot_i8(load(w[2..34].as_ptr()), load(a.qs.as_ptr() as *const u8))
     }
 
     #[target_feature(enable = "avx2")]
@@ -553,13 +548,24 @@ mod tests {
     #[test]
     fn activation_blocks_equal_llamacpp_from_float() {
         let (_, x) = npy("x.npy");
-        let ours: Vec<u8> = x.chunks(QK_K).flat_map(|c| bytes_of_q8k(&quantize_q8k(c))).collect();
-        assert_eq!(ours, std::fs::read(dir().join("x.Q8_K.bin")).unwrap(), "Q8_K");
+        let ours: Vec<u8> = x
+            .chunks(QK_K)
+            .flat_map(|c| bytes_of_q8k(&quantize_q8k(c)))
+            .collect();
+        assert_eq!(
+            ours,
+            std::fs::read(dir().join("x.Q8_K.bin")).unwrap(),
+            "Q8_K"
+        );
         let ours: Vec<u8> = x
             .chunks(QK8_0)
             .flat_map(|c| bytes_of_q8_0(&quantize_q8_0_act(c)))
             .collect();
-        assert_eq!(ours, std::fs::read(dir().join("x.Q8_0.bin")).unwrap(), "Q8_0");
+        assert_eq!(
+            ours,
+            std::fs::read(dir().join("x.Q8_0.bin")).unwrap(),
+            "Q8_0"
+        );
     }
 
     /// The block's bytes with every level set to 0: what dequantizes to the offsets (-8d, -16d,
@@ -605,7 +611,8 @@ mod tests {
                     for j in 0..n {
                         let mag: f64 = (0..k)
                             .map(|i| {
-                                let wi = (wd[o * k + i] as f64).abs() + (w0[o * k + i] as f64).abs();
+                                let wi =
+                                    (wd[o * k + i] as f64).abs() + (w0[o * k + i] as f64).abs();
                                 wi * (x[j * k + i] as f64).abs()
                             })
                             .sum();
@@ -618,7 +625,9 @@ mod tests {
                         );
                     }
                 }
-                eprintln!("{ty} {isa:?}: largest |ours - llama.cpp| / sum (|w|+|offset|)|x| = {worst:e}");
+                eprintln!(
+                    "{ty} {isa:?}: largest |ours - llama.cpp| / sum (|w|+|offset|)|x| = {worst:e}"
+                );
             }
         }
     }
@@ -639,7 +648,9 @@ mod tests {
             s ^= s << 17;
             s
         };
-        let x: Vec<f32> = (0..n * k).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+        let x: Vec<f32> = (0..n * k)
+            .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
+            .collect();
         for ty in TYPES {
             let mut w: Vec<u8> = (0..out * ty.bytes_for(k as u64).unwrap() as usize)
                 .map(|_| next() as u8)
