@@ -11,7 +11,7 @@ pub mod ops;
 pub mod weights;
 
 pub use llama::{build_inputs, IMAGE_TOKEN};
-pub use ops::{Backend, CpuBackend};
+pub use ops::{Backend, CpuBackend, CpuF32Linear};
 pub use weights::{MemWeights, RawTensor, WeightSource};
 
 use crate::error::{Error, Result};

@@ -710,6 +710,103 @@ impl Backend for CpuBackend {
     }
 }
 
+/// The CPU backend with every linear on f32 weights (block-quantized ones dequantized, f32
+/// activations): the arithmetic of the CUDA backend, so the reference its tests compare with.
+/// Everything else is [`CpuBackend`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuF32Linear;
+
+impl Backend for CpuF32Linear {
+    type T = Tensor;
+    type W = Tensor;
+    fn name(&self) -> &'static str {
+        "cpu (f32 linear)"
+    }
+    fn upload(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.upload(x)
+    }
+    fn download(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.download(x)
+    }
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        dims2(x)
+    }
+    fn weight(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.weight(ws, name)
+    }
+    fn weight_dims(&self, w: &Tensor) -> (usize, usize) {
+        dims2(w)
+    }
+    fn param(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.param(ws, name)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        CpuBackend.linear(x, w, bias)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_head: usize,
+        n_head_kv: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        CpuBackend.attention(q, k, v, n_head, n_head_kv, causal)
+    }
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.layer_norm(x, w, b, eps)
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn softmax_groups(&self, x: &Tensor, group: usize) -> Result<Tensor> {
+        CpuBackend.softmax_groups(x, group)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.add(a, b)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.mul(a, b)
+    }
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.quick_gelu(x)
+    }
+    fn gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.gelu_erf(x)
+    }
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        CpuBackend.silu_mul(gate, up)
+    }
+    fn rope_interleaved(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Tensor> {
+        CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn msda(
+        &self,
+        value: &Tensor,
+        levels: &[(usize, usize)],
+        offsets: &Tensor,
+        weights: &Tensor,
+        ref_grid: (usize, usize),
+        n_heads: usize,
+        n_points: usize,
+    ) -> Result<Tensor> {
+        CpuBackend.msda(value, levels, offsets, weights, ref_grid, n_heads, n_points)
+    }
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        CpuBackend.rows(x, start, len)
+    }
+    fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        CpuBackend.concat_rows(xs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -739,6 +836,11 @@ mod tests {
             let got = be.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
             let got = with_f32(&got, |s| s.to_vec()).unwrap();
             let f32_road = linear_via_weight(&be, &ws, "w", &xt, Some(&bt)).unwrap();
+            let other = CpuF32Linear.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
+            assert_eq!(
+                other.to_vec2::<f32>().unwrap(),
+                f32_road.to_vec2::<f32>().unwrap()
+            );
             let f32_road = with_f32(&f32_road, |s| s.to_vec()).unwrap();
             if quant_dot::supported(ty) {
                 let want = quant_dot::matmul(ty, &bytes, out, k, &x, n).unwrap();
