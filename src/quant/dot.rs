@@ -161,43 +161,71 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 // ---- per super-block / block integer sums (scalar) --------------------------------------------
 
-/// Q4_K: (Σ_j sc_j Σ q·a, Σ_j m_j·bsum_j) of one super-block.
-fn q4k_sums_scalar(w: &[u8], a: &BlockQ8K) -> (i32, i32) {
-    let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
+/// A K-quant super-block's scales, decoded once and used against every activation row.
+#[derive(Clone, Copy, Debug)]
+pub struct KScales {
+    d: f32,
+    dmin: f32,
+    /// Sub-block scales: 8 (Q4_K, Q5_K: 6-bit) or 16 (Q6_K: signed 8-bit).
+    sc: [i16; 16],
+    /// Sub-block mins (Q4_K, Q5_K).
+    m: [i16; 8],
+}
+
+/// Decode the scales of one super-block of `ty` (a K-quant).
+fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
+    let mut k = KScales {
+        d: 0.0,
+        dmin: 0.0,
+        sc: [0; 16],
+        m: [0; 8],
+    };
+    if ty == GgmlType::Q6K {
+        k.d = f16_at(w, 208);
+        for (o, &v) in k.sc.iter_mut().zip(&w[192..208]) {
+            *o = v as i8 as i16;
+        }
+    } else {
+        k.d = f16_at(w, 0);
+        k.dmin = f16_at(w, 2);
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&w[4..16]);
+        for j in 0..8 {
+            let (sc, m) = get_scale_min_k4(j, &scales);
+            (k.sc[j], k.m[j]) = (sc as i16, m as i16);
+        }
+    }
+    k
+}
+
+/// Σ_j m_j · (sum of the 32 activations of sub-block j), for Q4_K / Q5_K.
+#[inline(always)]
+fn k_mins(k: &KScales, a: &BlockQ8K) -> i32 {
+    (0..8)
+        .map(|j| k.m[j] as i32 * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32))
+        .sum()
+}
+
+/// Q4_K: Σ_j sc_j Σ q·a of one super-block.
+fn q4k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
     let qs = &w[16..144];
     let mut isum = 0i32;
     for c in 0..4 {
-        let (sc1, _) = get_scale_min_k4(2 * c, scales);
-        let (sc2, _) = get_scale_min_k4(2 * c + 1, scales);
         let (mut s1, mut s2) = (0i32, 0i32);
         for l in 0..32 {
             let q = qs[32 * c + l];
             s1 += (q & 0xF) as i32 * a.qs[64 * c + l] as i32;
             s2 += (q >> 4) as i32 * a.qs[64 * c + 32 + l] as i32;
         }
-        isum += sc1 as i32 * s1 + sc2 as i32 * s2;
+        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
     }
-    (isum, k_mins(scales, a))
+    isum
 }
 
-/// Σ_j m_j · (sum of the 32 activations of sub-block j), for Q4_K / Q5_K.
-#[inline(always)]
-fn k_mins(scales: &[u8; 12], a: &BlockQ8K) -> i32 {
-    (0..8)
-        .map(|j| {
-            let (_, m) = get_scale_min_k4(j, scales);
-            m as i32 * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32)
-        })
-        .sum()
-}
-
-fn q5k_sums_scalar(w: &[u8], a: &BlockQ8K) -> (i32, i32) {
-    let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
+fn q5k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
     let (qh, qs) = (&w[16..48], &w[48..176]);
     let mut isum = 0i32;
     for c in 0..4 {
-        let (sc1, _) = get_scale_min_k4(2 * c, scales);
-        let (sc2, _) = get_scale_min_k4(2 * c + 1, scales);
         let (mut s1, mut s2) = (0i32, 0i32);
         for l in 0..32 {
             let q = qs[32 * c + l];
@@ -206,14 +234,14 @@ fn q5k_sums_scalar(w: &[u8], a: &BlockQ8K) -> (i32, i32) {
             s1 += lo as i32 * a.qs[64 * c + l] as i32;
             s2 += hi as i32 * a.qs[64 * c + 32 + l] as i32;
         }
-        isum += sc1 as i32 * s1 + sc2 as i32 * s2;
+        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
     }
-    (isum, k_mins(scales, a))
+    isum
 }
 
 /// Q6_K: Σ_s sc_s Σ (q-32)·a, as Σ_s sc_s (Σ q·a - 32·bsum_s).
-fn q6k_sum_scalar(w: &[u8], a: &BlockQ8K) -> i32 {
-    let (ql, qh, sc) = (&w[0..128], &w[128..192], &w[192..208]);
+fn q6k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+    let (ql, qh) = (&w[0..128], &w[128..192]);
     let mut isum = 0i32;
     for h in 0..2 {
         let mut sub = [0i32; 8];
@@ -225,12 +253,12 @@ fn q6k_sum_scalar(w: &[u8], a: &BlockQ8K) -> i32 {
                 (lo >> 4) | (((hb >> 4) & 3) << 4),
                 (hi >> 4) | (((hb >> 6) & 3) << 4),
             ];
-            for (k, &qk) in q.iter().enumerate() {
-                sub[2 * k + l / 16] += qk as i32 * a.qs[128 * h + 32 * k + l] as i32;
+            for (kk, &qk) in q.iter().enumerate() {
+                sub[2 * kk + l / 16] += qk as i32 * a.qs[128 * h + 32 * kk + l] as i32;
             }
         }
         for (s, &v) in sub.iter().enumerate() {
-            isum += sc[8 * h + s] as i8 as i32 * (v - 32 * a.bsums[8 * h + s] as i32);
+            isum += k.sc[8 * h + s] as i32 * (v - 32 * a.bsums[8 * h + s] as i32);
         }
     }
     isum
@@ -267,31 +295,32 @@ fn q5_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
 
 // ---- row dot products: shared f32 combination over blocks -------------------------------------
 
+/// One super-block's term: d_w·d_a·Σ sc·q·a (- dmin_w·d_a·Σ m·bsum). The one place of this
+/// f32 arithmetic, whatever the ISA.
+#[inline(always)]
+fn k_term(ty: GgmlType, isa: Isa, w: &[u8], k: &KScales, a: &BlockQ8K) -> f32 {
+    let isum = match (ty, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sum(w, k, a) },
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q6K, Isa::Avx2) => unsafe { avx2::q6k_sum(w, k, a) },
+        (GgmlType::Q4K, _) => q4k_sum_scalar(w, k, a),
+        (GgmlType::Q6K, _) => q6k_sum_scalar(w, k, a),
+        _ => q5k_sum_scalar(w, k, a),
+    };
+    if ty == GgmlType::Q6K {
+        k.d * a.d * isum as f32
+    } else {
+        k.d * a.d * isum as f32 - k.dmin * a.d * k_mins(k, a) as f32
+    }
+}
+
 /// One weight row (whole blocks of `ty`) against one quantized activation row.
 /// The caller guarantees the lengths agree (`matmul` checks them).
 pub fn dot_row_k(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8K]) -> f32 {
-    let size = ty.type_size();
     let mut sum = 0f32;
-    for (wb, ab) in w.chunks_exact(size).zip(a) {
-        sum += match ty {
-            GgmlType::Q6K => {
-                let isum = match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { avx2::q6k_sum(wb, ab) },
-                    _ => q6k_sum_scalar(wb, ab),
-                };
-                f16_at(wb, 208) * ab.d * isum as f32
-            }
-            _ => {
-                let (isum, msum) = match (ty, isa) {
-                    #[cfg(target_arch = "x86_64")]
-                    (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sums(wb, ab) },
-                    (GgmlType::Q4K, _) => q4k_sums_scalar(wb, ab),
-                    _ => q5k_sums_scalar(wb, ab),
-                };
-                f16_at(wb, 0) * ab.d * isum as f32 - f16_at(wb, 2) * ab.d * msum as f32
-            }
-        };
+    for (wb, ab) in w.chunks_exact(ty.type_size()).zip(a) {
+        sum += k_term(ty, isa, wb, &k_scales(ty, wb), ab);
     }
     sum
 }
@@ -318,6 +347,8 @@ pub fn dot_row_0(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8_0Act]) -> f32 {
 /// Weight rows handled by one task: their bytes stay in cache while every activation row
 /// passes by.
 const ROWS_PER_TASK: usize = 8;
+/// Activation rows per pass over a task's weight rows (16 rows of 4096: 75 KB of Q8_K).
+const ACT_TILE: usize = 16;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
 /// (row-major, as stored in GGUF). Errors if `ty` has no kernel or the sizes disagree.
@@ -366,15 +397,34 @@ pub fn matmul_with(
     }
     let act = quantize_act(ty, x, k);
     let per_row = k / ty.block_size();
+    let size = ty.type_size();
     yt.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(w.par_chunks(row_bytes * ROWS_PER_TASK))
-        .for_each(|(ys, ws)| {
-            for j in 0..n {
-                for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
-                    ys[r * n + j] = match &act {
-                        Act::Q8K(a) => dot_row_k(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]),
-                        Act::Q8_0(a) => dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]),
-                    };
+        .for_each(|(ys, ws)| match &act {
+            Act::Q8K(a) => {
+                // Scales decoded once per task; activation rows in tiles that stay in cache
+                // while the task's weight rows pass over them. Per output, the terms are
+                // summed in block order, as in `dot_row_k`.
+                let dec: Vec<KScales> = ws.chunks_exact(size).map(|b| k_scales(ty, b)).collect();
+                for j0 in (0..n).step_by(ACT_TILE) {
+                    for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
+                        let kd = &dec[r * per_row..(r + 1) * per_row];
+                        for j in j0..(j0 + ACT_TILE).min(n) {
+                            let ar = &a[j * per_row..(j + 1) * per_row];
+                            let mut sum = 0f32;
+                            for ((wb, ks), ab) in wr.chunks_exact(size).zip(kd).zip(ar) {
+                                sum += k_term(ty, isa, wb, ks, ab);
+                            }
+                            ys[r * n + j] = sum;
+                        }
+                    }
+                }
+            }
+            Act::Q8_0(a) => {
+                for j in 0..n {
+                    for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
+                        ys[r * n + j] = dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]);
+                    }
                 }
             }
         });
@@ -399,7 +449,7 @@ mod avx2 {
     //! levels by signed activations and adds pairs into i16 (no saturation: |levels| <= 63,
     //! |activations| <= 127), `madd` by the sub-block scale (or 1) adds pairs into i32.
     //! Safety: callers run these only after detecting AVX2; the slices have the block's size.
-    use super::{get_scale_min_k4, BlockQ8K, BlockQ8_0Act};
+    use super::{BlockQ8K, BlockQ8_0Act, KScales};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -416,25 +466,22 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn q4k_sums(w: &[u8], a: &BlockQ8K) -> (i32, i32) {
-        let scales: &[u8; 12] = w[4..16].try_into().unwrap_or(&[0; 12]);
+    pub unsafe fn q4k_sum(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
         let qs = w[16..144].as_ptr();
         let aq = a.qs.as_ptr() as *const u8;
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = _mm256_setzero_si256();
         for c in 0..4 {
-            let (sc1, _) = get_scale_min_k4(2 * c, scales);
-            let (sc2, _) = get_scale_min_k4(2 * c + 1, scales);
             let q = load(qs.add(32 * c));
             let lo = _mm256_and_si256(q, m4);
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             let p1 = _mm256_maddubs_epi16(lo, load(aq.add(64 * c)));
             let p2 = _mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32)));
-            let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc1 as i16));
-            let p2 = _mm256_madd_epi16(p2, _mm256_set1_epi16(sc2 as i16));
+            let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(k.sc[2 * c]));
+            let p2 = _mm256_madd_epi16(p2, _mm256_set1_epi16(k.sc[2 * c + 1]));
             acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
         }
-        (hsum(acc), super::k_mins(scales, a))
+        hsum(acc)
     }
 
     /// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5.
@@ -450,8 +497,8 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn q6k_sum(w: &[u8], a: &BlockQ8K) -> i32 {
-        let (ql, qh, sc) = (w.as_ptr(), w[128..].as_ptr(), &w[192..208]);
+    pub unsafe fn q6k_sum(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+        let (ql, qh, sc) = (w.as_ptr(), w[128..].as_ptr(), &k.sc);
         let aq = a.qs.as_ptr() as *const u8;
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = _mm256_setzero_si256();
@@ -466,16 +513,16 @@ mod avx2 {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
             ];
-            for (k, &qk) in q.iter().enumerate() {
-                let p = _mm256_maddubs_epi16(qk, load(aq.add(128 * h + 32 * k)));
+            for (kk, &qk) in q.iter().enumerate() {
+                let p = _mm256_maddubs_epi16(qk, load(aq.add(128 * h + 32 * kk)));
                 // i16 lanes 0..7 hold values 0..15 (sub-block 2k), lanes 8..15 values 16..31.
-                let s0 = sc[8 * h + 2 * k] as i8 as i16;
-                let s1 = sc[8 * h + 2 * k + 1] as i8 as i16;
+                let s0 = sc[8 * h + 2 * kk];
+                let s1 = sc[8 * h + 2 * kk + 1];
                 let scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scv));
             }
             for s in 0..8 {
-                corr += sc[8 * h + s] as i8 as i32 * a.bsums[8 * h + s] as i32;
+                corr += sc[8 * h + s] as i32 * a.bsums[8 * h + s] as i32;
             }
         }
         hsum(acc) - 32 * corr
@@ -640,7 +687,8 @@ mod tests {
             eprintln!("SKIPPED simd_equals_scalar_exactly: this CPU has no AVX2");
             return;
         }
-        let (n, out, k) = (3, 5, 1024);
+        // More activation rows than one tile, weight rows not a multiple of a task's.
+        let (n, out, k) = (37, 11, 1024);
         let mut s = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {
             s ^= s << 13;
@@ -670,6 +718,20 @@ mod tests {
             let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
             let b = matmul_with(Isa::current(), ty, &w, out, k, &x, n).unwrap();
             assert!(a.iter().all(|v| v.is_finite()), "{ty}");
+            // The tiled matmul gives each output exactly the one-row dot product.
+            let act = quantize_act(ty, &x, k);
+            let per = k / ty.block_size();
+            let rb = w.len() / out;
+            for j in 0..n {
+                for o in 0..out {
+                    let wr = &w[o * rb..(o + 1) * rb];
+                    let want = match &act {
+                        Act::Q8K(v) => dot_row_k(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
+                        Act::Q8_0(v) => dot_row_0(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
+                    };
+                    assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
+                }
+            }
             assert_eq!(
                 a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
