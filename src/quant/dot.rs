@@ -732,11 +732,14 @@ mod tests {
                     assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
                 }
             }
-            assert_eq!(
-                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{ty}"
-            );
+            if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                panic!(
+                    "{ty}: output {i}: scalar {} vs {:?} {}",
+                    a[i],
+                    Isa::current(),
+                    b[i]
+                );
+            }
         }
     }
 
