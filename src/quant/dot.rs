@@ -168,8 +168,8 @@ pub struct KScales {
     dmin: f32,
     /// Sub-block scales: 8 (Q4_K, Q5_K: 6-bit) or 16 (Q6_K: signed 8-bit).
     sc: [i16; 16],
-    /// Sub-block mins (Q4_K, Q5_K).
-    m: [i16; 8],
+    /// Sub-block mins (Q4_K, Q5_K), each twice: the weight of bsums[i] is m16[i].
+    m16: [i16; 16],
 }
 
 /// Decode the scales of one super-block of `ty` (a K-quant).
@@ -178,7 +178,7 @@ fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
         d: 0.0,
         dmin: 0.0,
         sc: [0; 16],
-        m: [0; 8],
+        m16: [0; 16],
     };
     if ty == GgmlType::Q6K {
         k.d = f16_at(w, 208);
@@ -192,7 +192,9 @@ fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
         scales.copy_from_slice(&w[4..16]);
         for j in 0..8 {
             let (sc, m) = get_scale_min_k4(j, &scales);
-            (k.sc[j], k.m[j]) = (sc as i16, m as i16);
+            k.sc[j] = sc as i16;
+            k.m16[2 * j] = m as i16;
+            k.m16[2 * j + 1] = m as i16;
         }
     }
     k
@@ -201,8 +203,10 @@ fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
 /// Σ_j m_j · (sum of the 32 activations of sub-block j), for Q4_K / Q5_K.
 #[inline(always)]
 fn k_mins(k: &KScales, a: &BlockQ8K) -> i32 {
-    (0..8)
-        .map(|j| k.m[j] as i32 * (a.bsums[2 * j] as i32 + a.bsums[2 * j + 1] as i32))
+    k.m16
+        .iter()
+        .zip(&a.bsums)
+        .map(|(&m, &b)| m as i32 * b as i32)
         .sum()
 }
 
@@ -299,19 +303,19 @@ fn q5_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
 /// f32 arithmetic, whatever the ISA.
 #[inline(always)]
 fn k_term(ty: GgmlType, isa: Isa, w: &[u8], k: &KScales, a: &BlockQ8K) -> f32 {
-    let isum = match (ty, isa) {
+    let (isum, msum) = match (ty, isa) {
         #[cfg(target_arch = "x86_64")]
-        (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sum(w, k, a) },
+        (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sums(w, k, a) },
         #[cfg(target_arch = "x86_64")]
-        (GgmlType::Q6K, Isa::Avx2) => unsafe { avx2::q6k_sum(w, k, a) },
-        (GgmlType::Q4K, _) => q4k_sum_scalar(w, k, a),
-        (GgmlType::Q6K, _) => q6k_sum_scalar(w, k, a),
-        _ => q5k_sum_scalar(w, k, a),
+        (GgmlType::Q6K, Isa::Avx2) => unsafe { (avx2::q6k_sum(w, k, a), 0) },
+        (GgmlType::Q4K, _) => (q4k_sum_scalar(w, k, a), k_mins(k, a)),
+        (GgmlType::Q6K, _) => (q6k_sum_scalar(w, k, a), 0),
+        _ => (q5k_sum_scalar(w, k, a), k_mins(k, a)),
     };
     if ty == GgmlType::Q6K {
         k.d * a.d * isum as f32
     } else {
-        k.d * a.d * isum as f32 - k.dmin * a.d * k_mins(k, a) as f32
+        k.d * a.d * isum as f32 - k.dmin * a.d * msum as f32
     }
 }
 
@@ -460,13 +464,23 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
+    /// Σ_i v[i]·bsums[i] (|v| <= 128, |bsums| <= 2032: the i16 products fit madd's i32 lanes).
+    #[inline(always)]
+    unsafe fn bsum_dot(v: &[i16; 16], a: &BlockQ8K) -> i32 {
+        let b = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+        hsum(_mm256_madd_epi16(
+            _mm256_loadu_si256(v.as_ptr() as *const __m256i),
+            b,
+        ))
+    }
+
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p as *const __m256i)
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn q4k_sum(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+    pub unsafe fn q4k_sums(w: &[u8], k: &KScales, a: &BlockQ8K) -> (i32, i32) {
         let qs = w[16..144].as_ptr();
         let aq = a.qs.as_ptr() as *const u8;
         let m4 = _mm256_set1_epi8(0xF);
@@ -481,7 +495,7 @@ mod avx2 {
             let p2 = _mm256_madd_epi16(p2, _mm256_set1_epi16(k.sc[2 * c + 1]));
             acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
         }
-        hsum(acc)
+        (hsum(acc), bsum_dot(&k.m16, a))
     }
 
     /// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5.
@@ -502,7 +516,6 @@ mod avx2 {
         let aq = a.qs.as_ptr() as *const u8;
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = _mm256_setzero_si256();
-        let mut corr = 0i32;
         for h in 0..2 {
             let lo = load(ql.add(64 * h));
             let hi = load(ql.add(64 * h + 32));
@@ -521,11 +534,8 @@ mod avx2 {
                 let scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scv));
             }
-            for s in 0..8 {
-                corr += sc[8 * h + s] as i32 * a.bsums[8 * h + s] as i32;
-            }
         }
-        hsum(acc) - 32 * corr
+        hsum(acc) - 32 * bsum_dot(&k.sc, a)
     }
 
     /// Signed x signed via maddubs: |w| as unsigned times a with w's sign (a != -128 since
