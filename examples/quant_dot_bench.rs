@@ -7,6 +7,7 @@
 //! - "dot": `quant::dot::matmul` on the quantized bytes (8-bit activations, integer dots);
 //! - "f32": the road before it: dequantize the whole matrix to f32 (in parallel, as
 //!   `WeightSource::tensor_f32`) and multiply with candle (gemm), dequantization included.
+//!
 //! Prints seconds (best of REPS), GFLOP/s (2*rows*out*in / s) and GB/s of weight bytes read.
 use candle_core::{Device, Tensor};
 use mmfuser_convert::quant::{self, dot, GgmlType};
