@@ -315,8 +315,14 @@ fn k_term(ty: GgmlType, isa: Isa, w: &[u8], k: &KScales, a: &BlockQ8K) -> f32 {
     if ty == GgmlType::Q6K {
         k.d * a.d * isum as f32
     } else {
-        k.d * a.d * isum as f32 - k.dmin * a.d * msum as f32
+        k_combine(k, a, isum, msum)
     }
+}
+
+/// The f32 term of a Q4_K / Q5_K super-block from its integer sums.
+#[inline(always)]
+fn k_combine(k: &KScales, a: &BlockQ8K, isum: i32, msum: i32) -> f32 {
+    k.d * a.d * isum as f32 - k.dmin * a.d * msum as f32
 }
 
 /// One weight row (whole blocks of `ty`) against one quantized activation row.
@@ -413,7 +419,29 @@ pub fn matmul_with(
                 for j0 in (0..n).step_by(ACT_TILE) {
                     for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
                         let kd = &dec[r * per_row..(r + 1) * per_row];
-                        for j in j0..(j0 + ACT_TILE).min(n) {
+                        let j1 = (j0 + ACT_TILE).min(n);
+                        let mut j = j0;
+                        #[cfg(target_arch = "x86_64")]
+                        if ty == GgmlType::Q4K && isa == Isa::Avx2 {
+                            // Two activation rows per pass: the weight nibbles unpacked once.
+                            while j + 1 < j1 {
+                                let a0 = &a[j * per_row..(j + 1) * per_row];
+                                let a1 = &a[(j + 1) * per_row..(j + 2) * per_row];
+                                let (mut s0, mut s1) = (0f32, 0f32);
+                                for (((wb, ks), b0), b1) in
+                                    wr.chunks_exact(size).zip(kd).zip(a0).zip(a1)
+                                {
+                                    let ((i0, m0), (i1, m1)) =
+                                        unsafe { avx2::q4k_sums2(wb, ks, b0, b1) };
+                                    s0 += k_combine(ks, b0, i0, m0);
+                                    s1 += k_combine(ks, b1, i1, m1);
+                                }
+                                ys[r * n + j] = s0;
+                                ys[r * n + j + 1] = s1;
+                                j += 2;
+                            }
+                        }
+                        for j in j..j1 {
                             let ar = &a[j * per_row..(j + 1) * per_row];
                             let mut sum = 0f32;
                             for ((wb, ks), ab) in wr.chunks_exact(size).zip(kd).zip(ar) {
@@ -462,6 +490,39 @@ mod avx2 {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         _mm_cvtsi128_si32(s)
+    }
+
+    /// [`q4k_sums`] for two activation blocks at once.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4k_sums2(
+        w: &[u8],
+        k: &KScales,
+        a0: &BlockQ8K,
+        a1: &BlockQ8K,
+    ) -> ((i32, i32), (i32, i32)) {
+        let qs = w[16..144].as_ptr();
+        let (p0, p1) = (a0.qs.as_ptr() as *const u8, a1.qs.as_ptr() as *const u8);
+        let m4 = _mm256_set1_epi8(0xF);
+        let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..4 {
+            let q = load(qs.add(32 * c));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let (s1, s2) = (
+                _mm256_set1_epi16(k.sc[2 * c]),
+                _mm256_set1_epi16(k.sc[2 * c + 1]),
+            );
+            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p0.add(64 * c))), s1);
+            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p0.add(64 * c + 32))), s2);
+            acc0 = _mm256_add_epi32(acc0, _mm256_add_epi32(x, y));
+            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p1.add(64 * c))), s1);
+            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p1.add(64 * c + 32))), s2);
+            acc1 = _mm256_add_epi32(acc1, _mm256_add_epi32(x, y));
+        }
+        (
+            (hsum(acc0), bsum_dot(&k.m16, a0)),
+            (hsum(acc1), bsum_dot(&k.m16, a1)),
+        )
     }
 
     /// Σ_i v[i]·bsums[i] (|v| <= 128, |bsums| <= 2032: the i16 products fit madd's i32 lanes).
