@@ -8,8 +8,11 @@
 //! - "f32": the road before it: dequantize the whole matrix to f32 (in parallel, as
 //!   `WeightSource::tensor_f32`) and multiply with candle (gemm), dequantization included.
 //!
+//! - "candle": candle-core's own quantized matmul (`QMatMul` on a `QTensor` made from the same
+//!   bytes by `qtensor_from_ggml`, which copies them into its block structs; copy not timed).
 //! Prints seconds (best of REPS), GFLOP/s (2*rows*out*in / s) and GB/s of weight bytes read.
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
 use mmfuser_convert::quant::{self, dot, GgmlType};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -58,8 +61,19 @@ fn main() {
         dot::Isa::current()
     );
     println!(
-        "{:<24} {:>5} {:>5} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>6}",
-        "weight", "type", "rows", "dot s", "GFLOP/s", "GB/s", "f32 s", "GFLOP/s", "GB/s", "speedup"
+        "{:<24} {:>5} {:>5} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7}",
+        "weight",
+        "type",
+        "rows",
+        "dot s",
+        "GFLOP/s",
+        "GB/s",
+        "f32 s",
+        "GFLOP/s",
+        "x dot",
+        "candle s",
+        "GFLOP/s",
+        "x dot"
     );
     for (name, ty, out, k) in [
         ("attn_q 4096x4096", GgmlType::Q4K, 4096, 4096),
@@ -67,15 +81,23 @@ fn main() {
         ("ffn_down 4096x11008", GgmlType::Q6K, 4096, 11008),
     ] {
         let w = quant::quantize_par(ty, &values(out * k, 1, 0.05), k).unwrap();
+        let cty = match ty {
+            GgmlType::Q4K => GgmlDType::Q4K,
+            _ => GgmlDType::Q6K,
+        };
+        let qm =
+            QMatMul::from_qtensor(qtensor_from_ggml(cty, &w, vec![out, k], &Device::Cpu).unwrap())
+                .unwrap();
         for n in [1usize, 512] {
             let x = values(n * k, 2, 1.0);
             let xt = Tensor::from_vec(x.clone(), (n, k), &Device::Cpu).unwrap();
             let t_dot = best(reps, || dot::matmul(ty, &w, out, k, &x, n).unwrap());
             let t_f32 = best(reps, || f32_road(ty, &w, out, k, &xt));
+            let t_candle = best(reps, || qm.forward(&xt).unwrap());
             let flop = 2.0 * (n * out * k) as f64;
             let gb = w.len() as f64 / 1e9;
             println!(
-                "{:<24} {:>5} {:>5} {:>9.4} {:>8.1} {:>7.2} {:>9.4} {:>8.1} {:>7.2} {:>6.1}x",
+                "{:<24} {:>5} {:>5} {:>9.4} {:>8.1} {:>7.2} {:>9.4} {:>8.1} {:>7.2} {:>9.4} {:>8.1} {:>7.2}",
                 name,
                 ty.name(),
                 n,
@@ -84,8 +106,10 @@ fn main() {
                 gb / t_dot,
                 t_f32,
                 flop / t_f32 / 1e9,
-                gb / t_f32,
-                t_f32 / t_dot
+                t_f32 / t_dot,
+                t_candle,
+                flop / t_candle / 1e9,
+                t_candle / t_dot
             );
         }
     }
