@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 use mmfuser_convert::artefact::GgufWeights;
 use mmfuser_convert::cuda::{CudaBackend, GemmMode};
 use mmfuser_convert::gguf::GgmlType;
-use mmfuser_convert::model::{self, Backend, CpuBackend, MemWeights, WeightSource};
+use mmfuser_convert::model::{self, Backend, CpuBackend, CpuF32Linear, MemWeights, WeightSource};
 use mmfuser_convert::source::Source;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -573,11 +573,13 @@ fn compare_with_cpu<B: Backend>(
     (t_rel, t_top): (f64, f64),
     rep: &mut Report,
 ) {
-    let ci = model::encode_image_with(&CpuBackend, ws, hp, pv).unwrap();
+    // The CPU on f32 weights: the CUDA backend multiplies dequantized weights by f32
+    // activations, not 8-bit ones as CpuBackend does on quantized weights.
+    let ci = model::encode_image_with(&CpuF32Linear, ws, hp, pv).unwrap();
     let gi = model::encode_image_with(b, ws, hp, pv).unwrap();
-    let cl = model::logits_with(&CpuBackend, ws, hp, ids, Some(&ci.image_embeds)).unwrap();
+    let cl = model::logits_with(&CpuF32Linear, ws, hp, ids, Some(&ci.image_embeds)).unwrap();
     let gl = model::logits_with(b, ws, hp, ids, Some(&gi.image_embeds)).unwrap();
-    let ct = model::logits_with(&CpuBackend, ws, hp, text_ids, None).unwrap();
+    let ct = model::logits_with(&CpuF32Linear, ws, hp, text_ids, None).unwrap();
     let gt = model::logits_with(b, ws, hp, text_ids, None).unwrap();
     let vocab = cl.dim(1).unwrap();
     let (cf, gf) = (flat(&cl), flat(&gl));

@@ -11,7 +11,7 @@ pub mod ops;
 pub mod weights;
 
 pub use llama::{build_inputs, IMAGE_TOKEN};
-pub use ops::{Backend, CpuBackend};
+pub use ops::{Backend, CpuBackend, CpuF32Linear};
 pub use weights::{MemWeights, RawTensor, WeightSource};
 
 use crate::error::{Error, Result};
@@ -38,17 +38,8 @@ pub(crate) fn linear<B: Backend>(
     w: &str,
     bias: Option<&str>,
 ) -> Result<B::T> {
-    let wt = b.weight(ws, w)?;
-    let (_, win) = b.weight_dims(&wt);
-    if b.dims(x).1 != win {
-        return Err(Error::tensor(
-            ws.origin(),
-            w,
-            format!("input has {} columns, weight expects {win}", b.dims(x).1),
-        ));
-    }
     let bt = bias.map(|n| b.param(ws, n)).transpose()?;
-    b.linear(x, &wt, bt.as_ref())
+    b.linear_from(ws, w, x, bt.as_ref())
 }
 
 /// LayerNorm with `{prefix}.weight` / `{prefix}.bias`.

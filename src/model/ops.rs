@@ -7,6 +7,7 @@
 //! the op that needs them and dropped after, so a 7B model never sits in memory as f32.
 use super::weights::WeightSource;
 use crate::error::{Error, Result};
+use crate::quant::dot as quant_dot;
 use candle_core::{Device, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -37,6 +38,18 @@ pub trait Backend {
     // ---- linear algebra ---------------------------------------------------------------------
     /// x [n, in] @ w^T [in, out] (+ bias [1, out]) -> [n, out].
     fn linear(&self, x: &Self::T, w: &Self::W, bias: Option<&Self::T>) -> Result<Self::T>;
+    /// `linear` with the weight `name` of `ws`, held for this call only. By default it goes
+    /// through `weight`; a backend may compute on the stored bytes instead (the CPU does for
+    /// block-quantized weights).
+    fn linear_from(
+        &self,
+        ws: &dyn WeightSource,
+        name: &str,
+        x: &Self::T,
+        bias: Option<&Self::T>,
+    ) -> Result<Self::T> {
+        linear_via_weight(self, ws, name, x, bias)
+    }
     /// Scaled dot-product attention, scale 1/sqrt(hd), softmax in f32.
     /// q [n, n_head*hd], k and v [m, n_head_kv*hd]; query head h reads kv head h / (n_head/n_head_kv)
     /// (GQA). `causal`: query i (position m-n+i) sees keys 0..=m-n+i. Returns [n, n_head*hd].
@@ -105,6 +118,26 @@ pub trait Backend {
     fn concat_rows(&self, xs: &[&Self::T]) -> Result<Self::T>;
 }
 
+/// [`Backend::linear_from`] through [`Backend::weight`], checking the input width.
+pub fn linear_via_weight<B: Backend + ?Sized>(
+    b: &B,
+    ws: &dyn WeightSource,
+    name: &str,
+    x: &B::T,
+    bias: Option<&B::T>,
+) -> Result<B::T> {
+    let wt = b.weight(ws, name)?;
+    let (_, win) = b.weight_dims(&wt);
+    if b.dims(x).1 != win {
+        return Err(Error::tensor(
+            ws.origin(),
+            name,
+            format!("input has {} columns, weight expects {win}", b.dims(x).1),
+        ));
+    }
+    b.linear(x, &wt, bias)
+}
+
 /// The shape rules of [`Backend::attention`], shared by every backend: q [n, n_head*hd],
 /// k and v [m, n_head_kv*hd], n_head a multiple of n_head_kv, and m >= n when causal.
 /// Returns the head dimension, or why the shapes do not fit.
@@ -140,6 +173,16 @@ pub fn attention_head_dim(
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
+/// Whether linears on block-quantized weights use `quant::dot` (llama.cpp's road: 8-bit
+/// activations, integer products on the stored bytes). Off unless `MMFUSER_QUANT_DOT=1`: its
+/// one-row products are 16-90x faster than the f32 road, but its many-row (prefill) products are
+/// still 0.45-1.1x as fast (examples/quant_dot_bench.rs), which would slow verify (issue #18). The
+/// library's own unit tests always take it, so the road stays tested.
+fn quant_dot_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(test) || *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_some_and(|v| v == "1"))
+}
+
 fn bad(msg: impl Into<String>) -> Error {
     Error::other(format!("cpu backend: {}", msg.into()))
 }
@@ -164,6 +207,19 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
 
 fn mat(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+/// A weight of shape [out, d1, ...] as the matrix [out, d1*...].
+fn as_matrix(ws: &dyn WeightSource, name: &str, t: Tensor) -> Result<Tensor> {
+    if t.rank() < 2 {
+        return Err(Error::tensor(
+            ws.origin(),
+            name,
+            format!("expected a matrix, found shape {:?}", t.dims()),
+        ));
+    }
+    let (r, c) = dims2(&t);
+    Ok(t.reshape((r, c))?)
 }
 
 fn dims2(t: &Tensor) -> (usize, usize) {
@@ -368,16 +424,7 @@ impl Backend for CpuBackend {
         dims2(x)
     }
     fn weight(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
-        let t = ws.tensor_f32(name)?;
-        if t.rank() < 2 {
-            return Err(Error::tensor(
-                ws.origin(),
-                name,
-                format!("expected a matrix, found shape {:?}", t.dims()),
-            ));
-        }
-        let (r, c) = dims2(&t);
-        Ok(t.reshape((r, c))?)
+        as_matrix(ws, name, ws.tensor_f32(name)?)
     }
     fn weight_dims(&self, w: &Tensor) -> (usize, usize) {
         dims2(w)
@@ -410,6 +457,57 @@ impl Backend for CpuBackend {
                 }
                 Ok(y.broadcast_add(b)?)
             }
+        }
+    }
+
+    /// Block-quantized weights (Q4_K, Q6_K, Q8_0, ...) are multiplied on their stored bytes by
+    /// `quant::dot` (activations rounded to 8 bits per block, as llama.cpp does); everything
+    /// else is dequantized to f32 by `weight`. Only with `MMFUSER_QUANT_DOT=1` for now (see
+    /// [`quant_dot_enabled`]); otherwise every weight takes the f32 road.
+    fn linear_from(
+        &self,
+        ws: &dyn WeightSource,
+        name: &str,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let raw = ws.raw(name)?;
+        if !quant_dot::supported(raw.ty) || raw.shape.len() < 2 || !quant_dot_enabled() {
+            let w = as_matrix(ws, name, super::weights::raw_to_f32(ws, name, raw)?)?;
+            if dims2(x).1 != dims2(&w).1 {
+                return Err(Error::tensor(
+                    ws.origin(),
+                    name,
+                    format!(
+                        "input has {} columns, weight expects {}",
+                        dims2(x).1,
+                        dims2(&w).1
+                    ),
+                ));
+            }
+            return self.linear(x, &w, bias);
+        }
+        let (out, k) = (raw.shape[0], raw.shape[1..].iter().product::<usize>());
+        let (n, cin) = dims2(x);
+        if cin != k {
+            return Err(Error::tensor(
+                ws.origin(),
+                name,
+                format!("input has {cin} columns, weight expects {k}"),
+            ));
+        }
+        let y = with_f32(x, |xs| quant_dot::matmul(raw.ty, &raw.data, out, k, xs, n))?
+            .map_err(|e| Error::tensor(ws.origin(), name, e.to_string()))?;
+        drop(raw);
+        ws.release(name);
+        let y = mat(y, n, out)?;
+        match bias {
+            None => Ok(y),
+            Some(b) if dims2(b) == (1, out) => Ok(y.broadcast_add(b)?),
+            Some(b) => Err(bad(format!(
+                "linear: bias {:?} for {out} outputs",
+                b.dims()
+            ))),
         }
     }
 
@@ -615,11 +713,170 @@ impl Backend for CpuBackend {
     }
 }
 
+/// The CPU backend with every linear on f32 weights (block-quantized ones dequantized, f32
+/// activations): the arithmetic of the CUDA backend, so the reference its tests compare with.
+/// Everything else is [`CpuBackend`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuF32Linear;
+
+impl Backend for CpuF32Linear {
+    type T = Tensor;
+    type W = Tensor;
+    fn name(&self) -> &'static str {
+        "cpu (f32 linear)"
+    }
+    fn upload(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.upload(x)
+    }
+    fn download(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.download(x)
+    }
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        dims2(x)
+    }
+    fn weight(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.weight(ws, name)
+    }
+    fn weight_dims(&self, w: &Tensor) -> (usize, usize) {
+        dims2(w)
+    }
+    fn param(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.param(ws, name)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        CpuBackend.linear(x, w, bias)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_head: usize,
+        n_head_kv: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        CpuBackend.attention(q, k, v, n_head, n_head_kv, causal)
+    }
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.layer_norm(x, w, b, eps)
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn softmax_groups(&self, x: &Tensor, group: usize) -> Result<Tensor> {
+        CpuBackend.softmax_groups(x, group)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.add(a, b)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.mul(a, b)
+    }
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.quick_gelu(x)
+    }
+    fn gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.gelu_erf(x)
+    }
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        CpuBackend.silu_mul(gate, up)
+    }
+    fn rope_interleaved(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Tensor> {
+        CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn msda(
+        &self,
+        value: &Tensor,
+        levels: &[(usize, usize)],
+        offsets: &Tensor,
+        weights: &Tensor,
+        ref_grid: (usize, usize),
+        n_heads: usize,
+        n_points: usize,
+    ) -> Result<Tensor> {
+        CpuBackend.msda(value, levels, offsets, weights, ref_grid, n_heads, n_points)
+    }
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        CpuBackend.rows(x, start, len)
+    }
+    fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        CpuBackend.concat_rows(xs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::gguf::GgmlType;
     use crate::model::testutil::Rng;
+
+    /// Block-quantized weights go through quant::dot on their stored bytes (bit-equal to it, and
+    /// not equal to the f32 road, so that road was not taken); other types through f32; the bias
+    /// is added; a width mismatch names the tensor.
+    #[test]
+    fn linear_from_uses_quantized_products() {
+        use crate::model::weights::MemWeights;
+        let (n, out, k) = (3, 8, 512);
+        let mut rng = Rng::new(7);
+        let x = rng.vec(n * k, 1.0);
+        let wv = rng.vec(out * k, 0.5);
+        let bias = rng.vec(out, 1.0);
+        let mut ws = MemWeights::new();
+        let be = CpuBackend;
+        let xt = mat(x.clone(), n, k).unwrap();
+        let bt = mat(bias.clone(), 1, out).unwrap();
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::F16] {
+            let bytes = crate::quant::quantize(ty, &wv).unwrap();
+            ws.tensors
+                .insert("w".into(), (ty, vec![out, k], bytes.clone()));
+            let got = be.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
+            let got = with_f32(&got, |s| s.to_vec()).unwrap();
+            let f32_road = linear_via_weight(&be, &ws, "w", &xt, Some(&bt)).unwrap();
+            let other = CpuF32Linear.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
+            assert_eq!(
+                other.to_vec2::<f32>().unwrap(),
+                f32_road.to_vec2::<f32>().unwrap()
+            );
+            let f32_road = with_f32(&f32_road, |s| s.to_vec()).unwrap();
+            if quant_dot::supported(ty) {
+                let want = quant_dot::matmul(ty, &bytes, out, k, &x, n).unwrap();
+                for j in 0..n {
+                    for o in 0..out {
+                        assert_eq!(got[j * out + o], want[j * out + o] + bias[o], "{ty}");
+                    }
+                }
+                assert_ne!(got, f32_road, "{ty}: took the f32 road");
+            } else {
+                assert_eq!(got, f32_road, "{ty}");
+            }
+            // The 8-bit activations move outputs by about 1% of their scale, not more.
+            let scale =
+                (f32_road.iter().map(|v| v * v).sum::<f32>() / f32_road.len() as f32).sqrt();
+            let worst = got
+                .iter()
+                .zip(&f32_road)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 0.02 * scale, "{ty}: {worst} vs rms {scale}");
+        }
+        let narrow = mat(vec![0.0; n * 256], n, 256).unwrap();
+        let e = be
+            .linear_from(&ws, "w", &narrow, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("w") && e.contains("512"), "{e}");
+        ws.tensors
+            .insert("w".into(), (GgmlType::Q4K, vec![out, k], vec![0u8; 10]));
+        let e = be.linear_from(&ws, "w", &xt, None).unwrap_err().to_string();
+        assert!(e.contains("w"), "{e}");
+    }
 
     /// One head, one level, one point, D = 1, a 1x1 query grid (reference point = map centre):
     /// the offset is in pixels, x = W/2 - 0.5 + off_x.

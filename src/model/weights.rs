@@ -39,15 +39,24 @@ pub trait WeightSource: Send + Sync {
     fn release(&self, _name: &str) {}
     /// f32 candle Tensor (CPU) of the weight, in its PyTorch shape.
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
-        let raw = self.raw(name)?;
-        let n = raw.n_elements();
-        let values =
-            dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
-        let shape = raw.shape.clone();
-        drop(raw);
-        self.release(name);
-        Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
+        raw_to_f32(self, name, self.raw(name)?)
     }
+}
+
+/// A weight fetched with `raw` as an f32 candle Tensor (CPU) in its PyTorch shape; its bytes
+/// are released afterwards.
+pub fn raw_to_f32<W: WeightSource + ?Sized>(
+    ws: &W,
+    name: &str,
+    raw: RawTensor<'_>,
+) -> Result<Tensor> {
+    let n = raw.n_elements();
+    let values =
+        dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(ws.origin(), name, m))?;
+    let shape = raw.shape.clone();
+    drop(raw);
+    ws.release(name);
+    Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
 }
 
 /// Selected rows of a 2-D weight (an embedding table) as f32 [ids.len(), cols], dequantizing only

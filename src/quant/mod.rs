@@ -12,6 +12,7 @@
 //! one llama.cpp's `convert_hf_to_gguf.py` + `llama-quantize` would write from the same f32
 //! values, so the oracle comparisons measure conversion, not quantizer drift.
 
+pub mod dot;
 mod kquants;
 mod legacy;
 mod math;

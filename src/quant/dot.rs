@@ -1,0 +1,827 @@
+//! Quantized matrix products the way ggml's CPU backend does them: each activation row is
+//! quantized to 8 bits (Q8_K super-blocks of 256 for the K-quants, Q8_0 blocks of 32 for
+//! Q8_0 / Q4_0 / Q5_0: ggml's `vec_dot_type` of each weight type), and every output is an
+//! integer dot product per (sub-)block of the weight's stored bytes against those 8-bit values,
+//! scaled in f32. Weights are read straight from their bytes (the mapped file); nothing is
+//! dequantized.
+//!
+//! Exactness: the integer sums of a block are the same whatever the ISA, and the f32 arithmetic
+//! that combines them (one `d * isum` per block or super-block, summed in block order) is shared
+//! code, so the AVX2 kernels give bit-identical results to the scalar ones. llama.cpp's kernels
+//! sum the same block terms in another order (8 f32 lanes with FMA), so against llama.cpp the
+//! results agree to f32 rounding of those terms (tests: `fixtures/dot/`).
+//!
+//! Block layouts (ggml-common.h; little-endian):
+//! - Q8_0 `{f16 d; i8 qs[32]}`: x = d*q.
+//! - Q4_0 `{f16 d; u8 qs[16]}`: x[j] = d*((qs[j]&15)-8), x[j+16] = d*((qs[j]>>4)-8).
+//! - Q5_0 `{f16 d; u32 qh; u8 qs[16]}`: like Q4_0 with bit j (j+16) of qh as the 5th bit, -16.
+//! - Q4_K `{f16 d, dmin; u8 scales[12]; u8 qs[128]}`: 8 sub-blocks of 32 with 6-bit (sc, m);
+//!   64-value chunk c takes low nibbles of qs[32c..] (sub-block 2c), then high nibbles (2c+1);
+//!   x = d*sc*q - dmin*m.
+//! - Q5_K `{f16 d, dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}`: Q4_K plus bit 2c (2c+1) of
+//!   qh[l] as the 5th bit of chunk c's low (high) nibble l.
+//! - Q6_K `{u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d}`: per 128-value half h, l in 0..32:
+//!   x[l] = ql[l]&15 | (qh[l]&3)<<4, x[l+32] = ql[l+32]&15 | ((qh[l]>>2)&3)<<4,
+//!   x[l+64] = ql[l]>>4 | ((qh[l]>>4)&3)<<4, x[l+96] = ql[l+32]>>4 | ((qh[l]>>6)&3)<<4, each
+//!   minus 32, times d*scales[16-value sub-block].
+//! - Q8_K (activations only, never stored) `{f32 d; i8 qs[256]; i16 bsums[16]}`: d = max/-127
+//!   of the signed value of largest magnitude, q = min(127, nearest_int(x/d)), bsums = sums of
+//!   16 consecutive q (the K-quant mins need only those).
+
+use super::math::{get_scale_min_k4, nearest_int};
+use super::{GgmlType, QuantError};
+use half::f16;
+use rayon::prelude::*;
+
+const QK_K: usize = 256;
+const QK8_0: usize = 32;
+
+/// A Q8_K super-block of activations (see the module comment).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+/// A Q8_0 block of activations, its scale already widened from f16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_0Act {
+    pub d16: f16,
+    pub qs: [i8; QK8_0],
+}
+
+/// ggml's `quantize_row_q8_K_ref` on 256 values. A non-finite input makes `d` NaN, so that it
+/// shows in every output it touches instead of becoming a finite wrong number.
+pub fn quantize_q8k(x: &[f32]) -> BlockQ8K {
+    let mut b = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if x.iter().any(|v| !v.is_finite()) {
+        b.d = f32::NAN;
+        return b;
+    }
+    if amax == 0.0 {
+        return b;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in b.qs.iter_mut().zip(x) {
+        *q = nearest_int(iscale * v).min(127) as i8;
+    }
+    for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| v as i16).sum();
+    }
+    b.d = 1.0 / iscale;
+    b
+}
+
+/// ggml's x86 `quantize_row_q8_0` (the AVX/AVX2 build llama.cpp runs here, not the `_ref` one
+/// used for files): id = 127/max|x|, q = x*id rounded half to even, d = f16(max|x|/127).
+pub fn quantize_q8_0_act(x: &[f32]) -> BlockQ8_0Act {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut b = BlockQ8_0Act {
+        d16: f16::from_f32(amax / 127.0),
+        qs: [0; QK8_0],
+    };
+    if x.iter().any(|v| !v.is_finite()) {
+        b.d16 = f16::NAN;
+        return b;
+    }
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for (q, &v) in b.qs.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+    }
+    b
+}
+
+/// Activation rows quantized for one weight type.
+pub enum Act {
+    Q8K(Vec<BlockQ8K>),
+    Q8_0(Vec<BlockQ8_0Act>),
+}
+
+/// Instruction sets the kernels exist for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub fn current() -> Isa {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if is_x86_feature_detected!("avx2") {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    }
+}
+
+/// Weight types with a quantized product.
+pub fn supported(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q8_0
+            | GgmlType::Q4_0
+            | GgmlType::Q5_0
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+    )
+}
+
+fn is_k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+}
+
+/// Quantize `x` (rows of `k` values) for products with weights of type `ty`, in parallel.
+pub fn quantize_act(ty: GgmlType, x: &[f32], k: usize) -> Act {
+    if is_k(ty) {
+        Act::Q8K(x.par_chunks(QK_K).map(quantize_q8k).collect())
+    } else {
+        debug_assert!(k.is_multiple_of(QK8_0));
+        Act::Q8_0(x.par_chunks(QK8_0).map(quantize_q8_0_act).collect())
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+// ---- per super-block / block integer sums (scalar) --------------------------------------------
+
+/// A K-quant super-block's scales, decoded once and used against every activation row.
+#[derive(Clone, Copy, Debug)]
+pub struct KScales {
+    d: f32,
+    dmin: f32,
+    /// Sub-block scales: 8 (Q4_K, Q5_K: 6-bit) or 16 (Q6_K: signed 8-bit).
+    sc: [i16; 16],
+    /// Sub-block mins (Q4_K, Q5_K), each twice: the weight of bsums[i] is m16[i].
+    m16: [i16; 16],
+}
+
+/// Decode the scales of one super-block of `ty` (a K-quant).
+fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
+    let mut k = KScales {
+        d: 0.0,
+        dmin: 0.0,
+        sc: [0; 16],
+        m16: [0; 16],
+    };
+    if ty == GgmlType::Q6K {
+        k.d = f16_at(w, 208);
+        for (o, &v) in k.sc.iter_mut().zip(&w[192..208]) {
+            *o = v as i8 as i16;
+        }
+    } else {
+        k.d = f16_at(w, 0);
+        k.dmin = f16_at(w, 2);
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&w[4..16]);
+        for j in 0..8 {
+            let (sc, m) = get_scale_min_k4(j, &scales);
+            k.sc[j] = sc as i16;
+            k.m16[2 * j] = m as i16;
+            k.m16[2 * j + 1] = m as i16;
+        }
+    }
+    k
+}
+
+/// Σ_j m_j · (sum of the 32 activations of sub-block j), for Q4_K / Q5_K.
+#[inline(always)]
+fn k_mins(k: &KScales, a: &BlockQ8K) -> i32 {
+    k.m16
+        .iter()
+        .zip(&a.bsums)
+        .map(|(&m, &b)| m as i32 * b as i32)
+        .sum()
+}
+
+/// Q4_K: Σ_j sc_j Σ q·a of one super-block.
+fn q4k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+    let qs = &w[16..144];
+    let mut isum = 0i32;
+    for c in 0..4 {
+        let (mut s1, mut s2) = (0i32, 0i32);
+        for l in 0..32 {
+            let q = qs[32 * c + l];
+            s1 += (q & 0xF) as i32 * a.qs[64 * c + l] as i32;
+            s2 += (q >> 4) as i32 * a.qs[64 * c + 32 + l] as i32;
+        }
+        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
+    }
+    isum
+}
+
+fn q5k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+    let (qh, qs) = (&w[16..48], &w[48..176]);
+    let mut isum = 0i32;
+    for c in 0..4 {
+        let (mut s1, mut s2) = (0i32, 0i32);
+        for l in 0..32 {
+            let q = qs[32 * c + l];
+            let lo = (q & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
+            let hi = (q >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
+            s1 += lo as i32 * a.qs[64 * c + l] as i32;
+            s2 += hi as i32 * a.qs[64 * c + 32 + l] as i32;
+        }
+        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
+    }
+    isum
+}
+
+/// Q6_K: Σ_s sc_s Σ (q-32)·a, as Σ_s sc_s (Σ q·a - 32·bsum_s).
+fn q6k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+    let (ql, qh) = (&w[0..128], &w[128..192]);
+    let mut isum = 0i32;
+    for h in 0..2 {
+        let mut sub = [0i32; 8];
+        for l in 0..32 {
+            let (lo, hi, hb) = (ql[64 * h + l], ql[64 * h + 32 + l], qh[32 * h + l]);
+            let q = [
+                (lo & 0xF) | ((hb & 3) << 4),
+                (hi & 0xF) | (((hb >> 2) & 3) << 4),
+                (lo >> 4) | (((hb >> 4) & 3) << 4),
+                (hi >> 4) | (((hb >> 6) & 3) << 4),
+            ];
+            for (kk, &qk) in q.iter().enumerate() {
+                sub[2 * kk + l / 16] += qk as i32 * a.qs[128 * h + 32 * kk + l] as i32;
+            }
+        }
+        for (s, &v) in sub.iter().enumerate() {
+            isum += k.sc[8 * h + s] as i32 * (v - 32 * a.bsums[8 * h + s] as i32);
+        }
+    }
+    isum
+}
+
+fn q8_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
+    w[2..34]
+        .iter()
+        .zip(&a.qs)
+        .map(|(&q, &v)| q as i8 as i32 * v as i32)
+        .sum()
+}
+
+fn q4_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
+    (0..16)
+        .map(|j| {
+            let q = w[2 + j];
+            ((q & 0xF) as i32 - 8) * a.qs[j] as i32 + ((q >> 4) as i32 - 8) * a.qs[j + 16] as i32
+        })
+        .sum()
+}
+
+fn q5_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
+    let qh = u32::from_le_bytes([w[2], w[3], w[4], w[5]]);
+    (0..16)
+        .map(|j| {
+            let q = w[6 + j];
+            let lo = ((q & 0xF) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
+            let hi = ((q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+            lo * a.qs[j] as i32 + hi * a.qs[j + 16] as i32
+        })
+        .sum()
+}
+
+// ---- row dot products: shared f32 combination over blocks -------------------------------------
+
+/// One super-block's term: d_w·d_a·Σ sc·q·a (- dmin_w·d_a·Σ m·bsum). The one place of this
+/// f32 arithmetic, whatever the ISA.
+#[inline(always)]
+fn k_term(ty: GgmlType, isa: Isa, w: &[u8], k: &KScales, a: &BlockQ8K) -> f32 {
+    let (isum, msum) = match (ty, isa) {
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sums(w, k, a) },
+        #[cfg(target_arch = "x86_64")]
+        (GgmlType::Q6K, Isa::Avx2) => unsafe { (avx2::q6k_sum(w, k, a), 0) },
+        (GgmlType::Q4K, _) => (q4k_sum_scalar(w, k, a), k_mins(k, a)),
+        (GgmlType::Q6K, _) => (q6k_sum_scalar(w, k, a), 0),
+        _ => (q5k_sum_scalar(w, k, a), k_mins(k, a)),
+    };
+    if ty == GgmlType::Q6K {
+        k.d * a.d * isum as f32
+    } else {
+        k_combine(k, a, isum, msum)
+    }
+}
+
+/// The f32 term of a Q4_K / Q5_K super-block from its integer sums.
+#[inline(always)]
+fn k_combine(k: &KScales, a: &BlockQ8K, isum: i32, msum: i32) -> f32 {
+    k.d * a.d * isum as f32 - k.dmin * a.d * msum as f32
+}
+
+/// One weight row (whole blocks of `ty`) against one quantized activation row.
+/// The caller guarantees the lengths agree (`matmul` checks them).
+pub fn dot_row_k(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(ty.type_size()).zip(a) {
+        sum += k_term(ty, isa, wb, &k_scales(ty, wb), ab);
+    }
+    sum
+}
+
+/// One weight row of Q8_0 / Q4_0 / Q5_0 blocks against one Q8_0 activation row.
+pub fn dot_row_0(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8_0Act]) -> f32 {
+    let size = ty.type_size();
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(size).zip(a) {
+        let isum = match (ty, isa) {
+            #[cfg(target_arch = "x86_64")]
+            (GgmlType::Q8_0, Isa::Avx2) => unsafe { avx2::q8_0_sum(wb, ab) },
+            #[cfg(target_arch = "x86_64")]
+            (GgmlType::Q4_0, Isa::Avx2) => unsafe { avx2::q4_0_sum(wb, ab) },
+            (GgmlType::Q8_0, _) => q8_0_sum_scalar(wb, ab),
+            (GgmlType::Q4_0, _) => q4_0_sum_scalar(wb, ab),
+            _ => q5_0_sum_scalar(wb, ab),
+        };
+        sum += isum as f32 * (f16_at(wb, 0) * ab.d16.to_f32());
+    }
+    sum
+}
+
+/// Weight rows handled by one task: their bytes stay in cache while every activation row
+/// passes by.
+const ROWS_PER_TASK: usize = 8;
+/// Activation rows per pass over a task's weight rows (16 rows of 4096: 75 KB of Q8_K).
+const ACT_TILE: usize = 16;
+
+/// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
+/// (row-major, as stored in GGUF). Errors if `ty` has no kernel or the sizes disagree.
+pub fn matmul(
+    ty: GgmlType,
+    w: &[u8],
+    out: usize,
+    k: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, QuantError> {
+    matmul_with(Isa::current(), ty, w, out, k, x, n)
+}
+
+/// [`matmul`] on a chosen instruction set (the tests compare them).
+pub fn matmul_with(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    out: usize,
+    k: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, QuantError> {
+    if !supported(ty) {
+        return Err(QuantError::Unsupported(ty));
+    }
+    let row_bytes = ty.bytes_for(k as u64).map(|b| b as usize);
+    let Some(row_bytes) = row_bytes.filter(|&b| b * out == w.len()) else {
+        return Err(QuantError::BadLength {
+            ty,
+            values: k * out,
+            bytes: Some(w.len()),
+        });
+    };
+    if x.len() != n * k {
+        return Err(QuantError::BadLength {
+            ty: GgmlType::F32,
+            values: n * k,
+            bytes: Some(x.len() * 4),
+        });
+    }
+    let mut yt = vec![0f32; out * n];
+    if n == 0 || out == 0 {
+        return Ok(yt);
+    }
+    let act = quantize_act(ty, x, k);
+    let per_row = k / ty.block_size();
+    let size = ty.type_size();
+    yt.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(w.par_chunks(row_bytes * ROWS_PER_TASK))
+        .for_each(|(ys, ws)| match &act {
+            Act::Q8K(a) => {
+                // Scales decoded once per task; activation rows in tiles that stay in cache
+                // while the task's weight rows pass over them. Per output, the terms are
+                // summed in block order, as in `dot_row_k`.
+                let dec: Vec<KScales> = ws.chunks_exact(size).map(|b| k_scales(ty, b)).collect();
+                for j0 in (0..n).step_by(ACT_TILE) {
+                    for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
+                        let kd = &dec[r * per_row..(r + 1) * per_row];
+                        let j1 = (j0 + ACT_TILE).min(n);
+                        let mut j = j0;
+                        #[cfg(target_arch = "x86_64")]
+                        if ty == GgmlType::Q4K && isa == Isa::Avx2 {
+                            // Two activation rows per pass: the weight nibbles unpacked once.
+                            while j + 1 < j1 {
+                                let a0 = &a[j * per_row..(j + 1) * per_row];
+                                let a1 = &a[(j + 1) * per_row..(j + 2) * per_row];
+                                let (mut s0, mut s1) = (0f32, 0f32);
+                                for (((wb, ks), b0), b1) in
+                                    wr.chunks_exact(size).zip(kd).zip(a0).zip(a1)
+                                {
+                                    let ((i0, m0), (i1, m1)) =
+                                        unsafe { avx2::q4k_sums2(wb, ks, b0, b1) };
+                                    s0 += k_combine(ks, b0, i0, m0);
+                                    s1 += k_combine(ks, b1, i1, m1);
+                                }
+                                ys[r * n + j] = s0;
+                                ys[r * n + j + 1] = s1;
+                                j += 2;
+                            }
+                        }
+                        for j in j..j1 {
+                            let ar = &a[j * per_row..(j + 1) * per_row];
+                            let mut sum = 0f32;
+                            for ((wb, ks), ab) in wr.chunks_exact(size).zip(kd).zip(ar) {
+                                sum += k_term(ty, isa, wb, ks, ab);
+                            }
+                            ys[r * n + j] = sum;
+                        }
+                    }
+                }
+            }
+            Act::Q8_0(a) => {
+                for j in 0..n {
+                    for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
+                        ys[r * n + j] = dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]);
+                    }
+                }
+            }
+        });
+    if n == 1 {
+        return Ok(yt);
+    }
+    // [out, n] -> [n, out], in parallel over output rows.
+    let mut y = vec![0f32; n * out];
+    y.par_chunks_mut(out).enumerate().for_each(|(j, yr)| {
+        for (o, v) in yr.iter_mut().enumerate() {
+            *v = yt[o * n + j];
+        }
+    });
+    Ok(y)
+}
+
+// ---- AVX2 -------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The integer sums of one block with 32-byte vectors: `maddubs` multiplies unsigned weight
+    //! levels by signed activations and adds pairs into i16 (no saturation: |levels| <= 63,
+    //! |activations| <= 127), `madd` by the sub-block scale (or 1) adds pairs into i32.
+    //! Safety: callers run these only after detecting AVX2; the slices have the block's size.
+    use super::{BlockQ8K, BlockQ8_0Act, KScales};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// [`q4k_sums`] for two activation blocks at once.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4k_sums2(
+        w: &[u8],
+        k: &KScales,
+        a0: &BlockQ8K,
+        a1: &BlockQ8K,
+    ) -> ((i32, i32), (i32, i32)) {
+        let qs = w[16..144].as_ptr();
+        let (p0, p1) = (a0.qs.as_ptr() as *const u8, a1.qs.as_ptr() as *const u8);
+        let m4 = _mm256_set1_epi8(0xF);
+        let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..4 {
+            let q = load(qs.add(32 * c));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let (s1, s2) = (
+                _mm256_set1_epi16(k.sc[2 * c]),
+                _mm256_set1_epi16(k.sc[2 * c + 1]),
+            );
+            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p0.add(64 * c))), s1);
+            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p0.add(64 * c + 32))), s2);
+            acc0 = _mm256_add_epi32(acc0, _mm256_add_epi32(x, y));
+            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p1.add(64 * c))), s1);
+            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p1.add(64 * c + 32))), s2);
+            acc1 = _mm256_add_epi32(acc1, _mm256_add_epi32(x, y));
+        }
+        (
+            (hsum(acc0), bsum_dot(&k.m16, a0)),
+            (hsum(acc1), bsum_dot(&k.m16, a1)),
+        )
+    }
+
+    /// Σ_i v[i]·bsums[i] (|v| <= 128, |bsums| <= 2032: the i16 products fit madd's i32 lanes).
+    #[inline(always)]
+    unsafe fn bsum_dot(v: &[i16; 16], a: &BlockQ8K) -> i32 {
+        let b = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+        hsum(_mm256_madd_epi16(
+            _mm256_loadu_si256(v.as_ptr() as *const __m256i),
+            b,
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4k_sums(w: &[u8], k: &KScales, a: &BlockQ8K) -> (i32, i32) {
+        let qs = w[16..144].as_ptr();
+        let aq = a.qs.as_ptr() as *const u8;
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q = load(qs.add(32 * c));
+            let lo = _mm256_and_si256(q, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            let p1 = _mm256_maddubs_epi16(lo, load(aq.add(64 * c)));
+            let p2 = _mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32)));
+            let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(k.sc[2 * c]));
+            let p2 = _mm256_madd_epi16(p2, _mm256_set1_epi16(k.sc[2 * c + 1]));
+            acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
+        }
+        (hsum(acc), bsum_dot(&k.m16, a))
+    }
+
+    /// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5.
+    #[inline(always)]
+    unsafe fn hbits(hb: __m256i, k: usize) -> __m256i {
+        let s = match k {
+            0 => _mm256_slli_epi16(hb, 4),
+            1 => _mm256_slli_epi16(hb, 2),
+            2 => hb,
+            _ => _mm256_srli_epi16(hb, 2),
+        };
+        _mm256_and_si256(s, _mm256_set1_epi8(0x30))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q6k_sum(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
+        let (ql, qh, sc) = (w.as_ptr(), w[128..].as_ptr(), &k.sc);
+        let aq = a.qs.as_ptr() as *const u8;
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = _mm256_setzero_si256();
+        for h in 0..2 {
+            let lo = load(ql.add(64 * h));
+            let hi = load(ql.add(64 * h + 32));
+            let hb = load(qh.add(32 * h));
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
+                _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
+            ];
+            for (kk, &qk) in q.iter().enumerate() {
+                let p = _mm256_maddubs_epi16(qk, load(aq.add(128 * h + 32 * kk)));
+                // i16 lanes 0..7 hold values 0..15 (sub-block 2k), lanes 8..15 values 16..31.
+                let s0 = sc[8 * h + 2 * kk];
+                let s1 = sc[8 * h + 2 * kk + 1];
+                let scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scv));
+            }
+        }
+        hsum(acc) - 32 * bsum_dot(&k.sc, a)
+    }
+
+    /// Signed x signed via maddubs: |w| as unsigned times a with w's sign (a != -128 since
+    /// activations are in [-127, 127]).
+    #[inline(always)]
+    unsafe fn dot_i8(w: __m256i, a: __m256i) -> i32 {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+        hsum(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q8_0_sum(w: &[u8], a: &BlockQ8_0Act) -> i32 {
+        dot_i8(load(w[2..34].as_ptr()), load(a.qs.as_ptr() as *const u8))
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn q4_0_sum(w: &[u8], a: &BlockQ8_0Act) -> i32 {
+        let q = _mm_loadu_si128(w[2..18].as_ptr() as *const __m128i);
+        let both = _mm256_setr_m128i(q, _mm_srli_epi16(q, 4));
+        let lv = _mm256_sub_epi8(
+            _mm256_and_si256(both, _mm256_set1_epi8(0xF)),
+            _mm256_set1_epi8(8),
+        );
+        dot_i8(lv, load(a.qs.as_ptr() as *const u8))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against llama.cpp's own CPU kernels (fixtures/dot/, written by make_dot_refs.py through
+    //! libggml-cpu.so's from_float / vec_dot), and SIMD against scalar.
+    use super::*;
+    use std::path::PathBuf;
+
+    const TYPES: [GgmlType; 6] = [
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+    ];
+
+    fn dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dot")
+    }
+
+    fn npy(name: &str) -> (Vec<usize>, Vec<f32>) {
+        let a = crate::npy::read(dir().join(name)).unwrap();
+        (a.shape.clone(), a.to_f32().unwrap())
+    }
+
+    fn bytes_of_q8k(b: &BlockQ8K) -> Vec<u8> {
+        let mut v = b.d.to_le_bytes().to_vec();
+        v.extend(b.qs.iter().map(|&q| q as u8));
+        v.extend(b.bsums.iter().flat_map(|s| s.to_le_bytes()));
+        v
+    }
+
+    fn bytes_of_q8_0(b: &BlockQ8_0Act) -> Vec<u8> {
+        let mut v = b.d16.to_le_bytes().to_vec();
+        v.extend(b.qs.iter().map(|&q| q as u8));
+        v
+    }
+
+    /// Our activation quantizers write llama.cpp's bytes (x86 from_float of Q8_K and Q8_0).
+    #[test]
+    fn activation_blocks_equal_llamacpp_from_float() {
+        let (_, x) = npy("x.npy");
+        let ours: Vec<u8> = x
+            .chunks(QK_K)
+            .flat_map(|c| bytes_of_q8k(&quantize_q8k(c)))
+            .collect();
+        assert_eq!(
+            ours,
+            std::fs::read(dir().join("x.Q8_K.bin")).unwrap(),
+            "Q8_K"
+        );
+        let ours: Vec<u8> = x
+            .chunks(QK8_0)
+            .flat_map(|c| bytes_of_q8_0(&quantize_q8_0_act(c)))
+            .collect();
+        assert_eq!(
+            ours,
+            std::fs::read(dir().join("x.Q8_0.bin")).unwrap(),
+            "Q8_0"
+        );
+    }
+
+    /// The block's bytes with every level set to 0: what dequantizes to the offsets (-8d, -16d,
+    /// -dmin*m, -32*d*sc) that llama.cpp subtracts as separate f32 terms.
+    fn zero_levels(ty: GgmlType, w: &[u8]) -> Vec<u8> {
+        let (a, b) = match ty {
+            GgmlType::Q4_0 => (2, 18),
+            GgmlType::Q5_0 => (2, 22),
+            GgmlType::Q8_0 => (2, 34),
+            GgmlType::Q4K => (16, 144),
+            GgmlType::Q5K => (16, 176),
+            _ => (0, 192),
+        };
+        let mut v = w.to_vec();
+        for blk in v.chunks_exact_mut(ty.type_size()) {
+            blk[a..b].fill(0);
+        }
+        v
+    }
+
+    /// Every output of our matmul agrees with llama.cpp's vec_dot on the same weight bytes
+    /// (written by ggml_quantize_chunk) up to f32 rounding of the terms each sums, in different
+    /// orders: exact integers times f32 scales, the level sums and the offset sums (Q6_K's 32,
+    /// the K-quant mins) kept apart by llama.cpp and cancelling. Bound: 1e-6 of
+    /// Σ (|w_i| + |offset_i|)·|x_i| (dequantized values), a few ulps of the largest term.
+    /// (With Σ|w_i x_i| alone, Q6_K row 3 x row 3 misses: llama.cpp's -1.34e-5 vs ours -9.92e-6,
+    /// which is the exact f64 product of llama.cpp's own dequantized row and activations; its
+    /// two cancelling terms there are near 90, ulp 7.6e-6.)
+    #[test]
+    fn matmul_matches_llamacpp_vec_dot() {
+        let (xs, x) = npy("x.npy");
+        let (n, k) = (xs[0], xs[1]);
+        for ty in TYPES {
+            let w = std::fs::read(dir().join(format!("w.{ty}.bin"))).unwrap();
+            let (ds, want) = npy(&format!("dot.{ty}.npy"));
+            let out = ds[0];
+            let wd = crate::quant::dequantize(ty, &w, out * k).unwrap();
+            let w0 = crate::quant::dequantize(ty, &zero_levels(ty, &w), out * k).unwrap();
+            for isa in [Isa::Scalar, Isa::current()] {
+                let got = matmul_with(isa, ty, &w, out, k, &x, n).unwrap();
+                let mut worst = 0f64;
+                for o in 0..out {
+                    for j in 0..n {
+                        let mag: f64 = (0..k)
+                            .map(|i| {
+                                let wi =
+                                    (wd[o * k + i] as f64).abs() + (w0[o * k + i] as f64).abs();
+                                wi * (x[j * k + i] as f64).abs()
+                            })
+                            .sum();
+                        let (g, r) = (got[j * out + o], want[o * n + j]);
+                        let err = (g as f64 - r as f64).abs() / mag.max(f64::MIN_POSITIVE);
+                        worst = worst.max(if g == r { 0.0 } else { err });
+                        assert!(
+                            g == r || err <= 1e-6,
+                            "{ty} {isa:?} row {o} x{j}: ours {g} llama.cpp {r} (rel {err:e})"
+                        );
+                    }
+                }
+                eprintln!(
+                    "{ty} {isa:?}: largest |ours - llama.cpp| / sum (|w|+|offset|)|x| = {worst:e}"
+                );
+            }
+        }
+    }
+
+    /// The AVX2 kernels give exactly the scalar results (integer block sums, shared f32 code),
+    /// on random bytes too (any level, any scale bits, non-finite scales aside).
+    #[test]
+    fn simd_equals_scalar_exactly() {
+        if Isa::current() == Isa::Scalar {
+            eprintln!("SKIPPED simd_equals_scalar_exactly: this CPU has no AVX2");
+            return;
+        }
+        // More activation rows than one tile, weight rows not a multiple of a task's.
+        let (n, out, k) = (37, 11, 1024);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let x: Vec<f32> = (0..n * k)
+            .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        for ty in TYPES {
+            let mut w: Vec<u8> = (0..out * ty.bytes_for(k as u64).unwrap() as usize)
+                .map(|_| next() as u8)
+                .collect();
+            // Keep the f16 scales finite and small: set their high byte to 0x1c..0x23 (or sign).
+            let size = ty.type_size();
+            for b in w.chunks_exact_mut(size) {
+                let at: &[usize] = match ty {
+                    GgmlType::Q6K => &[208],
+                    GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+                    _ => &[0],
+                };
+                for &i in at {
+                    b[i + 1] = (b[i + 1] & 0x87) | 0x20;
+                }
+            }
+            let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
+            let b = matmul_with(Isa::current(), ty, &w, out, k, &x, n).unwrap();
+            assert!(a.iter().all(|v| v.is_finite()), "{ty}");
+            // The tiled matmul gives each output exactly the one-row dot product.
+            let act = quantize_act(ty, &x, k);
+            let per = k / ty.block_size();
+            let rb = w.len() / out;
+            for j in 0..n {
+                for o in 0..out {
+                    let wr = &w[o * rb..(o + 1) * rb];
+                    let want = match &act {
+                        Act::Q8K(v) => dot_row_k(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
+                        Act::Q8_0(v) => dot_row_0(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
+                    };
+                    assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
+                }
+            }
+            if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                panic!(
+                    "{ty}: output {i}: scalar {} vs {:?} {}",
+                    a[i],
+                    Isa::current(),
+                    b[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_sizes_and_types_are_errors() {
+        let w = vec![0u8; 144];
+        assert!(matmul(GgmlType::Q4K, &w, 1, 256, &[0.0; 256], 1).is_ok());
+        assert!(matmul(GgmlType::Q4K, &w, 2, 256, &[0.0; 256], 1).is_err());
+        assert!(matmul(GgmlType::Q4K, &w, 1, 256, &[0.0; 255], 1).is_err());
+        assert!(matmul(GgmlType::Q5_1, &w, 1, 256, &[0.0; 256], 1).is_err());
+        let y = matmul(GgmlType::Q4K, &w, 1, 256, &[f32::NAN; 256], 1).unwrap();
+        assert!(y[0].is_nan(), "a NaN activation must show in the output");
+    }
+}
