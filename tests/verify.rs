@@ -1052,7 +1052,7 @@ fn quantized_files_are_reproduced_on_their_own_road() {
         cks,
         "--vision-tower",
         TOWER,
-        "-o",
+        "--out-dir",
         f16dir.to_str().unwrap(),
         "-q",
     ]);
