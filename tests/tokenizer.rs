@@ -374,6 +374,34 @@ fn fixture_checkpoint_vocab_matches_llama_cpp_converter() {
 }
 
 #[test]
+fn merges_as_strings_rank_like_merges_as_pairs() {
+    // tokenizers writes merges as ["a", "b"] (0.20+) or "a b" (older): same ranks, same scores.
+    let src = fixtures().join("tokenizer-interop/hf");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+    ] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut tj = read_json(&src.join("tokenizer.json"));
+    let merges = tj["model"]["merges"].as_array_mut().unwrap();
+    for m in merges.iter_mut() {
+        let p = m.as_array().unwrap();
+        *m = Value::String(format!(
+            "{} {}",
+            p[0].as_str().unwrap(),
+            p[1].as_str().unwrap()
+        ));
+    }
+    std::fs::write(tmp.path().join("tokenizer.json"), tj.to_string()).unwrap();
+    let v = load_variant(tmp.path());
+    assert_eq!(v.scores, load_variant(&src).scores);
+    assert_tokenizer_json_scores(&v, tmp.path(), "merges as strings");
+}
+
+#[test]
 fn llama_cpp_tokenizer_json_scores_cannot_encode() {
     // llama.cpp's converter gives a tokenizer.json vocabulary -1000.0 everywhere: refused.
     let dir = fixtures().join("tokenizer-interop/hf");
