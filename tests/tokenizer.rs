@@ -87,10 +87,24 @@ fn llava_prompt_ids_match_sentencepiece() {
 }
 
 fn check_cases(t: &SpmTokenizer, cases_file: &Path, what: &str) -> usize {
+    check_cases_without(t, cases_file, what, &[])
+}
+
+/// `check_cases` on the cases whose text contains none of `skip` (tokens added to a
+/// vocabulary the cases were not made with); returns the number checked.
+fn check_cases_without(t: &SpmTokenizer, cases_file: &Path, what: &str, skip: &[String]) -> usize {
     let cases = read_json(cases_file);
     let mut failures = Vec::new();
-    let list = cases["cases"].as_array().unwrap();
-    for c in list {
+    let list: Vec<&Value> = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            let text = c["text"].as_str().unwrap();
+            !skip.iter().any(|s| text.contains(s.as_str()))
+        })
+        .collect();
+    for c in &list {
         let text = c["text"].as_str().unwrap();
         let got = t.encode(text, false);
         let want = ids_u32(&c["ids"]);
@@ -146,7 +160,100 @@ fn no_byte_fallback_model_matches_sentencepiece() {
     assert!(n >= 300);
 }
 
+/// Tokens, types, ids, flags and template as gguf-py read them back from llama.cpp's
+/// converter; scores too, except for tokenizer.json vocabularies, whose scores
+/// deliberately differ (gguf-py writes -1000.0; ours are ranked from the merges,
+/// checked by `assert_scores_follow_merges` and by encoding instead).
 fn assert_vocab_eq(v: &GgufVocab, r: &Value, what: &str) {
+    assert_vocab_eq_but_scores(v, r, what);
+    let scores = gguf_py_scores(r);
+    assert_eq!(v.scores.len(), scores.len(), "{what}: score count");
+    for (i, (a, b)) in v.scores.iter().zip(&scores).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i} ({a} vs {b})");
+    }
+}
+
+fn gguf_py_scores(r: &Value) -> Vec<f32> {
+    r["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A tokenizer.json vocabulary (`dir` holds the tokenizer.json it came from):
+/// (a) encoding with it as a GGUF SentencePiece vocabulary gives sentencepiece's ids on
+///     the fixture cases (the same vocabulary as tiny-llava-mmfuser/tokenizer.model;
+///     cases containing a token added beyond the 512 base pieces are left out);
+/// (b) its scores follow the merge ranks strictly: ordering pieces by the lowest rank of
+///     a merge producing them orders their scores strictly descending, and every piece no
+///     merge produces scores below all of them.
+fn assert_tokenizer_json_scores(v: &GgufVocab, dir: &Path, what: &str) {
+    let t = SpmTokenizer::from_vocab(v).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let added = &v.tokens[512..];
+    let n = check_cases_without(
+        &t,
+        &fixtures().join("tokenizer-interop/spm_cases.json"),
+        what,
+        added,
+    );
+    assert!(n >= 300, "{what}: {n} cases");
+    let n = check_cases_without(
+        &t,
+        &fixtures().join("reference/tokenizer_cases.json"),
+        what,
+        added,
+    );
+    assert!(n >= 10, "{what}: {n} cases");
+
+    let tj = read_json(&dir.join("tokenizer.json"));
+    let merges = tj["model"]["merges"].as_array().unwrap();
+    assert!(merges.len() >= 100, "{what}: {} merges", merges.len());
+    let mut first_rank: Vec<Option<usize>> = vec![None; v.tokens.len()];
+    for (rank, m) in merges.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => s.split_once(' ').unwrap(),
+            Value::Array(p) => (p[0].as_str().unwrap(), p[1].as_str().unwrap()),
+            _ => panic!("{what}: merge {m}"),
+        };
+        let id = v
+            .tokens
+            .iter()
+            .position(|x| *x == format!("{a}{b}"))
+            .unwrap();
+        first_rank[id].get_or_insert(rank);
+    }
+    let mut merged: Vec<(usize, f32)> = first_rank
+        .iter()
+        .zip(&v.scores)
+        .filter_map(|(r, s)| r.map(|r| (r, *s)))
+        .collect();
+    merged.sort_by_key(|&(r, _)| r);
+    for w in merged.windows(2) {
+        assert!(
+            w[0].1 > w[1].1,
+            "{what}: merge ranks {} and {} give scores {} and {}",
+            w[0].0,
+            w[1].0,
+            w[0].1,
+            w[1].1
+        );
+    }
+    let lowest_merged = merged.last().unwrap().1;
+    for (i, r) in first_rank.iter().enumerate() {
+        if r.is_none() {
+            assert!(
+                v.scores[i] < lowest_merged,
+                "{what}: unmerged {:?} scores {} >= {lowest_merged}",
+                v.tokens[i],
+                v.scores[i]
+            );
+        }
+    }
+}
+
+fn assert_vocab_eq_but_scores(v: &GgufVocab, r: &Value, what: &str) {
     let opt_u32 = |k: &str| r[k].as_u64().map(|x| x as u32);
     let opt_bool = |k: &str| r[k].as_bool();
     assert_eq!(
@@ -164,16 +271,6 @@ fn assert_vocab_eq(v: &GgufVocab, r: &Value, what: &str) {
     assert_eq!(v.tokens.len(), tokens.len(), "{what}: token count");
     for (i, (a, b)) in v.tokens.iter().zip(&tokens).enumerate() {
         assert_eq!(a, b, "{what}: token {i}");
-    }
-    let scores: Vec<f32> = r["scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    assert_eq!(v.scores.len(), scores.len(), "{what}: score count");
-    for (i, (a, b)) in v.scores.iter().zip(&scores).enumerate() {
-        assert_eq!(a.to_bits(), b.to_bits(), "{what}: score {i} ({a} vs {b})");
     }
     let types: Vec<i32> = r["token_type"]
         .as_array()
@@ -235,11 +332,18 @@ fn load_variant(dir: &Path) -> GgufVocab {
 #[test]
 fn vocab_matches_llama_cpp_converter() {
     let root = fixtures().join("tokenizer-interop");
-    for variant in ["spm", "spm_added", "hf", "hf_added"] {
+    for variant in ["spm", "spm_added"] {
         let dir = root.join(variant);
         let r = read_json(&dir.join("gguf_vocab.json"));
         let v = load_variant(&dir);
         assert_vocab_eq(&v, &r, variant);
+    }
+    for variant in ["hf", "hf_added"] {
+        let dir = root.join(variant);
+        let r = read_json(&dir.join("gguf_vocab.json"));
+        let v = load_variant(&dir);
+        assert_vocab_eq_but_scores(&v, &r, variant);
+        assert_tokenizer_json_scores(&v, &dir, variant);
     }
 }
 
@@ -260,19 +364,49 @@ fn fixture_checkpoint_vocab_matches_llama_cpp_converter() {
         std::fs::copy(bin.join(f), tmp.path().join(f)).unwrap();
     }
     let r = read_json(&fixtures().join("tokenizer-interop/hf/gguf_vocab.json"));
-    assert_vocab_eq(
-        &load_variant(tmp.path()),
-        &r,
-        "tiny-llava-mmfuser-bin without tokenizer.model",
-    );
+    let what = "tiny-llava-mmfuser-bin without tokenizer.model";
+    let v = load_variant(tmp.path());
+    assert_vocab_eq_but_scores(&v, &r, what);
+    assert_tokenizer_json_scores(&v, tmp.path(), what);
     // With tokenizer.model present the -bin checkpoint takes the SentencePiece path.
     let v = load_variant(&bin);
     assert_eq!(v.scores[300], fixture_vocab().scores[300]);
 }
 
 #[test]
-fn vocab_from_tokenizer_json_cannot_encode() {
-    let v = load_variant(&fixtures().join("tokenizer-interop/hf"));
+fn merges_as_strings_rank_like_merges_as_pairs() {
+    // tokenizers writes merges as ["a", "b"] (0.20+) or "a b" (older): same ranks, same scores.
+    let src = fixtures().join("tokenizer-interop/hf");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+    ] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut tj = read_json(&src.join("tokenizer.json"));
+    let merges = tj["model"]["merges"].as_array_mut().unwrap();
+    for m in merges.iter_mut() {
+        let p = m.as_array().unwrap();
+        *m = Value::String(format!(
+            "{} {}",
+            p[0].as_str().unwrap(),
+            p[1].as_str().unwrap()
+        ));
+    }
+    std::fs::write(tmp.path().join("tokenizer.json"), tj.to_string()).unwrap();
+    let v = load_variant(tmp.path());
+    assert_eq!(v.scores, load_variant(&src).scores);
+    assert_tokenizer_json_scores(&v, tmp.path(), "merges as strings");
+}
+
+#[test]
+fn llama_cpp_tokenizer_json_scores_cannot_encode() {
+    // llama.cpp's converter gives a tokenizer.json vocabulary -1000.0 everywhere: refused.
+    let dir = fixtures().join("tokenizer-interop/hf");
+    let mut v = load_variant(&dir);
+    v.scores = gguf_py_scores(&read_json(&dir.join("gguf_vocab.json")));
     let e = SpmTokenizer::from_vocab(&v).unwrap_err();
     assert!(e.contains("score"), "{e}");
 }

@@ -125,9 +125,9 @@ impl SpmTokenizer {
     /// From a GGUF-style vocabulary (tokens, scores, token types), e.g. read
     /// back from a GGUF file. Normalisation follows llama.cpp's SPM tokenizer:
     /// dummy prefix = `add_space_prefix` (default true), no whitespace removal,
-    /// byte fallback when the vocabulary has BYTE tokens. The scores must be
-    /// real SentencePiece scores (a vocabulary converted from tokenizer.json has
-    /// -1000.0 everywhere and cannot rank merges).
+    /// byte fallback when the vocabulary has BYTE tokens. The scores must rank
+    /// the merges (llama.cpp's converter writes -1000.0 everywhere for a
+    /// tokenizer.json-only checkpoint, which cannot; ours ranks them from the merges).
     pub fn from_vocab(v: &GgufVocab) -> std::result::Result<Self, String> {
         if v.model != "llama" {
             return Err(format!(
@@ -279,8 +279,10 @@ impl SpmTokenizer {
         self.unk_id.unwrap_or(0)
     }
 
+    /// An UNKNOWN piece, or the unk id: a tokenizer.json vocabulary types `<unk>` CONTROL
+    /// (llama.cpp's SPM tokenizer falls back to bytes for any text that is no token).
     fn is_unknown(&self, id: u32) -> bool {
-        self.kinds.get(id as usize) == Some(&piece_type::UNKNOWN)
+        self.kinds.get(id as usize) == Some(&piece_type::UNKNOWN) || self.unk_id == Some(id)
     }
 
     fn is_unused(&self, id: u32) -> bool {

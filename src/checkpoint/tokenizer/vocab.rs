@@ -1,7 +1,8 @@
 //! The GGUF vocabulary (`tokenizer.ggml.*`) exactly as llama.cpp's
 //! convert_hf_to_gguf.py builds it for LLaMA (`LlamaModel.set_vocab`):
 //! - `tokenizer.model` present: `_create_vocab_sentencepiece` (conversion/base.py);
-//! - else `tokenizer.json`: gguf-py `LlamaHfVocab` (`_set_vocab_llama_hf`);
+//! - else `tokenizer.json`: gguf-py `LlamaHfVocab` (`_set_vocab_llama_hf`), except the
+//!   scores: ranked from the BPE merges instead of -1000.0 (see `scores_from_merges`);
 //! - special ids / add flags / chat template: gguf-py `SpecialVocab(dir, n_vocab=len(tokens))`;
 //! - `add_space_prefix` from tokenizer_config `add_prefix_space` (conversion/llama.py).
 //!
@@ -348,10 +349,13 @@ fn named_special_tokens(tc: Option<&Map<String, Value>>, dir: &Path) -> Result<V
     Ok(out)
 }
 
-/// gguf-py `LlamaHfVocab` + `_set_vocab_llama_hf`: every score -1000.0; BYTE for
+/// gguf-py `LlamaHfVocab` + `_set_vocab_llama_hf` for tokens and types: BYTE for
 /// `<0xNN>`, CONTROL for special ids, NORMAL otherwise; added tokens beyond the
 /// base vocabulary appended in id order, CONTROL if special else USER_DEFINED.
 /// No padding to config vocab_size (the converter does none on this path).
+/// Scores deliberately differ from llama.cpp's converter (which writes -1000.0
+/// everywhere, so a SentencePiece runtime cannot rank merges): they come from
+/// the BPE merge ranks (`scores_from_merges`).
 fn vocab_from_tokenizer_json(
     path: &Path,
     tokenizer_config: Option<&Map<String, Value>>,
@@ -440,8 +444,69 @@ fn vocab_from_tokenizer_json(
         tokens.push(text);
         types.push(t);
     }
-    let scores = vec![-1000.0f32; tokens.len()];
+    let merges = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::input(path, "model.merges is not a list"))?;
+    let scores = scores_from_merges(merges, &tokens).map_err(|e| Error::input(path, e))?;
     Ok((tokens, scores, types))
+}
+
+/// Placeholder score gguf-py's `LlamaHfVocab` gives every token.
+const HF_PLACEHOLDER_SCORE: f32 = -1000.0;
+
+/// SentencePiece scores that make SentencePiece-BPE (merge the adjacent pair whose
+/// concatenation has the highest score, leftmost on ties) follow HF BPE (apply the
+/// lowest-ranked merge, leftmost on ties): a piece some merge produces scores
+/// -(lowest such rank); every other piece scores below all of those (the -1000.0
+/// placeholder while that suffices). transformers' SpmConverter lists every split of
+/// a piece and ranks merges by the original piece scores, so this keeps their order.
+/// `merges[r]` is rank r, as `"a b"` or `["a", "b"]`.
+fn scores_from_merges(
+    merges: &[Value],
+    tokens: &[String],
+) -> std::result::Result<Vec<f32>, String> {
+    // Ranks must stay distinct once stored as f32.
+    if merges.len() > 1 << 24 {
+        return Err(format!(
+            "{} merges are too many to rank in f32 scores",
+            merges.len()
+        ));
+    }
+    let floor = HF_PLACEHOLDER_SCORE.min(-(merges.len() as f32));
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+    for (i, t) in tokens.iter().enumerate() {
+        ids.entry(t.as_str()).or_insert(i);
+    }
+    let mut scores = vec![floor; tokens.len()];
+    let mut done = vec![false; tokens.len()];
+    for (rank, m) in merges.iter().enumerate() {
+        let (a, b) = merge_pair(m).ok_or_else(|| {
+            format!("model.merges[{rank}] is neither \"a b\" nor [\"a\", \"b\"]: {m}")
+        })?;
+        let piece = format!("{a}{b}");
+        let &id = ids.get(piece.as_str()).ok_or_else(|| {
+            format!("model.merges[{rank}] ({a:?}, {b:?}) makes {piece:?}, which is not in the vocabulary")
+        })?;
+        // Ranks ascend, so the first merge making a piece is its lowest; 0.0 - r keeps +0.0 at rank 0.
+        if !done[id] {
+            done[id] = true;
+            scores[id] = 0.0 - rank as f32;
+        }
+    }
+    Ok(scores)
+}
+
+/// One tokenizer.json merge: `"a b"` (split at the first space) or `["a", "b"]`.
+fn merge_pair(m: &Value) -> Option<(&str, &str)> {
+    match m {
+        Value::String(s) => s.split_once(' '),
+        Value::Array(a) => match a.as_slice() {
+            [Value::String(x), Value::String(y)] => Some((x.as_str(), y.as_str())),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// `tokenizer_config[k] = v` when there is a tokenizer_config.
