@@ -19,8 +19,8 @@ pub const FIXTURE_TOWER: &str = "fixtures/tiny-clip";
 runtimes use: the language model (which stock llama.cpp loads) and an mmproj file (CLIP tower + MMFuser fuser + \
 MLP projector). Quantize the language model to Q8_0 / Q4_K_M byte-identically to llama.cpp's llama-quantize, \
 keeping the fuser in F16.\n\nExit codes (every verb): 0 success; 1 bad input (a file that is missing, unreadable, malformed or \
-not what the recipe expects) or a failed check (verify); 2 usage error (the command line: unknown, missing, \
-conflicting or inapplicable options).",
+not what the recipe expects); 2 usage error (the command line: unknown, missing, \
+conflicting or inapplicable options); 3 verify ran and the artefact failed a check.",
     after_help = "Examples:\n  mmfuser-convert hf-to-gguf                       # the bundled tiny fixture -> ./out\n  \
 mmfuser-convert hf-to-gguf ~/llava-mmfuser-7b --vision-tower ~/clip-vit-large-patch14-336\n  \
 mmfuser-convert quantize --bits 4 out/llava-mmfuser-7b-F16.gguf\n  \

@@ -960,7 +960,7 @@ fn integrity_step(integrity: &[Integrity], checks: &mut Vec<Check>, reasons: &mu
     checks.push(check(
         "integrity",
         if integrity_ok { "pass" } else { "fail" },
-        "sha256 of each artefact against the manifest beside it (no manifest: nothing to check)",
+        "sha256 of each artefact against the manifest beside it (an artefact without one is not checked)",
     ));
 }
 
