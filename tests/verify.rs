@@ -345,7 +345,7 @@ fn faults_inside_quantization_noise_fail_exactness() {
         let base_kl = r["quality_logits"]["kl"]["kl_mean"].as_f64().unwrap();
         for (what, l, m) in faults(d, ty, &q, &mmproj) {
             let (rc, r, err) = verify(&l, &m, &[]);
-            assert_eq!(rc, 1, "{what} at {ty} must fail: {err} {}", reasons(&r));
+            assert_eq!(rc, 3, "{what} at {ty} must fail: {err} {}", reasons(&r));
             let failed: Vec<String> = ["header", "tensors", "exact forward"]
                 .iter()
                 .filter(|c| check_status(&r, c) == "fail")
@@ -395,7 +395,7 @@ fn faults_inside_quantization_noise_fail_exactness() {
         std::fs::create_dir_all(&sub).unwrap();
         for (what, l, m) in sabotage::sabotaged_artefacts(&sub, &q, &mmproj) {
             let (rc, r, err) = verify(&l, &m, &[]);
-            assert_eq!(rc, 1, "{what} at {ty} must fail: {err}");
+            assert_eq!(rc, 3, "{what} at {ty} must fail: {err}");
             assert_eq!(check_status(&r, "tensors"), "fail", "{what} at {ty}");
             println!(
                 "  {:<52} {:>6} {:>13}",
@@ -488,16 +488,16 @@ fn sabotaged_and_mislabelled_artefacts_fail() {
     for (what, l, m) in cases {
         let (rc, r, err) = verify(&l, &m, &[]);
         assert!(
-            rc == 1 || rc == 2,
+            rc == 3 || rc == 1,
             "{what} must fail: {err} {}",
             reasons(&r)
         );
-        if rc == 1 {
+        if rc == 3 {
             assert_eq!(r["passed"], false, "{what}");
         }
         println!(
             "  {what:<36} rc {rc}: {}",
-            if rc == 1 {
+            if rc == 3 {
                 reasons(&r)
             } else {
                 err.trim().to_string()
@@ -534,7 +534,7 @@ fn non_finite_values_fail_naming_where() {
         ("output_norm", &nan_norm, "output_norm.weight"),
     ] {
         let (rc, r, err) = verify(l, &mmproj, &[]);
-        assert_eq!(rc, 1, "{what}: {err}");
+        assert_eq!(rc, 3, "{what}: {err}");
         let why = reasons(&r);
         assert!(
             why.contains(&format!("tensor '{tensor}', element")),
@@ -613,7 +613,7 @@ fn flipped_bit_is_caught_by_the_manifest() {
     bytes[n - 1000] ^= 0x01;
     std::fs::write(&llm, &bytes).unwrap();
     let (rc, r, _) = verify(&llm, &mmproj, &[]);
-    assert_eq!(rc, 1);
+    assert_eq!(rc, 3);
     assert_eq!(r["integrity"][0]["status"], "mismatch", "{r}");
 }
 
@@ -631,7 +631,7 @@ fn unreadable_or_foreign_manifest_fails() {
     ] {
         std::fs::write(&man, &text).unwrap();
         let (rc, r, err) = verify(&q4, &mmproj, &[]);
-        assert_eq!(rc, 1, "{what}: {err}");
+        assert_eq!(rc, 3, "{what}: {err}");
         assert_eq!(r["integrity"][0]["status"], "bad-manifest", "{what}: {r}");
     }
     std::fs::write(&man, good).unwrap();
@@ -719,7 +719,7 @@ fn tolerance_gates_quality_only_when_given() {
     assert_eq!(rc, 0);
     let kl = r["quality_logits"]["kl"]["kl_mean"].as_f64().unwrap();
     let (rc, r, _) = verify(&q4, &mmproj, &["--tolerance", &format!("{}", kl * 0.5)]);
-    assert_eq!(rc, 1, "{}", reasons(&r));
+    assert_eq!(rc, 3, "{}", reasons(&r));
     assert!(reasons(&r).contains("exceeds --tolerance"));
     let (rc, _, _) = verify(&q4, &mmproj, &["--tolerance", &format!("{}", kl * 2.0)]);
     assert_eq!(rc, 0);
@@ -795,7 +795,7 @@ fn json_report_validates_against_schema() {
         ];
         args.extend(extra);
         let (rc, out, err) = run(&args);
-        assert!(rc == 0 || rc == 1, "{err}");
+        assert!(rc == 0 || rc == 3, "{err}");
         let report = dir.path().join("report.json");
         std::fs::write(&report, out).unwrap();
         let o = Command::new(&py)
@@ -858,7 +858,7 @@ fn flipped_bit_in_any_tensor_is_caught_by_the_manifest() {
         b[at] ^= 0x10;
         std::fs::write(victim, &b).unwrap();
         let (rc, r, err) = verify(l, m, &[]);
-        assert_eq!(rc, 1, "{err} {r}");
+        assert_eq!(rc, 3, "{err} {r}");
         assert_eq!(r["integrity"][which]["status"], "mismatch", "{r}");
         assert_eq!(r["integrity"][1 - which]["status"], "ok", "{r}");
         assert!(
@@ -912,7 +912,7 @@ fn perturbed_tensor_without_manifest_is_named() {
         (&q4, &pm, "v.blk.2.attn_v.weight"),
     ] {
         let (rc, r, err) = verify(l, m, &[]);
-        assert_eq!(rc, 1, "{err} {r}");
+        assert_eq!(rc, 3, "{err} {r}");
         assert_eq!(r["tensors"]["mismatches"][0]["tensor"], tensor, "{r}");
         assert_eq!(r["tensors"]["mismatches"][0]["first_block"], 0, "{r}");
         assert!(exact_rel_rms(&r, "exact_logits").unwrap() > BOUND, "{r}");
@@ -932,7 +932,7 @@ fn imatrix_artefact_is_judged_by_quality_alone() {
         m.set("quantize.imatrix.entries_count", Value::I32(14));
     });
     let (rc, r, err) = verify(&im, &mmproj, &[]);
-    assert_eq!(rc, 1, "{err}");
+    assert_eq!(rc, 3, "{err}");
     assert!(
         r["imatrix"]
             .as_str()
@@ -947,7 +947,7 @@ fn imatrix_artefact_is_judged_by_quality_alone() {
     assert_eq!(rc, 0, "{err} {}", reasons(&r));
     assert_eq!(check_status(&r, "quality"), "pass");
     let (rc, _, _) = verify(&im, &mmproj, &["--tolerance", "0.01"]);
-    assert_eq!(rc, 1);
+    assert_eq!(rc, 3);
 }
 
 /// Several probes: each has its own figures; the overall rows pool their positions (the pooled
@@ -1053,7 +1053,7 @@ fn quantized_files_are_reproduced_on_their_own_road() {
         cks,
         "--vision-tower",
         TOWER,
-        "-o",
+        "--out-dir",
         f16dir.to_str().unwrap(),
         "-q",
     ]);
