@@ -6,8 +6,8 @@
 //! weights passed through the types the artefact records, config.json's hyper-parameters, the
 //! checkpoint's tokenizer). Quality (KL against the float source, as llama-perplexity's
 //! `--kl-divergence` reports it) is always reported and judged only under `--tolerance`.
-use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::artefact::GgufWeights;
+use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
 use crate::exactness::{self, file_type_of, TensorCheck};
@@ -457,7 +457,10 @@ impl<'a> Expected<'a> {
     fn reused(&self, name: &str) -> Option<&'a GgufWeights> {
         self.art.filter(|_| {
             self.proven.contains(name)
-                && self.src.row(name).is_some_and(|r| r.row.transform.is_none())
+                && self
+                    .src
+                    .row(name)
+                    .is_some_and(|r| r.row.transform.is_none())
         })
     }
 }
@@ -1586,7 +1589,10 @@ mod tests {
         )
         .unwrap();
         let hp = &src.hparams.llama;
-        assert!(hp.n_head_kv < hp.n_head, "the fixture must use GQA for the K case");
+        assert!(
+            hp.n_head_kv < hp.n_head,
+            "the fixture must use GQA for the K case"
+        );
         let ids: Vec<i64> = (0..40).map(|i| (i * 7 + 1) % hp.n_vocab as i64).collect();
         let none = HashSet::new();
         let expected = Expected {
@@ -1600,12 +1606,18 @@ mod tests {
         println!("correct plan: logits relative RMS {plan:.3e}");
         assert!(plan <= EXACT_REL_RMS_BOUND, "{plan}");
         for (what, k_heads) in [
-            ("K permuted with n_head instead of n_head_kv", Some(hp.n_head)),
+            (
+                "K permuted with n_head instead of n_head_kv",
+                Some(hp.n_head),
+            ),
             ("Q/K not permuted", None),
         ] {
             let wrong = WrongPlan { src: &src, k_heads };
             let d = compare(&want, &logits(&wrong, &src, &ids)).rel_rms;
-            println!("{what}: logits relative RMS {d:.3e}, {:.0}x the bound", d / EXACT_REL_RMS_BOUND);
+            println!(
+                "{what}: logits relative RMS {d:.3e}, {:.0}x the bound",
+                d / EXACT_REL_RMS_BOUND
+            );
             assert!(d > 100.0 * EXACT_REL_RMS_BOUND, "{what}: {d}");
         }
     }
