@@ -1,7 +1,7 @@
 //! The command-line contract shared by every verb: `-o/--output FILE` and `--out-dir DIR` (an
 //! error for what a verb cannot honour), `-q` (errors only), `--json` (one document alone on
 //! stdout, valid against its schema in schemas/, checked with the jsonschema package), and one
-//! exit-code rule (0 success, 1 bad input or failed check, 2 usage error).
+//! exit-code rule (0 success, 1 bad input, 2 usage error, 3 verify: a failed check).
 mod common;
 use common::*;
 use std::ffi::OsString;
@@ -264,7 +264,7 @@ fn output_options_are_one_set() {
     }
 }
 
-/// One rule for every verb: 0 success, 1 bad input or failed check, 2 usage error.
+/// One rule for every verb: 0 success, 1 bad input, 2 usage error, 3 a failed verify check.
 #[test]
 fn exit_codes_follow_one_rule() {
     let tmp = tempdir();
@@ -309,13 +309,13 @@ fn exit_codes_follow_one_rule() {
     );
     one(os(&[&"synth", &"--size", &"tiny"]), 2);
     one(os(&[&"demo", &"--no-such-flag"]), 2);
-    // a check that ran and failed: 1
+    // a check that ran and failed: 3
     let q = t.join("q.gguf");
     run(
         os(&[&"quantize", &llm, &"--bits", &"4", &"-o", &q, &"-q"]),
         t,
     )
     .ok();
-    one(verify_args(&q, &mmproj, &["--tolerance", "1e-12", "-q"]), 1);
+    one(verify_args(&q, &mmproj, &["--tolerance", "1e-12", "-q"]), 3);
     assert!(!out.exists());
 }
