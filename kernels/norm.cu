@@ -105,6 +105,25 @@ extern "C" __global__ void rope_interleaved_f32(const float* __restrict__ x, flo
     }
 }
 
+// Rotate_half rotary embedding (ggml NEOX rope, HF LLaMA) on x [n, n_head*hd]: as above, but
+// pair i of a head is (x[i], x[i + hd/2]).
+extern "C" __global__ void rope_neox_f32(const float* __restrict__ x, float* __restrict__ y,
+                                         int n, int n_head, int hd, int pos0, float theta) {
+    int half = hd / 2;
+    GRID_STRIDE(id, (i64)n * half) {
+        int i = (int)(id % half);
+        i64 t = id / half;
+        double ang = (double)(pos0 + t) * pow((double)theta, -2.0 * (double)i / (double)hd);
+        float co = (float)cos(ang), si = (float)sin(ang);
+        for (int h = 0; h < n_head; h++) {
+            i64 base = t * (i64)(n_head * hd) + (i64)h * hd + i;
+            float x0 = x[base], x1 = x[base + half];
+            y[base] = __fsub_rn(__fmul_rn(x0, co), __fmul_rn(x1, si));
+            y[base + half] = __fadd_rn(__fmul_rn(x0, si), __fmul_rn(x1, co));
+        }
+    }
+}
+
 // Attention for a few queries (decode): one block per (query i, head h), no cuBLAS. q [n, H*hd],
 // k and v [m, Hkv*hd], out [n, H*hd]; head h reads kv head h / (H/Hkv); causal: query i sees
 // keys 0..=m-n+i. Scores live in dynamic shared memory (m floats), softmax with an f64 sum, then

@@ -174,7 +174,28 @@ pub fn tensor_list_diffs(plan: &ArtefactPlan, g: &GgufFile) -> Vec<String> {
 /// The bytes conversion writes for a source row in type `out`, by way of a float intermediate
 /// (`via`) or in one pass, through the same encoder hf-to-gguf and quantize use.
 pub fn emit(src: &Source, r: &SourceRow, out: GgmlType, via: Option<GgmlType>) -> Result<Vec<u8>> {
-    let data = src.read(r)?;
+    encode_via(src, r, src.read(r)?, out, via)
+}
+
+/// As `emit`, but from the tensor as the checkpoint stores it (HF layout: Q/K rows not
+/// permuted), for the expected model. Quantization blocks run along rows, so this equals
+/// `emit`'s values up to the order of rows.
+pub fn emit_as_stored(
+    src: &Source,
+    r: &SourceRow,
+    out: GgmlType,
+    via: Option<GgmlType>,
+) -> Result<Vec<u8>> {
+    encode_via(src, r, src.store(r.store).get(&r.row.src)?, out, via)
+}
+
+fn encode_via(
+    src: &Source,
+    r: &SourceRow,
+    data: crate::checkpoint::store::SrcTensor<'_>,
+    out: GgmlType,
+    via: Option<GgmlType>,
+) -> Result<Vec<u8>> {
     let row_len = *r.row.shape.last().unwrap_or(&1);
     let tag = |e: Error| match e {
         Error::Other(m) => Error::tensor(src.file_of(r), &r.row.src, m),

@@ -6,14 +6,14 @@
 //! weights passed through the types the artefact records, config.json's hyper-parameters, the
 //! checkpoint's tokenizer). Quality (KL against the float source, as llama-perplexity's
 //! `--kl-divergence` reports it) is always reported and judged only under `--tolerance`.
-use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::artefact::GgufWeights;
+use crate::checkpoint::tokenizer::SpmTokenizer;
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
 use crate::exactness::{self, file_type_of, TensorCheck};
 use crate::hparams::ModelHParams;
 use crate::manifest::{sha256_file, Manifest};
-use crate::model::weights::RawTensor;
+use crate::model::weights::{RawTensor, RopeMode};
 use crate::model::{self, WeightSource};
 use crate::source::Source;
 use candle_core::{Device, Tensor};
@@ -27,11 +27,13 @@ pub const LLAVA_V1_TEMPLATE: &str = "A chat between a curious human and an artif
 pub const DEFAULT_QUESTION: &str = "Describe the image.";
 
 /// Bound on the relative RMS difference of logits and image embeddings between the artefact
-/// forward and the expected forward, the same for every type. Both run the same kernels on the
-/// same device; the expected side reuses an artefact tensor only where its bytes were proven
-/// equal to the plan's output and re-derives the others, so a correct artefact measures exactly
-/// 0 on the fixture for every type (tests/verify.rs prints the figures). The bound leaves room for
-/// a GPU library choosing another reduction order between the two runs, nothing more.
+/// forward and the expected forward, the same for every type. The two sides hold the same values
+/// (row permutation commutes with per-row block quantization) and run the same kernels on the
+/// same device; only the order of the Q/K columns differs (llama.cpp's interleaved pairs vs HF's
+/// halves), so each attention score is summed in another order. Measured on the fixture
+/// (tests/verify.rs prints it per type): logits 7.7e-7 to 8.4e-7 for every type F32..Q4_0, image
+/// embeddings exactly 0 (the tower has no permutation). The bound is about 12x that, room for a
+/// deeper model's accumulation, and still 16x below the smallest fault the tests plant.
 pub const EXACT_REL_RMS_BOUND: f64 = 1e-5;
 
 #[derive(Debug, Clone)]
@@ -394,13 +396,16 @@ fn forward<B: model::Backend>(
     Ok((emb, logits))
 }
 
-/// The expected model: the source's weights as the plan maps them, each passed through the type
-/// the artefact records for it (the same encoder conversion uses). Tensors whose artefact bytes
-/// were proven equal to that re-derivation are read from the artefact (the same bytes, no second
-/// quantization of the model).
+/// The expected model, under the source's semantics: the checkpoint's own tensors as stored
+/// (Q/K rows in HF's order, not through the plan's permutation) with HF's rotate_half rope, each
+/// passed through the type the artefact records for it (the same encoder conversion uses). So the
+/// plan's layout transforms are checked, not re-used: a wrong permutation in the plan would match
+/// its own bytes, but not this forward. Tensors the plan does not transform and whose artefact
+/// bytes were proven equal to their re-derivation are read from the artefact (the same bytes).
 struct Expected<'a> {
     src: &'a Source,
-    art: &'a GgufWeights,
+    /// The artefact whose recorded types the weights pass through (none: the source's own types).
+    art: Option<&'a GgufWeights>,
     proven: &'a HashSet<String>,
     /// The road that reproduced each file's quantized tensors (for tensors that did not match).
     via: Option<crate::gguf::GgmlType>,
@@ -408,8 +413,8 @@ struct Expected<'a> {
 
 impl WeightSource for Expected<'_> {
     fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        if self.proven.contains(name) {
-            return self.art.raw(name);
+        if let Some(art) = self.reused(name) {
+            return art.raw(name);
         }
         let r = self.src.row(name).ok_or_else(|| {
             Error::input(
@@ -417,12 +422,12 @@ impl WeightSource for Expected<'_> {
                 format!("the recipe maps no source tensor to '{name}'"),
             )
         })?;
-        let ty = match self.art.file_of(name).tensor(name) {
+        let ty = match self.art.and_then(|a| a.file_of(name).tensor(name)) {
             Some(t) => t.info.ty,
-            None => self.src.read(r)?.ty,
+            None => self.src.store(r.store).get(&r.row.src)?.ty,
         };
         let via = self.via.filter(|_| ty.is_quantized());
-        let data = exactness::emit(self.src, r, ty, via)?;
+        let data = exactness::emit_as_stored(self.src, r, ty, via)?;
         Ok(RawTensor {
             ty,
             shape: r.row.shape.clone(),
@@ -436,11 +441,27 @@ impl WeightSource for Expected<'_> {
         self.src.dir.clone()
     }
     fn release(&self, name: &str) {
-        if self.proven.contains(name) {
-            self.art.release(name);
+        if let Some(art) = self.reused(name) {
+            art.release(name);
         } else {
             self.src.release(name);
         }
+    }
+    fn rope_mode(&self) -> RopeMode {
+        RopeMode::Neox
+    }
+}
+
+impl<'a> Expected<'a> {
+    /// The artefact, if `name` is read from it: proven equal, and stored in the same layout.
+    fn reused(&self, name: &str) -> Option<&'a GgufWeights> {
+        self.art.filter(|_| {
+            self.proven.contains(name)
+                && self
+                    .src
+                    .row(name)
+                    .is_some_and(|r| r.row.transform.is_none())
+        })
     }
 }
 
@@ -465,6 +486,9 @@ impl WeightSource for Counted<'_> {
     }
     fn release(&self, name: &str) {
         self.inner.release(name)
+    }
+    fn rope_mode(&self) -> RopeMode {
+        self.inner.rope_mode()
     }
 }
 
@@ -1305,7 +1329,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         (Some(a), None) => {
             let exp = Expected {
                 src: &src,
-                art: &art,
+                art: Some(&art),
                 proven: &proven,
                 via: road,
             };
@@ -1507,4 +1531,94 @@ pub fn render(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::{permute_rows, Transform};
+
+    /// The plan's layout with a faulty Q/K permutation: what a wrong plan would write (and then
+    /// match byte for byte, so only the forward against the expected model can tell).
+    struct WrongPlan<'a> {
+        src: &'a Source,
+        /// Heads the faulty plan permutes K with (None: Q/K left as stored).
+        k_heads: Option<usize>,
+    }
+
+    impl WeightSource for WrongPlan<'_> {
+        fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+            let r = self.src.row(name).expect("a planned tensor");
+            let t = self.src.store(r.store).get(&r.row.src)?;
+            let (rows, cols) = (t.shape[0], t.shape[1..].iter().product());
+            let heads = match (r.row.transform, self.k_heads) {
+                (Some(Transform::PermuteK), Some(h)) => Some(h),
+                (Some(Transform::PermuteQ), Some(_)) => Some(self.src.hparams.llama.n_head),
+                _ => None,
+            };
+            let data = match heads {
+                Some(h) => permute_rows(&t.data, rows, cols, h, t.ty.type_size()).into(),
+                None => t.data,
+            };
+            Ok(RawTensor {
+                ty: t.ty,
+                shape: t.shape,
+                data,
+            })
+        }
+        fn has(&self, name: &str) -> bool {
+            self.src.row(name).is_some()
+        }
+    }
+
+    fn logits(ws: &dyn WeightSource, src: &Source, ids: &[i64]) -> Vec<f32> {
+        let pv = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let (_, l) = forward(&model::CpuBackend, ws, &src.hparams, &pv, ids).unwrap();
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// The expected model runs under the source's semantics (Q/K rows as stored, rotate_half
+    /// rope), so it agrees with the plan's layout (permuted rows, interleaved rope) within the
+    /// bound, and a plan with a wrong permutation fails the forward comparison even though its
+    /// artefact would match the plan's own bytes.
+    #[test]
+    fn wrong_permutation_in_the_plan_fails_the_forward_comparison() {
+        let src = Source::open(
+            Path::new("fixtures/tiny-llava-mmfuser"),
+            Some(Path::new("fixtures/tiny-clip")),
+        )
+        .unwrap();
+        let hp = &src.hparams.llama;
+        assert!(
+            hp.n_head_kv < hp.n_head,
+            "the fixture must use GQA for the K case"
+        );
+        let ids: Vec<i64> = (0..40).map(|i| (i * 7 + 1) % hp.n_vocab as i64).collect();
+        let none = HashSet::new();
+        let expected = Expected {
+            src: &src,
+            art: None,
+            proven: &none,
+            via: None,
+        };
+        let want = logits(&expected, &src, &ids);
+        let plan = compare(&want, &logits(&src, &src, &ids)).rel_rms;
+        println!("correct plan: logits relative RMS {plan:.3e}");
+        assert!(plan <= EXACT_REL_RMS_BOUND, "{plan}");
+        for (what, k_heads) in [
+            (
+                "K permuted with n_head instead of n_head_kv",
+                Some(hp.n_head),
+            ),
+            ("Q/K not permuted", None),
+        ] {
+            let wrong = WrongPlan { src: &src, k_heads };
+            let d = compare(&want, &logits(&wrong, &src, &ids)).rel_rms;
+            println!(
+                "{what}: logits relative RMS {d:.3e}, {:.0}x the bound",
+                d / EXACT_REL_RMS_BOUND
+            );
+            assert!(d > 100.0 * EXACT_REL_RMS_BOUND, "{what}: {d}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The command-line contract shared by every verb: `-o/--output FILE` and `--out-dir DIR` (an
 //! error for what a verb cannot honour), `-q` (errors only), `--json` (one document alone on
 //! stdout, valid against its schema in schemas/, checked with the jsonschema package), and one
-//! exit-code rule (0 success, 1 bad input or failed check, 2 usage error).
+//! exit-code rule (0 success, 1 bad input, 2 usage error, 3 verify: a failed check).
 mod common;
 use common::*;
 use std::ffi::OsString;

@@ -261,6 +261,14 @@ fn ops_match_cpu() {
             ),
             1e-5,
         );
+        rep.add(
+            format!("rope_neox n_head={n_head} hd={hd} pos0={pos0}"),
+            diff(
+                &down(&g.rope_neox(&up(&x), n_head, pos0, 10000.0).unwrap()),
+                &flat(&c.rope_neox(&x, n_head, pos0, 10000.0).unwrap()),
+            ),
+            1e-5,
+        );
     }
 
     // attention
@@ -772,6 +780,15 @@ impl Backend for FastRounding {
         theta: f32,
     ) -> mmfuser_convert::error::Result<Tensor> {
         CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn rope_neox(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> mmfuser_convert::error::Result<Tensor> {
+        CpuBackend.rope_neox(x, n_head, pos0, theta)
     }
     fn msda(
         &self,

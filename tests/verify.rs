@@ -994,7 +994,8 @@ fn several_probes_report_each_and_overall() {
         let m = p["n_positions"].as_u64().unwrap() as usize;
         w += k * m as f64;
         n += m;
-        assert_eq!(exact_rel_rms(p, "exact_logits"), Some(0.0));
+        let e = exact_rel_rms(p, "exact_logits").unwrap();
+        assert!(e <= BOUND, "probe exact logits {e}");
     }
     assert_eq!(r["n_positions"].as_u64().unwrap() as usize, n);
     let pooled = r["quality_logits"]["kl"]["kl_mean"].as_f64().unwrap();

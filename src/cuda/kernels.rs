@@ -42,6 +42,7 @@ pub const MODULES: &[KernelModule] = &[
             "softmax_groups_f32",
             "softmax_attn_f32",
             "rope_interleaved_f32",
+            "rope_neox_f32",
             "attn_small_f32",
         ],
     },

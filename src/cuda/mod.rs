@@ -1187,6 +1187,18 @@ impl CudaBackend {
         pos0: usize,
         theta: f32,
     ) -> Result<CudaTensor> {
+        self.op_rope(x, n_head, pos0, theta, "rope_interleaved_f32")
+    }
+
+    /// Either rope kernel (same arguments; `kernel` picks the pair layout).
+    fn op_rope(
+        &self,
+        x: &CudaTensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+        kernel: &'static str,
+    ) -> Result<CudaTensor> {
         let c = x.cols;
         if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
             return Err(bad(format!("rope: {c} columns in {n_head} heads")));
@@ -1196,7 +1208,7 @@ impl CudaBackend {
         let work = x.rows * hd / 2;
         if work > 0 {
             let s = self.stream();
-            launch!(self.inner, "rope_interleaved_f32", grid1d(work);
+            launch!(self.inner, kernel, grid1d(work);
                 x.ptr(s), y.ptr(s), x.rows as i32, n_head as i32, hd as i32,
                 i32_of(pos0, "rope position")?, theta);
         }
@@ -1442,6 +1454,18 @@ impl Backend for CudaBackend {
         self.op(
             || "rope".into(),
             || self.op_rope_interleaved(x, n_head, pos0, theta),
+        )
+    }
+    fn rope_neox(
+        &self,
+        x: &CudaTensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<CudaTensor> {
+        self.op(
+            || "rope".into(),
+            || self.op_rope(x, n_head, pos0, theta, "rope_neox_f32"),
         )
     }
     fn msda(

@@ -1,8 +1,9 @@
-//! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope):
+//! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope, or as HF
+//! stores them with the rotate_half rope when the weight source says so):
 //! RMSNorm, rotary embeddings, causal attention with GQA, SwiGLU MLP, output head.
 use super::linear;
 use super::ops::Backend;
-use super::weights::{rows_f32, WeightSource};
+use super::weights::{rows_f32, RopeMode, WeightSource};
 use crate::error::{Error, Result};
 use crate::hparams::LlamaHParams;
 use candle_core::Tensor;
@@ -120,8 +121,12 @@ fn layer<B: Backend>(
     };
     let lin = |x: &B::T, n: &str| linear(b, ws, x, &format!("{p}.{n}.weight"), None);
     let h = norm(x, "attn_norm")?;
-    let q = b.rope_interleaved(&lin(&h, "attn_q")?, hp.n_head, pos0, hp.rope_theta)?;
-    let k = b.rope_interleaved(&lin(&h, "attn_k")?, hp.n_head_kv, pos0, hp.rope_theta)?;
+    let rope = |x: &B::T, heads: usize| match ws.rope_mode() {
+        RopeMode::Interleaved => b.rope_interleaved(x, heads, pos0, hp.rope_theta),
+        RopeMode::Neox => b.rope_neox(x, heads, pos0, hp.rope_theta),
+    };
+    let q = rope(&lin(&h, "attn_q")?, hp.n_head)?;
+    let k = rope(&lin(&h, "attn_k")?, hp.n_head_kv)?;
     let v = lin(&h, "attn_v")?;
     let a = match cache {
         None => b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?,

@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use llama::{build_inputs, IMAGE_TOKEN};
 pub use ops::{Backend, CpuBackend, CpuF32Linear};
-pub use weights::{MemWeights, RawTensor, WeightSource};
+pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};
 
 use crate::error::{Error, Result};
 use crate::hparams::{ModelHParams, ProjectorHParams};

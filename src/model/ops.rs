@@ -5,7 +5,7 @@
 //! multi-head layouts are the usual "heads concatenated along the columns" (`[n, heads*hd]`,
 //! head h owning columns h*hd..(h+1)*hd). Weights are fetched from a `WeightSource` right before
 //! the op that needs them and dropped after, so a 7B model never sits in memory as f32.
-use super::weights::WeightSource;
+use super::weights::{RopeMode, WeightSource};
 use crate::error::{Error, Result};
 use crate::quant::dot as quant_dot;
 use candle_core::{Device, Storage, Tensor};
@@ -94,6 +94,10 @@ pub trait Backend {
         pos0: usize,
         theta: f32,
     ) -> Result<Self::T>;
+    /// Rotary embedding, rotate_half form (HF LLaMA, ggml "NEOX" rope) on x [n, n_head*hd]: within
+    /// each head, (x[i], x[i + hd/2]) is rotated by pos * theta^(-2i/hd). On Q/K rows as HF
+    /// stores them this computes what `rope_interleaved` computes on llama.cpp's permuted rows.
+    fn rope_neox(&self, x: &Self::T, n_head: usize, pos0: usize, theta: f32) -> Result<Self::T>;
     /// Multi-scale deformable attention core (Deformable-DETR), fused; see `msda_core`.
     /// value [sum_l H_l*W_l, C] (levels stacked row-major in order), offsets [Nq, M*L*P*2]
     /// (the raw sampling_offsets output, (x, y) last), weights [Nq, M*L*P] already softmaxed over
@@ -405,6 +409,49 @@ impl CpuBackend {
     }
 }
 
+/// Both rope forms on the CPU: the same angles, only which two columns of a head form a pair
+/// differs (2i and 2i+1 interleaved; i and i + hd/2 in rotate_half form).
+fn rope_cpu(x: &Tensor, n_head: usize, pos0: usize, theta: f32, mode: RopeMode) -> Result<Tensor> {
+    let (n, c) = dims2(x);
+    if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
+        return Err(bad(format!("rope: {c} columns in {n_head} heads")));
+    }
+    let hd = c / n_head;
+    let half = hd / 2;
+    // cos/sin table [n, hd/2], angles in f64.
+    let mut cs = Vec::with_capacity(n * half);
+    for t in 0..n {
+        let pos = (pos0 + t) as f64;
+        for i in 0..half {
+            let ang = pos * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+            cs.push((ang.cos() as f32, ang.sin() as f32));
+        }
+    }
+    let (r, cc) = (n, c);
+    let mut out = vec![0f32; r * cc];
+    with_f32(x, |s| {
+        out.par_chunks_mut(c)
+            .zip(s.par_chunks(c))
+            .enumerate()
+            .for_each(|(t, (o, xr))| {
+                let tab = &cs[t * half..(t + 1) * half];
+                for h in 0..n_head {
+                    let b = h * hd;
+                    for (i, &(co, si)) in tab.iter().enumerate() {
+                        let (j0, j1) = match mode {
+                            RopeMode::Interleaved => (b + 2 * i, b + 2 * i + 1),
+                            RopeMode::Neox => (b + i, b + i + half),
+                        };
+                        let (x0, x1) = (xr[j0], xr[j1]);
+                        o[j0] = x0 * co - x1 * si;
+                        o[j1] = x0 * si + x1 * co;
+                    }
+                }
+            })
+    })?;
+    mat(out, r, cc)
+}
+
 impl Backend for CpuBackend {
     type T = Tensor;
     type W = Tensor;
@@ -631,40 +678,11 @@ impl Backend for CpuBackend {
         pos0: usize,
         theta: f32,
     ) -> Result<Tensor> {
-        let (n, c) = dims2(x);
-        if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
-            return Err(bad(format!("rope: {c} columns in {n_head} heads")));
-        }
-        let hd = c / n_head;
-        let half = hd / 2;
-        // cos/sin table [n, hd/2], angles in f64.
-        let mut cs = Vec::with_capacity(n * half);
-        for t in 0..n {
-            let pos = (pos0 + t) as f64;
-            for i in 0..half {
-                let ang = pos * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
-                cs.push((ang.cos() as f32, ang.sin() as f32));
-            }
-        }
-        let (r, cc) = (n, c);
-        let mut out = vec![0f32; r * cc];
-        with_f32(x, |s| {
-            out.par_chunks_mut(c)
-                .zip(s.par_chunks(c))
-                .enumerate()
-                .for_each(|(t, (o, xr))| {
-                    let tab = &cs[t * half..(t + 1) * half];
-                    for h in 0..n_head {
-                        let b = h * hd;
-                        for (i, &(co, si)) in tab.iter().enumerate() {
-                            let (x0, x1) = (xr[b + 2 * i], xr[b + 2 * i + 1]);
-                            o[b + 2 * i] = x0 * co - x1 * si;
-                            o[b + 2 * i + 1] = x0 * si + x1 * co;
-                        }
-                    }
-                })
-        })?;
-        mat(out, r, cc)
+        rope_cpu(x, n_head, pos0, theta, RopeMode::Interleaved)
+    }
+
+    fn rope_neox(&self, x: &Tensor, n_head: usize, pos0: usize, theta: f32) -> Result<Tensor> {
+        rope_cpu(x, n_head, pos0, theta, RopeMode::Neox)
     }
 
     fn msda(
@@ -789,6 +807,9 @@ impl Backend for CpuF32Linear {
         theta: f32,
     ) -> Result<Tensor> {
         CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn rope_neox(&self, x: &Tensor, n_head: usize, pos0: usize, theta: f32) -> Result<Tensor> {
+        CpuBackend.rope_neox(x, n_head, pos0, theta)
     }
     fn msda(
         &self,
@@ -1240,6 +1261,17 @@ mod tests {
                         assert!((ours - hf).abs() < 1e-5, "{ours} vs {hf}");
                     }
                 }
+            }
+        }
+        // The rotate_half form on the rows as HF stores them (no permutation) is HF's rope.
+        for (w, heads, want) in [(&wq, nh, &q_hf), (&wk, nkv, &k_hf)] {
+            let w = mat(w.clone(), heads * hd, hidden).unwrap();
+            let r = be
+                .rope_neox(&be.linear(&xt, &w, None).unwrap(), heads, 0, theta)
+                .unwrap();
+            let r = with_f32(&r, |s| s.to_vec()).unwrap();
+            for (j, (&ours, &hf)) in r.iter().zip(want.iter()).enumerate() {
+                assert!((ours as f64 - hf).abs() < 1e-5, "{j}: {ours} vs {hf}");
             }
         }
     }

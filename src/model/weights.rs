@@ -25,7 +25,21 @@ impl RawTensor<'_> {
     }
 }
 
+/// How a source's Q/K projection rows are ordered within each head, which decides the rope form
+/// that computes the model from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeMode {
+    /// llama.cpp's layout (rows permuted by its converter): interleaved pairs, ggml "NORM" rope.
+    Interleaved,
+    /// HF's layout (rows as the checkpoint stores them): rotate_half, ggml "NEOX" rope.
+    Neox,
+}
+
 pub trait WeightSource: Send + Sync {
+    /// The Q/K row layout of `blk.*.attn_q/attn_k` (GGUF names are llama.cpp's, so its layout).
+    fn rope_mode(&self) -> RopeMode {
+        RopeMode::Interleaved
+    }
     /// A weight by its GGUF name, in its stored type (F32/F16/BF16 or a block-quantized type).
     fn raw(&self, name: &str) -> Result<RawTensor<'_>>;
     fn has(&self, name: &str) -> bool;
