@@ -138,7 +138,7 @@ impl Source {
                 let cfg_path = tdir.join("config.json");
                 let cfg = read_json(&cfg_path)?;
                 let pre = tdir.join("preprocessor_config.json");
-                let pre = if pre.exists() { Some(read_json(&pre)?) } else { None };
+                let pre = if pre.exists() { Some((read_json(&pre)?, pre)) } else { None };
                 (Some((tdir.to_path_buf(), TensorStore::open_dir(tdir)?)), String::new(), cfg_path, cfg, pre)
             }
             None if embedded => {
@@ -149,7 +149,7 @@ impl Source {
                     )
                 })?;
                 let pre = dir.join("preprocessor_config.json");
-                let pre = if pre.exists() { Some(read_json(&pre)?) } else { None };
+                let pre = if pre.exists() { Some((read_json(&pre)?, pre)) } else { None };
                 (None, EMBEDDED_TOWER_PREFIX.to_string(), config.path.clone(), cfg, pre)
             }
             None => {
@@ -162,7 +162,7 @@ impl Source {
         let clip = clip_hparams(
             &clip_cfg_path,
             &clip_cfg,
-            preproc.as_ref(),
+            preproc.as_ref().map(|(j, p)| (p.as_path(), j)),
             &select,
             &config.path,
         )?;

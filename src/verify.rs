@@ -223,7 +223,7 @@ pub fn check_integrity(path: &Path) -> Result<Integrity> {
 }
 
 fn read_ids(path: &Path) -> Result<Vec<i64>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsutil::read_input_text(path, crate::fsutil::CAP_PROBE)?;
     serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
         Error::input(
             path,
@@ -245,7 +245,8 @@ fn pixel_values(opts: &VerifyOptions, hp: &ModelHParams) -> Result<(Vec<f32>, St
                 ),
             ));
         }
-        return Ok((a.to_f32()?, p.display().to_string()));
+        let v = a.to_f32().map_err(|e| Error::input(p, e.to_string()))?;
+        return Ok((v, p.display().to_string()));
     }
     if let Some(p) = &opts.image {
         return Ok((
