@@ -224,12 +224,16 @@ pub fn check_integrity(path: &Path) -> Result<Integrity> {
 
 fn read_ids(path: &Path) -> Result<Vec<i64>> {
     let text = crate::fsutil::read_input_text(path, crate::fsutil::CAP_PROBE)?;
-    serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
+    let ids = serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
         Error::input(
             path,
             format!("expected a JSON list of token ids (-200 marks the image): {e}"),
         )
-    })
+    })?;
+    if ids.is_empty() {
+        return Err(Error::input(path, "the list of token ids is empty"));
+    }
+    Ok(ids)
 }
 
 fn pixel_values(opts: &VerifyOptions, hp: &ModelHParams) -> Result<(Vec<f32>, String)> {

@@ -3820,6 +3820,39 @@ fn issue16_rows() -> Vec<Row> {
             needles: &["preprocessor_config.json", "image_std"],
             keep: &[],
         },
+        Row {
+            case: "--input-ids [] names the ids file / verify",
+            cmd: |e| {
+                let p = put(e, "ids.json", b"[]");
+                verify16(e, args(["--input-ids".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["ids.json", "empty"],
+            keep: &[],
+        },
+        Row {
+            case: "an mmproj tensor of the wrong shape is reported against the mmproj / verify",
+            cmd: |e| {
+                // mm.1.weight with its two dimensions swapped (same byte count).
+                let mut b = std::fs::read(&e.mmproj).unwrap();
+                let m = walk_gguf(&b);
+                let ty_at = m.infos.iter().find(|i| i.0 == "mm.1.weight").unwrap().2;
+                let (d0, d1) = (
+                    b[ty_at - 16..ty_at - 8].to_vec(),
+                    b[ty_at - 8..ty_at].to_vec(),
+                );
+                assert_ne!(d0, d1);
+                b[ty_at - 16..ty_at - 8].copy_from_slice(&d1);
+                b[ty_at - 8..ty_at].copy_from_slice(&d0);
+                let p = put(e, "bad-mmproj.gguf", &b);
+                verify_with(e, &e.llm, &p, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["bad-mmproj.gguf", "mm.1.weight"],
+            keep: &[],
+        },
         // 2 and 13. Arguments.
         Row {
             case: "non-UTF-8 --prompt is a usage error / verify",

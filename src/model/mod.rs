@@ -42,7 +42,7 @@ pub(crate) fn linear<B: Backend>(
     let (_, win) = b.weight_dims(&wt);
     if b.dims(x).1 != win {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(w),
             w,
             format!("input has {} columns, weight expects {win}", b.dims(x).1),
         ));
@@ -63,7 +63,7 @@ pub(crate) fn layer_norm<B: Backend>(
     let bias = b.param(ws, &format!("{prefix}.bias"))?;
     if b.dims(&w) != (1, b.dims(x).1) || b.dims(&bias) != b.dims(&w) {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(prefix),
             format!("{prefix}.weight"),
             format!("expected [{}]", b.dims(x).1),
         ));

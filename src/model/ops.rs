@@ -371,7 +371,7 @@ impl Backend for CpuBackend {
         let t = ws.tensor_f32(name)?;
         if t.rank() < 2 {
             return Err(Error::tensor(
-                ws.origin(),
+                ws.origin_of(name),
                 name,
                 format!("expected a matrix, found shape {:?}", t.dims()),
             ));

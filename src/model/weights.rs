@@ -33,6 +33,11 @@ pub trait WeightSource: Send + Sync {
     fn origin(&self) -> PathBuf {
         PathBuf::from("<weights>")
     }
+    /// The file the weight `name` comes from (sources split over several files override this).
+    fn origin_of(&self, name: &str) -> PathBuf {
+        let _ = name;
+        self.origin()
+    }
     /// A hint that the model is done with this weight's stored bytes for now: memory-mapped
     /// sources drop its pages from the process (they stay in the page cache), so resident memory
     /// stays near one layer instead of growing to the whole mapped model.
@@ -41,8 +46,8 @@ pub trait WeightSource: Send + Sync {
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let raw = self.raw(name)?;
         let n = raw.n_elements();
-        let values =
-            dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(self.origin(), name, m))?;
+        let values = dequantize(raw.ty, &raw.data, n)
+            .map_err(|m| Error::tensor(self.origin_of(name), name, m))?;
         let shape = raw.shape.clone();
         drop(raw);
         self.release(name);
@@ -54,7 +59,7 @@ pub trait WeightSource: Send + Sync {
 /// those rows (a quantized row is a whole number of blocks for every model this tool handles).
 pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tensor> {
     let raw = ws.raw(name)?;
-    let err = |m: String| Error::tensor(ws.origin(), name, m);
+    let err = |m: String| Error::tensor(ws.origin_of(name), name, m);
     let [n_rows, cols] = raw.shape[..] else {
         return Err(err(format!(
             "expected a 2-D table, found shape {:?}",
