@@ -543,6 +543,8 @@ struct PaddedRows<'a> {
     ox: usize,
     oy: usize,
     taps: Option<Taps>,
+    /// Each output pixel's weight sum (horizontal taps).
+    tap_sums: Vec<i32>,
     size: usize,
     background_row: Vec<u8>,
     /// Resampled image rows `first..first + window.len()`.
@@ -559,13 +561,24 @@ impl<'a> PaddedRows<'a> {
         } else {
             ((h - w) / 2, 0)
         };
+        let t = (side != size).then(|| taps(side, size));
+        let tap_sums = t.as_ref().map_or(vec![], |t| {
+            (0..size)
+                .map(|xx| {
+                    t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]]
+                        .iter()
+                        .sum()
+                })
+                .collect()
+        });
         let mut r = PaddedRows {
             img,
             background,
             side,
             ox,
             oy,
-            taps: (side != size).then(|| taps(side, size)),
+            taps: t,
+            tap_sums,
             size,
             background_row: vec![],
             first: 0,
@@ -579,16 +592,50 @@ impl<'a> PaddedRows<'a> {
     }
     /// Row `y` of the padded square, resampled.
     fn resampled(&self, y: usize) -> Vec<u8> {
-        let mut padded = self.background.repeat(self.side);
-        if self.is_image_row(y) {
-            let w3 = self.img.width * 3;
-            let src = &self.img.data[(y - self.oy) * w3..(y - self.oy + 1) * w3];
-            padded[self.ox * 3..self.ox * 3 + w3].copy_from_slice(src);
+        let w3 = self.img.width * 3;
+        let t = match &self.taps {
+            Some(t) if self.is_image_row(y) => t,
+            _ => {
+                let mut padded = self.background.repeat(self.side);
+                if self.is_image_row(y) {
+                    let src = &self.img.data[(y - self.oy) * w3..(y - self.oy + 1) * w3];
+                    padded[self.ox * 3..self.ox * 3 + w3].copy_from_slice(src);
+                }
+                return match &self.taps {
+                    None => padded,
+                    Some(t) => resample_row(&padded, t, self.size),
+                };
+            }
+        };
+        // Only the taps over image columns read pixels; those over the padding add
+        // background x their weight sum (the same integer sum in another order). A 37 x 16437
+        // image then costs its pixels, not 16437 rows of the whole padded width.
+        let row = &self.img.data[(y - self.oy) * w3..(y - self.oy + 1) * w3];
+        let (lo, hi) = (self.ox, self.ox + self.img.width);
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let mut out = vec![0u8; self.size * 3];
+        for xx in 0..self.size {
+            let k = &t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]];
+            let mut acc = [half; 3];
+            let s = t.start[xx];
+            // Taps i with s + i in lo..hi (the image columns).
+            let (a, b) = (
+                lo.saturating_sub(s).min(k.len()),
+                hi.saturating_sub(s).min(k.len()),
+            );
+            let mut pad_w = self.tap_sums[xx];
+            for (i, &kw) in k.iter().enumerate().take(b).skip(a) {
+                pad_w -= kw;
+                let p = (s + i - lo) * 3;
+                for c in 0..3 {
+                    acc[c] += row[p + c] as i32 * kw;
+                }
+            }
+            for c in 0..3 {
+                out[xx * 3 + c] = clip8(acc[c] + self.background[c] as i32 * pad_w);
+            }
         }
-        match &self.taps {
-            None => padded,
-            Some(t) => resample_row(&padded, t, self.size),
-        }
+        out
     }
     fn forget_before(&mut self, y: usize) {
         while self.first < y && !self.window.is_empty() {
