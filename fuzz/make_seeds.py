@@ -159,4 +159,37 @@ put("config_parser", "clip-with-pre.json", json.dumps(dict(clip, preprocessor=pr
 put("config_parser", "hf-llava.json", json.dumps({"model_type": "llava", "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100, "rope_parameters": {"rope_theta": 1e6}}, "vision_config": clip, "mm_vision_select_layer": -2}).encode())
 put("config_parser", "select-forms.json", json.dumps({"mm_vision_select_layer": "list-22/-17/-12/-7/-2", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 24, "image_size": 336, "patch_size": 14, "intermediate_size": 4096}).encode())
 put("config_parser", "bad-heads.json", json.dumps({"hidden_size": 250, "num_attention_heads": 0, "head_dim": 7, "num_hidden_layers": 1, "intermediate_size": 1, "vocab_size": 1}).encode())
+
+# ---------------------------------------------------------------- images (verify --image)
+for f in sorted(os.listdir(os.path.join(ROOT, "fixtures", "image_refs"))):
+    if f.endswith((".png", ".jpg")):
+        put("image_decoder", f, fixture("image_refs", f))
+
+
+def png(w, h, colour_type, depth, raw):
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+put("image_decoder", "wide-strip.png", png(300, 1, 0, 8, b"\0" + bytes(range(256)) + bytes(44)))
+put("image_decoder", "tall-strip.png", png(1, 300, 2, 8, b"".join(b"\0" + bytes([i % 256, 7, 9]) for i in range(300))))
+put("image_decoder", "huge-header.png", png(100000, 1, 0, 8, b""))
+
+# ---------------------------------------------------------------- tokenizer.json (+ "\n#\n" + tokenizer_config.json)
+tj = fixture("tiny-llava-mmfuser-bin", "tokenizer.json")
+put("tokenizer_json", "tiny-bin.json", tj)
+put("tokenizer_json", "tiny-bin-with-config.json", tj + b"\n#\n" + fixture("tiny-llava-mmfuser-bin", "tokenizer_config.json"))
+for d in ("hf", "hf_added"):
+    p = os.path.join(ROOT, "fixtures", "tokenizer-interop", d, "tokenizer.json")
+    if os.path.exists(p):
+        put("tokenizer_json", d + ".json", open(p, "rb").read())
+mini = {"model": {"type": "BPE", "byte_fallback": True, "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581a": 3, "<0x41>": 4}, "merges": []},
+        "decoder": {"type": "Sequence", "decoders": []},
+        "added_tokens": [{"id": 5, "content": "<image>", "special": True, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}]}
+put("tokenizer_json", "mini.json", json.dumps(mini).encode())
 print("seeds written to", OUT)

@@ -225,6 +225,9 @@ impl WeightSource for GgufWeights {
     fn origin(&self) -> PathBuf {
         self.llm.path.clone()
     }
+    fn origin_of(&self, name: &str) -> PathBuf {
+        self.file_for(name).path.clone()
+    }
     fn release(&self, name: &str) {
         let g = self.file_for(name);
         if let Some(t) = g.tensor(name) {

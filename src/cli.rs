@@ -566,7 +566,62 @@ fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
     }
 }
 
+/// The most worker threads accepted (-t or RAYON_NUM_THREADS): far above any core count, far
+/// below what makes thread creation itself fail (EAGAIN) or take seconds.
+pub const MAX_THREADS: usize = 1024;
+
+/// The global thread pool from `-t`, else RAYON_NUM_THREADS, checked: rayon itself would panic
+/// when it cannot spawn what the environment asks for.
+fn init_threads(flag: Option<usize>) -> Result<()> {
+    let n = match (flag, std::env::var_os("RAYON_NUM_THREADS")) {
+        (Some(n), _) => {
+            if n > MAX_THREADS {
+                return Err(Error::usage(format!(
+                    "-t {n}: at most {MAX_THREADS} threads"
+                )));
+            }
+            n.max(1)
+        }
+        (None, Some(v)) => {
+            let n = v
+                .to_str()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .filter(|&n| n <= MAX_THREADS)
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "RAYON_NUM_THREADS={} is not a thread count from 0 (all cores) to {MAX_THREADS}",
+                        v.to_string_lossy().escape_debug()
+                    ))
+                })?;
+            if n == 0 {
+                return Ok(());
+            }
+            n
+        }
+        (None, None) => return Ok(()),
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::other(format!("cannot start {n} threads: {e}")))
+}
+
+/// A message for the terminal: control characters from file contents or names (an ESC could
+/// drive the terminal) are shown escaped; line breaks and tabs stay.
+pub fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
+    if !matches!(cli.command, Command::Quantize { .. }) {
+        init_threads(None)?;
+    }
     match cli.command {
         Command::HfToGguf {
             checkpoint,
@@ -622,6 +677,8 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             dump_logits,
             print,
         } => {
+            // verify reports input errors with 2, also an input that shrinks under its map.
+            crate::fsutil::signals::set_bus_exit_code(2);
             let dev = crate::device::select(&device)?;
             let opts = crate::verify::VerifyOptions {
                 checkpoint,
@@ -664,12 +721,7 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             threads,
             print,
         } => {
-            if let Some(n) = threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .build_global()
-                    .map_err(|e| Error::other(e.to_string()))?;
-            }
+            init_threads(threads)?;
             let ft = parse_file_type(bits.as_deref(), r#type.as_deref())?;
             let vt = match vision_type.as_deref() {
                 None => None,
@@ -784,8 +836,15 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
 
 /// Parse arguments, run, print errors; returns the process exit code.
 pub fn main() -> i32 {
-    let argv: Vec<String> = std::env::args().collect();
-    let cli = match Cli::try_parse_from(&argv) {
+    // Arguments as OsStrings: paths need not be UTF-8 (clap refuses non-UTF-8 text options,
+    // such as --prompt, with a usage error). The manifest records the line lossily.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    crate::fsutil::signals::install();
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -798,7 +857,7 @@ pub fn main() -> i32 {
     match run(cli, argv) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", escape_controls(&e.to_string()));
             e.exit_code()
         }
     }

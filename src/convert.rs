@@ -34,6 +34,7 @@ pub struct ConvertOptions {
 pub struct ConvertSummary {
     pub recipe: String,
     pub outputs: Vec<OutputRecord>,
+    #[serde(serialize_with = "crate::manifest::lossy_path")]
     pub manifest: PathBuf,
     pub tensors_written: usize,
     pub tensors_dropped: usize,
@@ -54,10 +55,11 @@ pub fn output_name(src: &Source, opts: &ConvertOptions) -> Result<String> {
     if name.is_empty()
         || name.starts_with('.')
         || name.contains(['/', '\\', '\0'])
+        || name.chars().any(char::is_control)
         || name.len() > 200
     {
         return Err(Error::usage(format!(
-            "--name '{}' cannot be used in file names: use 1-200 characters, no '/', '\\' or NUL, not starting with '.'",
+            "--name '{}' cannot be used in file names: use 1-200 characters, no '/', '\\' or control characters, not starting with '.'",
             name.escape_debug()
         )));
     }
@@ -183,7 +185,7 @@ pub fn run(opts: &ConvertOptions) -> Result<ConvertSummary> {
     let t0 = Instant::now();
     let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
     let name = output_name(&src, opts)?; // a bad --name is refused before anything is created
-    std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
+    crate::fsutil::create_out_dir(&opts.out_dir)?;
     crate::fsutil::cleanup_stale_temps(&opts.out_dir);
     let plans = plan_artefacts(
         &mut src,

@@ -112,11 +112,69 @@ pub fn write_error(dest: &Path, tmp: &Path, e: std::io::Error) -> Error {
     Error::io(dest, std::io::Error::new(e.kind(), note))
 }
 
+/// What a path that exists but cannot be used is, for messages: a symlink loop, or its kind.
+fn describe_existing(path: &Path) -> Option<String> {
+    let lmeta = std::fs::symlink_metadata(path).ok()?;
+    let kind = match std::fs::metadata(path) {
+        Err(e) if lmeta.file_type().is_symlink() && e.raw_os_error() == Some(libc::ELOOP) => {
+            return Some("a symbolic link loop".into())
+        }
+        Err(_) => return None, // a dangling link: nothing there yet
+        Ok(m) => m.file_type(),
+    };
+    use std::os::unix::fs::FileTypeExt;
+    Some(
+        if kind.is_dir() {
+            "a directory"
+        } else if kind.is_file() {
+            "a regular file"
+        } else if kind.is_fifo() {
+            "a named pipe"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        }
+        .into(),
+    )
+}
+
+/// Refuse an output file name that exists as anything but a regular file: the rename would
+/// replace a device node (`-o /dev/null` as root), a FIFO or a directory entry of another kind.
+pub fn check_dest(dest: &Path) -> Result<()> {
+    match describe_existing(dest) {
+        Some(k) if k != "a regular file" => Err(Error::input(
+            dest,
+            format!(
+                "exists and is {k}; refusing to replace it (give a regular file or a new name)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Create the output directory (and its parents), with a clear message when the path is
+/// taken by something else (a file, a symlink loop) instead of the OS's "File exists".
+pub fn create_out_dir(dir: &Path) -> Result<()> {
+    match describe_existing(dir) {
+        Some(k) if k == "a directory" => Ok(()),
+        Some(k) => Err(Error::input(
+            dir,
+            format!("output directory: the path exists and is {k}"),
+        )),
+        None => std::fs::create_dir_all(dir).at(dir),
+    }
+}
+
 /// A file being written. Dropped without `commit` => the temporary file is removed.
 pub struct AtomicFile {
     tmp: PathBuf,
     dest: PathBuf,
     file: Option<File>,
+    /// Where the temporary name is registered for removal on a fatal signal.
+    slot: Option<usize>,
 }
 
 impl AtomicFile {
@@ -131,6 +189,7 @@ impl AtomicFile {
             .ok_or_else(|| Error::input(&dest, "destination has no file name"))?
             .to_string_lossy()
             .to_string();
+        check_dest(&dest)?;
         let tmp = dir.join(format!("{TEMP_MARK}{}-{name}", std::process::id()));
         // A new file, never an existing one: the name is predictable, so in a shared directory
         // a symlink planted under it would otherwise make us write through it. One left by an
@@ -141,18 +200,37 @@ impl AtomicFile {
                 .create_new(true)
                 .open(&tmp)
         };
-        let file = match create() {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::remove_file(&tmp).at(&tmp)?;
-                create()
+        let mut tries = 0;
+        let file = loop {
+            let file = match create() {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::remove_file(&tmp).at(&tmp)?;
+                    create()
+                }
+                r => r,
             }
-            r => r,
-        }
-        .at(&tmp)?;
+            .at(&tmp)?;
+            // The lock tells other runs (in any PID namespace) that this file is live. A
+            // cleaner may have locked and removed it between our create and our lock: then
+            // the name no longer leads to our file, and we start again.
+            lock(&file, true).at(&tmp)?;
+            if same_file(&file, &tmp) {
+                break file;
+            }
+            tries += 1;
+            if tries == 3 {
+                return Err(Error::io(
+                    &tmp,
+                    std::io::Error::other("temporary file removed as soon as created"),
+                ));
+            }
+        };
+        let slot = signals::register_temp(&tmp);
         Ok(AtomicFile {
             tmp,
             dest,
             file: Some(file),
+            slot,
         })
     }
     pub fn file(&mut self) -> &mut File {
@@ -168,23 +246,54 @@ impl AtomicFile {
     pub fn error(&self, e: std::io::Error) -> Error {
         write_error(&self.dest, &self.tmp, e)
     }
-    /// Flush, fsync and rename into place.
+    /// Flush, fsync and rename into place (the file stays open, and so locked, until renamed).
     pub fn commit(mut self) -> Result<PathBuf> {
         let f = self.file.take().expect("commit once");
-        if let Err(e) = f.sync_all() {
-            return Err(write_error(&self.dest, &self.tmp, e));
+        let done = match f.sync_all() {
+            Err(e) => Err(write_error(&self.dest, &self.tmp, e)),
+            Ok(()) => check_dest(&self.dest)
+                .and_then(|_| std::fs::rename(&self.tmp, &self.dest).at(&self.dest)),
+        };
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
         }
+        signals::unregister_temp(self.slot.take());
         drop(f);
-        std::fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
-        Ok(self.dest.clone())
+        done.map(|_| self.dest.clone())
     }
 }
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if let Some(f) = self.file.take() {
             let _ = std::fs::remove_file(&self.tmp);
+            signals::unregister_temp(self.slot.take());
+            drop(f);
         }
+    }
+}
+
+/// flock: exclusive, without waiting (`nonblocking`) or waiting for it.
+fn lock(f: &impl std::os::fd::AsRawFd, nonblocking: bool) -> std::io::Result<()> {
+    let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Whether `path` still names the open file `f` (same device and inode).
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 
@@ -198,18 +307,85 @@ impl Write for AtomicFile {
 }
 
 /// Open an input file for reading, refusing anything but a regular file (after symlinks): a
-/// named pipe would block the open forever, a device or directory cannot be mapped.
+/// named pipe would block the open forever, a device or directory cannot be mapped. The open
+/// itself does not block (O_NONBLOCK, cleared again), so a file swapped for a FIFO between the
+/// check and the open is refused too: the kind is judged on the opened descriptor.
 pub fn open_input(path: &Path) -> Result<File> {
     let meta = std::fs::metadata(path).at(path)?;
-    if !meta.is_file() {
-        let kind = if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
-        return Err(Error::input(path, format!("is {kind} (expected a file)")));
+    refuse_non_file(path, &meta)?;
+    let f = open_nonblocking(path).at(path)?;
+    refuse_non_file(path, &f.metadata().at(path)?)?;
+    Ok(f)
+}
+
+fn refuse_non_file(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    if meta.is_file() {
+        return Ok(());
     }
-    File::open(path).at(path)
+    let kind = if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::input(path, format!("is {kind} (expected a file)")))
+}
+
+#[cfg(unix)]
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl F_GETFL/F_SETFL on a descriptor we own only changes status flags.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
+}
+
+#[cfg(not(unix))]
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    File::open(path)
+}
+
+/// Size caps of inputs read whole into memory (each far above any real file of its kind): a
+/// larger file is refused before it is read, so memory stays bounded.
+pub const CAP_CONFIG: u64 = 16 << 20; // config.json, preprocessor_config.json, ...
+pub const CAP_INDEX: u64 = 64 << 20; // *.index.json
+pub const CAP_TOKENIZER: u64 = 64 << 20; // tokenizer.json, tokenizer.model
+pub const CAP_PROBE: u64 = 64 << 20; // verify's --input-ids, --pixel-values
+
+/// Read a whole regular file of at most `cap` bytes (see [`open_input`]).
+pub fn read_input(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_input(path)?;
+    let len = f.metadata().at(path)?.len();
+    let too_big = |n: u64| {
+        Error::input(
+            path,
+            format!("is {n} bytes; more than the {cap} bytes accepted for this file"),
+        )
+    };
+    if len > cap {
+        return Err(too_big(len));
+    }
+    let mut v = Vec::with_capacity(len as usize);
+    f.take(cap + 1).read_to_end(&mut v).at(path)?;
+    if v.len() as u64 > cap {
+        return Err(too_big(v.len() as u64)); // it grew while being read
+    }
+    Ok(v)
+}
+
+/// [`read_input`] as UTF-8 text.
+pub fn read_input_text(path: &Path, cap: u64) -> Result<String> {
+    String::from_utf8(read_input(path, cap)?)
+        .map_err(|e| Error::input(path, format!("is not UTF-8 text: {e}")))
 }
 
 /// Write a whole small file atomically.
@@ -227,6 +403,32 @@ pub fn write_atomic(dest: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 /// Every file was fully written and fsynced before the first rename, so what can still fail
 /// here is a rename alone (rare: no data is written).
 pub fn commit_all(files: Vec<AtomicFile>) -> Result<Vec<PathBuf>> {
+    // One writer at a time renames a set into a directory: two runs writing the same names
+    // would otherwise interleave (one run's LLM with the other's manifest). The lock is on the
+    // directory itself (nothing is created); a second run waits for the first's renames.
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| match f.dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut held = vec![];
+    for d in &dirs {
+        let f = File::open(d).at(d)?;
+        lock(&f, false).at(d)?;
+        held.push(f);
+    }
+    // A fatal signal during the renames waits for the set to be complete (see `signals`).
+    let _hold = signals::hold();
+    let r = commit_renames(files);
+    drop(held);
+    r
+}
+
+fn commit_renames(files: Vec<AtomicFile>) -> Result<Vec<PathBuf>> {
     let mut done: Vec<PathBuf> = vec![];
     for f in files {
         match f.commit() {
@@ -242,22 +444,220 @@ pub fn commit_all(files: Vec<AtomicFile>) -> Result<Vec<PathBuf>> {
     Ok(done)
 }
 
-/// Remove temporary files left by a killed earlier run (their process no longer exists).
+/// Remove temporary files left by a killed earlier run: those no process holds the lock of
+/// (a live writer, in any PID namespace, keeps its temporary file locked until it renames it).
 pub fn cleanup_stale_temps(dir: &Path) -> Vec<PathBuf> {
     let mut removed = vec![];
     let Ok(rd) = std::fs::read_dir(dir) else {
         return removed;
     };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix(TEMP_MARK) else {
+        if !e.file_name().to_string_lossy().starts_with(TEMP_MARK) {
             continue;
-        };
-        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive && std::fs::remove_file(e.path()).is_ok() {
-            removed.push(e.path());
+        }
+        let path = e.path();
+        // The lock (when there is one) is held until the file is gone: no writer claims it meanwhile.
+        if let Some(_lock) = stale(&path) {
+            if std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
         }
     }
     removed
+}
+
+/// A temporary file nobody holds: we get its lock (and it is still the file under that name);
+/// Some(the locked file). Anything but a regular file under our prefix (a planted link or
+/// FIFO) is never a writer's: Some(None).
+fn stale(path: &Path) -> Option<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Some(None),
+        Err(_) => return None,
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    (lock(&f, true).is_ok() && same_file(&f, path)).then_some(Some(f))
+}
+
+/// Fatal signals. SIGINT, SIGTERM and SIGHUP remove this process's temporary files and then
+/// end it as the signal would have. SIGBUS, raised when a memory-mapped input shrinks while it
+/// is read, is reported against that file, the temporary files are removed and the process
+/// exits with [`set_bus_exit_code`]'s code. The handlers only use async-signal-safe calls
+/// (unlink, write, _exit, raise) on paths registered beforehand as C strings.
+pub mod signals {
+    use std::ffi::{c_char, c_int, c_void, CString};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicUsize, Ordering::SeqCst};
+
+    const SLOTS: usize = 64;
+    const MAPS: usize = 256;
+    #[allow(clippy::declare_interior_mutable_const)]
+    const NULL: AtomicPtr<c_char> = AtomicPtr::new(std::ptr::null_mut());
+    #[allow(clippy::declare_interior_mutable_const)]
+    const ZERO: AtomicUsize = AtomicUsize::new(0);
+    /// Temporary files to remove on a fatal signal.
+    static TEMPS: [AtomicPtr<c_char>; SLOTS] = [NULL; SLOTS];
+    /// Memory-mapped inputs: start, length, path (a ring, newest last).
+    static MAP_START: [AtomicUsize; MAPS] = [ZERO; MAPS];
+    static MAP_LEN: [AtomicUsize; MAPS] = [ZERO; MAPS];
+    static MAP_PATH: [AtomicPtr<c_char>; MAPS] = [NULL; MAPS];
+    static MAP_NEXT: AtomicUsize = AtomicUsize::new(0);
+    static BUS_EXIT: AtomicI32 = AtomicI32::new(1);
+    /// Set while a set of files is being renamed into place; a signal then waits for it.
+    static HOLDING: AtomicBool = AtomicBool::new(false);
+    static PENDING: AtomicI32 = AtomicI32::new(0);
+
+    fn c_path(p: &Path) -> *mut c_char {
+        CString::new(p.as_os_str().as_bytes())
+            .map(CString::into_raw)
+            .unwrap_or(std::ptr::null_mut())
+    }
+
+    /// Remember a temporary file for removal on a fatal signal (None when all slots are used).
+    pub fn register_temp(p: &Path) -> Option<usize> {
+        let c = c_path(p);
+        for (i, s) in TEMPS.iter().enumerate() {
+            if s.compare_exchange(std::ptr::null_mut(), c, SeqCst, SeqCst)
+                .is_ok()
+            {
+                return Some(i);
+            }
+        }
+        // SAFETY: `c` came from CString::into_raw above and was not stored.
+        drop(unsafe { CString::from_raw(c) });
+        None
+    }
+
+    /// Forget a temporary file (renamed or removed). The string is not freed: a handler running
+    /// on another thread may be reading it (a few bytes per output file).
+    pub fn unregister_temp(slot: Option<usize>) {
+        if let Some(i) = slot {
+            TEMPS[i].store(std::ptr::null_mut(), SeqCst);
+        }
+    }
+
+    /// Remember a memory map of an input file, so that a SIGBUS inside it names the file.
+    pub fn register_map(start: *const u8, len: usize, p: &Path) {
+        let i = MAP_NEXT.fetch_add(1, SeqCst) % MAPS;
+        MAP_LEN[i].store(0, SeqCst);
+        MAP_PATH[i].store(c_path(p), SeqCst); // the old string leaks (see unregister_temp)
+        MAP_START[i].store(start as usize, SeqCst);
+        MAP_LEN[i].store(len, SeqCst);
+    }
+
+    /// The exit code after a SIGBUS on an input (verify reports input errors with 2).
+    pub fn set_bus_exit_code(code: i32) {
+        BUS_EXIT.store(code, SeqCst);
+    }
+
+    /// While held, SIGINT/SIGTERM/SIGHUP wait (the renames of one set finish first).
+    pub struct Hold(());
+    pub fn hold() -> Hold {
+        HOLDING.store(true, SeqCst);
+        Hold(())
+    }
+    impl Drop for Hold {
+        fn drop(&mut self) {
+            HOLDING.store(false, SeqCst);
+            let sig = PENDING.swap(0, SeqCst);
+            if sig != 0 {
+                die(sig);
+            }
+        }
+    }
+
+    fn unlink_temps() {
+        for s in &TEMPS {
+            let p = s.load(SeqCst);
+            if !p.is_null() {
+                // SAFETY: a NUL-terminated string that is never freed.
+                unsafe { libc::unlink(p) };
+            }
+        }
+    }
+
+    fn write_err(b: &[u8]) {
+        // SAFETY: write(2) of a valid buffer.
+        unsafe { libc::write(2, b.as_ptr() as *const c_void, b.len()) };
+    }
+
+    /// Remove the temporary files, then end as `sig` would by default.
+    fn die(sig: c_int) {
+        unlink_temps();
+        // SAFETY: resetting a disposition and raising are async-signal-safe.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+
+    extern "C" fn on_term(sig: c_int) {
+        if HOLDING.load(SeqCst) {
+            PENDING.store(sig, SeqCst);
+            return;
+        }
+        die(sig);
+    }
+
+    extern "C" fn on_bus(sig: c_int, info: *mut libc::siginfo_t, _: *mut c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let n = MAP_NEXT.load(SeqCst);
+        let found = (0..MAPS.min(n)).map(|k| (n - 1 - k) % MAPS).find(|&i| {
+            let (s, l) = (MAP_START[i].load(SeqCst), MAP_LEN[i].load(SeqCst));
+            l > 0 && addr >= s && addr - s < l
+        });
+        let Some(i) = found else {
+            // Not one of our inputs: a real fault, which must not be hidden.
+            // SAFETY: as in `die`; returning re-runs the faulting access with the default action.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+            return;
+        };
+        unlink_temps();
+        write_err(b"error: ");
+        let p = MAP_PATH[i].load(SeqCst);
+        if !p.is_null() {
+            // SAFETY: a NUL-terminated string that is never freed.
+            let len = unsafe { libc::strlen(p) };
+            write_err(unsafe { std::slice::from_raw_parts(p as *const u8, len) });
+        }
+        write_err(b": the file shrank while it was being read (SIGBUS on its memory map); nothing was written\n");
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(BUS_EXIT.load(SeqCst)) };
+    }
+
+    /// Install the handlers (once, at start).
+    pub fn install() {
+        // SAFETY: sigaction with handlers that only make async-signal-safe calls.
+        unsafe {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_term as extern "C" fn(c_int) as usize;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction =
+                on_bus as extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Map an input file read-only and register the map, so that a SIGBUS (the file shrank under
+/// us) is reported against the file instead of killing the process without a word.
+pub fn map_input(file: &File, path: &Path) -> Result<memmap2::Mmap> {
+    // SAFETY: a read-only map of a file we only read; a concurrent truncation raises SIGBUS,
+    // which `signals` turns into an error naming the file.
+    let map = unsafe { memmap2::Mmap::map(file) }.at(path)?;
+    signals::register_map(map.as_ptr(), map.len(), path);
+    Ok(map)
 }

@@ -11,7 +11,7 @@
 //! [`pillow_vertical_first`]), which changes some non-square resizes by a few levels but never
 //! LLaVA's square-to-square one. The float steps follow transformers 5.x
 //! `image_transforms.rescale` / `normalize`.
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use std::path::Path;
 
 /// CLIP's (OpenAI) normalisation constants, the defaults of `CLIPImageProcessor`, written as in
@@ -60,8 +60,35 @@ impl RgbImage {
 /// (`RGB;16B` unpackers), 16-bit grey (mode `I;16`) is clamped to 255 by `convert("RGB")`.
 /// EXIF orientation is not applied (neither LLaVA nor `Image.open` applies it).
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::fsutil::read_input(path, MAX_IMAGE_FILE)?;
     decode_image(&bytes, path)
+}
+
+/// The largest image file read (a photo is a few MB; the cap keeps a huge file from being read whole).
+pub const MAX_IMAGE_FILE: u64 = 256 << 20;
+/// The largest image side decoded. The pad-and-resize below needs memory only for the decoded
+/// image and one resampled window, but decoding an absurd canvas is refused outright.
+pub const MAX_IMAGE_SIDE: u32 = 1 << 15;
+/// The most pixels decoded (64 Mi, e.g. 8192 x 8192): 192 MiB as RGB.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+/// What the decoder may allocate at once (a 16-bit RGBA image of MAX_IMAGE_PIXELS is 512 MiB).
+const MAX_DECODE_ALLOC: u64 = 600 << 20;
+
+/// Refuse image dimensions past [`MAX_IMAGE_SIDE`] / [`MAX_IMAGE_PIXELS`] (read from the header,
+/// before anything is decoded).
+pub fn check_image_size(width: u64, height: u64) -> std::result::Result<(), String> {
+    if width > MAX_IMAGE_SIDE as u64 || height > MAX_IMAGE_SIDE as u64 {
+        return Err(format!(
+            "image is {width}x{height}; sides above {MAX_IMAGE_SIDE} pixels are not accepted"
+        ));
+    }
+    if width * height > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "image is {width}x{height} = {} pixels; more than {MAX_IMAGE_PIXELS} are not accepted",
+            width * height
+        ));
+    }
+    Ok(())
 }
 
 /// [`load_image`] on bytes already in memory; `path` only names the source in errors.
@@ -85,6 +112,18 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
             ))
         }
     };
+    // Dimensions from the header first: an absurd canvas is refused before any allocation.
+    let header = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (w, h) = header
+        .into_dimensions()
+        .map_err(|e| Error::input(path, format!("cannot read {format:?} header: {e}")))?;
+    check_image_size(w as u64, h as u64).map_err(|m| Error::input(path, m))?;
+    let mut reader = reader;
+    let mut limits = ::image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    reader.limits(limits);
     let img = reader
         .decode()
         .map_err(|e| Error::input(path, format!("cannot decode {format:?} image: {e}")))?;
@@ -328,31 +367,37 @@ fn resample_horizontal(img: &RgbImage, width: usize) -> RgbImage {
     if width == img.width {
         return img.clone();
     }
-    let half = 1i32 << (PRECISION_BITS - 1);
     let t = taps(img.width, width);
-    let mut out = vec![0u8; img.height * width * 3];
+    let mut out = Vec::with_capacity(img.height * width * 3);
     for y in 0..img.height {
         let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
-        for xx in 0..width {
-            let k = &t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]];
-            let mut acc = [half; 3];
-            for (i, &kw) in k.iter().enumerate() {
-                let p = (t.start[xx] + i) * 3;
-                for c in 0..3 {
-                    acc[c] += row[p + c] as i32 * kw;
-                }
-            }
-            let o = (y * width + xx) * 3;
-            for c in 0..3 {
-                out[o + c] = clip8(acc[c]);
-            }
-        }
+        out.extend_from_slice(&resample_row(row, &t, width));
     }
     RgbImage {
         width,
         height: img.height,
         data: out,
     }
+}
+
+/// One RGB row resampled to `width` pixels with the taps `t`.
+fn resample_row(row: &[u8], t: &Taps, width: usize) -> Vec<u8> {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; width * 3];
+    for xx in 0..width {
+        let k = &t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]];
+        let mut acc = [half; 3];
+        for (i, &kw) in k.iter().enumerate() {
+            let p = (t.start[xx] + i) * 3;
+            for c in 0..3 {
+                acc[c] += row[p + c] as i32 * kw;
+            }
+        }
+        for c in 0..3 {
+            out[xx * 3 + c] = clip8(acc[c]);
+        }
+    }
+    out
 }
 
 /// One vertical pass (identity when the height is unchanged, as in Pillow).
@@ -443,10 +488,177 @@ pub fn preprocess_image(
     mean: [f32; 3],
     std: [f32; 3],
 ) -> Vec<f32> {
-    let square = expand_to_square(img, background_from_mean(mean));
-    let resized = resize_shortest_edge_bicubic(&square, image_size);
-    let crop = center_crop(&resized, image_size, image_size);
+    let crop = pad_and_resize(img, background_from_mean(mean), image_size);
     to_pixel_values(&crop, mean, std)
+}
+
+/// `expand_to_square`, then `resize_shortest_edge_bicubic` and `center_crop` to `size x size`,
+/// without building the padded square (a 30000 x 1 image would pad to 2.7 GB): a square resized
+/// to a square needs no crop, and Pillow goes horizontal first (see [`pillow_vertical_first`]), so
+/// each output row is the vertical pass over horizontally resampled rows of the padded image.
+/// Those are made on demand: all padding rows resample to one row, and only the window of image
+/// rows the current output row reads is kept. Memory: the image plus `size` x (kernel height)
+/// pixels. Same bytes as the three steps in turn (unit test below).
+pub fn pad_and_resize(img: &RgbImage, background: [u8; 3], size: usize) -> RgbImage {
+    let mut rows = PaddedRows::new(img, background, size);
+    let side = rows.side;
+    let w3 = size * 3;
+    let mut out = vec![0u8; size * w3];
+    if side == size {
+        for y in 0..size {
+            out[y * w3..(y + 1) * w3].copy_from_slice(rows.get(y));
+        }
+    } else {
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let t = taps(side, size);
+        let mut acc = vec![0i32; w3];
+        for yy in 0..size {
+            rows.forget_before(t.start[yy]);
+            acc.fill(half);
+            let k = &t.weights[yy * t.ksize..yy * t.ksize + t.len[yy]];
+            for (i, &kw) in k.iter().enumerate() {
+                for (a, &v) in acc.iter_mut().zip(rows.get(t.start[yy] + i)) {
+                    *a += v as i32 * kw;
+                }
+            }
+            for (o, &a) in out[yy * w3..(yy + 1) * w3].iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
+        }
+    }
+    RgbImage {
+        width: size,
+        height: size,
+        data: out,
+    }
+}
+
+/// Rows of an image padded to a square (never built whole), each resampled horizontally to
+/// `size` pixels when asked for: the padding rows share one, image rows are kept in a window
+/// of consecutive rows that the caller trims with `forget_before`.
+struct PaddedRows<'a> {
+    img: &'a RgbImage,
+    background: [u8; 3],
+    side: usize,
+    ox: usize,
+    oy: usize,
+    taps: Option<Taps>,
+    /// Each output pixel's weight sum (horizontal taps).
+    tap_sums: Vec<i32>,
+    size: usize,
+    background_row: Vec<u8>,
+    /// Resampled image rows `first..first + window.len()`.
+    first: usize,
+    window: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl<'a> PaddedRows<'a> {
+    fn new(img: &'a RgbImage, background: [u8; 3], size: usize) -> Self {
+        let (w, h) = (img.width, img.height);
+        let side = w.max(h);
+        let (ox, oy) = if w >= h {
+            (0, (w - h) / 2)
+        } else {
+            ((h - w) / 2, 0)
+        };
+        let t = (side != size).then(|| taps(side, size));
+        let tap_sums = t.as_ref().map_or(vec![], |t| {
+            (0..size)
+                .map(|xx| {
+                    t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]]
+                        .iter()
+                        .sum()
+                })
+                .collect()
+        });
+        let mut r = PaddedRows {
+            img,
+            background,
+            side,
+            ox,
+            oy,
+            taps: t,
+            tap_sums,
+            size,
+            background_row: vec![],
+            first: 0,
+            window: Default::default(),
+        };
+        r.background_row = r.resampled(side); // row `side` lies outside the image: all padding
+        r
+    }
+    fn is_image_row(&self, y: usize) -> bool {
+        (self.oy..self.oy + self.img.height).contains(&y)
+    }
+    /// Row `y` of the padded square, resampled.
+    fn resampled(&self, y: usize) -> Vec<u8> {
+        let w3 = self.img.width * 3;
+        let t = match &self.taps {
+            Some(t) if self.is_image_row(y) => t,
+            _ => {
+                let mut padded = self.background.repeat(self.side);
+                if self.is_image_row(y) {
+                    let src = &self.img.data[(y - self.oy) * w3..(y - self.oy + 1) * w3];
+                    padded[self.ox * 3..self.ox * 3 + w3].copy_from_slice(src);
+                }
+                return match &self.taps {
+                    None => padded,
+                    Some(t) => resample_row(&padded, t, self.size),
+                };
+            }
+        };
+        // Only the taps over image columns read pixels; those over the padding add
+        // background x their weight sum (the same integer sum in another order). A 37 x 16437
+        // image then costs its pixels, not 16437 rows of the whole padded width.
+        let row = &self.img.data[(y - self.oy) * w3..(y - self.oy + 1) * w3];
+        let (lo, hi) = (self.ox, self.ox + self.img.width);
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let mut out = vec![0u8; self.size * 3];
+        for xx in 0..self.size {
+            let k = &t.weights[xx * t.ksize..xx * t.ksize + t.len[xx]];
+            let mut acc = [half; 3];
+            let s = t.start[xx];
+            // Taps i with s + i in lo..hi (the image columns).
+            let (a, b) = (
+                lo.saturating_sub(s).min(k.len()),
+                hi.saturating_sub(s).min(k.len()),
+            );
+            let mut pad_w = self.tap_sums[xx];
+            for (i, &kw) in k.iter().enumerate().take(b).skip(a) {
+                pad_w -= kw;
+                let p = (s + i - lo) * 3;
+                for c in 0..3 {
+                    acc[c] += row[p + c] as i32 * kw;
+                }
+            }
+            for c in 0..3 {
+                out[xx * 3 + c] = clip8(acc[c] + self.background[c] as i32 * pad_w);
+            }
+        }
+        out
+    }
+    fn forget_before(&mut self, y: usize) {
+        while self.first < y && !self.window.is_empty() {
+            self.window.pop_front();
+            self.first += 1;
+        }
+    }
+    fn get(&mut self, y: usize) -> &[u8] {
+        if !self.is_image_row(y) {
+            return &self.background_row;
+        }
+        let end = self.first + self.window.len();
+        if y < self.first || y > end || self.window.is_empty() {
+            // Not next to the window (only on a first or non-overlapping request): start anew.
+            self.window.clear();
+            self.first = y;
+        }
+        if y == self.first + self.window.len() {
+            let r = self.resampled(y);
+            self.window.push_back(r);
+        }
+        &self.window[y - self.first]
+    }
 }
 
 /// [`load_image`] then [`preprocess_image`].
@@ -718,5 +930,46 @@ mod tests {
         let e = load_image(&trunc).unwrap_err().to_string();
         assert!(e.contains("trunc.png"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The streamed pad + resize gives the bytes of the three steps in turn (those are checked
+    /// against Pillow / transformers in tests/image_preprocess.rs): wide, tall, square, odd
+    /// padding, shrink, enlarge and same size, down to one-pixel strips.
+    #[test]
+    fn pad_and_resize_equals_pad_then_resize_then_crop() {
+        let bg = [122, 116, 104];
+        for &(w, h) in &[
+            (40, 30),
+            (30, 40),
+            (33, 33),
+            (41, 8),
+            (8, 41),
+            (1, 57),
+            (57, 1),
+            (7, 2),
+            (2, 7),
+            (3, 1),
+            (1, 1),
+            (12, 20),
+            (20, 12),
+            (200, 3),
+            (3, 200),
+        ] {
+            for size in [1, 5, 12, 20, 24, 56] {
+                let img = gradient(w, h);
+                let sq = expand_to_square(&img, bg);
+                let r = resize_shortest_edge_bicubic(&sq, size);
+                let want = center_crop(&r, size, size);
+                assert_eq!(pad_and_resize(&img, bg, size), want, "{w}x{h} -> {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_from_the_header() {
+        assert!(check_image_size(100_000, 1).is_err());
+        assert!(check_image_size(20_000, 20_000).is_err());
+        assert!(check_image_size(8192, 8192).is_ok());
+        assert!(check_image_size(32768, 2048).is_ok());
     }
 }

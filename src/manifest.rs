@@ -8,8 +8,15 @@ use std::path::{Path, PathBuf};
 
 pub const MANIFEST_SCHEMA: &str = "mmfuser-convert/manifest/v1";
 
+/// Paths in JSON (manifest, summaries): a non-UTF-8 path is written lossily (U+FFFD) instead
+/// of failing the whole run after its outputs were written.
+pub fn lossy_path<S: serde::Serializer>(p: &Path, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&p.to_string_lossy())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileHash {
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
     pub bytes: u64,
     pub sha256: String,
@@ -18,6 +25,7 @@ pub struct FileHash {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutputRecord {
     pub kind: String,
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
     pub bytes: u64,
     pub sha256: String,
@@ -112,7 +120,7 @@ impl Manifest {
         Ok(f)
     }
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text = crate::fsutil::read_input_text(path, crate::fsutil::CAP_INDEX)?;
         serde_json::from_str(&text).map_err(|e| Error::input(path, format!("not a manifest: {e}")))
     }
     /// Manifests in `dir` that list an output with this file name.
@@ -147,14 +155,13 @@ impl Manifest {
 /// sha256 of a file, read through a memory map (no copy into a user buffer: the copy cost as much
 /// as the hashing), its pages dropped from the process behind the hasher so resident memory stays small.
 pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
-    let f = std::fs::File::open(path).at(path)?;
+    let f = crate::fsutil::open_input(path)?;
     let len = f.metadata().at(path)?.len();
     let mut h = Sha256::new();
     if len == 0 {
         return Ok((0, hex(&h.finalize())));
     }
-    // SAFETY: read-only map of a file we only read; it is not modified while we hash it.
-    let map = unsafe { memmap2::Mmap::map(&f) }.at(path)?;
+    let map = crate::fsutil::map_input(&f, path)?;
     let _ = map.advise(memmap2::Advice::Sequential);
     const SLICE: usize = 32 << 20;
     for start in (0..map.len()).step_by(SLICE) {

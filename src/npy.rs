@@ -1,7 +1,7 @@
 //! Minimal .npy (NumPy format 1.0/2.0) reader and writer for little-endian f32/f64/i64/i32/u8 arrays.
 //! Hand-written: the format is a 10-line header plus raw data, and the npy crates pull in far more
 //! than we need (we only exchange dense C-order arrays with the Python oracles).
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use std::path::Path;
 
 /// A dense C-order array read from a .npy file, converted to f32 or kept as raw bytes.
@@ -92,7 +92,7 @@ fn parse_header(path: &Path, header: &str) -> Result<(String, bool, Vec<usize>)>
 
 pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).at(path)?;
+    let bytes = crate::fsutil::read_input(path, crate::fsutil::CAP_PROBE)?;
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(Error::input(path, "not a .npy file (bad magic)"));
     }
@@ -114,6 +114,12 @@ pub fn read(path: impl AsRef<Path>) -> Result<NpyArray> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or_else(|| Error::input(path, "truncated .npy header"))?;
     let (descr, fortran, shape) = parse_header(path, header)?;
+    if descr.starts_with('>') {
+        return Err(Error::input(
+            path,
+            format!("npy dtype '{descr}' is big-endian; only little-endian arrays are read"),
+        ));
+    }
     if fortran {
         return Err(Error::input(
             path,

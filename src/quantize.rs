@@ -258,8 +258,10 @@ pub struct QuantizeOptions {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizeSummary {
+    #[serde(serialize_with = "crate::manifest::lossy_path")]
     pub input: PathBuf,
     pub output: OutputRecord,
+    #[serde(serialize_with = "crate::manifest::lossy_path")]
     pub manifest: PathBuf,
     pub file_type: String,
     pub seconds: f64,

@@ -145,18 +145,20 @@ impl Source {
                 let cfg_path = tdir.join("config.json");
                 let cfg = read_json(&cfg_path)?;
                 let pre = tdir.join("preprocessor_config.json");
-                let pre = if pre.exists() { Some(read_json(&pre)?) } else { None };
+                let pre = if pre.exists() { Some((read_json(&pre)?, pre)) } else { None };
                 (Some((tdir.to_path_buf(), TensorStore::open_dir(tdir)?)), String::new(), cfg_path, cfg, pre)
             }
             None if embedded => {
                 let pre = dir.join("preprocessor_config.json");
-                let pre = if pre.exists() { Some(read_json(&pre)?) } else { None };
+                let pre = if pre.exists() { Some((read_json(&pre)?, pre)) } else { None };
                 let (cfg, pre) = match (config.vision_config.clone(), recipe::known_tower(&hub)?) {
                     (Some(cfg), _) => (cfg, pre),
                     // Only the hub id: the built-in table's config (every shape is still checked).
                     (None, Some(k)) => {
                         table_note = format!(" (the vision tower's config is the built-in one for '{hub}'; if the embedded tower is not that model, pass --vision-tower DIR)");
-                        (k.config, pre.or(k.preprocessor))
+                        (k.config, pre.or_else(|| {
+                            k.preprocessor.map(|j| (j, PathBuf::from(format!("the built-in preprocessor config of '{hub}'"))))
+                        }))
                     }
                     (None, None) => return Err(Error::input(
                         &config.path,
@@ -175,7 +177,7 @@ impl Source {
         let clip = clip_hparams(
             &clip_cfg_path,
             &clip_cfg,
-            preproc.as_ref(),
+            preproc.as_ref().map(|(j, p)| (p.as_path(), j)),
             &select,
             &config.path,
         )?;

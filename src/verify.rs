@@ -337,13 +337,17 @@ pub fn check_integrity(path: &Path) -> Result<Integrity> {
 }
 
 fn read_ids(path: &Path) -> Result<Vec<i64>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
+    let text = crate::fsutil::read_input_text(path, crate::fsutil::CAP_PROBE)?;
+    let ids = serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
         Error::input(
             path,
             format!("expected a JSON list of token ids (-200 marks the image): {e}"),
         )
-    })
+    })?;
+    if ids.is_empty() {
+        return Err(Error::input(path, "the list of token ids is empty"));
+    }
+    Ok(ids)
 }
 
 /// The probes' pixel values: `--pixel-values`, each `--image`, or the synthetic probe.
@@ -360,7 +364,8 @@ fn probe_pixels(opts: &VerifyOptions, hp: &ModelHParams) -> Result<Vec<(Vec<f32>
                 ),
             ));
         }
-        return Ok(vec![(a.to_f32()?, p.display().to_string())]);
+        let v = a.to_f32().map_err(|e| Error::input(p, e.to_string()))?;
+        return Ok(vec![(v, p.display().to_string())]);
     }
     if opts.image.is_empty() {
         return Ok(vec![(

@@ -1183,7 +1183,48 @@ fn config_files() {
         (
             "vocab_size 2^40",
             set("vocab_size", json!(1u64 << 40)),
-            vec!["-", "model.embed_tokens.weight", "config.json"],
+            vec!["vocab_size"],
+        ),
+        // Issue #16 item 11: values that used to convert (or silently become defaults).
+        (
+            "rope_theta 0",
+            set("rope_theta", json!(0.0)),
+            vec!["rope_theta"],
+        ),
+        (
+            "rope_theta -1",
+            set("rope_theta", json!(-1.0)),
+            vec!["rope_theta"],
+        ),
+        (
+            "rope_theta \"abc\"",
+            set("rope_theta", json!("abc")),
+            vec!["rope_theta"],
+        ),
+        (
+            "rms_norm_eps negative",
+            set("rms_norm_eps", json!(-1e-5)),
+            vec!["rms_norm_eps"],
+        ),
+        (
+            "rms_norm_eps 1e300",
+            set("rms_norm_eps", json!(1e300)),
+            vec!["rms_norm_eps"],
+        ),
+        (
+            "max_position_embeddings -5",
+            set("max_position_embeddings", json!(-5)),
+            vec!["max_position_embeddings"],
+        ),
+        (
+            "max_position_embeddings 2^40",
+            set("max_position_embeddings", json!(1u64 << 40)),
+            vec!["max_position_embeddings"],
+        ),
+        (
+            "head size 1 (256 heads of 256 columns)",
+            set("num_attention_heads", json!(256)),
+            vec!["num_attention_heads", "odd"],
         ),
         (
             "mm_vision_select_layer garbage",
@@ -1279,12 +1320,25 @@ fn config_files() {
                 j["image_size"] = json!(1u64 << 40);
                 j["patch_size"] = json!(1);
             }),
+            vec!["image_size"],
+        ),
+        (
+            "tower image_size 2^20 with patch_size 1 (patch count overflows)",
+            Box::new(|j: &mut Json| {
+                j["image_size"] = json!(1u64 << 20);
+                j["patch_size"] = json!(1);
+            }),
             vec!["too many patches"],
         ),
         (
             "tower num_hidden_layers i64::MAX (fuzz: config_parser)",
             set("num_hidden_layers", json!(i64::MAX)),
-            vec!["not a usable layer count"],
+            vec!["num_hidden_layers"],
+        ),
+        (
+            "tower layer_norm_eps -1",
+            set("layer_norm_eps", json!(-1.0)),
+            vec!["layer_norm_eps"],
         ),
         (
             "tower intermediate_size missing",
@@ -1305,6 +1359,43 @@ fn config_files() {
         let mut needles = vec![tcfg];
         needles.extend(extra);
         refuse_ckpt(&mut cases, case, &ck, &needles);
+    }
+    // The tower's preprocessor_config.json: errors name it, not config.json (issue #16 item 12).
+    let pcfg = "tower/preprocessor_config.json";
+    let pre: Vec<(&str, Edit, &str)> = vec![
+        (
+            "image_std 0",
+            set("image_std", json!([0.0, 0.26, 0.27])),
+            "image_std",
+        ),
+        (
+            "image_std 1e300",
+            set("image_std", json!([1e300, 0.26, 0.27])),
+            "image_std",
+        ),
+        (
+            "image_mean a string",
+            set("image_mean", json!("grey")),
+            "image_mean",
+        ),
+        (
+            "image_mean of 2",
+            set("image_mean", json!([0.5, 0.5])),
+            "image_mean",
+        ),
+    ];
+    for (case, edit, key) in pre {
+        let ck = st_copy();
+        edit_json(
+            &ck.tower.as_ref().unwrap().join("preprocessor_config.json"),
+            |j| edit(j),
+        );
+        refuse_ckpt(
+            &mut cases,
+            &format!("preprocessor {case}"),
+            &ck,
+            &[pcfg, key],
+        );
     }
     let raw: Vec<(&str, &[u8])> = vec![
         ("config.json not JSON", b"{\"hidden_size\": 256,"),
@@ -2435,11 +2526,21 @@ fn sigkill_mid_write_leaves_previous_file_or_nothing() {
     ];
     let pid = kill_mid_write(&a1, tmp.path(), &out1, &[]);
     assert_killed_run_left_previous(&out1, &[], pid);
-    // The next run removes the dead run's temporary file, but not a live process's.
-    let live = format!("{TEMP_MARK}{}-other.gguf", std::process::id());
+    // The next run removes the dead run's temporary file, but not a live writer's, judged by
+    // its lock, not its pid (issue #16 item 8): here a writer in another PID namespace, whose
+    // pid means nothing here, holds it; and an unlocked one with our own (live) pid is stale.
+    let live = format!("{TEMP_MARK}4000000000-other.gguf");
     std::fs::write(out1.join(&live), b"still being written").unwrap();
+    let held = std::fs::File::open(out1.join(&live)).unwrap();
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) },
+        0
+    );
+    let unlocked = format!("{TEMP_MARK}{}-other.gguf", std::process::id());
+    std::fs::write(out1.join(&unlocked), b"left behind").unwrap();
     run(a1.clone(), tmp.path()).ok();
     assert_eq!(temps(&out1), vec![live.clone()]);
+    drop(held);
     assert_eq!(snapshot(&out1).len(), 3, "{:?}", dir_names(&out1));
     GgufFile::open(out1.join("ckpt-F16.gguf")).unwrap();
 
@@ -2525,18 +2626,25 @@ impl Drop for Mount {
     }
 }
 
-/// Mount a tmpfs at `dir` with `opts`, or None where that is not permitted (not root, or a
-/// sandbox without CAP_SYS_ADMIN).
-fn mount_tmpfs(dir: &Path, opts: &str) -> Option<Mount> {
+/// Mount a tmpfs at `dir` with `opts`. These cases need root or CAP_SYS_ADMIN (CI runs as
+/// root); where mounting is refused the test fails, naming the way to run it, rather than
+/// skipping and reporting "ok" for cases that never ran.
+fn mount_tmpfs(dir: &Path, opts: &str) -> Mount {
     std::fs::create_dir_all(dir).unwrap();
-    let ok = std::process::Command::new("mount")
+    let out = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
         .arg(dir)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    ok.then(|| Mount(dir.to_path_buf()))
+        .output()
+        .expect("run mount");
+    assert!(
+        out.status.success(),
+        "cannot mount a tmpfs at {} ({}): the full-disk and read-only cases need root or \
+         CAP_SYS_ADMIN; as another user run them in a user namespace: \
+         `unshare -rm cargo test --release --test hostile_inputs`",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Mount(dir.to_path_buf())
 }
 
 fn pages(p: &Path) -> u64 {
@@ -2611,10 +2719,7 @@ fn full_disk_leaves_nothing() {
     let mut mounted = 0;
     for (i, (what, size)) in sizes.iter().enumerate() {
         let dir = tmp.path().join(format!("tmpfs{i}"));
-        let Some(_m) = mount_tmpfs(&dir, &format!("size={size}")) else {
-            eprintln!("full_disk_leaves_nothing: cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN): only the RLIMIT_FSIZE cases ran");
-            break;
-        };
+        let _m = mount_tmpfs(&dir, &format!("size={size}"));
         mounted += 1;
         let r = run(hf(&dir), tmp.path());
         cases.check(
@@ -2631,7 +2736,8 @@ fn full_disk_leaves_nothing() {
     // manifest survive byte for byte.
     if mounted == sizes.len() {
         let dir = tmp.path().join("tmpfs-rerun");
-        if let Some(_m) = mount_tmpfs(&dir, "size=64m") {
+        {
+            let _m = mount_tmpfs(&dir, "size=64m");
             let r = run(hf(&dir), tmp.path());
             assert_eq!(r.code, 0, "first run: {}", r.stderr);
             let snapshot = |d: &Path| -> Vec<(String, Vec<u8>)> {
@@ -2679,7 +2785,8 @@ fn full_disk_leaves_nothing() {
     // quantize (a GGUF, and a checkpoint in one pass) onto a 512 KiB tmpfs.
     let dir = tmp.path().join("tmpfs-q");
     if mounted == sizes.len() {
-        if let Some(_m) = mount_tmpfs(&dir, "size=512k") {
+        {
+            let _m = mount_tmpfs(&dir, "size=512k");
             let r = run(quant(&dir), tmp.path());
             cases.check(
                 "tmpfs 512 KiB / quantize",
@@ -2727,13 +2834,10 @@ fn read_only_destination_leaves_nothing() {
     // Root ignores permission bits, so a read-only mount is the only honest test as root.
     let is_root = unsafe { libc::geteuid() } == 0;
     let (_mount, needle) = if is_root {
-        match mount_tmpfs(&dir, "ro,size=1m") {
-            Some(m) => (Some(m), "Read-only file system"),
-            None => {
-                eprintln!("read_only_destination_leaves_nothing: running as root without permission to mount a read-only tmpfs; chmod 555 would not stop root: skipped");
-                return;
-            }
-        }
+        (
+            Some(mount_tmpfs(&dir, "ro,size=1m")),
+            "Read-only file system",
+        )
     } else {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir(&dir).unwrap();
@@ -3141,4 +3245,943 @@ fn planted_symlink_at_the_temporary_name_is_not_followed() {
     drop(AtomicFile::create(&dest).unwrap());
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert!(planted.symlink_metadata().is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #16 (robustness, second round): one row per case.
+
+/// What a row's command may use, fresh per row: copies of the safetensors checkpoint and its
+/// tower, the fixture's F16 artefacts, and an empty output directory.
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    ck: PathBuf,
+    tower: PathBuf,
+    llm: PathBuf,
+    mmproj: PathBuf,
+    out: PathBuf,
+}
+
+fn env16() -> Env {
+    let c = st_copy();
+    let (g, m) = good_artefacts();
+    let art = c.root.join("art");
+    std::fs::create_dir(&art).unwrap();
+    let (llm, mmproj) = (art.join(file_name(&g)), art.join(file_name(&m)));
+    std::fs::copy(&g, &llm).unwrap();
+    std::fs::copy(&m, &mmproj).unwrap();
+    let out = c.root.join("out");
+    std::fs::create_dir(&out).unwrap();
+    Env {
+        root: c.root.clone(),
+        ck: c.ckpt.clone(),
+        tower: c.tower.clone().unwrap(),
+        _tmp: c._tmp,
+        llm,
+        mmproj,
+        out,
+    }
+}
+
+/// One case: `cmd` builds the hostile input inside `e.root` and returns the command line. The
+/// run must exit `code`, name every needle on stderr, leave `e.out` holding exactly `keep`,
+/// change no input, finish within [`ROW_TIME`] and not die of a signal (common::run also caps
+/// its address space at common::MEMORY_LIMIT).
+struct Row {
+    case: &'static str,
+    cmd: fn(&Env) -> Vec<OsString>,
+    env: &'static [(&'static str, &'static str)],
+    code: i32,
+    needles: &'static [&'static str],
+    keep: &'static [&'static str],
+}
+
+const ROW_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn os(p: &Path) -> OsString {
+    p.as_os_str().to_os_string()
+}
+
+fn hf(e: &Env) -> Vec<OsString> {
+    args([
+        "hf-to-gguf".into(),
+        os(&e.ck),
+        "--vision-tower".into(),
+        os(&e.tower),
+        "-o".into(),
+        os(&e.out),
+        "-q".into(),
+    ])
+}
+
+fn verify_with(e: &Env, gguf: &Path, mmproj: &Path, extra: Vec<OsString>) -> Vec<OsString> {
+    let mut a = args([
+        "verify".into(),
+        os(&e.ck),
+        "--vision-tower".into(),
+        os(&e.tower),
+        "--gguf".into(),
+        os(gguf),
+        "--mmproj".into(),
+        os(mmproj),
+        "--device".into(),
+        "cpu".into(),
+    ]);
+    a.extend(extra);
+    a
+}
+
+fn verify16(e: &Env, extra: Vec<OsString>) -> Vec<OsString> {
+    verify_with(e, &e.llm, &e.mmproj, extra)
+}
+
+fn quantize_to(e: &Env, dest: &Path) -> Vec<OsString> {
+    args([
+        "quantize".into(),
+        "--bits".into(),
+        "8".into(),
+        os(&e.llm),
+        "-o".into(),
+        os(dest),
+        "-q".into(),
+    ])
+}
+
+fn mkfifo(p: &Path) -> PathBuf {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {p:?}"
+    );
+    p.to_path_buf()
+}
+
+/// A file of `len` bytes that takes no disk space (a hole): the size alone must refuse it.
+fn sparse(p: &Path, len: u64) {
+    std::fs::File::create(p).unwrap().set_len(len).unwrap();
+}
+
+/// A zlib stream of stored (uncompressed) deflate blocks.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut z = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[]]
+    } else {
+        data.chunks(65535).collect()
+    };
+    for (i, b) in blocks.iter().enumerate() {
+        z.push((i + 1 == blocks.len()) as u8);
+        z.extend((b.len() as u16).to_le_bytes());
+        z.extend((!(b.len() as u16)).to_le_bytes());
+        z.extend(*b);
+    }
+    let (mut a, mut s) = (1u32, 0u32);
+    for &x in data {
+        a = (a + x as u32) % 65521;
+        s = (s + a) % 65521;
+    }
+    z.extend(((s << 16) | a).to_be_bytes());
+    z
+}
+
+/// An 8-bit grey PNG of `w` x `h` pixels, all mid-grey (`rows` = false: IHDR without pixel data).
+fn grey_png(w: u32, h: u32, rows: bool) -> Vec<u8> {
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    let raw: Vec<u8> = if rows {
+        (0..h)
+            .flat_map(|_| std::iter::once(0u8).chain(std::iter::repeat_n(128u8, w as usize)))
+            .collect()
+    } else {
+        vec![]
+    };
+    [
+        b"\x89PNG\r\n\x1a\n".to_vec(),
+        png_chunk(b"IHDR", &ihdr),
+        png_chunk(b"IDAT", &zlib_stored(&raw)),
+        png_chunk(b"IEND", &[]),
+    ]
+    .concat()
+}
+
+fn put(e: &Env, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = e.root.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn non_utf8(prefix: &str) -> OsString {
+    use std::os::unix::ffi::OsStringExt;
+    OsString::from_vec([prefix.as_bytes(), b"\xff"].concat())
+}
+
+/// Regular files under `dir` (but `skip`) with their bytes: the inputs, which no run may change.
+fn inputs(dir: &Path, skip: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if p == skip {
+            continue;
+        } else if m.is_dir() {
+            v.extend(inputs(&p, skip));
+        } else if m.is_file() {
+            let b = if m.len() > (64 << 20) {
+                vec![] // a sparse giant: its size is compared below
+            } else {
+                std::fs::read(&p).unwrap()
+            };
+            v.push((p, [b, m.len().to_le_bytes().to_vec()].concat()));
+        }
+    }
+    v.sort();
+    v
+}
+
+fn issue16_rows() -> Vec<Row> {
+    vec![
+        // 1. Images: decode limits, and padding that never builds the square.
+        Row {
+            case: "png 100000 x 1 (would pad to 30 GB) / verify --image",
+            cmd: |e| {
+                let p = put(e, "wide.png", &grey_png(100_000, 1, true));
+                verify16(e, args(["--image".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["wide.png", "100000x1", "32768"],
+            keep: &[],
+        },
+        Row {
+            case: "png 20000 x 20000 grey (header only) / verify --image",
+            cmd: |e| {
+                let p = put(e, "huge.png", &grey_png(20_000, 20_000, false));
+                verify16(e, args(["--image".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["huge.png", "20000x20000", "pixels"],
+            keep: &[],
+        },
+        Row {
+            case: "png 30000 x 1 verifies within the memory cap (padding not built)",
+            cmd: |e| {
+                let p = put(e, "strip.png", &grey_png(30_000, 1, true));
+                verify16(e, args(["--image".into(), os(&p)]))
+            },
+            env: &[],
+            code: 0,
+            needles: &[],
+            keep: &[],
+        },
+        // 3. Every input of verify is checked to be a regular file (a FIFO hung it forever).
+        Row {
+            case: "FIFO as --gguf / verify",
+            cmd: |e| {
+                let f = mkfifo(&e.root.join("fifo.gguf"));
+                verify_with(e, &f, &e.mmproj, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["fifo.gguf", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO as --mmproj / verify",
+            cmd: |e| {
+                let f = mkfifo(&e.root.join("fifo-mmproj.gguf"));
+                verify_with(e, &e.llm, &f, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["fifo-mmproj.gguf", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO as --image / verify",
+            cmd: |e| {
+                let f = mkfifo(&e.root.join("fifo.png"));
+                verify16(e, args(["--image".into(), os(&f)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["fifo.png", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO as --pixel-values / verify",
+            cmd: |e| {
+                let f = mkfifo(&e.root.join("fifo.npy"));
+                verify16(e, args(["--pixel-values".into(), os(&f)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["fifo.npy", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO as --input-ids / verify",
+            cmd: |e| {
+                let f = mkfifo(&e.root.join("fifo.json"));
+                verify16(e, args(["--input-ids".into(), os(&f)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["fifo.json", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "/dev/zero as --input-ids / verify",
+            cmd: |e| verify16(e, args(["--input-ids", "/dev/zero"])),
+            env: &[],
+            code: 2,
+            needles: &["/dev/zero", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO as tokenizer.model / hf-to-gguf",
+            cmd: |e| {
+                std::fs::remove_file(e.ck.join("tokenizer.model")).unwrap();
+                mkfifo(&e.ck.join("tokenizer.model"));
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["tokenizer.model", "not a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "FIFO named *.manifest.json beside the artefacts / verify passes",
+            cmd: |e| {
+                mkfifo(&e.llm.with_file_name("x.manifest.json"));
+                verify16(e, vec![])
+            },
+            env: &[],
+            code: 0,
+            needles: &[],
+            keep: &[],
+        },
+        // 4. Destinations that exist and are not regular files.
+        Row {
+            case: "quantize -o a FIFO",
+            cmd: |e| quantize_to(e, &mkfifo(&e.out.join("dest.gguf"))),
+            env: &[],
+            code: 1,
+            needles: &["dest.gguf", "named pipe", "refusing to replace"],
+            keep: &["dest.gguf"],
+        },
+        Row {
+            case: "quantize -o a character device (as root: would replace it)",
+            cmd: |e| {
+                let p = e.out.join("null");
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+                let dev = libc::makedev(1, 3);
+                let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, dev) };
+                assert_eq!(made, 0, "mknod needs root (CI runs as root)");
+                quantize_to(e, &p)
+            },
+            env: &[],
+            code: 1,
+            needles: &["null", "a device", "refusing to replace"],
+            keep: &["null"],
+        },
+        Row {
+            case: "quantize -o a directory",
+            cmd: |e| {
+                std::fs::create_dir(e.out.join("d.gguf")).unwrap();
+                quantize_to(e, &e.out.join("d.gguf"))
+            },
+            env: &[],
+            code: 1,
+            needles: &["d.gguf", "a directory"],
+            keep: &["d.gguf"],
+        },
+        Row {
+            case: "hf-to-gguf -o a regular file (not 'File exists')",
+            cmd: |e| {
+                std::fs::remove_dir(&e.out).unwrap();
+                std::fs::write(&e.out, b"x").unwrap();
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["out", "is a regular file"],
+            keep: &[],
+        },
+        Row {
+            case: "hf-to-gguf -o a symlink loop (not 'File exists')",
+            cmd: |e| {
+                std::fs::remove_dir(&e.out).unwrap();
+                std::os::unix::fs::symlink(&e.out, &e.out).unwrap();
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["out", "symbolic link loop"],
+            keep: &[],
+        },
+        // 5. JSON inputs are size-capped before they are read (sparse: no disk used).
+        Row {
+            case: "config.json of 200 MB / hf-to-gguf",
+            cmd: |e| {
+                sparse(&e.ck.join("config.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["config.json", "209715200 bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "model.safetensors.index.json of 200 MB / hf-to-gguf",
+            cmd: |e| {
+                sparse(&e.ck.join("model.safetensors.index.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["model.safetensors.index.json", "bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "tower preprocessor_config.json of 200 MB / hf-to-gguf",
+            cmd: |e| {
+                sparse(&e.tower.join("preprocessor_config.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["preprocessor_config.json", "bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "tokenizer.json of 200 MB (no tokenizer.model) / hf-to-gguf",
+            cmd: |e| {
+                std::fs::remove_file(e.ck.join("tokenizer.model")).unwrap();
+                sparse(&e.ck.join("tokenizer.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["tokenizer.json", "bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "tokenizer_config.json of 200 MB / hf-to-gguf",
+            cmd: |e| {
+                sparse(&e.ck.join("tokenizer_config.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["tokenizer_config.json", "bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "added_tokens.json of 200 MB / hf-to-gguf",
+            cmd: |e| {
+                sparse(&e.ck.join("added_tokens.json"), 200 << 20);
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["added_tokens.json", "bytes"],
+            keep: &[],
+        },
+        Row {
+            case: "--input-ids of 200 MB / verify",
+            cmd: |e| {
+                let p = e.root.join("ids.json");
+                sparse(&p, 200 << 20);
+                verify16(e, args(["--input-ids".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["ids.json", "bytes"],
+            keep: &[],
+        },
+        // 6. Index parsing is linear, with a cap on the shard count.
+        Row {
+            case: "index naming 200000 distinct shards (6 MB) / hf-to-gguf",
+            cmd: |e| {
+                edit_index(&e.ck, |m| {
+                    for i in 0..200_000 {
+                        m.insert(
+                            format!("extra.{i}"),
+                            json!(format!("shard-{i}.safetensors")),
+                        );
+                    }
+                });
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["model.safetensors.index.json", "more than 4096 shard files"],
+            keep: &[],
+        },
+        // 11. Checkpoint contents.
+        Row {
+            case: "tokenizer.model of 0 bytes / hf-to-gguf",
+            cmd: |e| {
+                std::fs::write(e.ck.join("tokenizer.model"), b"").unwrap();
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["tokenizer.model", "no pieces"],
+            keep: &[],
+        },
+        Row {
+            case: "tokenizer.model of 0 bytes / verify (same verdict as hf-to-gguf)",
+            cmd: |e| {
+                std::fs::write(e.ck.join("tokenizer.model"), b"").unwrap();
+                verify16(e, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["tokenizer.model", "no pieces"],
+            keep: &[],
+        },
+        Row {
+            case: "pytorch zip with a storage entry stored twice / hf-to-gguf",
+            cmd: |e| {
+                // The .bin fixture, plus a second 'pytorch_model/data/0' with other bytes (the
+                // zip writer refuses duplicate names: written as '.../X', then renamed in place).
+                let ck = e.root.join("bin");
+                copy_dir(&fixture(BIN_CKPT), &ck);
+                let bin = ck.join("pytorch_model.bin");
+                let mut ents = zip_entries(&bin);
+                let d0 = ents
+                    .iter()
+                    .find(|x| x.0 == "pytorch_model/data/0")
+                    .unwrap()
+                    .1
+                    .clone();
+                ents.push((
+                    "pytorch_model/data/X".into(),
+                    d0.iter().map(|b| !b).collect(),
+                ));
+                write_zip(&bin, &ents);
+                let mut b = std::fs::read(&bin).unwrap();
+                let (from, to) = (b"pytorch_model/data/X", b"pytorch_model/data/0");
+                let mut n = 0;
+                while let Some(at) = b.windows(from.len()).position(|w| w == from) {
+                    b[at..at + to.len()].copy_from_slice(to);
+                    n += 1;
+                }
+                assert_eq!(n, 2, "local header and central directory");
+                std::fs::write(&bin, b).unwrap();
+                args([
+                    "hf-to-gguf".into(),
+                    os(&ck),
+                    "-o".into(),
+                    os(&e.out),
+                    "-q".into(),
+                ])
+            },
+            env: &[],
+            code: 1,
+            needles: &["pytorch_model.bin", "entry name twice"],
+            keep: &[],
+        },
+        // 12. Messages.
+        Row {
+            case: "big-endian --pixel-values names the file / verify",
+            cmd: |e| {
+                let data = vec![0u8; 3 * 56 * 56 * 4];
+                let b = npy(
+                    "{'descr': '>f4', 'fortran_order': False, 'shape': (3, 56, 56), }",
+                    &data,
+                );
+                let p = put(e, "be.npy", &b);
+                verify16(e, args(["--pixel-values".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["be.npy", "big-endian"],
+            keep: &[],
+        },
+        Row {
+            case: "ESC bytes from config.json are escaped on the terminal / hf-to-gguf",
+            cmd: |e| {
+                edit_json(&e.ck.join("config.json"), |j| {
+                    j["model_type"] = json!("\u{1b}[2J\u{1b}[31mbert")
+                });
+                hf(e)
+            },
+            env: &[],
+            code: 1,
+            needles: &["config.json", "\\u{1b}[2J"],
+            keep: &[],
+        },
+        Row {
+            case: "image_std 0 in preprocessor_config.json names that file / verify",
+            cmd: |e| {
+                edit_json(&e.tower.join("preprocessor_config.json"), |j| {
+                    j["image_std"] = json!([0.0, 0.0, 0.0])
+                });
+                verify16(e, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["preprocessor_config.json", "image_std"],
+            keep: &[],
+        },
+        Row {
+            case: "--input-ids [] names the ids file / verify",
+            cmd: |e| {
+                let p = put(e, "ids.json", b"[]");
+                verify16(e, args(["--input-ids".into(), os(&p)]))
+            },
+            env: &[],
+            code: 2,
+            needles: &["ids.json", "empty"],
+            keep: &[],
+        },
+        Row {
+            case: "an mmproj tensor of the wrong shape is reported against the mmproj / verify",
+            cmd: |e| {
+                // mm.1.weight with its two dimensions swapped (same byte count).
+                let mut b = std::fs::read(&e.mmproj).unwrap();
+                let m = walk_gguf(&b);
+                let ty_at = m.infos.iter().find(|i| i.0 == "mm.1.weight").unwrap().2;
+                let (d0, d1) = (
+                    b[ty_at - 16..ty_at - 8].to_vec(),
+                    b[ty_at - 8..ty_at].to_vec(),
+                );
+                assert_ne!(d0, d1);
+                b[ty_at - 16..ty_at - 8].copy_from_slice(&d1);
+                b[ty_at - 8..ty_at].copy_from_slice(&d0);
+                let p = put(e, "bad-mmproj.gguf", &b);
+                verify_with(e, &e.llm, &p, vec![])
+            },
+            env: &[],
+            code: 2,
+            needles: &["bad-mmproj.gguf", "mm.1.weight"],
+            keep: &[],
+        },
+        // 2 and 13. Arguments.
+        Row {
+            case: "non-UTF-8 --prompt is a usage error / verify",
+            cmd: |e| verify16(e, vec!["--prompt".into(), non_utf8("What")]),
+            env: &[],
+            code: 2,
+            needles: &["UTF-8"],
+            keep: &[],
+        },
+        Row {
+            case: "non-UTF-8 checkpoint directory and -o / hf-to-gguf converts",
+            cmd: |e| {
+                let ck = e.root.join(non_utf8("ck"));
+                std::fs::rename(&e.ck, &ck).unwrap();
+                args([
+                    "hf-to-gguf".into(),
+                    os(&ck),
+                    "--vision-tower".into(),
+                    os(&e.tower),
+                    "-o".into(),
+                    os(&e.out.join(non_utf8("o"))),
+                    "--name".into(),
+                    "m".into(),
+                    "-q".into(),
+                ])
+            },
+            env: &[],
+            code: 0,
+            needles: &[],
+            keep: &["o\u{fffd}"],
+        },
+        Row {
+            case: "non-UTF-8 --image path / verify runs",
+            cmd: |e| {
+                let p = e.root.join(non_utf8("img"));
+                std::fs::write(&p, grey_png(8, 6, true)).unwrap();
+                verify16(e, vec!["--image".into(), os(&p)])
+            },
+            env: &[],
+            code: 0,
+            needles: &[],
+            keep: &[],
+        },
+        Row {
+            case: "-t 100000 / quantize",
+            cmd: |e| {
+                let mut a = quantize_to(e, &e.out.join("q.gguf"));
+                a.extend(args(["-t", "100000"]));
+                a
+            },
+            env: &[],
+            code: 2,
+            needles: &["-t 100000", "1024"],
+            keep: &[],
+        },
+        Row {
+            case: "RAYON_NUM_THREADS=100000 / quantize",
+            cmd: |e| quantize_to(e, &e.out.join("q.gguf")),
+            env: &[("RAYON_NUM_THREADS", "100000")],
+            code: 2,
+            needles: &["RAYON_NUM_THREADS=100000"],
+            keep: &[],
+        },
+        Row {
+            case: "RAYON_NUM_THREADS=100000 / hf-to-gguf",
+            cmd: hf,
+            env: &[("RAYON_NUM_THREADS", "100000")],
+            code: 2,
+            needles: &["RAYON_NUM_THREADS=100000"],
+            keep: &[],
+        },
+        Row {
+            case: "--name with a newline / hf-to-gguf",
+            cmd: |e| {
+                let mut a = hf(e);
+                a.extend(args(["--name", "a\nb"]));
+                a
+            },
+            env: &[],
+            code: 2,
+            needles: &["--name", "a\\nb"],
+            keep: &[],
+        },
+        Row {
+            case: "--name with an ANSI escape / hf-to-gguf",
+            cmd: |e| {
+                let mut a = hf(e);
+                a.extend(args(["--name", "m\u{1b}[31m"]));
+                a
+            },
+            env: &[],
+            code: 2,
+            needles: &["--name", "control characters"],
+            keep: &[],
+        },
+    ]
+}
+
+#[test]
+fn issue16_hostile_cases() {
+    let mut cases = Cases::default();
+    for row in issue16_rows() {
+        let e = env16();
+        let a = (row.cmd)(&e);
+        let before = inputs(&e.root, &e.out);
+        let t0 = std::time::Instant::now();
+        let r = run_with(a, &e.root, row.env);
+        let took = t0.elapsed();
+        cases.check(row.case, &r, row.code, &e.out, row.keep, row.needles);
+        let mut why = vec![];
+        if took > ROW_TIME {
+            why.push(format!("took {took:?}"));
+        }
+        if r.stderr.contains('\u{1b}') {
+            why.push("a raw ESC reached stderr".into());
+        }
+        if inputs(&e.root, &e.out) != before {
+            why.push("an input changed".into());
+        }
+        if !why.is_empty() {
+            cases
+                .failed
+                .push(format!("{}: {}", row.case, why.join("; ")));
+        }
+    }
+    cases.finish("issue 16");
+}
+
+/// Start the binary and send `sig` as soon as one of its temporary files in `out` has data;
+/// returns its exit status and stderr. Retries (up to 5 times) if a run finishes first.
+fn signal_mid_write(
+    a: &[OsString],
+    cwd: &Path,
+    out: &Path,
+    sig: i32,
+    mut on_write: impl FnMut(u32),
+) -> (std::process::ExitStatus, String) {
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(BIN)
+            .args(a)
+            .current_dir(cwd)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mark = format!("{TEMP_MARK}{pid}-");
+        let mut sent = false;
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && t0.elapsed() < RUN_TIMEOUT {
+            let writing = std::fs::read_dir(out)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name().to_string_lossy().starts_with(&mark)
+                        && e.metadata().map(|m| m.len() > 0).unwrap_or(false)
+                });
+            if writing && !sent {
+                on_write(pid);
+                if sig != 0 {
+                    unsafe { libc::kill(pid as i32, sig) };
+                }
+                sent = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if sent {
+            return (
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            );
+        }
+        eprintln!("run finished before its temporary file was seen; retrying");
+        for n in dir_names(out_dir_of(a)) {
+            let _ = std::fs::remove_file(out_dir_of(a).join(n));
+        }
+    }
+    panic!("{a:?} always finished before a temporary file was seen");
+}
+
+/// The value after -o / --out-dir in a command line.
+fn out_dir_of(a: &[OsString]) -> &Path {
+    let i = a
+        .iter()
+        .position(|x| x == "-o" || x == "--out-dir")
+        .unwrap();
+    Path::new(&a[i + 1])
+}
+
+/// Issue #16 item 10: SIGINT, SIGTERM and SIGHUP mid-write remove the partial files; the
+/// process still ends by that signal (as the shell expects).
+#[test]
+fn termination_signals_remove_partial_files() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempdir();
+    let big = big_checkpoint(tmp.path());
+    for (name, sig) in [
+        ("SIGINT", libc::SIGINT),
+        ("SIGTERM", libc::SIGTERM),
+        ("SIGHUP", libc::SIGHUP),
+    ] {
+        let out = tmp.path().join(format!("out-{name}"));
+        std::fs::create_dir(&out).unwrap();
+        let a = args([
+            "hf-to-gguf".into(),
+            os(&big),
+            "--vision-tower".into(),
+            os(&common::tower()),
+            "-o".into(),
+            os(&out),
+            "-q".into(),
+        ]);
+        let (status, stderr) = signal_mid_write(&a, tmp.path(), &out, sig, |_| {});
+        assert_eq!(status.signal(), Some(sig), "{name}: {status:?} {stderr}");
+        assert_eq!(dir_names(&out), Vec::<String>::new(), "{name} left files");
+    }
+}
+
+/// Issue #16 item 7: an input GGUF that shrinks while quantize maps it (SIGBUS) gives an error
+/// naming it, exit 1, and no partial file; the process is not killed by the signal.
+#[test]
+fn input_shrinking_during_quantize_is_an_error() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempdir();
+    let big = big_checkpoint(tmp.path());
+    let f16 = tmp.path().join("f16");
+    convert(&big, Some(&common::tower()), &f16, &[]).ok();
+    let input = f16.join("ckpt-F16.gguf");
+    let out = tmp.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    let a = args([
+        "quantize".into(),
+        "--type".into(),
+        "Q4_K_M".into(),
+        os(&input),
+        "-o".into(),
+        os(&out.join("ckpt-Q4_K_M.gguf")),
+        "-q".into(),
+    ]);
+    let len = std::fs::metadata(&input).unwrap().len();
+    let (status, stderr) = signal_mid_write(&a, tmp.path(), &out, 0, |_| {
+        // Keep the header and tensor infos, drop most of the data.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&input)
+            .unwrap()
+            .set_len(len / 8)
+            .unwrap();
+    });
+    assert_eq!(status.signal(), None, "killed by a signal: {stderr}");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ckpt-F16.gguf") && stderr.contains("shrank"),
+        "{stderr}"
+    );
+    assert_eq!(dir_names(&out), Vec::<String>::new());
+}
+
+/// Issue #16 item 9: two runs writing the same names into one directory at once. Whichever
+/// commits last, the files on disk are one run's complete set: each output's sha256 is the one
+/// its manifest beside it records.
+#[test]
+fn concurrent_writers_leave_a_consistent_set() {
+    let tmp = tempdir();
+    let a = tmp.path().join("a");
+    copy_dir(&common::ckpt(), &a);
+    // A second checkpoint with other bytes (one norm weight changed) and the same output names.
+    let b = tmp.path().join("b");
+    copy_dir(&common::ckpt(), &b);
+    let mut st = StFile::read(&b.join(SHARD2));
+    let t = st
+        .tensors
+        .iter_mut()
+        .find(|t| t.name.ends_with("norm.weight"))
+        .unwrap();
+    t.data[0] ^= 1;
+    st.write(&b.join(SHARD2));
+    let out = tmp.path().join("out");
+    let cmd = |ck: &Path| {
+        let mut c = std::process::Command::new(BIN);
+        c.args([
+            os(Path::new("hf-to-gguf")),
+            os(ck),
+            "--vision-tower".into(),
+            os(&common::tower()),
+            "-o".into(),
+            os(&out),
+            "--name".into(),
+            "m".into(),
+            "-q".into(),
+        ])
+        .current_dir(tmp.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+        c
+    };
+    for round in 0..25 {
+        let (pa, pb) = (cmd(&a).spawn().unwrap(), cmd(&b).spawn().unwrap());
+        for p in [pa, pb] {
+            let o = p.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let m: Json =
+            serde_json::from_slice(&std::fs::read(out.join("m-F16.manifest.json")).unwrap())
+                .unwrap();
+        for o in m["outputs"].as_array().unwrap() {
+            let p = out.join(Path::new(o["path"].as_str().unwrap()).file_name().unwrap());
+            let (_, sha) = mmfuser_convert::manifest::sha256_file(&p).unwrap();
+            assert_eq!(
+                sha,
+                o["sha256"].as_str().unwrap(),
+                "round {round}: {} is not the file its manifest describes",
+                p.display()
+            );
+        }
+        assert!(temps(&out).is_empty(), "{:?}", dir_names(&out));
+    }
 }

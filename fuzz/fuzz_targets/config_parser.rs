@@ -23,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => SelectLayers::List(vec![-2, -1]),
     };
-    let pre = v.get("preprocessor");
+    let pre = v
+        .get("preprocessor")
+        .map(|p| (Path::new("preprocessor_config.json"), p));
     if let Ok(h) = clip_hparams(path, &v, pre, &select, path) {
         assert!(h.patch_size > 0 && h.image_size % h.patch_size == 0);
         let _ = (h.n_patches(), h.blocks_needed());

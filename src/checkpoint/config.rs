@@ -1,5 +1,5 @@
 //! config.json of a `llava_llama` checkpoint and of its CLIP vision tower.
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::hparams::{ClipHParams, LlamaHParams};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
@@ -156,22 +156,72 @@ fn select_feature_of(strategy: &str) -> String {
     }
 }
 
-fn get_usize(path: &Path, j: &Json, key: &str) -> Result<usize> {
-    j.get(key)
-        .and_then(Json::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::input(path, format!("missing or non-integer \"{key}\"")))
-}
-fn get_f32_or(j: &Json, key: &str, default: f32) -> f32 {
-    j.get(key)
-        .and_then(Json::as_f64)
-        .map(|v| v as f32)
-        .unwrap_or(default)
+/// Sizes become u32 GGUF keys (llama.cpp reads them as u32): larger is refused here, by key.
+fn check_u32(path: &Path, key: &str, v: u64) -> Result<usize> {
+    if v > u32::MAX as u64 {
+        return Err(Error::input(
+            path,
+            format!("\"{key}\" = {v} is too large (at most {})", u32::MAX),
+        ));
+    }
+    Ok(v as usize)
 }
 
+fn get_usize(path: &Path, j: &Json, key: &str) -> Result<usize> {
+    let v = j
+        .get(key)
+        .and_then(Json::as_u64)
+        .ok_or_else(|| Error::input(path, format!("missing or non-integer \"{key}\"")))?;
+    check_u32(path, key, v)
+}
+
+/// An optional non-negative integer: absent or null is None, anything else but such an integer
+/// is an error (a default silently standing in for "abc" or -5 would hide a broken config).
+fn opt_usize(path: &Path, j: &Json, key: &str) -> Result<Option<usize>> {
+    match j.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => check_u32(path, key, n).map(Some),
+            None => Err(Error::input(
+                path,
+                format!("\"{key}\" must be a non-negative integer, got {v}"),
+            )),
+        },
+    }
+}
+
+/// An optional number (absent or null: None; anything else but a number: an error).
+fn opt_f64(path: &Path, j: &Json, key: &str) -> Result<Option<f64>> {
+    match j.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::input(path, format!("\"{key}\" must be a number, got {v}"))),
+    }
+}
+
+/// A normalisation epsilon: positive and small (a negative one or 1e300 gives NaN or flattens
+/// every activation; real models use 1e-6 to 1e-5).
+fn eps_or(path: &Path, j: &Json, key: &str, default: f32) -> Result<f32> {
+    match opt_f64(path, j, key)? {
+        None => Ok(default),
+        Some(e) if e > 0.0 && e < 1.0 && (e as f32) > 0.0 => Ok(e as f32),
+        Some(e) => Err(Error::input(
+            path,
+            format!("\"{key}\" = {e} is not a usable epsilon (0 < eps < 1)"),
+        )),
+    }
+}
+
+/// A small JSON file (config.json, preprocessor_config.json), size-capped.
 pub fn read_json(path: &Path) -> Result<Json> {
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut crate::fsutil::open_input(path)?, &mut text).at(path)?;
+    read_json_capped(path, crate::fsutil::CAP_CONFIG)
+}
+
+/// A JSON file of at most `cap` bytes (checked before it is read and parsed).
+pub fn read_json_capped(path: &Path, cap: u64) -> Result<Json> {
+    let text = crate::fsutil::read_input_text(path, cap)?;
     serde_json::from_str(&text).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
 }
 
@@ -200,24 +250,36 @@ impl LlavaConfig {
                 format!("hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}"),
             ));
         }
-        let n_head_kv = t
-            .get("num_key_value_heads")
-            .and_then(Json::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(n_head);
+        if (n_embd / n_head) % 2 != 0 {
+            // Rotary embeddings rotate pairs of a head's columns.
+            return Err(Error::input(
+                &path,
+                format!(
+                    "head size hidden_size / num_attention_heads = {n_embd} / {n_head} = {} is odd; rotary embeddings need an even head size",
+                    n_embd / n_head
+                ),
+            ));
+        }
+        let n_head_kv = opt_usize(&path, t, "num_key_value_heads")?.unwrap_or(n_head);
         if n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(Error::input(&path, format!("num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")));
         }
-        let rope_theta = t
-            .get("rope_theta")
-            .and_then(Json::as_f64)
-            .or_else(|| {
-                t.get("rope_parameters")
-                    .and_then(|r| r.get("rope_theta"))
-                    .and_then(Json::as_f64)
-            })
-            .unwrap_or(10000.0) as f32;
-        if let Some(hd) = t.get("head_dim").and_then(Json::as_u64) {
+        let rope_theta = match opt_f64(&path, t, "rope_theta")? {
+            Some(r) => Some(r),
+            None => match t.get("rope_parameters").filter(|r| !r.is_null()) {
+                Some(r) => opt_f64(&path, r, "rope_theta")?,
+                None => None,
+            },
+        }
+        .unwrap_or(10000.0);
+        if !(rope_theta > 0.0 && (rope_theta as f32).is_finite()) {
+            return Err(Error::input(
+                &path,
+                format!("\"rope_theta\" = {rope_theta} must be a positive number"),
+            ));
+        }
+        let rope_theta = rope_theta as f32;
+        if let Some(hd) = opt_usize(&path, t, "head_dim")? {
             if hd as usize != n_embd / n_head {
                 return Err(Error::input(
                     &path,
@@ -234,11 +296,13 @@ impl LlavaConfig {
             n_head,
             n_head_kv,
             n_vocab: get_usize(&path, t, "vocab_size")?,
-            n_ctx: t
-                .get("max_position_embeddings")
-                .and_then(Json::as_u64)
-                .unwrap_or(4096) as usize,
-            rms_eps: get_f32_or(t, "rms_norm_eps", 1e-6),
+            n_ctx: match opt_usize(&path, t, "max_position_embeddings")? {
+                Some(0) => {
+                    return Err(Error::input(&path, "\"max_position_embeddings\" is 0"));
+                }
+                n => n.unwrap_or(4096),
+            },
+            rms_eps: eps_or(&path, t, "rms_norm_eps", 1e-6)?,
             rope_theta,
         };
         let select_layers = match raw
@@ -314,7 +378,7 @@ impl LlavaConfig {
 pub fn clip_hparams(
     path: &Path,
     cfg: &Json,
-    preprocessor: Option<&Json>,
+    preprocessor: Option<(&Path, &Json)>,
     select: &SelectLayers,
     select_path: &Path,
 ) -> Result<ClipHParams> {
@@ -347,17 +411,33 @@ pub fn clip_hparams(
             ))
         }
     };
-    let arr3 = |key: &str, default: [f32; 3]| -> Result<[f32; 3]> {
-        match preprocessor.and_then(|p| p.get(key)) {
-            None => Ok(default),
-            Some(Json::Array(a)) if a.len() == 3 && a.iter().all(Json::is_number) => Ok([
-                a[0].as_f64().unwrap() as f32,
-                a[1].as_f64().unwrap() as f32,
-                a[2].as_f64().unwrap() as f32,
-            ]),
-            Some(other) => Err(Error::input(
-                path,
-                format!("preprocessor {key} must be a list of 3 numbers, got {other}"),
+    // image_mean / image_std: three finite f32 numbers, std non-zero (pixels are divided by it).
+    let arr3 = |key: &str, default: [f32; 3], nonzero: bool| -> Result<[f32; 3]> {
+        let Some((ppath, v)) = preprocessor.and_then(|(pp, p)| p.get(key).map(|v| (pp, v))) else {
+            return Ok(default);
+        };
+        let nums: Vec<f32> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Json::as_f64)
+                    .map(|x| x as f32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        match <[f32; 3]>::try_from(nums) {
+            Ok(a)
+                if v.as_array().is_some_and(|x| x.len() == 3)
+                    && a.iter().all(|x| x.is_finite() && (!nonzero || *x != 0.0)) =>
+            {
+                Ok(a)
+            }
+            _ => Err(Error::input(
+                ppath,
+                format!(
+                    "\"{key}\" must be a list of 3 finite{} numbers, got {v}",
+                    if nonzero { ", non-zero" } else { "" }
+                ),
             )),
         }
     };
@@ -383,10 +463,10 @@ pub fn clip_hparams(
         n_ff: get_usize(path, v, "intermediate_size")?,
         n_head,
         n_layer,
-        eps: get_f32_or(v, "layer_norm_eps", 1e-5),
+        eps: eps_or(path, v, "layer_norm_eps", 1e-5)?,
         quick_gelu,
-        image_mean: arr3("image_mean", CLIP_MEAN)?,
-        image_std: arr3("image_std", CLIP_STD)?,
+        image_mean: arr3("image_mean", CLIP_MEAN, false)?,
+        image_std: arr3("image_std", CLIP_STD, true)?,
         feature_layers: select.resolve(select_path, n_layer).map_err(|e| match e {
             Error::Input { path: p, msg } => Error::input(
                 p,

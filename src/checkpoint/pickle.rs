@@ -748,6 +748,13 @@ fn stored_entry<R: std::io::Read + std::io::Seek>(
 pub fn read_archive(path: &Path, bytes: &[u8]) -> Result<Vec<PthTensor>> {
     let mut zip =
         zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| zip_err(path, e))?;
+    // Entries are looked up by name: with two of one name, one would silently shadow the other.
+    if zip.has_duplicate_names() {
+        return Err(Error::input(
+            path,
+            "the zip archive lists an entry name twice (which copy is meant is ambiguous); re-save with torch.save",
+        ));
+    }
     let pkls: Vec<String> = zip
         .file_names()
         .filter_map(|n| n.ok())

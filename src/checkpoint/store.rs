@@ -1,6 +1,6 @@
 //! Source tensors of a checkpoint: safetensors (memory-mapped, zero-copy) or PyTorch zip
 //! pickles (read lazily, one tensor at a time), single file or shards with an index.
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::gguf::GgmlType;
 use memmap2::Mmap;
 use std::borrow::Cow;
@@ -47,6 +47,10 @@ pub struct TensorStore {
     entries: BTreeMap<String, Entry>,
 }
 
+/// The most shard files an index may name (real checkpoints have a few to a few hundred; each
+/// shard stays open and mapped while converting).
+pub const MAX_SHARDS: usize = 4096;
+
 /// Resolve a shard name from an index file, refusing anything that leaves the checkpoint directory.
 fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
     let p = Path::new(name);
@@ -65,7 +69,7 @@ fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
 }
 
 fn parse_index(dir: &Path, index: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, usize>)> {
-    let v = super::config::read_json(index)?;
+    let v = super::config::read_json_capped(index, crate::fsutil::CAP_INDEX)?;
     parse_index_json(dir, index, &v)
 }
 
@@ -81,15 +85,25 @@ pub fn parse_index_json(
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::input(index, "no \"weight_map\" object"))?;
     let mut shards: Vec<PathBuf> = vec![];
+    // Shard path -> its number (paths compare by component, as before), so the index is read
+    // in linear time.
+    let mut seen: std::collections::HashMap<PathBuf, usize> = Default::default();
     let mut routing = BTreeMap::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
             Error::input(index, format!("weight_map['{tensor}'] is not a string"))
         })?;
         let path = shard_path(dir, index, file)?;
-        let i = match shards.iter().position(|s| *s == path) {
-            Some(i) => i,
+        let i = match seen.get(&path) {
+            Some(&i) => i,
             None => {
+                if shards.len() == MAX_SHARDS {
+                    return Err(Error::input(
+                        index,
+                        format!("names more than {MAX_SHARDS} shard files"),
+                    ));
+                }
+                seen.insert(path.clone(), shards.len());
                 shards.push(path);
                 shards.len() - 1
             }
@@ -352,8 +366,7 @@ impl TensorStore {
                 }
                 (_, e) => e,
             })?;
-            // SAFETY: read-only map of a file we do not modify; safetensors validates the header.
-            let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+            let mmap = crate::fsutil::map_input(&file, path)?;
             let _ = mmap.advise(memmap2::Advice::Sequential);
             let entries = safetensors_entries(path, &mmap, fi)?;
             store.files.push((path.clone(), Backing::Safetensors(mmap)));
@@ -384,8 +397,7 @@ impl TensorStore {
                 return Err(Error::input(path, why));
             }
             let file = crate::fsutil::open_input(path)?;
-            // SAFETY: read-only map of a file we do not modify; every range is checked by read_archive.
-            let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+            let mmap = crate::fsutil::map_input(&file, path)?;
             let _ = mmap.advise(memmap2::Advice::Sequential);
             let mut entries = vec![];
             let mut strided = BTreeMap::new();

@@ -651,7 +651,7 @@ impl CudaBackend {
         let raw = ws.raw(name)?;
         if raw.shape.len() < 2 {
             return Err(Error::tensor(
-                ws.origin(),
+                ws.origin_of(name),
                 name,
                 format!("expected a matrix, found shape {:?}", raw.shape),
             ));
@@ -672,7 +672,7 @@ impl CudaBackend {
             let need = raw.ty.bytes_for((rows * cols) as u64).unwrap_or(u64::MAX) as usize;
             if raw.data.len() != need {
                 return Err(Error::tensor(
-                    ws.origin(),
+                    ws.origin_of(name),
                     name,
                     format!(
                         "{} bytes for shape {:?} of type {}",

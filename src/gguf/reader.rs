@@ -4,7 +4,7 @@
 use super::types::*;
 use super::value::{Metadata, Value};
 use super::writer::{align_offset, TensorInfo};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::path::{Path, PathBuf};
 
@@ -154,8 +154,7 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = crate::fsutil::open_input(path)?;
-        // SAFETY: read-only map; we never hand out references past the file length checks below.
-        let mmap = unsafe { Mmap::map(&file) }.at(path)?;
+        let mmap = crate::fsutil::map_input(&file, path)?;
         Self::parse(path, mmap)
     }
 

@@ -74,7 +74,7 @@ pub fn clip_hidden_states<B: Backend>(
     let pos = b.param(ws, "v.position_embd.weight")?;
     if b.dims(&pos) != (n + 1, hp.n_embd) || b.dims(&cls) != (1, hp.n_embd) {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of("v.position_embd.weight"),
             "v.position_embd.weight",
             format!(
                 "expected [{}, {}] (and a class embedding [{}])",

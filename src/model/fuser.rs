@@ -48,7 +48,7 @@ fn msdeform_attn<B: Backend>(
     if b.dims(&offsets) != (nq, 2 * per_q) || b.dims(&logits) != (nq, per_q) || c % fh.n_heads != 0
     {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(&name("sampling_offsets.weight")),
             name("sampling_offsets.weight"),
             format!(
                 "expected {} offsets and {per_q} attention weights per query (M={}, L={}, P={}, C={c})",

@@ -54,7 +54,7 @@ pub(crate) fn layer_norm<B: Backend>(
     let bias = b.param(ws, &format!("{prefix}.bias"))?;
     if b.dims(&w) != (1, b.dims(x).1) || b.dims(&bias) != b.dims(&w) {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(prefix),
             format!("{prefix}.weight"),
             format!("expected [{}]", b.dims(x).1),
         ));

@@ -134,7 +134,7 @@ pub fn linear_via_weight<B: Backend + ?Sized>(
     let (_, win) = b.weight_dims(&wt);
     if b.dims(x).1 != win {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(name),
             name,
             format!("input has {} columns, weight expects {win}", b.dims(x).1),
         ));
@@ -217,7 +217,7 @@ fn mat(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
 fn as_matrix(ws: &dyn WeightSource, name: &str, t: Tensor) -> Result<Tensor> {
     if t.rank() < 2 {
         return Err(Error::tensor(
-            ws.origin(),
+            ws.origin_of(name),
             name,
             format!("expected a matrix, found shape {:?}", t.dims()),
         ));
@@ -523,7 +523,7 @@ impl Backend for CpuBackend {
             let w = as_matrix(ws, name, super::weights::raw_to_f32(ws, name, raw)?)?;
             if dims2(x).1 != dims2(&w).1 {
                 return Err(Error::tensor(
-                    ws.origin(),
+                    ws.origin_of(name),
                     name,
                     format!(
                         "input has {} columns, weight expects {}",
@@ -538,13 +538,13 @@ impl Backend for CpuBackend {
         let (n, cin) = dims2(x);
         if cin != k {
             return Err(Error::tensor(
-                ws.origin(),
+                ws.origin_of(name),
                 name,
                 format!("input has {cin} columns, weight expects {k}"),
             ));
         }
         let y = with_f32(x, |xs| quant_dot::matmul(raw.ty, &raw.data, out, k, xs, n))?
-            .map_err(|e| Error::tensor(ws.origin(), name, e.to_string()))?;
+            .map_err(|e| Error::tensor(ws.origin_of(name), name, e.to_string()))?;
         drop(raw);
         ws.release(name);
         let y = mat(y, n, out)?;

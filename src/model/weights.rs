@@ -47,6 +47,11 @@ pub trait WeightSource: Send + Sync {
     fn origin(&self) -> PathBuf {
         PathBuf::from("<weights>")
     }
+    /// The file the weight `name` comes from (sources split over several files override this).
+    fn origin_of(&self, name: &str) -> PathBuf {
+        let _ = name;
+        self.origin()
+    }
     /// A hint that the model is done with this weight's stored bytes for now: memory-mapped
     /// sources drop its pages from the process (they stay in the page cache), so resident memory
     /// stays near one layer instead of growing to the whole mapped model.
@@ -66,7 +71,7 @@ pub fn raw_to_f32<W: WeightSource + ?Sized>(
 ) -> Result<Tensor> {
     let n = raw.n_elements();
     let values =
-        dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(ws.origin(), name, m))?;
+        dequantize(raw.ty, &raw.data, n).map_err(|m| Error::tensor(ws.origin_of(name), name, m))?;
     let shape = raw.shape.clone();
     drop(raw);
     ws.release(name);
@@ -77,7 +82,7 @@ pub fn raw_to_f32<W: WeightSource + ?Sized>(
 /// those rows (a quantized row is a whole number of blocks for every model this tool handles).
 pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tensor> {
     let raw = ws.raw(name)?;
-    let err = |m: String| Error::tensor(ws.origin(), name, m);
+    let err = |m: String| Error::tensor(ws.origin_of(name), name, m);
     let [n_rows, cols] = raw.shape[..] else {
         return Err(err(format!(
             "expected a 2-D table, found shape {:?}",

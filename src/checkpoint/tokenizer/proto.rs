@@ -11,7 +11,7 @@
 //! non-UTF-8 piece text, unknown piece type) is an error, never a panic.
 use std::path::Path;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// `ModelProto.SentencePiece.Type` (sentencepiece_model.proto). The numbers are
 /// the same as GGUF's `tokenizer.ggml.token_type` values (llama.h `LLAMA_TOKEN_TYPE_*`).
@@ -92,9 +92,20 @@ impl Default for SpmModel {
 impl SpmModel {
     /// Read and parse a `tokenizer.model` file; errors name the file.
     pub fn load(path: &Path) -> Result<SpmModel> {
-        let bytes = std::fs::read(path).at(path)?;
-        SpmModel::parse(&bytes)
-            .map_err(|m| Error::input(path, format!("invalid SentencePiece model: {m}")))
+        let bytes = crate::fsutil::read_input(path, crate::fsutil::CAP_TOKENIZER)?;
+        let m = SpmModel::parse(&bytes)
+            .map_err(|m| Error::input(path, format!("invalid SentencePiece model: {m}")))?;
+        if m.pieces.is_empty() {
+            // An empty (e.g. 0-byte) file parses as a model without pieces.
+            return Err(Error::input(
+                path,
+                format!(
+                    "invalid SentencePiece model: no pieces ({} bytes)",
+                    bytes.len()
+                ),
+            ));
+        }
+        Ok(m)
     }
 
     /// Parse the bytes of a serialized `ModelProto`.

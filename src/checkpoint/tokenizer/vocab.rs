@@ -15,7 +15,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::proto::{piece_type, SpmModel};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 /// `tokenizer.ggml.*` values for a SentencePiece ("llama") vocabulary.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,9 +58,9 @@ impl GgufVocab {
     }
 }
 
+/// Tokenizer files (tokenizer.json, tokenizer_config.json, added_tokens.json, ...), size-capped.
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).at(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::input(path, format!("invalid JSON: {e}")))
+    crate::checkpoint::config::read_json_capped(path, crate::fsutil::CAP_TOKENIZER)
 }
 
 fn read_json_object(path: &Path) -> Result<Option<Map<String, Value>>> {
@@ -138,6 +138,13 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
             types.push(piece_type::UNUSED);
         }
         (tokens, scores, types)
+    } else if let Some(p) = [&spm_path, &json_path]
+        .into_iter()
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+    {
+        // There, but not a regular file (a FIFO, a directory, a dangling link): say so.
+        crate::fsutil::open_input(p)?;
+        return Err(Error::input(p, "is not a regular file"));
     } else {
         return Err(Error::input(
             dir,
@@ -675,7 +682,10 @@ fn special_vocab(
         let jinja = dir.join("chat_template.jinja");
         let cjson = dir.join("chat_template.json");
         let alt: Option<Value> = if jinja.is_file() {
-            Some(Value::String(std::fs::read_to_string(&jinja).at(&jinja)?))
+            Some(Value::String(crate::fsutil::read_input_text(
+                &jinja,
+                crate::fsutil::CAP_CONFIG,
+            )?))
         } else if cjson.is_file() {
             read_json(&cjson)?.get("chat_template").cloned()
         } else {
