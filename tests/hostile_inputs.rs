@@ -3,7 +3,7 @@
 //! archives, patched GGUF fields), never a committed blob. Each is given to every command that
 //! parses it (hf-to-gguf, quantize with a checkpoint or a GGUF, verify with --gguf / --mmproj),
 //! and each run must:
-//! - exit 1 (2 for usage errors; verify reports input errors with 2, as documented),
+//! - exit 1 (2 for usage errors; 3 where verify's check itself fails),
 //! - print a clear `error:` naming the file (and the tensor, where there is one),
 //! - not panic (no "panicked", no exit 101) and not die of a signal,
 //! - leave no output file behind (not even a temporary one),
@@ -3308,7 +3308,7 @@ fn hf(e: &Env) -> Vec<OsString> {
         os(&e.ck),
         "--vision-tower".into(),
         os(&e.tower),
-        "-o".into(),
+        "--out-dir".into(),
         os(&e.out),
         "-q".into(),
     ])
@@ -3450,7 +3450,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--image".into(), os(&p)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["wide.png", "100000x1", "32768"],
             keep: &[],
         },
@@ -3461,7 +3461,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--image".into(), os(&p)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["huge.png", "20000x20000", "pixels"],
             keep: &[],
         },
@@ -3484,7 +3484,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify_with(e, &f, &e.mmproj, vec![])
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["fifo.gguf", "not a regular file"],
             keep: &[],
         },
@@ -3495,7 +3495,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify_with(e, &e.llm, &f, vec![])
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["fifo-mmproj.gguf", "not a regular file"],
             keep: &[],
         },
@@ -3506,7 +3506,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--image".into(), os(&f)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["fifo.png", "not a regular file"],
             keep: &[],
         },
@@ -3517,7 +3517,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--pixel-values".into(), os(&f)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["fifo.npy", "not a regular file"],
             keep: &[],
         },
@@ -3528,7 +3528,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--input-ids".into(), os(&f)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["fifo.json", "not a regular file"],
             keep: &[],
         },
@@ -3536,7 +3536,7 @@ fn issue16_rows() -> Vec<Row> {
             case: "/dev/zero as --input-ids / verify",
             cmd: |e| verify16(e, args(["--input-ids", "/dev/zero"])),
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["/dev/zero", "not a regular file"],
             keep: &[],
         },
@@ -3698,7 +3698,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--input-ids".into(), os(&p)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["ids.json", "bytes"],
             keep: &[],
         },
@@ -3740,7 +3740,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, vec![])
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["tokenizer.model", "no pieces"],
             keep: &[],
         },
@@ -3776,7 +3776,7 @@ fn issue16_rows() -> Vec<Row> {
                 args([
                     "hf-to-gguf".into(),
                     os(&ck),
-                    "-o".into(),
+                    "--out-dir".into(),
                     os(&e.out),
                     "-q".into(),
                 ])
@@ -3799,7 +3799,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--pixel-values".into(), os(&p)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["be.npy", "big-endian"],
             keep: &[],
         },
@@ -3825,7 +3825,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, vec![])
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["preprocessor_config.json", "image_std"],
             keep: &[],
         },
@@ -3836,7 +3836,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify16(e, args(["--input-ids".into(), os(&p)]))
             },
             env: &[],
-            code: 2,
+            code: 1,
             needles: &["ids.json", "empty"],
             keep: &[],
         },
@@ -3858,7 +3858,7 @@ fn issue16_rows() -> Vec<Row> {
                 verify_with(e, &e.llm, &p, vec![])
             },
             env: &[],
-            code: 2,
+            code: 3,
             needles: &["bad-mmproj.gguf", "mm.1.weight"],
             keep: &[],
         },
@@ -3881,7 +3881,7 @@ fn issue16_rows() -> Vec<Row> {
                     os(&ck),
                     "--vision-tower".into(),
                     os(&e.tower),
-                    "-o".into(),
+                    "--out-dir".into(),
                     os(&e.out.join(non_utf8("o"))),
                     "--name".into(),
                     "m".into(),
@@ -4074,7 +4074,7 @@ fn termination_signals_remove_partial_files() {
             os(&big),
             "--vision-tower".into(),
             os(&common::tower()),
-            "-o".into(),
+            "--out-dir".into(),
             os(&out),
             "-q".into(),
         ]);
@@ -4151,7 +4151,7 @@ fn concurrent_writers_leave_a_consistent_set() {
             os(ck),
             "--vision-tower".into(),
             os(&common::tower()),
-            "-o".into(),
+            "--out-dir".into(),
             os(&out),
             "--name".into(),
             "m".into(),
