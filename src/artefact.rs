@@ -137,60 +137,7 @@ impl GgufWeights {
     /// The LLM file's `tokenizer.ggml.*` vocabulary, as a runtime reads it (to tokenize the probe
     /// the way the artefact would).
     pub fn vocab(&self) -> Result<GgufVocab> {
-        let g = &self.llm;
-        let arr = |key: &str| -> Result<&[Value]> {
-            g.get(key).and_then(Value::as_array).ok_or_else(|| {
-                Error::input(
-                    &g.path,
-                    format!("metadata '{key}' is missing or not an array"),
-                )
-            })
-        };
-        let bad = |key: &str| {
-            Error::input(
-                &g.path,
-                format!("metadata '{key}' has elements of the wrong type"),
-            )
-        };
-        let tokens = arr("tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("tokenizer.ggml.tokens"))?;
-        let scores = arr("tokenizer.ggml.scores")?
-            .iter()
-            .map(Value::as_f32)
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("tokenizer.ggml.scores"))?;
-        let token_types = arr("tokenizer.ggml.token_type")?
-            .iter()
-            .map(|v| v.as_i64().and_then(|i| i32::try_from(i).ok()))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad("tokenizer.ggml.token_type"))?;
-        let id = |k: &str| g.get(k).and_then(Value::as_u32);
-        let flag = |k: &str| g.get(k).and_then(Value::as_bool);
-        Ok(GgufVocab {
-            model: g.get_str("tokenizer.ggml.model")?.to_string(),
-            pre: g
-                .get("tokenizer.ggml.pre")
-                .and_then(Value::as_str)
-                .unwrap_or("default")
-                .to_string(),
-            tokens,
-            scores,
-            token_types,
-            bos_id: id("tokenizer.ggml.bos_token_id"),
-            eos_id: id("tokenizer.ggml.eos_token_id"),
-            unk_id: id("tokenizer.ggml.unknown_token_id"),
-            pad_id: id("tokenizer.ggml.padding_token_id"),
-            add_bos: flag("tokenizer.ggml.add_bos_token"),
-            add_eos: flag("tokenizer.ggml.add_eos_token"),
-            add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-            chat_template: g
-                .get("tokenizer.chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        })
+        vocab_from_gguf(&self.llm)
     }
 
     /// The file holding a tensor of this name (mmproj for `v.*` / `mm.*`).
@@ -262,4 +209,62 @@ impl WeightSource for crate::source::Source {
             self.store(r.store).release(&r.row.src);
         }
     }
+}
+
+/// An LLM GGUF's `tokenizer.ggml.*` vocabulary, as a runtime reads it (verify's artefact side,
+/// generate's encoder and decoder).
+pub fn vocab_from_gguf(g: &GgufFile) -> Result<GgufVocab> {
+    let arr = |key: &str| -> Result<&[Value]> {
+        g.get(key).and_then(Value::as_array).ok_or_else(|| {
+            Error::input(
+                &g.path,
+                format!("metadata '{key}' is missing or not an array"),
+            )
+        })
+    };
+    let bad = |key: &str| {
+        Error::input(
+            &g.path,
+            format!("metadata '{key}' has elements of the wrong type"),
+        )
+    };
+    let tokens = arr("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.as_str().map(str::to_string))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("tokenizer.ggml.tokens"))?;
+    let scores = arr("tokenizer.ggml.scores")?
+        .iter()
+        .map(Value::as_f32)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("tokenizer.ggml.scores"))?;
+    let token_types = arr("tokenizer.ggml.token_type")?
+        .iter()
+        .map(|v| v.as_i64().and_then(|i| i32::try_from(i).ok()))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| bad("tokenizer.ggml.token_type"))?;
+    let id = |k: &str| g.get(k).and_then(Value::as_u32);
+    let flag = |k: &str| g.get(k).and_then(Value::as_bool);
+    Ok(GgufVocab {
+        model: g.get_str("tokenizer.ggml.model")?.to_string(),
+        pre: g
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string(),
+        tokens,
+        scores,
+        token_types,
+        bos_id: id("tokenizer.ggml.bos_token_id"),
+        eos_id: id("tokenizer.ggml.eos_token_id"),
+        unk_id: id("tokenizer.ggml.unknown_token_id"),
+        pad_id: id("tokenizer.ggml.padding_token_id"),
+        add_bos: flag("tokenizer.ggml.add_bos_token"),
+        add_eos: flag("tokenizer.ggml.add_eos_token"),
+        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
+        chat_template: g
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
 }

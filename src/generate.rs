@@ -8,10 +8,9 @@ use crate::artefact::GgufWeights;
 use crate::checkpoint::tokenizer::chat::{
     first_user_message, llava_v1_prompt, next_turn, LLAVA_V1_SYSTEM,
 };
-use crate::checkpoint::tokenizer::{Detokenizer, GgufVocab, SpmTokenizer};
+use crate::checkpoint::tokenizer::{Detokenizer, SpmTokenizer};
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
-use crate::gguf::{GgufFile, Value};
 use crate::hparams::ModelHParams;
 use crate::model::llama::{decode_cached, KvCache};
 use crate::model::{self, Backend, CpuBackend, WeightSource};
@@ -155,62 +154,9 @@ impl Sampler {
 
 // ---------------------------------------------------------------------------------- the model
 
-/// The SentencePiece vocabulary of an LLM GGUF (`tokenizer.ggml.*`), for encoding and decoding.
-pub fn vocab_from_gguf(g: &GgufFile) -> Result<GgufVocab> {
-    let arr = |key: &str| -> Result<&[Value]> {
-        g.get(key).and_then(Value::as_array).ok_or_else(|| {
-            Error::input(
-                &g.path,
-                format!("metadata '{key}' is missing or not an array"),
-            )
-        })
-    };
-    let bad = |key: &str| {
-        Error::input(
-            &g.path,
-            format!("metadata '{key}' has a value of the wrong type"),
-        )
-    };
-    let tokens = arr("tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| v.as_str().map(str::to_string))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad("tokenizer.ggml.tokens"))?;
-    let scores = arr("tokenizer.ggml.scores")?
-        .iter()
-        .map(Value::as_f32)
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad("tokenizer.ggml.scores"))?;
-    let token_types = arr("tokenizer.ggml.token_type")?
-        .iter()
-        .map(|v| v.as_i64().and_then(|i| i32::try_from(i).ok()))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| bad("tokenizer.ggml.token_type"))?;
-    let id = |key: &str| g.get(key).and_then(Value::as_u32);
-    let flag = |key: &str| g.get(key).and_then(Value::as_bool);
-    Ok(GgufVocab {
-        model: g.get_str("tokenizer.ggml.model")?.to_string(),
-        pre: g
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default")
-            .to_string(),
-        tokens,
-        scores,
-        token_types,
-        bos_id: id("tokenizer.ggml.bos_token_id"),
-        eos_id: id("tokenizer.ggml.eos_token_id"),
-        unk_id: id("tokenizer.ggml.unknown_token_id"),
-        pad_id: id("tokenizer.ggml.padding_token_id"),
-        add_bos: flag("tokenizer.ggml.add_bos_token"),
-        add_eos: flag("tokenizer.ggml.add_eos_token"),
-        add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-        chat_template: g
-            .get("tokenizer.chat_template")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-    })
-}
+/// The SentencePiece vocabulary of an LLM GGUF (`tokenizer.ggml.*`), for encoding and decoding
+/// (one reader, shared with verify's artefact side).
+pub use crate::artefact::vocab_from_gguf;
 
 /// Where the weights come from: the GGUF artefacts, or the source checkpoint itself.
 pub enum Weights {
