@@ -184,7 +184,8 @@ pub struct CpuBackend;
 /// library's own unit tests always take it, so the road stays tested.
 fn quant_dot_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(test) || *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_some_and(|v| v == "1"))
+    cfg!(test)
+        || *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_some_and(|v| v == "1"))
 }
 
 fn bad(msg: impl Into<String>) -> Error {
