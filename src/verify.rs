@@ -7,7 +7,7 @@
 //! checkpoint's tokenizer). Quality (KL against the float source, as llama-perplexity's
 //! `--kl-divergence` reports it) is always reported and judged only under `--tolerance`.
 use crate::artefact::GgufWeights;
-use crate::checkpoint::tokenizer::SpmTokenizer;
+use crate::checkpoint::tokenizer::{chat, SpmTokenizer};
 use crate::device::Device as RunDevice;
 use crate::error::{Error, Result};
 use crate::exactness::{self, file_type_of, TensorCheck};
@@ -22,8 +22,6 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// llava_v1 conversation template (spec §3); `{question}` is replaced by the prompt.
-pub const LLAVA_V1_TEMPLATE: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\n{question} ASSISTANT:";
 pub const DEFAULT_QUESTION: &str = "Describe the image.";
 
 /// Bound on the relative RMS difference of logits and image embeddings between the artefact
@@ -698,7 +696,10 @@ fn probe_ids(
             let text = if q.contains("<image>") {
                 q
             } else {
-                LLAVA_V1_TEMPLATE.replace("{question}", &q)
+                chat::llava_v1_prompt(
+                    chat::LLAVA_V1_SYSTEM,
+                    &[(&chat::first_user_message(&q), None)],
+                )
             };
             let art_ids = match &art_tok {
                 Ok(t) => Ok(t.encode_llava_prompt(&text)),
