@@ -106,7 +106,8 @@ extern "C" __global__ void rope_interleaved_f32(const float* __restrict__ x, flo
 }
 
 // Rotate_half rotary embedding (ggml NEOX rope, HF LLaMA) on x [n, n_head*hd]: as above, but
-// pair i of a head is (x[i], x[i + hd/2]).
+// pair i of a head is read from (x[i], x[i + hd/2]); it is written to (y[2i], y[2i+1]), the same
+// permutation for Q and K, so attention sums in the interleaved road's order (Backend::rope_neox).
 extern "C" __global__ void rope_neox_f32(const float* __restrict__ x, float* __restrict__ y,
                                          int n, int n_head, int hd, int pos0, float theta) {
     int half = hd / 2;
@@ -116,10 +117,10 @@ extern "C" __global__ void rope_neox_f32(const float* __restrict__ x, float* __r
         double ang = (double)(pos0 + t) * pow((double)theta, -2.0 * (double)i / (double)hd);
         float co = (float)cos(ang), si = (float)sin(ang);
         for (int h = 0; h < n_head; h++) {
-            i64 base = t * (i64)(n_head * hd) + (i64)h * hd + i;
-            float x0 = x[base], x1 = x[base + half];
-            y[base] = __fsub_rn(__fmul_rn(x0, co), __fmul_rn(x1, si));
-            y[base + half] = __fadd_rn(__fmul_rn(x0, si), __fmul_rn(x1, co));
+            i64 head = t * (i64)(n_head * hd) + (i64)h * hd;
+            float x0 = x[head + i], x1 = x[head + i + half];
+            y[head + 2 * i] = __fsub_rn(__fmul_rn(x0, co), __fmul_rn(x1, si));
+            y[head + 2 * i + 1] = __fadd_rn(__fmul_rn(x0, si), __fmul_rn(x1, co));
         }
     }
 }

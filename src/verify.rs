@@ -25,13 +25,14 @@ use std::time::Instant;
 pub const DEFAULT_QUESTION: &str = "Describe the image.";
 
 /// Bound on the relative RMS difference of logits and image embeddings between the artefact
-/// forward and the expected forward, the same for every type. The two sides hold the same values
-/// (row permutation commutes with per-row block quantization) and run the same kernels on the
-/// same device; only the order of the Q/K columns differs (llama.cpp's interleaved pairs vs HF's
-/// halves), so each attention score is summed in another order. Measured on the fixture
-/// (tests/verify.rs prints it per type): logits 7.7e-7 to 8.4e-7 for every type F32..Q4_0, image
-/// embeddings exactly 0 (the tower has no permutation). The bound is about 12x that, room for a
-/// deeper model's accumulation, and still 16x below the smallest fault the tests plant.
+/// forward and the expected forward, the same for every type and size. The two sides hold the
+/// same values (row permutation commutes with per-row block quantization), run the same kernels
+/// on the same device, and sum in the same order: the expected side's rotate_half rope writes each
+/// rotated pair side by side (`Backend::rope_neox`), as the artefact's permuted rows have them, so
+/// even the attention scores add up alike. A correct artefact therefore differs by exactly 0
+/// (measured on the fixture for every type F32..Q4_0, tests/verify.rs prints it, and on the
+/// synthetic 7B; the README has the figures). The bound leaves room only for a backend whose
+/// results depend on where a row sits in a matrix; every fault the tests plant is above 16x it.
 pub const EXACT_REL_RMS_BOUND: f64 = 1e-5;
 
 #[derive(Debug, Clone)]

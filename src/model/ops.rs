@@ -95,8 +95,12 @@ pub trait Backend {
         theta: f32,
     ) -> Result<Self::T>;
     /// Rotary embedding, rotate_half form (HF LLaMA, ggml "NEOX" rope) on x [n, n_head*hd]: within
-    /// each head, (x[i], x[i + hd/2]) is rotated by pos * theta^(-2i/hd). On Q/K rows as HF
-    /// stores them this computes what `rope_interleaved` computes on llama.cpp's permuted rows.
+    /// each head, (x[i], x[i + hd/2]) is rotated by pos * theta^(-2i/hd), and the rotated pair is
+    /// written to columns (2i, 2i+1). Writing pairs side by side is a permutation of the head's
+    /// columns; applied to Q and K alike it leaves every q.k of attention unchanged (HF's model
+    /// exactly), and it makes the attention sum in the order of the interleaved road: on Q/K rows
+    /// as HF stores them this gives bit for bit what `rope_interleaved` gives on llama.cpp's
+    /// permuted rows, so verify's two sides differ by nothing a correct conversion does.
     fn rope_neox(&self, x: &Self::T, n_head: usize, pos0: usize, theta: f32) -> Result<Self::T>;
     /// Multi-scale deformable attention core (Deformable-DETR), fused; see `msda_core`.
     /// value [sum_l H_l*W_l, C] (levels stacked row-major in order), offsets [Nq, M*L*P*2]
@@ -225,6 +229,72 @@ fn as_matrix(ws: &dyn WeightSource, name: &str, t: Tensor) -> Result<Tensor> {
     }
     let (r, c) = dims2(&t);
     Ok(t.reshape((r, c))?)
+}
+
+/// At most this many f32 values of a weight exist at once on the f32 road: a 7B output head is
+/// 524 MB as f32, and verify's peak memory is that copy; in slices of rows it stays at 64 MiB.
+const F32_ROAD_MAX_VALUES: usize = 16 << 20;
+
+/// x [n, k] @ w^T for a stored weight of more than `max_values`, dequantizing a slice of
+/// its rows at a time into one [n, out] result. The slices depend only on the weight's shape, so
+/// verify's two sides slice alike. None when the weight fits in one slice or is malformed (the
+/// whole-matrix road then runs, or reports why not).
+fn linear_by_row_slices(
+    ws: &dyn WeightSource,
+    name: &str,
+    raw: &super::weights::RawTensor<'_>,
+    x: &Tensor,
+    max_values: usize,
+) -> Result<Option<Tensor>> {
+    let Some((&out, rest)) = raw.shape.split_first() else {
+        return Ok(None);
+    };
+    let k: usize = rest.iter().product();
+    let (n, cin) = dims2(x);
+    let Some(row_bytes) = raw.ty.bytes_for(k as u64).map(|b| b as usize) else {
+        return Ok(None);
+    };
+    if rest.is_empty() || out * k <= max_values || raw.data.len() != row_bytes * out {
+        return Ok(None);
+    }
+    if cin != k {
+        return Err(Error::tensor(
+            ws.origin_of(name),
+            name,
+            format!("input has {cin} columns, weight expects {k}"),
+        ));
+    }
+    let step = (max_values / k).max(1);
+    let mut y = vec![0f32; n * out];
+    for r0 in (0..out).step_by(step) {
+        let r1 = (r0 + step).min(out);
+        let w = super::weights::dequantize(
+            raw.ty,
+            &raw.data[r0 * row_bytes..r1 * row_bytes],
+            (r1 - r0) * k,
+        )
+        .map_err(|m| Error::tensor(ws.origin_of(name), name, m))?;
+        let part = x.matmul(&mat(w, r1 - r0, k)?.t()?)?;
+        with_f32(&part, |p| {
+            y.par_chunks_mut(out)
+                .zip(p.par_chunks(r1 - r0))
+                .for_each(|(row, part)| row[r0..r1].copy_from_slice(part))
+        })?;
+    }
+    Ok(Some(mat(y, n, out)?))
+}
+
+/// y [n, out] + bias [1, out], if any.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let out = dims2(&y).1;
+    match bias {
+        None => Ok(y),
+        Some(b) if dims2(b) == (1, out) => Ok(y.broadcast_add(b)?),
+        Some(b) => Err(bad(format!(
+            "linear: bias {:?} for {out} outputs",
+            b.dims()
+        ))),
+    }
 }
 
 fn dims2(t: &Tensor) -> (usize, usize) {
@@ -439,13 +509,15 @@ fn rope_cpu(x: &Tensor, n_head: usize, pos0: usize, theta: f32, mode: RopeMode) 
                 for h in 0..n_head {
                     let b = h * hd;
                     for (i, &(co, si)) in tab.iter().enumerate() {
+                        // Read the pair where the mode keeps it; write it side by side (see
+                        // `Backend::rope_neox` for why the Neox road writes pairs there too).
                         let (j0, j1) = match mode {
                             RopeMode::Interleaved => (b + 2 * i, b + 2 * i + 1),
                             RopeMode::Neox => (b + i, b + i + half),
                         };
                         let (x0, x1) = (xr[j0], xr[j1]);
-                        o[j0] = x0 * co - x1 * si;
-                        o[j1] = x0 * si + x1 * co;
+                        o[b + 2 * i] = x0 * co - x1 * si;
+                        o[b + 2 * i + 1] = x0 * si + x1 * co;
                     }
                 }
             })
@@ -521,6 +593,11 @@ impl Backend for CpuBackend {
     ) -> Result<Tensor> {
         let raw = ws.raw(name)?;
         if !quant_dot::supported(raw.ty) || raw.shape.len() < 2 || !quant_dot_enabled() {
+            if let Some(y) = linear_by_row_slices(ws, name, &raw, x, F32_ROAD_MAX_VALUES)? {
+                drop(raw);
+                ws.release(name);
+                return add_bias(y, bias);
+            }
             let w = as_matrix(ws, name, super::weights::raw_to_f32(ws, name, raw)?)?;
             if dims2(x).1 != dims2(&w).1 {
                 return Err(Error::tensor(
@@ -548,15 +625,7 @@ impl Backend for CpuBackend {
             .map_err(|e| Error::tensor(ws.origin_of(name), name, e.to_string()))?;
         drop(raw);
         ws.release(name);
-        let y = mat(y, n, out)?;
-        match bias {
-            None => Ok(y),
-            Some(b) if dims2(b) == (1, out) => Ok(y.broadcast_add(b)?),
-            Some(b) => Err(bad(format!(
-                "linear: bias {:?} for {out} outputs",
-                b.dims()
-            ))),
-        }
+        add_bias(mat(y, n, out)?, bias)
     }
 
     fn attention(
@@ -898,6 +967,67 @@ mod tests {
             .insert("w".into(), (GgmlType::Q4K, vec![out, k], vec![0u8; 10]));
         let e = be.linear_from(&ws, "w", &xt, None).unwrap_err().to_string();
         assert!(e.contains("w"), "{e}");
+    }
+
+    /// The f32 road in slices of rows (a weight larger than the slice limit) gives, column for
+    /// column, an f64 product of the dequantized weight; slices that do not divide the rows and a
+    /// slice of one row both work; a width mismatch names the tensor.
+    #[test]
+    fn f32_road_in_row_slices_computes_the_product() {
+        use crate::model::weights::{MemWeights, RawTensor};
+        let (n, out, k) = (3, 37, 64);
+        let mut rng = Rng::new(11);
+        let x = rng.vec(n * k, 1.0);
+        let wv = rng.vec(out * k, 0.5);
+        let xt = mat(x.clone(), n, k).unwrap();
+        let mut ws = MemWeights::new();
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4K] {
+            let k = if ty == GgmlType::Q4K { 256 } else { k };
+            let (x, xt) = if k == 64 {
+                (x.clone(), xt.clone())
+            } else {
+                let x = rng.vec(n * k, 1.0);
+                (x.clone(), mat(x, n, k).unwrap())
+            };
+            let wv = if k == 64 {
+                wv.clone()
+            } else {
+                rng.vec(out * k, 0.5)
+            };
+            let bytes = crate::quant::quantize(ty, &wv).unwrap();
+            let wd = crate::model::weights::dequantize(ty, &bytes, out * k).unwrap();
+            let raw = RawTensor {
+                ty,
+                shape: vec![out, k],
+                data: std::borrow::Cow::Owned(bytes.clone()),
+            };
+            ws.tensors.insert("w".into(), (ty, vec![out, k], bytes));
+            for max in [k, 5 * k, 10 * k + 3] {
+                let y = linear_by_row_slices(&ws, "w", &raw, &xt, max)
+                    .unwrap()
+                    .expect("sliced");
+                let y = y.to_vec2::<f32>().unwrap();
+                for (j, row) in y.iter().enumerate() {
+                    for (o, &got) in row.iter().enumerate() {
+                        let want: f64 = (0..k)
+                            .map(|c| x[j * k + c] as f64 * wd[o * k + c] as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4,
+                            "{ty} {max}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            assert!(linear_by_row_slices(&ws, "w", &raw, &xt, out * k)
+                .unwrap()
+                .is_none());
+            let narrow = mat(vec![0.0; n * (k / 2)], n, k / 2).unwrap();
+            let e = linear_by_row_slices(&ws, "w", &raw, &narrow, k)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("weight expects {k}")), "{e}");
+        }
     }
 
     /// One head, one level, one point, D = 1, a 1x1 query grid (reference point = map centre):
@@ -1264,15 +1394,27 @@ mod tests {
                 }
             }
         }
-        // The rotate_half form on the rows as HF stores them (no permutation) is HF's rope.
+        // The rotate_half form on the rows as HF stores them (no permutation) is HF's rope, its
+        // pair i (HF columns i and i + hd/2) written at columns 2i, 2i+1 of the head.
         for (w, heads, want) in [(&wq, nh, &q_hf), (&wk, nkv, &k_hf)] {
             let w = mat(w.clone(), heads * hd, hidden).unwrap();
             let r = be
                 .rope_neox(&be.linear(&xt, &w, None).unwrap(), heads, 0, theta)
                 .unwrap();
             let r = with_f32(&r, |s| s.to_vec()).unwrap();
-            for (j, (&ours, &hf)) in r.iter().zip(want.iter()).enumerate() {
-                assert!((ours as f64 - hf).abs() < 1e-5, "{j}: {ours} vs {hf}");
+            for t in 0..n {
+                for h in 0..heads {
+                    for i in 0..hd / 2 {
+                        for a in 0..2 {
+                            let ours = r[t * heads * hd + h * hd + 2 * i + a] as f64;
+                            let hf = want[t * heads * hd + h * hd + a * hd / 2 + i];
+                            assert!(
+                                (ours - hf).abs() < 1e-5,
+                                "t{t} h{h} {i}/{a}: {ours} vs {hf}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -120,7 +120,11 @@ pub fn rows_f32(ws: &dyn WeightSource, name: &str, ids: &[usize]) -> Result<Tens
 
 /// `n` values of `ty` from `bytes` as f32 (crate::quant does the block formats), converted in
 /// parallel chunks of whole blocks.
-fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
+pub(crate) fn dequantize(
+    ty: GgmlType,
+    bytes: &[u8],
+    n: usize,
+) -> std::result::Result<Vec<f32>, String> {
     use rayon::prelude::*;
     let need = ty
         .bytes_for(n as u64)
