@@ -310,7 +310,10 @@ pub struct GenerateArgs {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let dev = crate::device::select(&a.device)?;
+    let (dev, line) = crate::device::select(&a.device)?;
+    if a.device != "cpu" {
+        eprintln!("{line}");
+    }
     let opts = crate::generate::GenerateOptions {
         gguf: a.gguf,
         mmproj: a.mmproj,
@@ -677,9 +680,10 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
             dump_logits,
             print,
         } => {
-            // verify reports input errors with 2, also an input that shrinks under its map.
-            crate::fsutil::signals::set_bus_exit_code(2);
-            let dev = crate::device::select(&device)?;
+            let (dev, line) = crate::device::select(&device)?;
+            if !print.quiet && device != "cpu" {
+                eprintln!("{line}");
+            }
             let opts = crate::verify::VerifyOptions {
                 checkpoint,
                 gguf,

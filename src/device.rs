@@ -30,25 +30,25 @@ impl Device {
     }
 }
 
-/// Resolve `--device`; prints one line on stderr saying which device runs the model (and, under
-/// auto without a usable GPU, why not CUDA).
-pub fn select(requested: &str) -> Result<Device> {
+/// Resolve `--device`: the device, and one line for stderr saying which device runs the model
+/// (and, under auto without a usable GPU, why not CUDA); the CLI prints it unless told to be quiet.
+pub fn select(requested: &str) -> Result<(Device, String)> {
     match requested {
-        "cpu" => Ok(Device::Cpu),
+        "cpu" => Ok((Device::Cpu, "device: cpu".into())),
         "auto" => match CudaBackend::open() {
             Ok(b) => {
-                eprintln!("device: cuda, {}", b.describe());
-                Ok(Device::Cuda(Box::new(b)))
+                let line = format!("device: cuda, {}", b.describe());
+                Ok((Device::Cuda(Box::new(b)), line))
             }
-            Err(why) => {
-                eprintln!("note: no usable CUDA GPU ({why}); running on the CPU");
-                Ok(Device::Cpu)
-            }
+            Err(why) => Ok((
+                Device::Cpu,
+                format!("note: no usable CUDA GPU ({why}); running on the CPU"),
+            )),
         },
         "cuda" => match CudaBackend::open() {
             Ok(b) => {
-                eprintln!("device: cuda, {}", b.describe());
-                Ok(Device::Cuda(Box::new(b)))
+                let line = format!("device: cuda, {}", b.describe());
+                Ok((Device::Cuda(Box::new(b)), line))
             }
             Err(why) => Err(Error::usage(format!(
                 "--device cuda: {why} (use --device cpu or auto)"

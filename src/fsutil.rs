@@ -487,7 +487,7 @@ fn stale(path: &Path) -> Option<Option<File>> {
 /// Fatal signals. SIGINT, SIGTERM and SIGHUP remove this process's temporary files and then
 /// end it as the signal would have. SIGBUS, raised when a memory-mapped input shrinks while it
 /// is read, is reported against that file, the temporary files are removed and the process
-/// exits with [`set_bus_exit_code`]'s code. The handlers only use async-signal-safe calls
+/// exits with 1, the code of every bad input (`Error::exit_code`). The handlers only use async-signal-safe calls
 /// (unlink, write, _exit, raise) on paths registered beforehand as C strings.
 pub mod signals {
     use std::ffi::{c_char, c_int, c_void, CString};
@@ -508,7 +508,6 @@ pub mod signals {
     static MAP_LEN: [AtomicUsize; MAPS] = [ZERO; MAPS];
     static MAP_PATH: [AtomicPtr<c_char>; MAPS] = [NULL; MAPS];
     static MAP_NEXT: AtomicUsize = AtomicUsize::new(0);
-    static BUS_EXIT: AtomicI32 = AtomicI32::new(1);
     /// Set while a set of files is being renamed into place; a signal then waits for it.
     static HOLDING: AtomicBool = AtomicBool::new(false);
     static PENDING: AtomicI32 = AtomicI32::new(0);
@@ -549,11 +548,6 @@ pub mod signals {
         MAP_PATH[i].store(c_path(p), SeqCst); // the old string leaks (see unregister_temp)
         MAP_START[i].store(start as usize, SeqCst);
         MAP_LEN[i].store(len, SeqCst);
-    }
-
-    /// The exit code after a SIGBUS on an input (verify reports input errors with 2).
-    pub fn set_bus_exit_code(code: i32) {
-        BUS_EXIT.store(code, SeqCst);
     }
 
     /// While held, SIGINT/SIGTERM/SIGHUP wait (the renames of one set finish first).
@@ -629,7 +623,7 @@ pub mod signals {
         }
         write_err(b": the file shrank while it was being read (SIGBUS on its memory map); nothing was written\n");
         // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(BUS_EXIT.load(SeqCst)) };
+        unsafe { libc::_exit(1) };
     }
 
     /// Install the handlers (once, at start).

@@ -4124,6 +4124,72 @@ fn input_shrinking_during_quantize_is_an_error() {
     assert_eq!(dir_names(&out), Vec::<String>::new());
 }
 
+/// Issue #16 item 7, verify: the artefact shrinks once verify has mapped it. Whether the cut
+/// lands under a read of the map (SIGBUS) or before a length check, verify ends with exit 1
+/// naming the file; it is never killed by the signal.
+#[test]
+fn input_shrinking_during_verify_is_an_error() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempdir();
+    let big = big_checkpoint(tmp.path());
+    let f16 = tmp.path().join("f16");
+    convert(&big, Some(&common::tower()), &f16, &[]).ok();
+    let input = f16.join("ckpt-F16.gguf");
+    let mmproj = f16.join("mmproj-ckpt-F16.gguf");
+    assert!(input.is_file() && mmproj.is_file());
+    let len = std::fs::metadata(&input).unwrap().len();
+    let mut child = std::process::Command::new(BIN)
+        .args(args([
+            "verify".into(),
+            os(&big),
+            "--vision-tower".into(),
+            os(&common::tower()),
+            "--gguf".into(),
+            os(&input),
+            "--mmproj".into(),
+            os(&mmproj),
+            "--exact-only".into(),
+            "-q".into(),
+        ]))
+        .current_dir(tmp.path())
+        .env("RAYON_NUM_THREADS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let maps = format!("/proc/{}/maps", child.id());
+    let needle = input.to_string_lossy().into_owned();
+    let t0 = std::time::Instant::now();
+    let mut cut = false;
+    while child.try_wait().unwrap().is_none() && t0.elapsed() < RUN_TIMEOUT {
+        if std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(&needle)) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&input)
+                .unwrap()
+                .set_len(len / 8)
+                .unwrap();
+            cut = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        cut,
+        "verify never mapped the artefact: {:?} {stderr}",
+        out.status
+    );
+    assert_eq!(out.status.signal(), None, "killed by a signal: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ckpt-F16.gguf"), "{stderr}");
+    eprintln!(
+        "verify on a shrinking artefact: {}",
+        stderr.trim().replace('\n', " / ")
+    );
+}
+
 /// Issue #16 item 9: two runs writing the same names into one directory at once. Whichever
 /// commits last, the files on disk are one run's complete set: each output's sha256 is the one
 /// its manifest beside it records.
