@@ -5,11 +5,14 @@
 //! scaled in f32. Weights are read straight from their bytes (the mapped file); nothing is
 //! dequantized.
 //!
-//! Exactness: the integer sums of a block are the same whatever the ISA, and the f32 arithmetic
-//! that combines them (one `d * isum` per block or super-block, summed in block order) is shared
-//! code, so the AVX2 kernels give bit-identical results to the scalar ones. llama.cpp's kernels
-//! sum the same block terms in another order (8 f32 lanes with FMA), so against llama.cpp the
-//! results agree to f32 rounding of those terms (tests: `fixtures/dot/`).
+//! Exactness: for the K-quants every output is summed in one defined order, whatever the ISA:
+//! each super-block's integer sums are kept in the 8 i32 lanes a 32-byte vector holds them in
+//! (`Lanes`), folded into 8 f32 lanes by fused multiply-adds (`fold_k`), and the lanes are added
+//! once at the end of the row (`hsum8`), as llama.cpp's AVX2 kernels do; the scalar code computes
+//! the same lanes, so the AVX2 kernels give bit-identical results. The 32-value blocks (Q8_0,
+//! Q4_0, Q5_0) sum one `d * isum` per block in block order. llama.cpp's kernels group their f32
+//! terms in their own way, so against llama.cpp the results agree to f32 rounding of those terms
+//! (tests: `fixtures/dot/`).
 //!
 //! Block layouts (ggml-common.h; little-endian):
 //! - Q8_0 `{f16 d; i8 qs[32]}`: x = d*q.
@@ -28,7 +31,7 @@
 //!   of the signed value of largest magnitude, q = min(127, nearest_int(x/d)), bsums = sums of
 //!   16 consecutive q (the K-quant mins need only those).
 
-use super::math::{get_scale_min_k4, nearest_int};
+use super::math::nearest_int;
 use super::{GgmlType, QuantError};
 use half::f16;
 use rayon::prelude::*;
@@ -113,6 +116,7 @@ pub enum Act {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
+    /// AVX2 with FMA (every AVX2 CPU x86-64 has shipped has both).
     Avx2,
 }
 
@@ -120,7 +124,7 @@ impl Isa {
     /// The best this CPU runs.
     pub fn current() -> Isa {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if is_x86_feature_detected!("avx2") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -154,9 +158,16 @@ pub fn quantize_act(ty: GgmlType, x: &[f32], k: usize) -> Act {
     }
 }
 
+/// Every f16 as f32, once (256 KiB): a block's scales are read per block and per row, and the
+/// software conversion (no F16C on stable without a target feature) costs more than the lookup.
+fn f16_table() -> &'static [f32] {
+    static T: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    T.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
+}
+
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    f16_table()[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
 }
 
 // ---- per super-block / block integer sums (scalar) --------------------------------------------
@@ -172,7 +183,10 @@ pub struct KScales {
     m16: [i16; 16],
 }
 
-/// Decode the scales of one super-block of `ty` (a K-quant).
+/// Decode the scales of one super-block of `ty` (a K-quant). Q4_K / Q5_K pack 8 six-bit
+/// (scale, min) pairs in 12 bytes: pair j < 4 is the low 6 bits of bytes j and j + 4; pair j >= 4
+/// takes its low 4 bits from byte j + 4 (scale: low nibble, min: high nibble) and its top 2
+/// bits from the top of bytes j - 4 and j. Decoded four at a time on 32-bit words.
 fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
     let mut k = KScales {
         d: 0.0,
@@ -188,84 +202,89 @@ fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
     } else {
         k.d = f16_at(w, 0);
         k.dmin = f16_at(w, 2);
-        let mut scales = [0u8; 12];
-        scales.copy_from_slice(&w[4..16]);
+        let word = |i: usize| u32::from_le_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
+        let (u0, u1, u2) = (word(4), word(8), word(12));
+        let sc = [
+            u0 & 0x3f3f_3f3f,
+            (u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4,
+        ];
+        let m = [
+            u1 & 0x3f3f_3f3f,
+            ((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4,
+        ];
         for j in 0..8 {
-            let (sc, m) = get_scale_min_k4(j, &scales);
-            k.sc[j] = sc as i16;
-            k.m16[2 * j] = m as i16;
-            k.m16[2 * j + 1] = m as i16;
+            let byte = |v: [u32; 2]| ((v[j / 4] >> (8 * (j % 4))) & 0xff) as i16;
+            k.sc[j] = byte(sc);
+            k.m16[2 * j] = byte(m);
+            k.m16[2 * j + 1] = byte(m);
         }
     }
     k
 }
 
-/// Σ_j m_j · (sum of the 32 activations of sub-block j), for Q4_K / Q5_K.
+/// One K-quant super-block's integer sums against one Q8_K block, in the 8 i32 lanes of a
+/// 32-byte vector: `q[l]` sums sc·level·a over the values i with (i % 32) / 4 == l (a group of 32
+/// values is one vector; maddubs + madd add 4 neighbours into an i32 lane), Q6_K's offset
+/// included (lane l less 32·(sc·bsum of its 16-value sub-blocks 2l, 2l+1)); `m[l]` is the mins'
+/// term m·bsum of sub-blocks 2l, 2l+1 (Q4_K, Q5_K; 0 for Q6_K). All exact integers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lanes {
+    q: [i32; 8],
+    m: [i32; 8],
+}
+
+/// Level (unsigned) and sub-block scale of value i (0..256) of a K-quant super-block.
 #[inline(always)]
-fn k_mins(k: &KScales, a: &BlockQ8K) -> i32 {
-    k.m16
-        .iter()
-        .zip(&a.bsums)
-        .map(|(&m, &b)| m as i32 * b as i32)
-        .sum()
-}
-
-/// Q4_K: Σ_j sc_j Σ q·a of one super-block.
-fn q4k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
-    let qs = &w[16..144];
-    let mut isum = 0i32;
-    for c in 0..4 {
-        let (mut s1, mut s2) = (0i32, 0i32);
-        for l in 0..32 {
-            let q = qs[32 * c + l];
-            s1 += (q & 0xF) as i32 * a.qs[64 * c + l] as i32;
-            s2 += (q >> 4) as i32 * a.qs[64 * c + 32 + l] as i32;
+fn k_level(ty: GgmlType, w: &[u8], k: &KScales, i: usize) -> (i32, i32) {
+    match ty {
+        GgmlType::Q6K => {
+            let (h, r) = (i / 128, i % 128);
+            let (kk, l) = (r / 32, r % 32);
+            let (lo, hi, hb) = (w[64 * h + l], w[64 * h + 32 + l], w[128 + 32 * h + l]);
+            let q = match kk {
+                0 => (lo & 0xF) | ((hb & 3) << 4),
+                1 => (hi & 0xF) | (((hb >> 2) & 3) << 4),
+                2 => (lo >> 4) | (((hb >> 4) & 3) << 4),
+                _ => (hi >> 4) | (((hb >> 6) & 3) << 4),
+            };
+            (q as i32, k.sc[i / 16] as i32)
         }
-        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
-    }
-    isum
-}
-
-fn q5k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
-    let (qh, qs) = (&w[16..48], &w[48..176]);
-    let mut isum = 0i32;
-    for c in 0..4 {
-        let (mut s1, mut s2) = (0i32, 0i32);
-        for l in 0..32 {
-            let q = qs[32 * c + l];
-            let lo = (q & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4);
-            let hi = (q >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4);
-            s1 += lo as i32 * a.qs[64 * c + l] as i32;
-            s2 += hi as i32 * a.qs[64 * c + 32 + l] as i32;
-        }
-        isum += k.sc[2 * c] as i32 * s1 + k.sc[2 * c + 1] as i32 * s2;
-    }
-    isum
-}
-
-/// Q6_K: Σ_s sc_s Σ (q-32)·a, as Σ_s sc_s (Σ q·a - 32·bsum_s).
-fn q6k_sum_scalar(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
-    let (ql, qh) = (&w[0..128], &w[128..192]);
-    let mut isum = 0i32;
-    for h in 0..2 {
-        let mut sub = [0i32; 8];
-        for l in 0..32 {
-            let (lo, hi, hb) = (ql[64 * h + l], ql[64 * h + 32 + l], qh[32 * h + l]);
-            let q = [
-                (lo & 0xF) | ((hb & 3) << 4),
-                (hi & 0xF) | (((hb >> 2) & 3) << 4),
-                (lo >> 4) | (((hb >> 4) & 3) << 4),
-                (hi >> 4) | (((hb >> 6) & 3) << 4),
-            ];
-            for (kk, &qk) in q.iter().enumerate() {
-                sub[2 * kk + l / 16] += qk as i32 * a.qs[128 * h + 32 * kk + l] as i32;
+        _ => {
+            let (c, r) = (i / 64, i % 64);
+            let (hi, l) = (r / 32, r % 32);
+            let q = if ty == GgmlType::Q5K {
+                w[48 + 32 * c + l]
+            } else {
+                w[16 + 32 * c + l]
+            };
+            let mut v = if hi == 1 { q >> 4 } else { q & 0xF } as i32;
+            if ty == GgmlType::Q5K {
+                v |= (((w[16 + l] >> (2 * c + hi)) & 1) as i32) << 4;
             }
-        }
-        for (s, &v) in sub.iter().enumerate() {
-            isum += k.sc[8 * h + s] as i32 * (v - 32 * a.bsums[8 * h + s] as i32);
+            (v, k.sc[2 * c + hi] as i32)
         }
     }
-    isum
+}
+
+/// [`Lanes`] of one super-block, scalar.
+fn k_lanes_scalar(ty: GgmlType, w: &[u8], k: &KScales, a: &BlockQ8K) -> Lanes {
+    let mut out = Lanes {
+        q: [0; 8],
+        m: [0; 8],
+    };
+    for i in 0..QK_K {
+        let (level, sc) = k_level(ty, w, k, i);
+        out.q[(i % 32) / 4] += sc * level * a.qs[i] as i32;
+    }
+    for l in 0..8 {
+        let (b0, b1) = (a.bsums[2 * l] as i32, a.bsums[2 * l + 1] as i32);
+        if ty == GgmlType::Q6K {
+            out.q[l] -= 32 * (k.sc[2 * l] as i32 * b0 + k.sc[2 * l + 1] as i32 * b1);
+        } else {
+            out.m[l] = k.m16[2 * l] as i32 * b0 + k.m16[2 * l + 1] as i32 * b1;
+        }
+    }
+    out
 }
 
 fn q8_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
@@ -299,40 +318,53 @@ fn q5_0_sum_scalar(w: &[u8], a: &BlockQ8_0Act) -> i32 {
 
 // ---- row dot products: shared f32 combination over blocks -------------------------------------
 
-/// One super-block's term: d_w·d_a·Σ sc·q·a (- dmin_w·d_a·Σ m·bsum). The one place of this
-/// f32 arithmetic, whatever the ISA.
+/// Fold one super-block's lanes into the f32 lanes `f`: f += q·(d_w·d_a), then
+/// f -= m·(dmin_w·d_a) (Q4_K, Q5_K), each a fused multiply-add, as the AVX2 kernels do.
 #[inline(always)]
-fn k_term(ty: GgmlType, isa: Isa, w: &[u8], k: &KScales, a: &BlockQ8K) -> f32 {
-    let (isum, msum) = match (ty, isa) {
-        #[cfg(target_arch = "x86_64")]
-        (GgmlType::Q4K, Isa::Avx2) => unsafe { avx2::q4k_sums(w, k, a) },
-        #[cfg(target_arch = "x86_64")]
-        (GgmlType::Q6K, Isa::Avx2) => unsafe { (avx2::q6k_sum(w, k, a), 0) },
-        (GgmlType::Q4K, _) => (q4k_sum_scalar(w, k, a), k_mins(k, a)),
-        (GgmlType::Q6K, _) => (q6k_sum_scalar(w, k, a), 0),
-        _ => (q5k_sum_scalar(w, k, a), k_mins(k, a)),
-    };
-    if ty == GgmlType::Q6K {
-        k.d * a.d * isum as f32
-    } else {
-        k_combine(k, a, isum, msum)
+fn fold_k(ty: GgmlType, f: &mut [f32; 8], lanes: &Lanes, k: &KScales, a: &BlockQ8K) {
+    let dq = k.d * a.d;
+    for (fl, &q) in f.iter_mut().zip(&lanes.q) {
+        *fl = (q as f32).mul_add(dq, *fl);
+    }
+    if ty != GgmlType::Q6K {
+        let dm = k.dmin * a.d;
+        for (fl, &m) in f.iter_mut().zip(&lanes.m) {
+            *fl = (-(m as f32)).mul_add(dm, *fl);
+        }
     }
 }
 
-/// The f32 term of a Q4_K / Q5_K super-block from its integer sums.
+/// The 8 f32 lanes added as the AVX2 kernels add them: halves, then pairs, then the last two.
 #[inline(always)]
-fn k_combine(k: &KScales, a: &BlockQ8K, isum: i32, msum: i32) -> f32 {
-    k.d * a.d * isum as f32 - k.dmin * a.d * msum as f32
+fn hsum8(f: &[f32; 8]) -> f32 {
+    let a = [f[0] + f[4], f[1] + f[5], f[2] + f[6], f[3] + f[7]];
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// One weight row (whole super-blocks of `ty`, their scales decoded in `ks`) against one
+/// quantized activation row, on `isa`. The caller guarantees the lengths agree.
+fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: &[KScales], a: &[BlockQ8K]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && ty != GgmlType::Q5K {
+        // SAFETY: AVX2 and FMA were detected (Isa::current); lengths as the caller guarantees.
+        return unsafe { avx2::k_row_tile::<1>(ty, w, ks, [a])[0] };
+    }
+    let _ = isa;
+    let mut f = [0f32; 8];
+    for ((wb, k), ab) in w.chunks_exact(ty.type_size()).zip(ks).zip(a) {
+        fold_k(ty, &mut f, &k_lanes_scalar(ty, wb, k, ab), k, ab);
+    }
+    hsum8(&f)
 }
 
 /// One weight row (whole blocks of `ty`) against one quantized activation row.
 /// The caller guarantees the lengths agree (`matmul` checks them).
 pub fn dot_row_k(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8K]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, ab) in w.chunks_exact(ty.type_size()).zip(a) {
-        sum += k_term(ty, isa, wb, &k_scales(ty, wb), ab);
-    }
-    sum
+    let ks: Vec<KScales> = w
+        .chunks_exact(ty.type_size())
+        .map(|b| k_scales(ty, b))
+        .collect();
+    dot_row_k_with(ty, isa, w, &ks, a)
 }
 
 /// One weight row of Q8_0 / Q4_0 / Q5_0 blocks against one Q8_0 activation row.
@@ -413,41 +445,34 @@ pub fn matmul_with(
         .for_each(|(ys, ws)| match &act {
             Act::Q8K(a) => {
                 // Scales decoded once per task; activation rows in tiles that stay in cache
-                // while the task's weight rows pass over them. Per output, the terms are
-                // summed in block order, as in `dot_row_k`.
+                // while the task's weight rows pass over them; on AVX2, four activation rows
+                // per pass over a weight row (its levels unpacked once for the four). Each
+                // output is summed exactly as `dot_row_k` sums it.
                 let dec: Vec<KScales> = ws.chunks_exact(size).map(|b| k_scales(ty, b)).collect();
                 for j0 in (0..n).step_by(ACT_TILE) {
+                    let j1 = (j0 + ACT_TILE).min(n);
                     for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
                         let kd = &dec[r * per_row..(r + 1) * per_row];
-                        let j1 = (j0 + ACT_TILE).min(n);
+                        let act = |j: usize| &a[j * per_row..(j + 1) * per_row];
                         let mut j = j0;
                         #[cfg(target_arch = "x86_64")]
-                        if ty == GgmlType::Q4K && isa == Isa::Avx2 {
-                            // Two activation rows per pass: the weight nibbles unpacked once.
-                            while j + 1 < j1 {
-                                let a0 = &a[j * per_row..(j + 1) * per_row];
-                                let a1 = &a[(j + 1) * per_row..(j + 2) * per_row];
-                                let (mut s0, mut s1) = (0f32, 0f32);
-                                for (((wb, ks), b0), b1) in
-                                    wr.chunks_exact(size).zip(kd).zip(a0).zip(a1)
-                                {
-                                    let ((i0, m0), (i1, m1)) =
-                                        unsafe { avx2::q4k_sums2(wb, ks, b0, b1) };
-                                    s0 += k_combine(ks, b0, i0, m0);
-                                    s1 += k_combine(ks, b1, i1, m1);
-                                }
-                                ys[r * n + j] = s0;
-                                ys[r * n + j + 1] = s1;
-                                j += 2;
+                        if isa == Isa::Avx2 && ty != GgmlType::Q5K {
+                            while j + 4 <= j1 {
+                                // SAFETY: AVX2 + FMA detected; whole super-blocks (checked above).
+                                let v = unsafe {
+                                    avx2::k_row_tile::<4>(
+                                        ty,
+                                        wr,
+                                        kd,
+                                        [act(j), act(j + 1), act(j + 2), act(j + 3)],
+                                    )
+                                };
+                                ys[r * n + j..r * n + j + 4].copy_from_slice(&v);
+                                j += 4;
                             }
                         }
                         for j in j..j1 {
-                            let ar = &a[j * per_row..(j + 1) * per_row];
-                            let mut sum = 0f32;
-                            for ((wb, ks), ab) in wr.chunks_exact(size).zip(kd).zip(ar) {
-                                sum += k_term(ty, isa, wb, ks, ab);
-                            }
-                            ys[r * n + j] = sum;
+                            ys[r * n + j] = dot_row_k_with(ty, isa, wr, kd, act(j));
                         }
                     }
                 }
@@ -481,7 +506,7 @@ mod avx2 {
     //! levels by signed activations and adds pairs into i16 (no saturation: |levels| <= 63,
     //! |activations| <= 127), `madd` by the sub-block scale (or 1) adds pairs into i32.
     //! Safety: callers run these only after detecting AVX2; the slices have the block's size.
-    use super::{BlockQ8K, BlockQ8_0Act, KScales};
+    use super::{BlockQ8K, BlockQ8_0Act, GgmlType, KScales};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -492,71 +517,9 @@ mod avx2 {
         _mm_cvtsi128_si32(s)
     }
 
-    /// [`q4k_sums`] for two activation blocks at once.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn q4k_sums2(
-        w: &[u8],
-        k: &KScales,
-        a0: &BlockQ8K,
-        a1: &BlockQ8K,
-    ) -> ((i32, i32), (i32, i32)) {
-        let qs = w[16..144].as_ptr();
-        let (p0, p1) = (a0.qs.as_ptr() as *const u8, a1.qs.as_ptr() as *const u8);
-        let m4 = _mm256_set1_epi8(0xF);
-        let (mut acc0, mut acc1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for c in 0..4 {
-            let q = load(qs.add(32 * c));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let (s1, s2) = (
-                _mm256_set1_epi16(k.sc[2 * c]),
-                _mm256_set1_epi16(k.sc[2 * c + 1]),
-            );
-            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p0.add(64 * c))), s1);
-            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p0.add(64 * c + 32))), s2);
-            acc0 = _mm256_add_epi32(acc0, _mm256_add_epi32(x, y));
-            let x = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(p1.add(64 * c))), s1);
-            let y = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(p1.add(64 * c + 32))), s2);
-            acc1 = _mm256_add_epi32(acc1, _mm256_add_epi32(x, y));
-        }
-        (
-            (hsum(acc0), bsum_dot(&k.m16, a0)),
-            (hsum(acc1), bsum_dot(&k.m16, a1)),
-        )
-    }
-
-    /// Σ_i v[i]·bsums[i] (|v| <= 128, |bsums| <= 2032: the i16 products fit madd's i32 lanes).
-    #[inline(always)]
-    unsafe fn bsum_dot(v: &[i16; 16], a: &BlockQ8K) -> i32 {
-        let b = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-        hsum(_mm256_madd_epi16(
-            _mm256_loadu_si256(v.as_ptr() as *const __m256i),
-            b,
-        ))
-    }
-
     #[inline(always)]
     unsafe fn load(p: *const u8) -> __m256i {
         _mm256_loadu_si256(p as *const __m256i)
-    }
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn q4k_sums(w: &[u8], k: &KScales, a: &BlockQ8K) -> (i32, i32) {
-        let qs = w[16..144].as_ptr();
-        let aq = a.qs.as_ptr() as *const u8;
-        let m4 = _mm256_set1_epi8(0xF);
-        let mut acc = _mm256_setzero_si256();
-        for c in 0..4 {
-            let q = load(qs.add(32 * c));
-            let lo = _mm256_and_si256(q, m4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            let p1 = _mm256_maddubs_epi16(lo, load(aq.add(64 * c)));
-            let p2 = _mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32)));
-            let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(k.sc[2 * c]));
-            let p2 = _mm256_madd_epi16(p2, _mm256_set1_epi16(k.sc[2 * c + 1]));
-            acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
-        }
-        (hsum(acc), bsum_dot(&k.m16, a))
     }
 
     /// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5.
@@ -571,32 +534,115 @@ mod avx2 {
         _mm256_and_si256(s, _mm256_set1_epi8(0x30))
     }
 
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn q6k_sum(w: &[u8], k: &KScales, a: &BlockQ8K) -> i32 {
-        let (ql, qh, sc) = (w.as_ptr(), w[128..].as_ptr(), &k.sc);
-        let aq = a.qs.as_ptr() as *const u8;
+    /// The 8 lanes added as `super::hsum8` adds them.
+    #[inline(always)]
+    unsafe fn hsum8(f: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+        let u = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps(u, u, 1)))
+    }
+
+    /// One weight row of Q4_K or Q6_K super-blocks (scales decoded in `ks`) against C
+    /// activation rows: the lanes of `super::Lanes`, folded as `super::fold_k`, added as
+    /// `super::hsum8`, so each output equals the scalar `dot_row_k` bit for bit. The weight's
+    /// levels are unpacked once per block for the C rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn k_row_tile<const C: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        ks: &[KScales],
+        a: [&[BlockQ8K]; C],
+    ) -> [f32; C] {
+        if ty == GgmlType::Q6K {
+            tile::<C, true>(w, ks, a)
+        } else {
+            tile::<C, false>(w, ks, a)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<const C: usize, const Q6: bool>(
+        w: &[u8],
+        ks: &[KScales],
+        a: [&[BlockQ8K]; C],
+    ) -> [f32; C] {
+        let size = if Q6 { 210 } else { 144 };
+        debug_assert!(w.len() >= ks.len() * size && a.iter().all(|r| r.len() >= ks.len()));
         let m4 = _mm256_set1_epi8(0xF);
-        let mut acc = _mm256_setzero_si256();
-        for h in 0..2 {
-            let lo = load(ql.add(64 * h));
-            let hi = load(ql.add(64 * h + 32));
-            let hb = load(qh.add(32 * h));
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
-                _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
-            ];
-            for (kk, &qk) in q.iter().enumerate() {
-                let p = _mm256_maddubs_epi16(qk, load(aq.add(128 * h + 32 * kk)));
-                // i16 lanes 0..7 hold values 0..15 (sub-block 2k), lanes 8..15 values 16..31.
-                let s0 = sc[8 * h + 2 * kk];
-                let s1 = sc[8 * h + 2 * kk + 1];
-                let scv = _mm256_setr_m128i(_mm_set1_epi16(s0), _mm_set1_epi16(s1));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scv));
+        let mut f = [_mm256_setzero_ps(); C];
+        for (b, k) in ks.iter().enumerate() {
+            let wb = w.as_ptr().add(b * size);
+            let aq: [*const u8; C] = std::array::from_fn(|j| a[j][b].qs.as_ptr() as *const u8);
+            let mut q = [_mm256_setzero_si256(); C];
+            if Q6 {
+                let (ql, qh) = (wb, wb.add(128));
+                for h in 0..2 {
+                    let lo = load(ql.add(64 * h));
+                    let hi = load(ql.add(64 * h + 32));
+                    let hb = load(qh.add(32 * h));
+                    let lv = [
+                        _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
+                        _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4),
+                            hbits(hb, 2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4),
+                            hbits(hb, 3),
+                        ),
+                    ];
+                    for (kk, &l) in lv.iter().enumerate() {
+                        // i16 lanes 0..7 hold values 0..15 (sub-block 2kk), 8..15 values 16..31.
+                        let scv = _mm256_setr_m128i(
+                            _mm_set1_epi16(k.sc[8 * h + 2 * kk]),
+                            _mm_set1_epi16(k.sc[8 * h + 2 * kk + 1]),
+                        );
+                        for j in 0..C {
+                            let p = _mm256_maddubs_epi16(l, load(aq[j].add(128 * h + 32 * kk)));
+                            q[j] = _mm256_add_epi32(q[j], _mm256_madd_epi16(p, scv));
+                        }
+                    }
+                }
+            } else {
+                let qs = wb.add(16);
+                for c in 0..4 {
+                    let v = load(qs.add(32 * c));
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    let s1 = _mm256_set1_epi16(k.sc[2 * c]);
+                    let s2 = _mm256_set1_epi16(k.sc[2 * c + 1]);
+                    for j in 0..C {
+                        let p1 = _mm256_maddubs_epi16(lo, load(aq[j].add(64 * c)));
+                        let p2 = _mm256_maddubs_epi16(hi, load(aq[j].add(64 * c + 32)));
+                        let p =
+                            _mm256_add_epi32(_mm256_madd_epi16(p1, s1), _mm256_madd_epi16(p2, s2));
+                        q[j] = _mm256_add_epi32(q[j], p);
+                    }
+                }
+            }
+            // Q6_K: lanes less 32·sc·bsum; Q4_K: the mins' lanes m·bsum, folded apart.
+            let per_sub = _mm256_loadu_si256(
+                if Q6 { k.sc.as_ptr() } else { k.m16.as_ptr() } as *const __m256i
+            );
+            for j in 0..C {
+                let ab = &a[j][b];
+                let bs = _mm256_madd_epi16(
+                    per_sub,
+                    _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i),
+                );
+                let dq = _mm256_set1_ps(k.d * ab.d);
+                if Q6 {
+                    let qj = _mm256_sub_epi32(q[j], _mm256_slli_epi32(bs, 5));
+                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qj), dq, f[j]);
+                } else {
+                    f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[j]), dq, f[j]);
+                    let dm = _mm256_set1_ps(k.dmin * ab.d);
+                    f[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(bs), dm, f[j]);
+                }
             }
         }
-        hsum(acc) - 32 * bsum_dot(&k.sc, a)
+        std::array::from_fn(|j| hsum8(f[j]))
     }
 
     /// Signed x signed via maddubs: |w| as unsigned times a with w's sign (a != -128 since
@@ -811,6 +857,46 @@ mod tests {
                     b[i]
                 );
             }
+        }
+    }
+
+    /// The word-wise scale decode equals the format's per-pair definition (llama.cpp's
+    /// get_scale_min_k4, as quant::math writes it), on every bit pattern of each byte.
+    #[test]
+    fn k_scales_word_decode_equals_the_definition() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..4096 {
+            let mut w = vec![0u8; 144];
+            for (i, b) in w[4..16].iter_mut().enumerate() {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                *b = if round < 256 {
+                    round as u8 ^ (i as u8 * 17)
+                } else {
+                    (s >> 56) as u8
+                };
+            }
+            let k = k_scales(GgmlType::Q4K, &w);
+            let mut scales = [0u8; 12];
+            scales.copy_from_slice(&w[4..16]);
+            for j in 0..8 {
+                let (sc, m) = super::super::math::get_scale_min_k4(j, &scales);
+                assert_eq!(
+                    (k.sc[j], k.m16[2 * j], k.m16[2 * j + 1]),
+                    (sc as i16, m as i16, m as i16)
+                );
+            }
+        }
+        for b in [
+            0u16, 1, 0x3c00, 0x7bff, 0x8001, 0x7c00, 0xfc00, 0x7e00, 0x0400,
+        ] {
+            let v = f16_at(&b.to_le_bytes(), 0);
+            let want = f16::from_bits(b).to_f32();
+            assert!(
+                v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()),
+                "{b:#x}"
+            );
         }
     }
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""CPU speed of our runtime next to llama.cpp's on the same LLM GGUF, in one run (a benchmark).
+
+    ORACLE_VENV=~/oracle-venv  $ORACLE_VENV/bin/python scripts/cpu_speed.py LLM.gguf MMPROJ.gguf \
+        [--threads 2] [--decode 16] [--bin target/release/mmfuser-convert]
+
+1. llama.cpp (llama-cpp-python, n_threads = n_threads_batch = --threads, n_batch 512): evaluates as
+   many text positions as our prompt has (image + template + question), then decodes --decode
+   tokens one at a time; prints prefill and decode tokens/s (the model load is timed apart).
+2. ours: `generate --json --device cpu --temp 0 --max-tokens N` on the bundled probe image and
+   "Describe the image." with RAYON_NUM_THREADS = --threads; its own prefill / decode tokens/s
+   (the image encoding, CLIP + fuser + projector, is reported apart, as image_seconds).
+3. the ratios ours / llama.cpp (>= 1 means at least as fast).
+Token ids for llama.cpp are arbitrary valid ids: speed does not depend on which.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ours(args):
+    cmd = [args.bin, "generate", "--gguf", args.llm, "--mmproj", args.mmproj,
+           "--image", os.path.join(ROOT, "fixtures", "reference", "image.png"),
+           "--prompt", "Describe the image.", "--max-tokens", str(args.decode + 1),
+           "--temp", "0", "--device", "cpu", "--json"]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"generate failed ({r.returncode}): {r.stderr[-2000:]}")
+    rep = json.loads(r.stdout)
+    rep["wall_seconds"] = time.time() - t0
+    return rep
+
+
+def llamacpp(args, n_prompt):
+    from llama_cpp import Llama
+    t0 = time.time()
+    llm = Llama(model_path=args.llm, n_ctx=n_prompt + args.decode + 8, n_batch=512, n_ubatch=512,
+                n_threads=args.threads, n_threads_batch=args.threads, logits_all=False,
+                verbose=False)
+    load = time.time() - t0
+    nv = llm.n_vocab()
+    ids = [1] + [3 + (i * 7919) % (nv - 3) for i in range(n_prompt - 1)]
+    t0 = time.time()
+    llm.eval(ids)
+    prefill = time.time() - t0
+    t0 = time.time()
+    for i in range(args.decode):
+        llm.eval([3 + (200 + i) % (nv - 3)])
+    decode = time.time() - t0
+    return {"load_seconds": load, "prefill_seconds": prefill, "n_prompt": n_prompt,
+            "prefill_tps": n_prompt / prefill, "decode_tps": args.decode / decode}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("llm")
+    ap.add_argument("mmproj")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "mmfuser-convert"))
+    args = ap.parse_args()
+
+    o = ours(args)
+    p, d = o["prefill"], o["decode"]
+    n_prompt = p["positions"]
+    print(f"ours       prefill {n_prompt} positions {p['seconds']:.1f} s ({p['tokens_per_second']:.2f} tok/s)"
+          f", decode {d['positions']} tokens {d['tokens_per_second']:.2f} tok/s, image {o['image_seconds']:.1f} s"
+          f", peak RSS {o['peak_rss_bytes'] / 2**30:.2f} GiB, wall {o['wall_seconds']:.1f} s")
+    l = llamacpp(args, n_prompt)
+    print(f"llama.cpp  prefill {n_prompt} positions {l['prefill_seconds']:.1f} s ({l['prefill_tps']:.2f} tok/s)"
+          f", decode {args.decode} tokens {l['decode_tps']:.2f} tok/s, load {l['load_seconds']:.1f} s")
+    print(f"ratio ours/llama.cpp: prefill {p['tokens_per_second'] / l['prefill_tps']:.2f}x, "
+          f"decode {d['tokens_per_second'] / l['decode_tps']:.2f}x (threads {args.threads})")
+
+
+if __name__ == "__main__":
+    main()
