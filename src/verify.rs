@@ -1612,7 +1612,10 @@ mod tests {
         let plan = compare(&want, &logits(&src, &src, &ids)).rel_rms;
         println!("correct plan: logits relative RMS {plan:.3e}");
         // Not merely under the bound: both sides sum in one order (see EXACT_REL_RMS_BOUND).
-        assert_eq!(plan, 0.0, "the correct plan must reproduce the expected model exactly");
+        assert_eq!(
+            plan, 0.0,
+            "the correct plan must reproduce the expected model exactly"
+        );
         for (what, k_heads) in [
             (
                 "K permuted with n_head instead of n_head_kv",
