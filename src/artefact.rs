@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 pub struct GgufWeights {
     pub llm: GgufFile,
     pub mmproj: GgufFile,
+    /// Keep the weights' pages mapped after use (`release` does nothing): a runtime reads every
+    /// weight once per token, and dropping the pages would fault all of them in again (a 7B
+    /// Q4_K_M file is a million pages). verify, which reads each weight once per forward,
+    /// releases them to stay at one layer's memory.
+    pub keep_resident: bool,
 }
 
 fn f32_array(g: &GgufFile, key: &str) -> Result<[f32; 3]> {
@@ -46,7 +51,11 @@ impl GgufWeights {
                 "not an mmproj GGUF (general.architecture != \"clip\")",
             ));
         }
-        Ok(GgufWeights { llm, mmproj })
+        Ok(GgufWeights {
+            llm,
+            mmproj,
+            keep_resident: false,
+        })
     }
 
     /// Hyper-parameters from the files' metadata (the same keys llama.cpp reads).
@@ -176,6 +185,9 @@ impl WeightSource for GgufWeights {
         self.file_for(name).path.clone()
     }
     fn release(&self, name: &str) {
+        if self.keep_resident {
+            return;
+        }
         let g = self.file_for(name);
         if let Some(t) = g.tensor(name) {
             g.release(t);

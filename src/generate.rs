@@ -173,7 +173,8 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     pub fn from_gguf(llm: &Path, mmproj: &Path) -> Result<Self> {
-        let w = GgufWeights::open(llm, mmproj)?;
+        let mut w = GgufWeights::open(llm, mmproj)?;
+        w.keep_resident = true;
         let mut hparams = w.hparams()?;
         hparams.clip.n_layer = hparams.clip.blocks_needed();
         let vocab = vocab_from_gguf(&w.llm)?;

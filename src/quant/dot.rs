@@ -116,7 +116,7 @@ pub enum Act {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
-    /// AVX2 with FMA (every AVX2 CPU x86-64 has shipped has both).
+    /// AVX2 with FMA and F16C (every AVX2 CPU x86-64 has shipped has all three).
     Avx2,
 }
 
@@ -124,7 +124,10 @@ impl Isa {
     /// The best this CPU runs.
     pub fn current() -> Isa {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -158,16 +161,22 @@ pub fn quantize_act(ty: GgmlType, x: &[f32], k: usize) -> Act {
     }
 }
 
-/// Every f16 as f32, once (256 KiB): a block's scales are read per block and per row, and the
-/// software conversion (no F16C on stable without a target feature) costs more than the lookup.
-fn f16_table() -> &'static [f32] {
-    static T: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    T.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
-}
-
+/// An f16 (little-endian at `b[i]`) as f32, without a table or branches for finite values: the
+/// exponent and mantissa bits shifted into an f32 and scaled by 2^112 (the bias difference; exact
+/// for subnormals too, which become normal f32). A table would be 256 KiB that the weight stream
+/// keeps evicting, and `half`'s software conversion branches per class.
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16_table()[u16::from_le_bytes([b[i], b[i + 1]]) as usize]
+    let h = u16::from_le_bytes([b[i], b[i + 1]]) as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    let mag = if em >= 0x7c00 {
+        // Inf / NaN: all-ones exponent, the mantissa kept (NaN stays NaN).
+        f32::from_bits(0x7f80_0000 | ((em & 0x3ff) << 13))
+    } else {
+        f32::from_bits(em << 13) * f32::from_bits(0x7780_0000) // 2^112
+    };
+    f32::from_bits(mag.to_bits() | sign)
 }
 
 // ---- per super-block / block integer sums (scalar) --------------------------------------------
@@ -343,15 +352,22 @@ fn hsum8(f: &[f32; 8]) -> f32 {
 
 /// One weight row (whole super-blocks of `ty`, their scales decoded in `ks`) against one
 /// quantized activation row, on `isa`. The caller guarantees the lengths agree.
-fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: &[KScales], a: &[BlockQ8K]) -> f32 {
+/// `ks`: the row's scales if decoded already (else each block's are decoded as it comes).
+fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: Option<&[KScales]>, a: &[BlockQ8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && ty != GgmlType::Q5K {
-        // SAFETY: AVX2 and FMA were detected (Isa::current); lengths as the caller guarantees.
-        return unsafe { avx2::k_row_tile::<1>(ty, w, ks, [a])[0] };
+        // SAFETY: AVX2, FMA, F16C detected (Isa::current); lengths as the caller guarantees.
+        return unsafe {
+            match (ty, ks) {
+                (GgmlType::Q4K, None) => avx2::q4k_row(w, a),
+                _ => avx2::k_row_tile::<1>(ty, w, ks, [a])[0],
+            }
+        };
     }
     let _ = isa;
     let mut f = [0f32; 8];
-    for ((wb, k), ab) in w.chunks_exact(ty.type_size()).zip(ks).zip(a) {
+    for (b, (wb, ab)) in w.chunks_exact(ty.type_size()).zip(a).enumerate() {
+        let k = &ks.map_or_else(|| k_scales(ty, wb), |v| v[b]);
         fold_k(ty, &mut f, &k_lanes_scalar(ty, wb, k, ab), k, ab);
     }
     hsum8(&f)
@@ -360,11 +376,7 @@ fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: &[KScales], a: &[BlockQ8
 /// One weight row (whole blocks of `ty`) against one quantized activation row.
 /// The caller guarantees the lengths agree (`matmul` checks them).
 pub fn dot_row_k(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8K]) -> f32 {
-    let ks: Vec<KScales> = w
-        .chunks_exact(ty.type_size())
-        .map(|b| k_scales(ty, b))
-        .collect();
-    dot_row_k_with(ty, isa, w, &ks, a)
+    dot_row_k_with(ty, isa, w, None, a)
 }
 
 /// One weight row of Q8_0 / Q4_0 / Q5_0 blocks against one Q8_0 activation row.
@@ -391,6 +403,8 @@ pub fn dot_row_0(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8_0Act]) -> f32 {
 const ROWS_PER_TASK: usize = 8;
 /// Activation rows per pass over a task's weight rows (16 rows of 4096: 75 KB of Q8_K).
 const ACT_TILE: usize = 16;
+/// Activation rows per pass of the AVX2 K-quant kernel over one weight row.
+const TILE_ROWS: usize = 4;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
 /// (row-major, as stored in GGUF). Errors if `ty` has no kernel or the sizes disagree.
@@ -440,35 +454,57 @@ pub fn matmul_with(
     let act = quantize_act(ty, x, k);
     let per_row = k / ty.block_size();
     let size = ty.type_size();
-    yt.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(w.par_chunks(row_bytes * ROWS_PER_TASK))
+    // A lone activation row (decode) is a pass over the weight's bytes, bound by memory: a few
+    // long runs of rows per thread keep the hardware prefetchers streaming.
+    let rows_per_task = if n == 1 {
+        out.div_ceil(4 * rayon::current_num_threads())
+            .max(ROWS_PER_TASK)
+    } else {
+        ROWS_PER_TASK
+    };
+    yt.par_chunks_mut(n * rows_per_task)
+        .zip(w.par_chunks(row_bytes * rows_per_task))
         .for_each(|(ys, ws)| match &act {
             Act::Q8K(a) => {
                 // Scales decoded once per task; activation rows in tiles that stay in cache
                 // while the task's weight rows pass over them; on AVX2, four activation rows
                 // per pass over a weight row (its levels unpacked once for the four). Each
                 // output is summed exactly as `dot_row_k` sums it.
-                let dec: Vec<KScales> = ws.chunks_exact(size).map(|b| k_scales(ty, b)).collect();
+                // A lone row (decode) decodes each block's scales as it comes: no buffer.
+                let dec: Vec<KScales> = if n > 1 {
+                    ws.chunks_exact(size)
+                        .map(|b| match isa {
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: AVX2, FMA, F16C detected; b is one whole block.
+                            Isa::Avx2 if ty != GgmlType::Q5K => unsafe {
+                                avx2::k_scales_fast(ty, b.as_ptr())
+                            },
+                            _ => k_scales(ty, b),
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                };
                 for j0 in (0..n).step_by(ACT_TILE) {
                     let j1 = (j0 + ACT_TILE).min(n);
                     for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
-                        let kd = &dec[r * per_row..(r + 1) * per_row];
+                        let kd = (n > 1).then(|| &dec[r * per_row..(r + 1) * per_row]);
                         let act = |j: usize| &a[j * per_row..(j + 1) * per_row];
                         let mut j = j0;
                         #[cfg(target_arch = "x86_64")]
                         if isa == Isa::Avx2 && ty != GgmlType::Q5K {
-                            while j + 4 <= j1 {
+                            while j + TILE_ROWS <= j1 {
                                 // SAFETY: AVX2 + FMA detected; whole super-blocks (checked above).
                                 let v = unsafe {
-                                    avx2::k_row_tile::<4>(
+                                    avx2::k_row_tile::<TILE_ROWS>(
                                         ty,
                                         wr,
                                         kd,
-                                        [act(j), act(j + 1), act(j + 2), act(j + 3)],
+                                        std::array::from_fn(|i| act(j + i)),
                                     )
                                 };
-                                ys[r * n + j..r * n + j + 4].copy_from_slice(&v);
-                                j += 4;
+                                ys[r * n + j..r * n + j + TILE_ROWS].copy_from_slice(&v);
+                                j += TILE_ROWS;
                             }
                         }
                         for j in j..j1 {
@@ -534,6 +570,92 @@ mod avx2 {
         _mm256_and_si256(s, _mm256_set1_epi8(0x30))
     }
 
+    /// `super::k_scales` for Q4_K / Q6_K with vector widening and F16C (the same values: the
+    /// tests compare them); the block at `wb` has the type's size.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn k_scales_fast(ty: GgmlType, wb: *const u8) -> KScales {
+        let mut k = KScales {
+            d: 0.0,
+            dmin: 0.0,
+            sc: [0; 16],
+            m16: [0; 16],
+        };
+        let sc = k.sc.as_mut_ptr() as *mut __m256i;
+        if ty == GgmlType::Q6K {
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                wb.add(208).cast::<u16>().read_unaligned() as i32,
+            ));
+            k.d = _mm_cvtss_f32(h);
+            let bytes = _mm_loadu_si128(wb.add(192) as *const __m128i);
+            _mm256_storeu_si256(sc, _mm256_cvtepi8_epi16(bytes));
+        } else {
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
+            k.d = _mm_cvtss_f32(h);
+            k.dmin = _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1));
+            let word = |i: usize| wb.add(i).cast::<u32>().read_unaligned();
+            let (u0, u1, u2) = (word(4), word(8), word(12));
+            let sc_lo = u0 & 0x3f3f_3f3f;
+            let sc_hi = (u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4;
+            let m_lo = u1 & 0x3f3f_3f3f;
+            let m_hi = ((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4;
+            let scb = _mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32);
+            _mm256_storeu_si256(sc, _mm256_cvtepu8_epi16(scb));
+            let mb = _mm_set_epi32(0, 0, m_hi as i32, m_lo as i32);
+            _mm256_storeu_si256(
+                k.m16.as_mut_ptr() as *mut __m256i,
+                _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb)),
+            );
+        }
+        k
+    }
+
+    /// One weight row of Q4_K against one activation row (decode): `tile::<1, false>` with the
+    /// scales decoded in registers and everything held in registers, the same lanes and folds.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        let blocks = (w.len() / 144).min(a.len());
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut f = _mm256_setzero_ps();
+        for (b, ab) in a.iter().enumerate().take(blocks) {
+            let wb = w.as_ptr().add(b * 144);
+            let ahead = wb.wrapping_add(PREFETCH_BYTES);
+            for line in 0..3 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+            }
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
+            let (d, dmin) = (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1)));
+            let word = |i: usize| wb.add(i).cast::<u32>().read_unaligned();
+            let (u0, u1, u2) = (word(4), word(8), word(12));
+            let sc = (u0 & 0x3f3f_3f3f) as u64
+                | (((u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4) as u64) << 32;
+            let m = (u1 & 0x3f3f_3f3f) as u64
+                | ((((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4) as u64) << 32;
+            let mb = _mm_cvtsi64_si128(m as i64);
+            let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb));
+            let aq = ab.qs.as_ptr() as *const u8;
+            let mut q = _mm256_setzero_si256();
+            for c in 0..4 {
+                let v = load(wb.add(16 + 32 * c));
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                let s1 = _mm256_set1_epi16(((sc >> (16 * c)) & 0xff) as i16);
+                let s2 = _mm256_set1_epi16(((sc >> (16 * c + 8)) & 0xff) as i16);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(aq.add(64 * c))), s1);
+                let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32))), s2);
+                q = _mm256_add_epi32(q, _mm256_add_epi32(p1, p2));
+            }
+            let bs =
+                _mm256_madd_epi16(m16, _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i));
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d * ab.d), f);
+            f = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(bs), _mm256_set1_ps(dmin * ab.d), f);
+        }
+        hsum8(f)
+    }
+
+    /// How far ahead of the block being summed `tile` prefetches the weight (prefetching past
+    /// the end of the slice is harmless: a hint, never a fault).
+    const PREFETCH_BYTES: usize = 3072;
+
     /// The 8 lanes added as `super::hsum8` adds them.
     #[inline(always)]
     unsafe fn hsum8(f: __m256) -> f32 {
@@ -546,11 +668,11 @@ mod avx2 {
     /// activation rows: the lanes of `super::Lanes`, folded as `super::fold_k`, added as
     /// `super::hsum8`, so each output equals the scalar `dot_row_k` bit for bit. The weight's
     /// levels are unpacked once per block for the C rows.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn k_row_tile<const C: usize>(
         ty: GgmlType,
         w: &[u8],
-        ks: &[KScales],
+        ks: Option<&[KScales]>,
         a: [&[BlockQ8K]; C],
     ) -> [f32; C] {
         if ty == GgmlType::Q6K {
@@ -563,15 +685,31 @@ mod avx2 {
     #[inline(always)]
     unsafe fn tile<const C: usize, const Q6: bool>(
         w: &[u8],
-        ks: &[KScales],
+        ks: Option<&[KScales]>,
         a: [&[BlockQ8K]; C],
     ) -> [f32; C] {
-        let size = if Q6 { 210 } else { 144 };
-        debug_assert!(w.len() >= ks.len() * size && a.iter().all(|r| r.len() >= ks.len()));
+        let (size, ty) = if Q6 {
+            (210, GgmlType::Q6K)
+        } else {
+            (144, GgmlType::Q4K)
+        };
+        let blocks = w.len() / size;
+        debug_assert!(a.iter().all(|r| r.len() >= blocks) && ks.is_none_or(|k| k.len() >= blocks));
         let m4 = _mm256_set1_epi8(0xF);
         let mut f = [_mm256_setzero_ps(); C];
-        for (b, k) in ks.iter().enumerate() {
+        for b in 0..blocks {
+            // Decoded once per task for tiles; per block here for a lone row (no buffer).
             let wb = w.as_ptr().add(b * size);
+            // The weight is a stream read once (per tile): ask for the bytes a few blocks ahead,
+            // or each block's first touch waits for memory (decode is bound by it).
+            let ahead = wb.wrapping_add(PREFETCH_BYTES);
+            for line in 0..size.div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+            }
+            let k = &match ks {
+                Some(v) => v[b],
+                None => k_scales_fast(ty, wb),
+            };
             let aq: [*const u8; C] = std::array::from_fn(|j| a[j][b].qs.as_ptr() as *const u8);
             let mut q = [_mm256_setzero_si256(); C];
             if Q6 {
@@ -804,58 +942,64 @@ mod tests {
             eprintln!("SKIPPED simd_equals_scalar_exactly: this CPU has no AVX2");
             return;
         }
-        // More activation rows than one tile, weight rows not a multiple of a task's.
-        let (n, out, k) = (37, 11, 1024);
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        let x: Vec<f32> = (0..n * k)
-            .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
-            .collect();
-        for ty in TYPES {
-            let mut w: Vec<u8> = (0..out * ty.bytes_for(k as u64).unwrap() as usize)
-                .map(|_| next() as u8)
+        // More activation rows than one tile, weight rows not a multiple of a task's; then one
+        // activation row (decode's own kernels).
+        for (n, out, k) in [(37, 11, 1024), (1, 11, 1024)] {
+            let mut s = 0x2545_f491_4f6c_dd1du64;
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s
+            };
+            let x: Vec<f32> = (0..n * k)
+                .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
                 .collect();
-            // Keep the f16 scales finite and small: set their high byte to 0x1c..0x23 (or sign).
-            let size = ty.type_size();
-            for b in w.chunks_exact_mut(size) {
-                let at: &[usize] = match ty {
-                    GgmlType::Q6K => &[208],
-                    GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-                    _ => &[0],
-                };
-                for &i in at {
-                    b[i + 1] = (b[i + 1] & 0x87) | 0x20;
-                }
-            }
-            let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
-            let b = matmul_with(Isa::current(), ty, &w, out, k, &x, n).unwrap();
-            assert!(a.iter().all(|v| v.is_finite()), "{ty}");
-            // The tiled matmul gives each output exactly the one-row dot product.
-            let act = quantize_act(ty, &x, k);
-            let per = k / ty.block_size();
-            let rb = w.len() / out;
-            for j in 0..n {
-                for o in 0..out {
-                    let wr = &w[o * rb..(o + 1) * rb];
-                    let want = match &act {
-                        Act::Q8K(v) => dot_row_k(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
-                        Act::Q8_0(v) => dot_row_0(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per]),
+            for ty in TYPES {
+                let mut w: Vec<u8> = (0..out * ty.bytes_for(k as u64).unwrap() as usize)
+                    .map(|_| next() as u8)
+                    .collect();
+                // Keep the f16 scales finite and small: set their high byte to 0x1c..0x23 (or sign).
+                let size = ty.type_size();
+                for b in w.chunks_exact_mut(size) {
+                    let at: &[usize] = match ty {
+                        GgmlType::Q6K => &[208],
+                        GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+                        _ => &[0],
                     };
-                    assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
+                    for &i in at {
+                        b[i + 1] = (b[i + 1] & 0x87) | 0x20;
+                    }
                 }
-            }
-            if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-                panic!(
-                    "{ty}: output {i}: scalar {} vs {:?} {}",
-                    a[i],
-                    Isa::current(),
-                    b[i]
-                );
+                let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
+                let b = matmul_with(Isa::current(), ty, &w, out, k, &x, n).unwrap();
+                assert!(a.iter().all(|v| v.is_finite()), "{ty}");
+                // The tiled matmul gives each output exactly the one-row dot product.
+                let act = quantize_act(ty, &x, k);
+                let per = k / ty.block_size();
+                let rb = w.len() / out;
+                for j in 0..n {
+                    for o in 0..out {
+                        let wr = &w[o * rb..(o + 1) * rb];
+                        let want = match &act {
+                            Act::Q8K(v) => {
+                                dot_row_k(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per])
+                            }
+                            Act::Q8_0(v) => {
+                                dot_row_0(ty, Isa::Scalar, wr, &v[j * per..(j + 1) * per])
+                            }
+                        };
+                        assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
+                    }
+                }
+                if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                    panic!(
+                        "{ty}: output {i}: scalar {} vs {:?} {}",
+                        a[i],
+                        Isa::current(),
+                        b[i]
+                    );
+                }
             }
         }
     }
@@ -888,9 +1032,32 @@ mod tests {
                 );
             }
         }
-        for b in [
-            0u16, 1, 0x3c00, 0x7bff, 0x8001, 0x7c00, 0xfc00, 0x7e00, 0x0400,
-        ] {
+        // The vector decode gives the same scales, on random Q4_K and Q6_K blocks.
+        #[cfg(target_arch = "x86_64")]
+        if Isa::current() == Isa::Avx2 {
+            for round in 0..4096u64 {
+                for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+                    let w: Vec<u8> = (0..ty.type_size() as u64)
+                        .map(|i| {
+                            s = s.wrapping_mul(6364136223846793005).wrapping_add(i ^ round);
+                            (s >> 56) as u8
+                        })
+                        .collect();
+                    let (a, b) = (k_scales(ty, &w), unsafe {
+                        avx2::k_scales_fast(ty, w.as_ptr())
+                    });
+                    let same =
+                        |x: f32, y: f32| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan());
+                    assert!(same(a.d, b.d) && same(a.dmin, b.dmin), "{ty} {a:?} {b:?}");
+                    assert_eq!(a.sc, b.sc, "{ty}");
+                    if ty == GgmlType::Q4K {
+                        assert_eq!(a.m16, b.m16);
+                    }
+                }
+            }
+        }
+        // Every f16 bit pattern converts as `half` converts it (NaN to some NaN).
+        for b in 0..=u16::MAX {
             let v = f16_at(&b.to_le_bytes(), 0);
             let want = f16::from_bits(b).to_f32();
             assert!(
