@@ -310,8 +310,6 @@ pub struct GenerateArgs {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    // A runtime's road on the CPU: products on the quantized blocks (MMFUSER_QUANT_DOT=0 turns it off).
-    crate::model::set_quant_dot_default(true);
     let (dev, line) = crate::device::select(&a.device)?;
     if a.device != "cpu" {
         eprintln!("{line}");

@@ -11,7 +11,7 @@ pub mod ops;
 pub mod weights;
 
 pub use llama::{build_inputs, IMAGE_TOKEN};
-pub use ops::{set_quant_dot_default, Backend, CpuBackend, CpuF32Linear};
+pub use ops::{Backend, CpuBackend, CpuF32Linear};
 pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};
 
 use crate::error::{Error, Result};

@@ -181,32 +181,14 @@ pub fn attention_head_dim(
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// The verb's choice of road for linears on block-quantized weights (see [`quant_dot_enabled`]):
-/// 0 not set (f32 road), 1 f32 road, 2 `quant::dot`.
-static QUANT_DOT_DEFAULT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Set the road a verb takes by default: `generate` takes `quant::dot` (a runtime's road, and
-/// its one-row products are 16-90x faster than re-expanding every weight to f32 per token);
-/// verify keeps the f32 road while `quant::dot`'s many-row products are no faster (issue #18).
-pub fn set_quant_dot_default(on: bool) {
-    QUANT_DOT_DEFAULT.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Whether linears on block-quantized weights use `quant::dot` (llama.cpp's road: 8-bit
-/// activations, integer products on the stored bytes): `MMFUSER_QUANT_DOT=1` / `=0` decide when
-/// set, else the verb's default ([`set_quant_dot_default`]), else the f32 road. The many-row
-/// (prefill) products are still 0.45-1.1x as fast as the f32 road (examples/quant_dot_bench.rs),
-/// which would slow verify (issue #18). The library's own unit tests always take it, so the road
-/// stays tested.
+/// activations, integer products on the stored bytes, no f32 copy of the weight): yes, unless
+/// `MMFUSER_QUANT_DOT=0` asks for the f32 road (weights dequantized in slices of rows; the
+/// reference the quantized road is measured against: scripts/quant_dot_verify_figures.sh).
+/// verify's two sides take the same road, so its exactness does not depend on the choice.
 fn quant_dot_enabled() -> bool {
-    static ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let env = *ENV.get_or_init(|| match std::env::var_os("MMFUSER_QUANT_DOT") {
-        Some(v) if v == "1" => Some(true),
-        Some(v) if v == "0" => Some(false),
-        _ => None,
-    });
-    cfg!(test)
-        || env.unwrap_or_else(|| QUANT_DOT_DEFAULT.load(std::sync::atomic::Ordering::Relaxed) == 2)
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_none_or(|v| v != "0"))
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -599,8 +581,8 @@ impl Backend for CpuBackend {
 
     /// Block-quantized weights (Q4_K, Q6_K, Q8_0, ...) are multiplied on their stored bytes by
     /// `quant::dot` (activations rounded to 8 bits per block, as llama.cpp does); everything
-    /// else is dequantized to f32 by `weight`. Only where [`quant_dot_enabled`] says so (generate,
-    /// or `MMFUSER_QUANT_DOT=1`); otherwise every weight takes the f32 road.
+    /// else is dequantized to f32 by `weight` (all of them with `MMFUSER_QUANT_DOT=0`, see
+    /// [`quant_dot_enabled`]).
     fn linear_from(
         &self,
         ws: &dyn WeightSource,
