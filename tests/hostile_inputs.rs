@@ -3221,6 +3221,32 @@ fn fuzz_regressions() {
         assert!(e.contains("not a usable layer count"), "{e}");
     }
     assert_eq!(s.resolve(p, 24).unwrap(), vec![3, 8, 13, 18, 23]);
+
+    // tokenizer_json crash-4196d21d: the tokenizers library (0.23) indexes past its buffer when
+    // a merge's two halves are in the vocabulary but together longer than every entry; the
+    // panic must become an error naming tokenizer.json, through the library call and the CLI.
+    let tmp = tempdir();
+    let j = r#"{"model": {"type": "BPE", "byte_fallback": true, "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "aaaa": 3, "<0x41>": 4}, "merges": [["aaaa", "aaaa"]]}, "decoder": {"type": "Sequence", "decoders": []}}"#;
+    std::fs::write(tmp.path().join("tokenizer.json"), j).unwrap();
+    let e = mmfuser_convert::checkpoint::tokenizer::vocab::load_vocab(tmp.path(), 0, &json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("panicked"),
+        "{e}"
+    );
+    let ck = tmp.path().join("ck");
+    copy_dir(&common::ckpt(), &ck);
+    let _ = std::fs::remove_file(ck.join("tokenizer.model"));
+    std::fs::write(ck.join("tokenizer.json"), j).unwrap();
+    let out = tmp.path().join("out");
+    let r = convert(&ck, Some(&common::tower()), &out, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("tokenizer.json") && !r.stderr.contains("RUST_BACKTRACE"),
+        "{}",
+        r.stderr
+    );
 }
 
 /// The temporary file's name is predictable (`.mmfuser-partial-<pid>-<name>`): a symlink planted

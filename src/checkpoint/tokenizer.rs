@@ -37,15 +37,13 @@ pub fn encode_llava_prompt(dir: &Path, prompt: &str) -> Result<Vec<i64>> {
             "no tokenizer to encode the prompt: looked for tokenizer.model and tokenizer.json (or give --input-ids)",
         ));
     }
-    let tok = tokenizers::Tokenizer::from_file(&json_path)
-        .map_err(|e| Error::input(&json_path, format!("tokenizers: {e}")))?;
+    let tok = vocab::tokenizers_from_file(&json_path)?;
     let mut out: Vec<i64> = Vec::new();
     for (i, chunk) in prompt.split("<image>").enumerate() {
         if i > 0 {
             out.push(IMAGE_TOKEN_INDEX);
         }
-        let enc = tok
-            .encode(chunk, i == 0)
+        let enc = vocab::tokenizers_call(&json_path, || tok.encode(chunk, i == 0))?
             .map_err(|e| Error::input(&json_path, format!("encoding the prompt: {e}")))?;
         out.extend(enc.get_ids().iter().map(|&id| i64::from(id)));
     }

@@ -356,6 +356,35 @@ fn named_special_tokens(tc: Option<&Map<String, Value>>, dir: &Path) -> Result<V
     Ok(out)
 }
 
+/// Run a call into the tokenizers library on the file `path`, a panic of the library becoming an
+/// error naming the file: tokenizers 0.23 indexes past a buffer when a merge's two halves are
+/// together longer than every vocabulary entry (found by fuzzing), and a hostile file must not
+/// crash a conversion. The panic hook is silenced meanwhile (it is process-wide; this runs while
+/// reading inputs, before any parallel work).
+pub(crate) fn tokenizers_call<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Error::input(
+            path,
+            format!("the tokenizers library cannot read this file (it panicked: {why})"),
+        )
+    })
+}
+
+/// `tokenizers::Tokenizer::from_file`, its errors and panics naming the file.
+pub(crate) fn tokenizers_from_file(path: &Path) -> Result<tokenizers::Tokenizer> {
+    tokenizers_call(path, || tokenizers::Tokenizer::from_file(path))?
+        .map_err(|e| Error::input(path, format!("tokenizers: {e}")))
+}
+
 /// gguf-py `LlamaHfVocab` + `_set_vocab_llama_hf` for tokens and types: BYTE for
 /// `<0xNN>`, CONTROL for special ids, NORMAL otherwise; added tokens beyond the
 /// base vocabulary appended in id order, CONTROL if special else USER_DEFINED.
@@ -397,8 +426,7 @@ fn vocab_from_tokenizer_json(
             ),
         ));
     }
-    let tok = tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| Error::input(path, format!("tokenizers: {e}")))?;
+    let tok = tokenizers_from_file(path)?;
     let base = tok.get_vocab_size(false);
     let vocab = tok.get_vocab(true);
     let mut reverse: HashMap<u32, &str> = HashMap::with_capacity(vocab.len());
