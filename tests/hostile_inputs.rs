@@ -4110,16 +4110,23 @@ fn termination_signals_remove_partial_files() {
     }
 }
 
+/// `big_checkpoint` converted to F16 under `root`: (checkpoint, LLM GGUF, mmproj GGUF).
+fn big_f16_files(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let big = big_checkpoint(root);
+    let f16 = root.join("f16");
+    convert(&big, Some(&common::tower()), &f16, &[]).ok();
+    let (llm, mmproj) = (f16.join("ckpt-F16.gguf"), f16.join("mmproj-ckpt-F16.gguf"));
+    assert!(llm.is_file() && mmproj.is_file());
+    (big, llm, mmproj)
+}
+
 /// Issue #16 item 7: an input GGUF that shrinks while quantize maps it (SIGBUS) gives an error
 /// naming it, exit 1, and no partial file; the process is not killed by the signal.
 #[test]
 fn input_shrinking_during_quantize_is_an_error() {
     use std::os::unix::process::ExitStatusExt;
     let tmp = tempdir();
-    let big = big_checkpoint(tmp.path());
-    let f16 = tmp.path().join("f16");
-    convert(&big, Some(&common::tower()), &f16, &[]).ok();
-    let input = f16.join("ckpt-F16.gguf");
+    let (_, input, _) = big_f16_files(tmp.path());
     let out = tmp.path().join("q");
     std::fs::create_dir(&out).unwrap();
     let a = args([
@@ -4157,12 +4164,7 @@ fn input_shrinking_during_quantize_is_an_error() {
 fn input_shrinking_during_verify_is_an_error() {
     use std::os::unix::process::ExitStatusExt;
     let tmp = tempdir();
-    let big = big_checkpoint(tmp.path());
-    let f16 = tmp.path().join("f16");
-    convert(&big, Some(&common::tower()), &f16, &[]).ok();
-    let input = f16.join("ckpt-F16.gguf");
-    let mmproj = f16.join("mmproj-ckpt-F16.gguf");
-    assert!(input.is_file() && mmproj.is_file());
+    let (big, input, mmproj) = big_f16_files(tmp.path());
     let len = std::fs::metadata(&input).unwrap().len();
     let mut child = std::process::Command::new(BIN)
         .args(args([
