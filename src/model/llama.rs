@@ -82,7 +82,9 @@ pub fn build_inputs(
 /// Keys and values of the positions already decoded, per layer (rows = positions, after rope),
 /// so that generation feeds one new position at a time instead of the whole sequence again.
 pub struct KvCache<T> {
-    /// Per layer: (keys [len, n_head_kv*hd], values [len, n_head_kv*hd]); None before the first feed.
+    /// Per layer: key and value buffers whose first `len` rows are the positions held
+    /// ([rows, n_head_kv*hd]; a backend may keep spare rows, see `Backend::kv_append`); None
+    /// before the first feed.
     layers: Vec<Option<(T, T)>>,
     len: usize,
 }
@@ -114,6 +116,7 @@ fn layer<B: Backend>(
     pos0: usize,
     cache: Option<&mut Option<(B::T, B::T)>>,
 ) -> Result<B::T> {
+    // With a cache, its first pos0 rows are the earlier positions.
     let p = format!("blk.{i}");
     let norm = |x: &B::T, n: &str| -> Result<B::T> {
         let w = b.param(ws, &format!("{p}.{n}.weight"))?;
@@ -131,13 +134,22 @@ fn layer<B: Backend>(
     let a = match cache {
         None => b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?,
         Some(slot) => {
-            let (k, v) = match slot.take() {
-                None => (k, v),
-                Some((pk, pv)) => (b.concat_rows(&[&pk, &k])?, b.concat_rows(&[&pv, &v])?),
+            let (pk, pv) = match slot.take() {
+                None => (None, None),
+                Some((pk, pv)) => (Some((pk, pos0)), Some((pv, pos0))),
             };
-            let a = b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?;
-            *slot = Some((k, v));
-            a
+            let used = pos0 + b.dims(&k).0;
+            let (kb, vb) = (b.kv_append(pk, &k)?, b.kv_append(pv, &v)?);
+            let a = b.attention(
+                &q,
+                &b.kv_view(&kb, used)?,
+                &b.kv_view(&vb, used)?,
+                hp.n_head,
+                hp.n_head_kv,
+                true,
+            );
+            *slot = Some((kb, vb));
+            a?
         }
     };
     drop((q, h));
