@@ -175,9 +175,6 @@ impl LoadedModel {
     pub fn from_gguf(llm: &Path, mmproj: &Path) -> Result<Self> {
         let mut w = GgufWeights::open(llm, mmproj)?;
         w.keep_resident = true;
-        if std::env::var_os("MMFUSER_RESIDENT").is_some() {
-            w.llm.load_resident()?;
-        }
         let mut hparams = w.hparams()?;
         hparams.clip.n_layer = hparams.clip.blocks_needed();
         let vocab = vocab_from_gguf(&w.llm)?;

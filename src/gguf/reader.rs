@@ -339,30 +339,6 @@ impl GgufFile {
 
     /// Drop a tensor's pages from this process (they stay in the page cache): keeps resident
     /// memory near what is in use when a model is read tensor by tensor.
-    /// Move the whole file into anonymous memory, asking the kernel for 2 MiB pages, for a
-    /// reader that goes over every weight once per token (generate): a file mapping in 4 KiB
-    /// pages makes the weight stream walk a million page-table entries per token. Copied in
-    /// 64 MiB pieces, each piece's file pages dropped after it, so the peak is the file once.
-    pub fn load_resident(&mut self) -> Result<()> {
-        const PIECE: usize = 64 << 20;
-        let len = self.mmap.len();
-        let mut anon = memmap2::MmapOptions::new()
-            .len(len.max(1))
-            .map_anon()
-            .map_err(|e| Error::io(&self.path, e))?;
-        #[cfg(target_os = "linux")]
-        let _ = anon.advise(memmap2::Advice::HugePage);
-        for start in (0..len).step_by(PIECE) {
-            let end = (start + PIECE).min(len);
-            anon[start..end].copy_from_slice(&self.mmap[start..end]);
-            crate::fsutil::drop_mapped_pages(&self.mmap, start, end);
-        }
-        self.mmap = anon
-            .make_read_only()
-            .map_err(|e| Error::io(&self.path, e))?;
-        Ok(())
-    }
-
     pub fn release(&self, t: &ReaderTensor) {
         crate::fsutil::drop_mapped_pages(
             &self.mmap,
