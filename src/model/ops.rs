@@ -885,8 +885,9 @@ impl Backend for CpuBackend {
     fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
         Ok(Tensor::cat(xs, 0)?)
     }
-    /// New rows written in place into spare rows; when none are left, a buffer twice the rows
-    /// needed (so a generation of N tokens copies the cache O(log N) times, not N times).
+    /// New rows written in place into spare rows; when none are left, a buffer a quarter larger
+    /// than needed (geometric growth: a generation of N tokens copies the cache O(log N) times,
+    /// not N times, and a 773-position prompt holds 966 rows, not twice its length).
     fn kv_append(&self, cache: Option<(Tensor, usize)>, new: &Tensor) -> Result<Tensor> {
         let (n, c) = dims2(new);
         let new = new.contiguous()?;
@@ -897,7 +898,7 @@ impl Backend for CpuBackend {
             }
         }
         let used = cache.as_ref().map_or(0, |(_, u)| *u);
-        let rows = (2 * (used + n)).max(64);
+        let rows = (used + n + (used + n) / 4).max(64);
         let buf = Tensor::zeros((rows, c), candle_core::DType::F32, &Device::Cpu)?;
         if let Some((old, used)) = &cache {
             buf.slice_set(&old.narrow(0, 0, *used)?.contiguous()?, 0, 0)?;
