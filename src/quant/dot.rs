@@ -360,6 +360,7 @@ fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: Option<&[KScales]>, a: &
         return unsafe {
             match (ty, ks) {
                 (GgmlType::Q4K, None) => avx2::q4k_row(w, a),
+                (GgmlType::Q6K, None) => avx2::q6k_row(w, a),
                 _ => avx2::k_row_tile::<1>(ty, w, ks, [a])[0],
             }
         };
@@ -648,6 +649,54 @@ mod avx2 {
                 _mm256_madd_epi16(m16, _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i));
             f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d * ab.d), f);
             f = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(bs), _mm256_set1_ps(dmin * ab.d), f);
+        }
+        hsum8(f)
+    }
+
+    /// One weight row of Q6_K against one activation row (decode): `tile::<1, true>` with the
+    /// scales widened in registers, the same lanes and fold.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        let blocks = (w.len() / 210).min(a.len());
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut f = _mm256_setzero_ps();
+        for (b, ab) in a.iter().enumerate().take(blocks) {
+            let wb = w.as_ptr().add(b * 210);
+            let ahead = wb.wrapping_add(PREFETCH_BYTES);
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+            }
+            let h = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                wb.add(208).cast::<u16>().read_unaligned() as i32,
+            ));
+            let d = _mm_cvtss_f32(h);
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192) as *const __m128i));
+            let scb = wb.add(192) as *const i8;
+            let aq = ab.qs.as_ptr() as *const u8;
+            let (ql, qh) = (wb, wb.add(128));
+            let mut q = _mm256_setzero_si256();
+            for h in 0..2 {
+                let lo = load(ql.add(64 * h));
+                let hi = load(ql.add(64 * h + 32));
+                let hb = load(qh.add(32 * h));
+                let lv = [
+                    _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
+                    _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
+                ];
+                for (kk, &l) in lv.iter().enumerate() {
+                    let scv = _mm256_setr_m128i(
+                        _mm_set1_epi16(*scb.add(8 * h + 2 * kk) as i16),
+                        _mm_set1_epi16(*scb.add(8 * h + 2 * kk + 1) as i16),
+                    );
+                    let p = _mm256_maddubs_epi16(l, load(aq.add(128 * h + 32 * kk)));
+                    q = _mm256_add_epi32(q, _mm256_madd_epi16(p, scv));
+                }
+            }
+            let bs = _mm256_madd_epi16(sc, _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i));
+            let qj = _mm256_sub_epi32(q, _mm256_slli_epi32(bs, 5));
+            f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qj), _mm256_set1_ps(d * ab.d), f);
         }
         hsum8(f)
     }
