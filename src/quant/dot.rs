@@ -192,6 +192,17 @@ pub struct KScales {
     m16: [i16; 16],
 }
 
+/// The 8 six-bit scales and the 8 mins of a Q4_K / Q5_K super-block from its 12 scale bytes read
+/// as three little-endian words: byte j of each result is pair j (see `k_scales`).
+#[inline(always)]
+fn k4_scales_mins(u0: u32, u1: u32, u2: u32) -> (u64, u64) {
+    let sc = (u0 & 0x3f3f_3f3f) as u64
+        | (((u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4) as u64) << 32;
+    let m = (u1 & 0x3f3f_3f3f) as u64
+        | ((((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4) as u64) << 32;
+    (sc, m)
+}
+
 /// Decode the scales of one super-block of `ty` (a K-quant). Q4_K / Q5_K pack 8 six-bit
 /// (scale, min) pairs in 12 bytes: pair j < 4 is the low 6 bits of bytes j and j + 4; pair j >= 4
 /// takes its low 4 bits from byte j + 4 (scale: low nibble, min: high nibble) and its top 2
@@ -212,20 +223,11 @@ fn k_scales(ty: GgmlType, w: &[u8]) -> KScales {
         k.d = f16_at(w, 0);
         k.dmin = f16_at(w, 2);
         let word = |i: usize| u32::from_le_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
-        let (u0, u1, u2) = (word(4), word(8), word(12));
-        let sc = [
-            u0 & 0x3f3f_3f3f,
-            (u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4,
-        ];
-        let m = [
-            u1 & 0x3f3f_3f3f,
-            ((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4,
-        ];
+        let (sc, m) = k4_scales_mins(word(4), word(8), word(12));
         for j in 0..8 {
-            let byte = |v: [u32; 2]| ((v[j / 4] >> (8 * (j % 4))) & 0xff) as i16;
-            k.sc[j] = byte(sc);
-            k.m16[2 * j] = byte(m);
-            k.m16[2 * j + 1] = byte(m);
+            k.sc[j] = ((sc >> (8 * j)) & 0xff) as i16;
+            k.m16[2 * j] = ((m >> (8 * j)) & 0xff) as i16;
+            k.m16[2 * j + 1] = k.m16[2 * j];
         }
     }
     k
@@ -571,6 +573,39 @@ mod avx2 {
         _mm256_and_si256(s, _mm256_set1_epi8(0x30))
     }
 
+    /// `super::k4_scales_mins` of the Q4_K block at `wb`.
+    #[inline(always)]
+    unsafe fn scale_words(wb: *const u8) -> (u64, u64) {
+        let word = |i: usize| wb.add(i).cast::<u32>().read_unaligned();
+        super::k4_scales_mins(word(4), word(8), word(12))
+    }
+
+    /// Ask for `lines` cache lines of the weight `PREFETCH_BYTES` past the block at `wb` (a
+    /// hint, never a fault, also past the end of the slice).
+    #[inline(always)]
+    unsafe fn prefetch_ahead(wb: *const u8, lines: usize) {
+        let ahead = wb.wrapping_add(PREFETCH_BYTES);
+        for line in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+        }
+    }
+
+    /// The four 32-value groups of levels (0..63) of half `h` of a Q6_K block (`ql`, `qh` its
+    /// low-nibble and high-bit arrays), in the order of the activations they meet.
+    #[inline(always)]
+    unsafe fn q6k_levels(ql: *const u8, qh: *const u8, h: usize) -> [__m256i; 4] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let lo = load(ql.add(64 * h));
+        let hi = load(ql.add(64 * h + 32));
+        let hb = load(qh.add(32 * h));
+        [
+            _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
+            _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
+        ]
+    }
+
     /// `super::k_scales` for Q4_K / Q6_K with vector widening and F16C (the same values: the
     /// tests compare them); the block at `wb` has the type's size.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -593,15 +628,9 @@ mod avx2 {
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
             k.d = _mm_cvtss_f32(h);
             k.dmin = _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1));
-            let word = |i: usize| wb.add(i).cast::<u32>().read_unaligned();
-            let (u0, u1, u2) = (word(4), word(8), word(12));
-            let sc_lo = u0 & 0x3f3f_3f3f;
-            let sc_hi = (u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4;
-            let m_lo = u1 & 0x3f3f_3f3f;
-            let m_hi = ((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4;
-            let scb = _mm_set_epi32(0, 0, sc_hi as i32, sc_lo as i32);
-            _mm256_storeu_si256(sc, _mm256_cvtepu8_epi16(scb));
-            let mb = _mm_set_epi32(0, 0, m_hi as i32, m_lo as i32);
+            let (scw, m) = scale_words(wb);
+            _mm256_storeu_si256(sc, _mm256_cvtepu8_epi16(_mm_cvtsi64_si128(scw as i64)));
+            let mb = _mm_cvtsi64_si128(m as i64);
             _mm256_storeu_si256(
                 k.m16.as_mut_ptr() as *mut __m256i,
                 _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb)),
@@ -619,18 +648,10 @@ mod avx2 {
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 144);
-            let ahead = wb.wrapping_add(PREFETCH_BYTES);
-            for line in 0..3 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
+            prefetch_ahead(wb, 3);
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
             let (d, dmin) = (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1)));
-            let word = |i: usize| wb.add(i).cast::<u32>().read_unaligned();
-            let (u0, u1, u2) = (word(4), word(8), word(12));
-            let sc = (u0 & 0x3f3f_3f3f) as u64
-                | (((u2 & 0x0f0f_0f0f) | ((u0 >> 6) & 0x0303_0303) << 4) as u64) << 32;
-            let m = (u1 & 0x3f3f_3f3f) as u64
-                | ((((u2 >> 4) & 0x0f0f_0f0f) | ((u1 >> 6) & 0x0303_0303) << 4) as u64) << 32;
+            let (sc, m) = scale_words(wb);
             let mb = _mm_cvtsi64_si128(m as i64);
             let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb));
             let aq = ab.qs.as_ptr() as *const u8;
@@ -658,14 +679,10 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let blocks = (w.len() / 210).min(a.len());
-        let m4 = _mm256_set1_epi8(0xF);
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 210);
-            let ahead = wb.wrapping_add(PREFETCH_BYTES);
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
+            prefetch_ahead(wb, 4);
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(
                 wb.add(208).cast::<u16>().read_unaligned() as i32,
             ));
@@ -676,16 +693,7 @@ mod avx2 {
             let (ql, qh) = (wb, wb.add(128));
             let mut q = _mm256_setzero_si256();
             for h in 0..2 {
-                let lo = load(ql.add(64 * h));
-                let hi = load(ql.add(64 * h + 32));
-                let hb = load(qh.add(32 * h));
-                let lv = [
-                    _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
-                    _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
-                ];
-                for (kk, &l) in lv.iter().enumerate() {
+                for (kk, &l) in q6k_levels(ql, qh, h).iter().enumerate() {
                     let scv = _mm256_setr_m128i(
                         _mm_set1_epi16(*scb.add(8 * h + 2 * kk) as i16),
                         _mm_set1_epi16(*scb.add(8 * h + 2 * kk + 1) as i16),
@@ -751,10 +759,7 @@ mod avx2 {
             let wb = w.as_ptr().add(b * size);
             // The weight is a stream read once (per tile): ask for the bytes a few blocks ahead,
             // or each block's first touch waits for memory (decode is bound by it).
-            let ahead = wb.wrapping_add(PREFETCH_BYTES);
-            for line in 0..size.div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
+            prefetch_ahead(wb, size.div_ceil(64));
             let k = &match ks {
                 Some(v) => v[b],
                 None => k_scales_fast(ty, wb),
@@ -764,22 +769,7 @@ mod avx2 {
             if Q6 {
                 let (ql, qh) = (wb, wb.add(128));
                 for h in 0..2 {
-                    let lo = load(ql.add(64 * h));
-                    let hi = load(ql.add(64 * h + 32));
-                    let hb = load(qh.add(32 * h));
-                    let lv = [
-                        _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
-                        _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(lo, 4), m4),
-                            hbits(hb, 2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(hi, 4), m4),
-                            hbits(hb, 3),
-                        ),
-                    ];
-                    for (kk, &l) in lv.iter().enumerate() {
+                    for (kk, &l) in q6k_levels(ql, qh, h).iter().enumerate() {
                         // i16 lanes 0..7 hold values 0..15 (sub-block 2kk), 8..15 values 16..31.
                         let scv = _mm256_setr_m128i(
                             _mm_set1_epi16(k.sc[8 * h + 2 * kk]),
