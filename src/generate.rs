@@ -4,17 +4,18 @@
 //! The image is encoded once (CLIP -> fuser -> MLP); the prompt is built with the llava_v1
 //! template and prefilled into a KV cache (`model::llama::KvCache`); then one position per
 //! generated token. Tokens stream out as text through a SentencePiece detokenizer.
-use crate::artefact::GgufWeights;
-use crate::checkpoint::tokenizer::chat::{
+use crate::convert::source::Source;
+use crate::cpu::CpuBackend;
+use crate::formats::checkpoint::tokenizer::chat::{
     first_user_message, llava_v1_prompt, next_turn, LLAVA_V1_SYSTEM,
 };
-use crate::checkpoint::tokenizer::{Detokenizer, SpmTokenizer};
-use crate::device::Device as RunDevice;
-use crate::error::{Error, Result};
-use crate::hparams::ModelHParams;
+use crate::formats::checkpoint::tokenizer::{Detokenizer, SpmTokenizer};
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::ModelHParams;
 use crate::model::llama::{decode_cached, KvCache};
-use crate::model::{self, Backend, CpuBackend, WeightSource};
-use crate::source::Source;
+use crate::model::{self, Backend, WeightSource};
+use crate::runtime::device::Device as RunDevice;
+use crate::runtime::weights::GgufWeights;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -156,7 +157,7 @@ impl Sampler {
 
 /// The SentencePiece vocabulary of an LLM GGUF (`tokenizer.ggml.*`), for encoding and decoding
 /// (one reader, shared with verify's artefact side).
-pub use crate::artefact::vocab_from_gguf;
+pub use crate::runtime::weights::vocab_from_gguf;
 
 /// Where the weights come from: the GGUF artefacts, or the source checkpoint itself.
 pub enum Weights {
@@ -468,7 +469,7 @@ fn read_ids(path: &Path) -> Result<Vec<i64>> {
 fn pixel_values(opts: &GenerateOptions, hp: &ModelHParams) -> Result<Option<(Tensor, String)>> {
     let s = hp.clip.image_size;
     let v = if let Some(p) = &opts.pixel_values {
-        let a = crate::npy::read(p)?;
+        let a = crate::formats::npy::read(p)?;
         if a.shape != [3, s, s] {
             return Err(Error::input(
                 p,
@@ -480,7 +481,7 @@ fn pixel_values(opts: &GenerateOptions, hp: &ModelHParams) -> Result<Option<(Ten
         }
         (a.to_f32()?, p.display().to_string())
     } else if let Some(p) = &opts.image {
-        let v = crate::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?;
+        let v = crate::formats::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?;
         (v, p.display().to_string())
     } else {
         return Ok(None);
@@ -702,7 +703,7 @@ fn run_with<B: Backend>(
         image_seconds,
         prefill: Speed::new(first.prefill_positions, first.prefill_seconds),
         decode: Speed::new(first.decode_steps, first.decode_seconds),
-        peak_rss_bytes: crate::progress::peak_rss_bytes(),
+        peak_rss_bytes: crate::ground::progress::peak_rss_bytes(),
     };
     if stream {
         eprintln!(

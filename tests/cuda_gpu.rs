@@ -14,11 +14,12 @@
 #[path = "common/sabotage.rs"]
 mod sabotage;
 use candle_core::{Device, Tensor};
-use mmfuser_convert::artefact::GgufWeights;
+use mmfuser_convert::convert::source::Source;
+use mmfuser_convert::cpu::{CpuBackend, CpuF32Linear};
 use mmfuser_convert::cuda::{CudaBackend, GemmMode};
-use mmfuser_convert::gguf::GgmlType;
-use mmfuser_convert::model::{self, Backend, CpuBackend, CpuF32Linear, MemWeights, WeightSource};
-use mmfuser_convert::source::Source;
+use mmfuser_convert::ground::dtype::GgmlType;
+use mmfuser_convert::model::{self, Backend, MemWeights, WeightSource};
+use mmfuser_convert::runtime::weights::GgufWeights;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -548,7 +549,7 @@ fn sides(llm: &Path, mmproj: &Path, q8: &Path, q4: &Path) -> Vec<Side> {
 
 /// The fixture's probe: pixel values, the image prompt's ids, the text-only ids.
 fn probe() -> (Tensor, Vec<i64>, Vec<i64>) {
-    let pv = mmfuser_convert::npy::read("fixtures/reference/pixel_values.npy").unwrap();
+    let pv = mmfuser_convert::formats::npy::read("fixtures/reference/pixel_values.npy").unwrap();
     let pv = Tensor::from_vec(pv.to_f32().unwrap(), pv.shape.as_slice(), &Device::Cpu).unwrap();
     let ids = |f: &str| -> Vec<i64> {
         serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap()
@@ -561,7 +562,7 @@ fn probe() -> (Tensor, Vec<i64>, Vec<i64>) {
 }
 
 /// The hyper-parameters of the fixture, with only the CLIP blocks the selected layers need.
-fn fixture_hparams(llm: &Path, mmproj: &Path) -> mmfuser_convert::hparams::ModelHParams {
+fn fixture_hparams(llm: &Path, mmproj: &Path) -> mmfuser_convert::model::hparams::ModelHParams {
     let mut hp = GgufWeights::open(llm, mmproj)
         .and_then(|a| a.hparams())
         .unwrap_or_else(|e| panic!("{e}"));
@@ -576,7 +577,7 @@ fn compare_with_cpu<B: Backend>(
     b: &B,
     tag: &str,
     ws: &dyn WeightSource,
-    hp: &mmfuser_convert::hparams::ModelHParams,
+    hp: &mmfuser_convert::model::hparams::ModelHParams,
     (pv, ids, text_ids): &(Tensor, Vec<i64>, Vec<i64>),
     (t_rel, t_top): (f64, f64),
     rep: &mut Report,
@@ -685,7 +686,7 @@ fn whole_model_matches_cpu() {
 /// (the mat-vec kernels) and everything else is the CPU backend.
 struct FastRounding;
 
-fn rounded(x: &Tensor, dt: candle_core::DType) -> mmfuser_convert::error::Result<Tensor> {
+fn rounded(x: &Tensor, dt: candle_core::DType) -> mmfuser_convert::ground::error::Result<Tensor> {
     Ok(x.to_dtype(dt)?.to_dtype(candle_core::DType::F32)?)
 }
 
@@ -695,23 +696,31 @@ impl Backend for FastRounding {
     fn name(&self) -> &'static str {
         "cpu with GemmMode::Fast rounding"
     }
-    fn upload(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn upload(&self, x: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.upload(x)
     }
-    fn download(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn download(&self, x: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.download(x)
     }
     fn dims(&self, x: &Tensor) -> (usize, usize) {
         CpuBackend.dims(x)
     }
-    fn weight(&self, ws: &dyn WeightSource, name: &str) -> mmfuser_convert::error::Result<Self::W> {
+    fn weight(
+        &self,
+        ws: &dyn WeightSource,
+        name: &str,
+    ) -> mmfuser_convert::ground::error::Result<Self::W> {
         let ty = ws.raw(name)?.ty;
         Ok((CpuBackend.weight(ws, name)?, ty))
     }
     fn weight_dims(&self, w: &Self::W) -> (usize, usize) {
         CpuBackend.weight_dims(&w.0)
     }
-    fn param(&self, ws: &dyn WeightSource, name: &str) -> mmfuser_convert::error::Result<Tensor> {
+    fn param(
+        &self,
+        ws: &dyn WeightSource,
+        name: &str,
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.param(ws, name)
     }
     fn linear(
@@ -719,7 +728,7 @@ impl Backend for FastRounding {
         x: &Tensor,
         w: &Self::W,
         bias: Option<&Tensor>,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         use candle_core::DType;
         if CpuBackend.dims(x).0 <= 8 || w.1 == GgmlType::F32 {
             return CpuBackend.linear(x, &w.0, bias);
@@ -739,7 +748,7 @@ impl Backend for FastRounding {
         n_head: usize,
         n_head_kv: usize,
         causal: bool,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.attention(q, k, v, n_head, n_head_kv, causal)
     }
     fn layer_norm(
@@ -748,28 +757,41 @@ impl Backend for FastRounding {
         w: &Tensor,
         b: &Tensor,
         eps: f32,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.layer_norm(x, w, b, eps)
     }
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> mmfuser_convert::error::Result<Tensor> {
+    fn rms_norm(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.rms_norm(x, w, eps)
     }
-    fn softmax_groups(&self, x: &Tensor, group: usize) -> mmfuser_convert::error::Result<Tensor> {
+    fn softmax_groups(
+        &self,
+        x: &Tensor,
+        group: usize,
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.softmax_groups(x, group)
     }
-    fn add(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn add(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.add(a, b)
     }
-    fn mul(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn mul(&self, a: &Tensor, b: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.mul(a, b)
     }
-    fn quick_gelu(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn quick_gelu(&self, x: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.quick_gelu(x)
     }
-    fn gelu_erf(&self, x: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn gelu_erf(&self, x: &Tensor) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.gelu_erf(x)
     }
-    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> mmfuser_convert::error::Result<Tensor> {
+    fn silu_mul(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.silu_mul(gate, up)
     }
     fn rope_interleaved(
@@ -778,7 +800,7 @@ impl Backend for FastRounding {
         n_head: usize,
         pos0: usize,
         theta: f32,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.rope_interleaved(x, n_head, pos0, theta)
     }
     fn rope_neox(
@@ -787,7 +809,7 @@ impl Backend for FastRounding {
         n_head: usize,
         pos0: usize,
         theta: f32,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.rope_neox(x, n_head, pos0, theta)
     }
     fn msda(
@@ -799,13 +821,18 @@ impl Backend for FastRounding {
         ref_grid: (usize, usize),
         n_heads: usize,
         n_points: usize,
-    ) -> mmfuser_convert::error::Result<Tensor> {
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.msda(value, levels, offsets, weights, ref_grid, n_heads, n_points)
     }
-    fn rows(&self, x: &Tensor, start: usize, len: usize) -> mmfuser_convert::error::Result<Tensor> {
+    fn rows(
+        &self,
+        x: &Tensor,
+        start: usize,
+        len: usize,
+    ) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.rows(x, start, len)
     }
-    fn concat_rows(&self, xs: &[&Tensor]) -> mmfuser_convert::error::Result<Tensor> {
+    fn concat_rows(&self, xs: &[&Tensor]) -> mmfuser_convert::ground::error::Result<Tensor> {
         CpuBackend.concat_rows(xs)
     }
 }

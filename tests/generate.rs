@@ -10,15 +10,16 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{fixture, root, run, tempdir};
-use mmfuser_convert::checkpoint::tokenizer::chat::{
+use mmfuser_convert::cpu::CpuBackend;
+use mmfuser_convert::formats::checkpoint::tokenizer::chat::{
     llava_v1_prompt, next_turn, LLAVA_V1_CHAT_TEMPLATE, LLAVA_V1_SYSTEM,
 };
-use mmfuser_convert::checkpoint::tokenizer::{decode, Detokenizer, SpmTokenizer};
+use mmfuser_convert::formats::checkpoint::tokenizer::{decode, Detokenizer, SpmTokenizer};
 use mmfuser_convert::generate::{
     next_turn_ids, prompt_ids, run_turn, vocab_from_gguf, LoadedModel, Sampler, SamplingOptions,
     Session, Stop, TurnOptions, TurnOutput,
 };
-use mmfuser_convert::model::{self, Backend, CpuBackend};
+use mmfuser_convert::model::{self, Backend};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -104,7 +105,7 @@ fn artefacts() -> &'static Artefacts {
 }
 
 fn pixels() -> Tensor {
-    let a = mmfuser_convert::npy::read(fixture("reference/pixel_values.npy")).unwrap();
+    let a = mmfuser_convert::formats::npy::read(fixture("reference/pixel_values.npy")).unwrap();
     let s = a.shape[1];
     Tensor::from_vec(a.to_f32().unwrap(), (3, s, s), &Device::Cpu).unwrap()
 }
@@ -155,7 +156,7 @@ fn greedy_from_f32_artefacts_equals_transformers() {
     assert_eq!(out.tokens, want, "greedy tokens vs transformers");
     assert_eq!(out.text, reference()["greedy"]["text"].as_str().unwrap());
     // The logits of every step against transformers' (f64) logits.
-    let r = mmfuser_convert::npy::read(fixture("reference/greedy_logits.npy")).unwrap();
+    let r = mmfuser_convert::formats::npy::read(fixture("reference/greedy_logits.npy")).unwrap();
     let r = r.to_f32().unwrap();
     let v = r.len() / want.len();
     let worst = (0..want.len())
@@ -222,7 +223,8 @@ fn kv_cache_equals_no_cache() {
         let mut seq = ids.clone();
         let mut worst = 0.0f64;
         for (step, &t) in out.tokens.iter().enumerate() {
-            let full = model::logits(m.ws(), &m.hparams, &seq, Some(&img)).unwrap();
+            let full =
+                model::logits_with(&CpuBackend, m.ws(), &m.hparams, &seq, Some(&img)).unwrap();
             let n = full.dim(0).unwrap();
             let last = full.get(n - 1).unwrap().to_vec1::<f32>().unwrap();
             let d = rel_diff(&out.step_logits[step], &last);
@@ -233,7 +235,7 @@ fn kv_cache_equals_no_cache() {
         // And the prefill's rows: all of them through the cache path.
         let mut s = Session::new(&b, m.ws(), &m.hparams);
         let pre = s.feed(&ids, Some(&img), false).unwrap();
-        let full = model::logits(m.ws(), &m.hparams, &ids, Some(&img)).unwrap();
+        let full = model::logits_with(&CpuBackend, m.ws(), &m.hparams, &ids, Some(&img)).unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let dp = rel_diff(&flat(&pre), &flat(&full));
         assert!(dp <= 1e-5, "{name} prefill: {dp:.3e}");
@@ -317,7 +319,7 @@ fn prompt_and_special_tokens_equal_llava() {
 fn gguf_chat_template_and_vocabulary() {
     let a = artefacts();
     for llm in [&a.f32.0, &a.f16.0, &a.q8.0] {
-        let g = mmfuser_convert::gguf::GgufFile::open(llm).unwrap();
+        let g = mmfuser_convert::formats::gguf::GgufFile::open(llm).unwrap();
         assert_eq!(
             g.get_str("tokenizer.chat_template").unwrap(),
             LLAVA_V1_CHAT_TEMPLATE,
@@ -332,7 +334,7 @@ fn gguf_chat_template_and_vocabulary() {
 #[test]
 fn detokenization_equals_sentencepiece() {
     let a = artefacts();
-    let g = mmfuser_convert::gguf::GgufFile::open(&a.f32.0).unwrap();
+    let g = mmfuser_convert::formats::gguf::GgufFile::open(&a.f32.0).unwrap();
     let toks = [
         SpmTokenizer::from_file(&fixture("tiny-llava-mmfuser/tokenizer.model")).unwrap(),
         SpmTokenizer::from_vocab(&vocab_from_gguf(&g).unwrap()).unwrap(),
@@ -577,7 +579,7 @@ fn interactive_second_turn_equals_from_scratch() {
     };
     let mut input = std::io::Cursor::new(b"What colour is it?\n\n".to_vec());
     let mut out = Vec::new();
-    let dev = mmfuser_convert::device::Device::Cpu;
+    let dev = mmfuser_convert::runtime::device::Device::Cpu;
     let rep = mmfuser_convert::generate::run(&opts, &dev, &mut input, &mut out).unwrap();
     let out = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = out.split('\n').collect();

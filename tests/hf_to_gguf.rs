@@ -1,12 +1,13 @@
 //! Integration tests of `mmfuser-convert hf-to-gguf` (issue "hf-to-gguf"): the built binary is run on
 //! the fixtures (and on broken copies of them made here, in temporary directories), and its outputs
-//! are read back with our reader (`mmfuser_convert::gguf::GgufFile`) and with candle-core's GGUF
+//! are read back with our reader (`mmfuser_convert::formats::gguf::GgufFile`) and with candle-core's GGUF
 //! reader (an independent implementation). No GPU, no Python (see tests/interop_gguf_py.rs for
 //! the gguf-py checks).
 //!
 //! Broken checkpoints are built by copying a fixture directory and rewriting its files with the
 //! small safetensors reader/writer below, never from committed blobs.
-use mmfuser_convert::gguf::{GgmlType, GgufFile, Value};
+use mmfuser_convert::formats::gguf::{GgufFile, Value};
+use mmfuser_convert::ground::dtype::GgmlType;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -11,7 +11,7 @@
 //!   terabytes aborts the process, which fails the test).
 //!
 //! Cases are collected per category and all failures reported together.
-use mmfuser_convert::gguf::GgufFile;
+use mmfuser_convert::formats::gguf::GgufFile;
 use serde_json::{json, Value as Json};
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -2372,7 +2372,7 @@ fn usage_errors() {
 // ---------------------------------------------------------------------------------------------
 // Writing safely: SIGKILL mid-write, a full disk, a read-only destination
 
-const TEMP_MARK: &str = mmfuser_convert::fsutil::TEMP_MARK;
+const TEMP_MARK: &str = mmfuser_convert::ground::fsutil::TEMP_MARK;
 
 fn temps(dir: &Path) -> Vec<String> {
     dir_names(dir)
@@ -3210,7 +3210,7 @@ fn verify_probe_inputs() {
 
 #[test]
 fn fuzz_regressions() {
-    use mmfuser_convert::checkpoint::config::SelectLayers;
+    use mmfuser_convert::formats::checkpoint::config::SelectLayers;
     let p = Path::new("config.json");
     // config_parser crash-e7a79de0: SelectLayers::resolve computed `n_layer as i64 + 1`, which
     // overflows for n_layer >= i64::MAX (a panic with overflow checks, a negative count without).
@@ -3228,9 +3228,13 @@ fn fuzz_regressions() {
     let tmp = tempdir();
     let j = r#"{"model": {"type": "BPE", "byte_fallback": true, "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "aaaa": 3, "<0x41>": 4}, "merges": [["aaaa", "aaaa"]]}, "decoder": {"type": "Sequence", "decoders": []}}"#;
     std::fs::write(tmp.path().join("tokenizer.json"), j).unwrap();
-    let e = mmfuser_convert::checkpoint::tokenizer::vocab::load_vocab(tmp.path(), 0, &json!({}))
-        .unwrap_err()
-        .to_string();
+    let e = mmfuser_convert::formats::checkpoint::tokenizer::vocab::load_vocab(
+        tmp.path(),
+        0,
+        &json!({}),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("tokenizer.json") && e.contains("panicked"),
         "{e}"
@@ -3253,7 +3257,7 @@ fn fuzz_regressions() {
 /// under it in a shared output directory must not make the writer write through it.
 #[test]
 fn planted_symlink_at_the_temporary_name_is_not_followed() {
-    use mmfuser_convert::fsutil::{write_atomic, AtomicFile};
+    use mmfuser_convert::ground::fsutil::{write_atomic, AtomicFile};
     let tmp = tempdir();
     let victim = tmp.path().join("victim.txt");
     std::fs::write(&victim, b"precious").unwrap();
@@ -4268,7 +4272,7 @@ fn concurrent_writers_leave_a_consistent_set() {
                 .unwrap();
         for o in m["outputs"].as_array().unwrap() {
             let p = out.join(Path::new(o["path"].as_str().unwrap()).file_name().unwrap());
-            let (_, sha) = mmfuser_convert::manifest::sha256_file(&p).unwrap();
+            let (_, sha) = mmfuser_convert::ground::digest::sha256_file(&p).unwrap();
             assert_eq!(
                 sha,
                 o["sha256"].as_str().unwrap(),

@@ -1,11 +1,11 @@
 //! src/image.rs against transformers' CLIPImageProcessor (PIL backend) + LLaVA expand2square.
 //! References: fixtures/reference/image_preprocessed.npy (fixtures/make_fixtures.py) and
 //! fixtures/image_refs/ (fixtures/make_image_refs.py; Pillow 13.0.0, transformers 5.24.0).
-use mmfuser_convert::image::{
+use mmfuser_convert::formats::image::{
     background_from_mean, center_crop, expand_to_square, load_image, preprocess, resize_bicubic,
     resize_shortest_edge_bicubic, to_pixel_values, RgbImage, CLIP_MEAN, CLIP_STD,
 };
-use mmfuser_convert::npy;
+use mmfuser_convert::formats::npy;
 use std::path::{Path, PathBuf};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -208,7 +208,7 @@ fn png_colour_types_convert_like_pil() {
 
 #[test]
 fn pass_order_rule() {
-    use mmfuser_convert::image::{pillow_vertical_first, resize_bicubic_ordered};
+    use mmfuser_convert::formats::image::{pillow_vertical_first, resize_bicubic_ordered};
     // the 100x20 reference needs the vertical pass first (45 - 20 = 25 > 2 * (70 - 100))
     assert!(pillow_vertical_first(70, 45, 100, 20));
     assert!(!pillow_vertical_first(70, 45, 33, 71));

@@ -130,7 +130,7 @@ fn gguf_py_check_catches_a_changed_value() {
     let d = tmp.path().join("f16");
     convert(&d, "f16");
     let llm = d.join("tiny-llava-mmfuser-F16.gguf");
-    let g = mmfuser_convert::gguf::GgufFile::open(&llm).unwrap();
+    let g = mmfuser_convert::formats::gguf::GgufFile::open(&llm).unwrap();
     let off = g.tensor("blk.1.attn_k.weight").unwrap().offset as usize + 2 * 1000;
     drop(g);
     let mut b = std::fs::read(&llm).unwrap();

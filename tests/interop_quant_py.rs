@@ -16,7 +16,8 @@
 //! Then the check is shown able to fail: one byte of a Q4_K tensor (only (b) can see it) and one
 //! of a Q8_0 tensor (both (a) and (b)) are flipped in scratch copies, and one manifest value is
 //! changed by 1e-6 of itself ((d)); the script must exit non-zero naming each tensor and type.
-use mmfuser_convert::gguf::{GgmlType, GgufFile};
+use mmfuser_convert::formats::gguf::GgufFile;
+use mmfuser_convert::ground::dtype::GgmlType;
 use mmfuser_convert::quant;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,8 +85,12 @@ fn write_our_dequant(gguf: &Path, dir: &Path) {
         let v = quant::dequantize(t.info.ty, g.data(t), n as usize)
             .unwrap_or_else(|e| panic!("{}: {}: {e}", gguf.display(), t.info.name));
         let shape: Vec<usize> = t.info.ne.iter().rev().map(|&d| d as usize).collect();
-        mmfuser_convert::npy::write_f32(dir.join(format!("{}.npy", t.info.name)), &shape, &v)
-            .unwrap();
+        mmfuser_convert::formats::npy::write_f32(
+            dir.join(format!("{}.npy", t.info.name)),
+            &shape,
+            &v,
+        )
+        .unwrap();
     }
 }
 

@@ -6,7 +6,7 @@
 //! their logits must match transformers' LlavaForConditionalGeneration (float64).
 mod common;
 use common::*;
-use mmfuser_convert::gguf::GgufFile;
+use mmfuser_convert::formats::gguf::GgufFile;
 use std::path::{Path, PathBuf};
 
 fn layout(p: &str) -> PathBuf {
@@ -89,9 +89,9 @@ fn check_logits_against_transformers(ckpt: &str, llm: &Path, mmproj: &Path, dump
         dump.parent().unwrap(),
     )
     .ok();
-    let want = mmfuser_convert::npy::read(reference.join("logits.npy")).unwrap();
+    let want = mmfuser_convert::formats::npy::read(reference.join("logits.npy")).unwrap();
     for side in ["source.npy", "artefact.npy"] {
-        let got = mmfuser_convert::npy::read(dump.join(side)).unwrap();
+        let got = mmfuser_convert::formats::npy::read(dump.join(side)).unwrap();
         assert_eq!(got.shape, want.shape, "{ckpt} {side}");
         let e = rel_rms(&got.to_f64().unwrap(), &want.to_f64().unwrap());
         assert!(
@@ -110,7 +110,7 @@ fn llava_hf_layout_matches_transformers() {
     // (llama.cpp takes n_vocab from it and refuses a token_embd of another size)
     let l = GgufFile::open(&llm).unwrap();
     match l.get("tokenizer.ggml.tokens") {
-        Some(mmfuser_convert::gguf::Value::Array(_, a)) => assert_eq!(a.len(), 528),
+        Some(mmfuser_convert::formats::gguf::Value::Array(_, a)) => assert_eq!(a.len(), 528),
         other => panic!("tokenizer.ggml.tokens: {other:?}"),
     }
     let g = GgufFile::open(&mmproj).unwrap();
@@ -280,7 +280,7 @@ fn prompt_encoded_from_tokenizer_json_like_transformers() {
         .iter()
         .map(|v| v.as_i64().unwrap())
         .collect();
-    let got = mmfuser_convert::checkpoint::tokenizer::encode_llava_prompt(
+    let got = mmfuser_convert::formats::checkpoint::tokenizer::encode_llava_prompt(
         &ck,
         want["prompt"].as_str().unwrap(),
     )
@@ -322,7 +322,7 @@ fn gguf_py(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
 
 #[test]
 fn model_id_parts_and_size_labels_as_gguf_py() {
-    use mmfuser_convert::naming::{model_id_parts, size_label};
+    use mmfuser_convert::convert::naming::{model_id_parts, size_label};
     let ids = [
         "liuhaotian/llava-v1.5-7b",
         "llava-hf/llava-1.5-13b-hf",

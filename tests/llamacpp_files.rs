@@ -11,7 +11,7 @@
 //!   the input's sha256 is stored too. When it differs (the converter now writes other metadata,
 //!   say), the test fails and names the script that makes new references: a stale reference
 //!   must not turn the whole-file check into a silent pass.
-use mmfuser_convert::gguf::GgufFile;
+use mmfuser_convert::formats::gguf::GgufFile;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;

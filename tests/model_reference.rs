@@ -20,11 +20,12 @@
 //! sha256 in reference/meta.json, so a fixture edited by hand, or regenerated without meta.json,
 //! fails here.
 use candle_core::{Device, Tensor};
-use mmfuser_convert::hparams::{
+use mmfuser_convert::convert::source::Source;
+use mmfuser_convert::cpu::CpuBackend;
+use mmfuser_convert::model::hparams::{
     ClipHParams, FuserHParams, LlamaHParams, ModelHParams, ProjectorHParams,
 };
 use mmfuser_convert::model::{self, WeightSource};
-use mmfuser_convert::source::Source;
 use std::path::{Path, PathBuf};
 
 const TOL: f64 = 1e-4;
@@ -86,7 +87,7 @@ fn hparams(fx: &Path) -> ModelHParams {
 }
 
 fn npy(fx: &Path, name: &str) -> (Vec<usize>, Vec<f64>) {
-    let a = mmfuser_convert::npy::read(fx.join("reference").join(name)).unwrap();
+    let a = mmfuser_convert::formats::npy::read(fx.join("reference").join(name)).unwrap();
     (a.shape.clone(), a.to_f64().unwrap())
 }
 
@@ -154,10 +155,10 @@ fn run_stages(fx: &Path, ws: &dyn WeightSource, parsed: &ModelHParams) {
         serde_json::from_value(json(&fx.join("reference/text_only_ids.json"))).unwrap();
 
     let t0 = std::time::Instant::now();
-    let img = model::encode_image(ws, &hp, &px).unwrap();
+    let img = model::encode_image_with(&CpuBackend, ws, &hp, &px).unwrap();
     let t_img = t0.elapsed();
     let t1 = std::time::Instant::now();
-    let logits = model::logits(ws, &hp, &ids, Some(&img.image_embeds)).unwrap();
+    let logits = model::logits_with(&CpuBackend, ws, &hp, &ids, Some(&img.image_embeds)).unwrap();
     let t_llm = t1.elapsed();
     println!(
         "tiny forward (CPU backend): image side {:.1} ms, LLM ({} positions) {:.1} ms, total {:.1} ms",
@@ -221,7 +222,7 @@ fn run_stages(fx: &Path, ws: &dyn WeightSource, parsed: &ModelHParams) {
         &Device::Cpu,
     )
     .unwrap();
-    let l2 = model::logits(ws, &hp, &ids, Some(&ref_embeds)).unwrap();
+    let l2 = model::logits_with(&CpuBackend, ws, &hp, &ids, Some(&ref_embeds)).unwrap();
     check(
         "logits (reference embeds)",
         &values(&l2),
@@ -229,7 +230,7 @@ fn run_stages(fx: &Path, ws: &dyn WeightSource, parsed: &ModelHParams) {
         &mut failures,
     );
     let (_, want) = npy(&fx, "text_only_logits.npy");
-    let l3 = model::logits(ws, &hp, &text_ids, None).unwrap();
+    let l3 = model::logits_with(&CpuBackend, ws, &hp, &text_ids, None).unwrap();
     check("text-only logits", &values(&l3), &want, &mut failures);
 
     assert!(

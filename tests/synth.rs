@@ -1,7 +1,7 @@
 //! Integration test of `mmfuser-convert synth` (issue "Real scale"): a tiny synthetic checkpoint
 //! (real layout, toy sizes) is written and then converted by `hf-to-gguf`; the outputs are read back.
-use mmfuser_convert::checkpoint::tokenizer::proto::SpmModel;
-use mmfuser_convert::gguf::GgufFile;
+use mmfuser_convert::formats::checkpoint::tokenizer::proto::SpmModel;
+use mmfuser_convert::formats::gguf::GgufFile;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;

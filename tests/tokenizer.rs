@@ -6,7 +6,7 @@
 //!   with gguf-py (fixtures/tokenizer-interop/<variant>/gguf_vocab.json, same script).
 use std::path::{Path, PathBuf};
 
-use mmfuser_convert::checkpoint::tokenizer::{load_vocab, GgufVocab, SpmTokenizer};
+use mmfuser_convert::formats::checkpoint::tokenizer::{load_vocab, GgufVocab, SpmTokenizer};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {

@@ -5,7 +5,8 @@
 //! implementation of the spec, since transformers has none).
 #[path = "common/sabotage.rs"]
 mod sabotage;
-use mmfuser_convert::gguf::{GgmlType, GgufFile, Metadata, TensorInfo, Value};
+use mmfuser_convert::formats::gguf::{GgufFile, Metadata, TensorInfo, Value};
+use mmfuser_convert::ground::dtype::GgmlType;
 use sabotage::{rewrite, scale_f16, scale_offset, with_metadata};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -658,11 +659,11 @@ fn source_forward_matches_the_reference() {
         ],
     );
     assert_eq!(rc, 0, "{err}");
-    let got = mmfuser_convert::npy::read(dump.join("source.npy"))
+    let got = mmfuser_convert::formats::npy::read(dump.join("source.npy"))
         .unwrap()
         .to_f64()
         .unwrap();
-    let want = mmfuser_convert::npy::read("fixtures/reference/logits.npy")
+    let want = mmfuser_convert::formats::npy::read("fixtures/reference/logits.npy")
         .unwrap()
         .to_f64()
         .unwrap();

@@ -2,7 +2,7 @@
 //! CLIP hyper-parameters (with the same JSON as preprocessor config).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::checkpoint::config::{clip_hparams, LlavaConfig, SelectLayers};
+use mmfuser_convert::formats::checkpoint::config::{clip_hparams, LlavaConfig, SelectLayers};
 use std::path::{Path, PathBuf};
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! the input, never a panic or a huge allocation.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::gguf::GgufFile;
+use mmfuser_convert::formats::gguf::GgufFile;
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {

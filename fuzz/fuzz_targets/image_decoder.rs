@@ -3,7 +3,7 @@
 //! decoded size within the limits, and exactly 3 x size x size finite pixel values.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::image::{
+use mmfuser_convert::formats::image::{
     check_image_size, decode_image, preprocess_image, CLIP_MEAN, CLIP_STD,
 };
 use std::path::Path;

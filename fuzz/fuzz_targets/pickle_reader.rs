@@ -3,7 +3,7 @@
 //! must lie inside it; strided tensors are gathered).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::checkpoint::pickle::{gather, parse_state_dict, read_archive};
+use mmfuser_convert::formats::checkpoint::pickle::{gather, parse_state_dict, read_archive};
 use std::path::Path;
 
 fuzz_target!(|data: &[u8]| {

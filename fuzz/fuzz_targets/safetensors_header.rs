@@ -3,7 +3,7 @@
 //! (every shard path it accepts must stay inside the checkpoint directory).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::checkpoint::store::{parse_index_json, safetensors_entries};
+use mmfuser_convert::formats::checkpoint::store::{parse_index_json, safetensors_entries};
 use std::path::{Component, Path};
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 //! vocabulary whose score and type lists have one entry per token.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use mmfuser_convert::checkpoint::tokenizer::vocab::load_vocab;
+use mmfuser_convert::formats::checkpoint::tokenizer::vocab::load_vocab;
 use std::path::PathBuf;
 
 fn workdir() -> PathBuf {

@@ -249,7 +249,7 @@ pub fn reference(d: &GemmDesc, a: &[f32], b: &[f32], c: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::{Backend, CpuBackend};
+    use crate::{cpu::CpuBackend, model::backend::Backend};
     use candle_core::{Device, Tensor};
 
     fn rnd(n: usize, seed: u64) -> Vec<f32> {

@@ -27,9 +27,9 @@
 pub mod gemm;
 pub mod kernels;
 
-use crate::error::{Error, Result};
-use crate::gguf::GgmlType;
-use crate::model::ops::Backend;
+use crate::ground::dtype::GgmlType;
+use crate::ground::error::{Error, Result};
+use crate::model::backend::Backend;
 use crate::model::weights::WeightSource;
 use candle_core::{Device, Tensor};
 use cudarc::cublas::CudaBlas;
@@ -686,7 +686,7 @@ impl CudaBackend {
         } else {
             drop(raw);
             let t = ws.tensor_f32(name)?;
-            let v = crate::model::ops::with_f32(&t, |s| {
+            let v = crate::cpu::with_f32(&t, |s| {
                 s.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
             })?;
             (GgmlType::F32, std::borrow::Cow::Owned(v))
@@ -921,7 +921,7 @@ impl CudaBackend {
             d => (d[0], d[1..].iter().product()),
         };
         let x = x.to_dtype(candle_core::DType::F32)?;
-        crate::model::ops::with_f32(&x, |v| self.upload_f32(v, r, c))?
+        crate::cpu::with_f32(&x, |v| self.upload_f32(v, r, c))?
     }
 
     fn op_download(&self, x: &CudaTensor) -> Result<Tensor> {
@@ -999,7 +999,7 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let (n, qc) = (q.rows, q.cols);
         let (m, kc) = (k.rows, k.cols);
-        let hd = crate::model::ops::attention_head_dim(
+        let hd = crate::model::backend::attention_head_dim(
             (n, qc),
             (m, kc),
             (v.rows, v.cols),

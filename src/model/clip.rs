@@ -1,11 +1,11 @@
 //! CLIP ViT vision tower (HF `CLIPVisionModel` with `output_hidden_states=True`), as far as the
 //! selected hidden states need it. Pre-LN blocks, attention scale hd^-0.5 with biases,
 //! quick_gelu (or exact GELU), LayerNorm eps from the hparams; `post_layernorm` is never used.
-use super::ops::Backend;
+use super::backend::Backend;
 use super::weights::WeightSource;
 use super::{layer_norm, linear};
-use crate::error::{Error, Result};
-use crate::hparams::ClipHParams;
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::ClipHParams;
 use candle_core::{Device, Tensor};
 
 /// Non-overlapping p x p patches of a [3, S, S] image as rows [N, 3*p*p], row-major over the patch

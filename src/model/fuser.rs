@@ -1,11 +1,11 @@
 //! MMFuser's MSCrossAttnBlock (spec §3): multi-scale deformable cross attention from the last
 //! selected CLIP layer into the others, then a one-level deformable self attention, with the
 //! layer-scale gammas.
-use super::ops::Backend;
+use super::backend::Backend;
 use super::weights::WeightSource;
 use super::{layer_norm, linear};
-use crate::error::{Error, Result};
-use crate::hparams::FuserHParams;
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::FuserHParams;
 
 const P: &str = "mm.fuser";
 

@@ -1,11 +1,11 @@
 //! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope, or as HF
 //! stores them with the rotate_half rope when the weight source says so):
 //! RMSNorm, rotary embeddings, causal attention with GQA, SwiGLU MLP, output head.
+use super::backend::Backend;
 use super::linear;
-use super::ops::Backend;
 use super::weights::{rows_f32, RopeMode, WeightSource};
-use crate::error::{Error, Result};
-use crate::hparams::LlamaHParams;
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::LlamaHParams;
 use candle_core::Tensor;
 
 /// The image placeholder in token ids (LLaVA's IMAGE_TOKEN_INDEX; never a vocabulary id).

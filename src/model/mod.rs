@@ -1,21 +1,22 @@
-//! The LLaVA-MMFuser forward pass (spec §3), written once against `ops::Backend`:
+//! The LLaVA-MMFuser forward pass (spec §3), written once against `backend::Backend`:
 //! CLIP (`clip`) -> MMFuser (`fuser`) -> MLP -> LLaMA (`llama`). f32 compute; every weight comes
 //! from a `WeightSource` by its GGUF name when the layer that needs it runs, and is dropped after.
 //!
-//! `encode_image` / `logits` run on the CPU backend; `encode_image_with` / `logits_with` take any
-//! backend.
+//! `encode_image_with` / `logits_with` run on any backend (`crate::cpu`, `crate::cuda`); the
+//! model names no backend.
+pub mod backend;
 pub mod clip;
 pub mod fuser;
+pub mod hparams;
 pub mod llama;
-pub mod ops;
 pub mod weights;
 
+pub use backend::Backend;
 pub use llama::{build_inputs, IMAGE_TOKEN};
-pub use ops::{Backend, CpuBackend, CpuF32Linear};
 pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};
 
-use crate::error::{Error, Result};
-use crate::hparams::{ModelHParams, ProjectorHParams};
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::{ModelHParams, ProjectorHParams};
 use candle_core::Tensor;
 
 /// Everything the image side produces (host tensors, f32).
@@ -87,16 +88,7 @@ fn mlp<B: Backend>(
     )
 }
 
-/// The image side on the CPU backend: pixel_values [3, S, S] (CLIP-normalized) -> ImageOutputs.
-pub fn encode_image(
-    ws: &dyn WeightSource,
-    hp: &ModelHParams,
-    pixel_values: &Tensor,
-) -> Result<ImageOutputs> {
-    encode_image_with(&CpuBackend, ws, hp, pixel_values)
-}
-
-/// The image side on any backend.
+/// The image side on any backend: pixel_values [3, S, S] (CLIP-normalized) -> ImageOutputs.
 pub fn encode_image_with<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
@@ -138,17 +130,7 @@ pub fn encode_image_with<B: Backend>(
     })
 }
 
-/// Logits [n, vocab] for `ids` (with the image spliced at the -200 marker) on the CPU backend.
-pub fn logits(
-    ws: &dyn WeightSource,
-    hp: &ModelHParams,
-    ids: &[i64],
-    image_embeds: Option<&Tensor>,
-) -> Result<Tensor> {
-    logits_with(&CpuBackend, ws, hp, ids, image_embeds)
-}
-
-/// Logits on any backend.
+/// Logits [n, vocab] for `ids` (with the image spliced at the -200 marker) on any backend.
 pub fn logits_with<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
@@ -184,7 +166,8 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::Rng;
     use super::*;
-    use crate::hparams::{ClipHParams, FuserHParams, LlamaHParams};
+    use crate::cpu::CpuBackend;
+    use crate::model::hparams::{ClipHParams, FuserHParams, LlamaHParams};
     use candle_core::Device;
 
     fn tiny_hparams(projector: ProjectorHParams, feature_layers: Vec<usize>) -> ModelHParams {
@@ -345,7 +328,7 @@ mod tests {
         };
         let hp = tiny_hparams(ProjectorHParams::MmFuser(fh), vec![0, 1, 3, 2]);
         let ws = tiny_weights(&hp);
-        let out = encode_image(&ws, &hp, &pixels(&hp)).unwrap();
+        let out = encode_image_with(&CpuBackend, &ws, &hp, &pixels(&hp)).unwrap();
         assert_eq!(out.selected.len(), 4);
         for s in &out.selected {
             assert_eq!(s.dims(), &[9, 16]);
@@ -356,26 +339,39 @@ mod tests {
         assert_eq!(out.image_embeds.dims(), &[9, 32]);
         assert!(finite(&out.image_embeds));
         let ids = [1i64, 5, 7, IMAGE_TOKEN, 9, 11];
-        let lg = logits(&ws, &hp, &ids, Some(&out.image_embeds)).unwrap();
+        let lg = logits_with(&CpuBackend, &ws, &hp, &ids, Some(&out.image_embeds)).unwrap();
         assert_eq!(lg.dims(), &[5 + 9, 50]);
         assert!(finite(&lg));
         // Text only, and the errors around the marker.
-        assert_eq!(logits(&ws, &hp, &[1, 2, 3], None).unwrap().dims(), &[3, 50]);
-        assert!(logits(&ws, &hp, &ids, None).is_err());
-        assert!(logits(&ws, &hp, &[1, 2], Some(&out.image_embeds)).is_err());
-        assert!(logits(&ws, &hp, &[1, 50], None).is_err());
+        assert_eq!(
+            logits_with(&CpuBackend, &ws, &hp, &[1, 2, 3], None)
+                .unwrap()
+                .dims(),
+            &[3, 50]
+        );
+        assert!(logits_with(&CpuBackend, &ws, &hp, &ids, None).is_err());
+        assert!(logits_with(&CpuBackend, &ws, &hp, &[1, 2], Some(&out.image_embeds)).is_err());
+        assert!(logits_with(&CpuBackend, &ws, &hp, &[1, 50], None).is_err());
     }
 
     #[test]
     fn tiny_plain_llava_and_causality() {
         let hp = tiny_hparams(ProjectorHParams::Mlp, vec![3]);
         let ws = tiny_weights(&hp);
-        let out = encode_image(&ws, &hp, &pixels(&hp)).unwrap();
+        let out = encode_image_with(&CpuBackend, &ws, &hp, &pixels(&hp)).unwrap();
         assert!(out.fuser_out.is_none());
         assert_eq!(out.image_embeds.dims(), &[9, 32]);
         // Causal: the logits of a prefix do not depend on what follows.
-        let a = logits(&ws, &hp, &[1, IMAGE_TOKEN, 4, 5], Some(&out.image_embeds)).unwrap();
-        let b = logits(
+        let a = logits_with(
+            &CpuBackend,
+            &ws,
+            &hp,
+            &[1, IMAGE_TOKEN, 4, 5],
+            Some(&out.image_embeds),
+        )
+        .unwrap();
+        let b = logits_with(
+            &CpuBackend,
             &ws,
             &hp,
             &[1, IMAGE_TOKEN, 4, 6, 7],

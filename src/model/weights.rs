@@ -4,8 +4,8 @@
 //! shapes are PyTorch order ([out, in] for linear weights). The model fetches each weight when the
 //! layer that uses it runs and drops it afterwards, so a source should hand out borrowed bytes
 //! (an mmap) wherever it can.
-use crate::error::{Error, Result};
-use crate::gguf::types::GgmlType;
+use crate::ground::dtype::GgmlType;
+use crate::ground::error::{Error, Result};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::path::PathBuf;

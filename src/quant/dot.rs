@@ -868,7 +868,7 @@ mod tests {
     }
 
     fn npy(name: &str) -> (Vec<usize>, Vec<f32>) {
-        let a = crate::npy::read(dir().join(name)).unwrap();
+        let a = crate::formats::npy::read(dir().join(name)).unwrap();
         (a.shape.clone(), a.to_f32().unwrap())
     }
 

@@ -29,7 +29,7 @@
 //! --output-tensor-type, --token-embedding-type).
 
 use super::GgmlType;
-use crate::gguf::FileType;
+use crate::ground::dtype::FileType;
 use std::cmp::Ordering;
 
 /// One tensor as llama-quantize sees it: name, GGUF `ne` (ne[0] = row length), input type.

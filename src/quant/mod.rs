@@ -20,7 +20,7 @@ pub mod mixture;
 #[cfg(test)]
 mod tests;
 
-pub use crate::gguf::GgmlType;
+pub use crate::ground::dtype::GgmlType;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;

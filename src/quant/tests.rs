@@ -3,7 +3,7 @@
 //! make_mixture_refs.py; no Python needed here).
 
 use super::*;
-use crate::gguf::FileType;
+use crate::ground::dtype::FileType;
 use std::path::PathBuf;
 
 /// `skip::skip(what, reason)`: a check that cannot run on this machine, said out loud (the same
@@ -551,7 +551,7 @@ fn quant_parity_with_llamacpp_and_ggufpy() {
     let mut failures = Vec::new();
     for case in manifest["cases"].as_array().expect("cases") {
         let name = case["name"].as_str().unwrap();
-        let arr = crate::npy::read(dir.join(case["npy"].as_str().unwrap())).unwrap();
+        let arr = crate::formats::npy::read(dir.join(case["npy"].as_str().unwrap())).unwrap();
         assert_eq!(arr.descr, "<f4", "{name}");
         let x = arr.to_f32().unwrap();
         let row_len = *arr.shape.last().unwrap();

@@ -1,0 +1,1428 @@
+//! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
+//! hand-written loops for the rest).
+use crate::ground::error::{Error, Result};
+use crate::model::backend::{attention_head_dim, Backend};
+use crate::model::weights::{self as weights, RopeMode, WeightSource};
+use crate::quant::dot as quant_dot;
+use candle_core::{Device, Storage, Tensor};
+use rayon::prelude::*;
+
+/// The CPU backend: candle-core tensors (gemm + rayon for matmuls), hand-written loops for the rest.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+/// Whether linears on block-quantized weights use `quant::dot` (llama.cpp's road: 8-bit
+/// activations, integer products on the stored bytes, no f32 copy of the weight): yes, unless
+/// `MMFUSER_QUANT_DOT=0` asks for the f32 road (weights dequantized in slices of rows; the
+/// reference the quantized road is measured against: scripts/quant_dot_verify_figures.sh).
+/// verify's two sides take the same road, so its exactness does not depend on the choice.
+fn quant_dot_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_none_or(|v| v != "0"))
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::other(format!("cpu backend: {}", msg.into()))
+}
+
+/// Run `f` on the contiguous f32 data of a CPU tensor.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(bad("tensor is not on the CPU"));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| bad("non-contiguous tensor"))?;
+    Ok(f(&data[a..b]))
+}
+
+fn mat(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+/// A weight of shape [out, d1, ...] as the matrix [out, d1*...].
+fn as_matrix(ws: &dyn WeightSource, name: &str, t: Tensor) -> Result<Tensor> {
+    if t.rank() < 2 {
+        return Err(Error::tensor(
+            ws.origin_of(name),
+            name,
+            format!("expected a matrix, found shape {:?}", t.dims()),
+        ));
+    }
+    let (r, c) = dims2(&t);
+    Ok(t.reshape((r, c))?)
+}
+
+/// At most this many f32 values of a weight exist at once on the f32 road: a 7B output head is
+/// 524 MB as f32, and verify's peak memory is that copy; in slices of rows it stays at 64 MiB.
+const F32_ROAD_MAX_VALUES: usize = 16 << 20;
+
+/// x [n, k] @ w^T for a stored weight of more than `max_values`, dequantizing a slice of
+/// its rows at a time into one [n, out] result. The slices depend only on the weight's shape, so
+/// verify's two sides slice alike. None when the weight fits in one slice or is malformed (the
+/// whole-matrix road then runs, or reports why not).
+fn linear_by_row_slices(
+    ws: &dyn WeightSource,
+    name: &str,
+    raw: &weights::RawTensor<'_>,
+    x: &Tensor,
+    max_values: usize,
+) -> Result<Option<Tensor>> {
+    let Some((&out, rest)) = raw.shape.split_first() else {
+        return Ok(None);
+    };
+    let k: usize = rest.iter().product();
+    let (n, cin) = dims2(x);
+    let Some(row_bytes) = raw.ty.bytes_for(k as u64).map(|b| b as usize) else {
+        return Ok(None);
+    };
+    if rest.is_empty() || out * k <= max_values || raw.data.len() != row_bytes * out {
+        return Ok(None);
+    }
+    if cin != k {
+        return Err(Error::tensor(
+            ws.origin_of(name),
+            name,
+            format!("input has {cin} columns, weight expects {k}"),
+        ));
+    }
+    let step = (max_values / k).max(1);
+    let mut y = vec![0f32; n * out];
+    for r0 in (0..out).step_by(step) {
+        let r1 = (r0 + step).min(out);
+        let w = weights::dequantize(
+            raw.ty,
+            &raw.data[r0 * row_bytes..r1 * row_bytes],
+            (r1 - r0) * k,
+        )
+        .map_err(|m| Error::tensor(ws.origin_of(name), name, m))?;
+        let part = x.matmul(&mat(w, r1 - r0, k)?.t()?)?;
+        with_f32(&part, |p| {
+            y.par_chunks_mut(out)
+                .zip(p.par_chunks(r1 - r0))
+                .for_each(|(row, part)| row[r0..r1].copy_from_slice(part))
+        })?;
+    }
+    Ok(Some(mat(y, n, out)?))
+}
+
+/// Below this many query rows (decode), attention reads K and V where they are instead of making
+/// per-head transposed copies (at 773 cached positions those copies were 0.8 GB per token).
+const FEW_QUERIES: usize = 16;
+
+/// Σ a·b in 8 interleaved partial sums (vectorizable), added pairwise at the end.
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+}
+
+/// [`Backend::attention`] for a few query rows, one task per (row, head): scores against the
+/// head's keys read in place in k [m, n_head_kv*hd], softmax, then the weighted sum of v's rows.
+fn attention_few(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n, m): (usize, usize),
+    (n_head, n_head_kv, hd): (usize, usize, usize),
+    causal: bool,
+) -> Vec<f32> {
+    let rep = n_head / n_head_kv;
+    let (qc, kc) = (n_head * hd, n_head_kv * hd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n * qc];
+    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+        let (i, h) = (idx / n_head, idx % n_head);
+        let g = h / rep;
+        let qv = &q[i * qc + h * hd..][..hd];
+        let valid = if causal { m - n + i + 1 } else { m };
+        let mut s: Vec<f32> = (0..valid)
+            .map(|j| dot8(qv, &k[j * kc + g * hd..][..hd]) * scale)
+            .collect();
+        softmax_in_place(&mut s);
+        for (j, &p) in s.iter().enumerate() {
+            for (od, &vd) in o.iter_mut().zip(&v[j * kc + g * hd..][..hd]) {
+                *od += p * vd;
+            }
+        }
+    });
+    out
+}
+
+/// y [n, out] + bias [1, out], if any.
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let out = dims2(&y).1;
+    match bias {
+        None => Ok(y),
+        Some(b) if dims2(b) == (1, out) => Ok(y.broadcast_add(b)?),
+        Some(b) => Err(bad(format!(
+            "linear: bias {:?} for {out} outputs",
+            b.dims()
+        ))),
+    }
+}
+
+fn dims2(t: &Tensor) -> (usize, usize) {
+    match t.dims() {
+        [r, c] => (*r, *c),
+        [n] => (1, *n),
+        d => (d[0], d[1..].iter().product()),
+    }
+}
+
+/// Element-wise map over a tensor, in parallel.
+fn map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Tensor> {
+    let (r, c) = dims2(x);
+    let v = with_f32(x, |s| s.par_iter().map(|&a| f(a)).collect::<Vec<f32>>())?;
+    mat(v, r, c)
+}
+
+/// Apply `f(row_in, row_out)` to every row, in parallel.
+fn map_rows(x: &Tensor, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Result<Tensor> {
+    let (r, c) = dims2(x);
+    let mut out = vec![0f32; r * c];
+    if c > 0 {
+        with_f32(x, |s| {
+            out.par_chunks_mut(c)
+                .zip(s.par_chunks(c))
+                .for_each(|(o, i)| f(i, o))
+        })?;
+    }
+    mat(out, r, c)
+}
+
+/// A [1, cols] row as a Vec, checking its width.
+fn row_vec(w: &Tensor, cols: usize, what: &str) -> Result<Vec<f32>> {
+    let (r, c) = dims2(w);
+    if r != 1 || c != cols {
+        return Err(bad(format!(
+            "{what}: expected [1, {cols}], found {:?}",
+            w.dims()
+        )));
+    }
+    with_f32(w, |s| s.to_vec())
+}
+
+fn softmax_in_place(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for a in v.iter_mut() {
+        *a = (*a - max).exp();
+        sum += *a as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for a in v.iter_mut() {
+        *a *= inv;
+    }
+}
+
+/// Layer norm of one row (f64 statistics).
+pub(crate) fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&a| a as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    for i in 0..x.len() {
+        out[i] = (((x[i] as f64 - mean) * inv) as f32) * w[i] + b[i];
+    }
+}
+
+/// RMS norm of one row (f64 statistics).
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>() / x.len() as f64;
+    let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+    for i in 0..x.len() {
+        out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+/// Multi-scale deformable attention core on plain slices (the CPU op; also the reference for
+/// other backends). Deformable-DETR `ms_deform_attn_core` / the CUDA `ms_deform_attn_im2col`:
+///
+/// - value: [sum_l H_l*W_l, C], C = n_heads * D, head m owns columns m*D..(m+1)*D;
+/// - offsets: [Nq, M, L, P, 2] flattened, (x, y) last; weights: [Nq, M, L*P] (softmaxed);
+/// - query t = (i, j) of the ref grid has reference point ((j+0.5)/ref_w, (i+0.5)/ref_h);
+/// - loc = ref + off / (W_l, H_l); pixel coords x = loc_x*W_l - 0.5, y = loc_y*H_l - 0.5;
+/// - bilinear sample of level l, head m, with corners outside the map contributing zero
+///   (grid_sample, align_corners=False, padding_mode="zeros");
+/// - out[t, m*D..] = sum_{l,p} w * sample. f32 accumulation, no [Nq,M,L,P,D] intermediate.
+#[allow(clippy::too_many_arguments)]
+pub fn msda_core(
+    value: &[f32],
+    c: usize,
+    levels: &[(usize, usize)],
+    offsets: &[f32],
+    weights: &[f32],
+    ref_grid: (usize, usize),
+    n_heads: usize,
+    n_points: usize,
+    out: &mut [f32],
+) {
+    let n_levels = levels.len();
+    let d = c / n_heads;
+    let (ref_h, ref_w) = ref_grid;
+    let nq = ref_h * ref_w;
+    let per_q = n_heads * n_levels * n_points;
+    let mut starts = Vec::with_capacity(n_levels);
+    let mut acc = 0;
+    for &(h, w) in levels {
+        starts.push(acc);
+        acc += h * w;
+    }
+    debug_assert_eq!(value.len(), acc * c);
+    debug_assert_eq!(offsets.len(), nq * per_q * 2);
+    debug_assert_eq!(weights.len(), nq * per_q);
+    debug_assert_eq!(out.len(), nq * c);
+    out.par_chunks_mut(c).enumerate().for_each(|(t, orow)| {
+        orow.fill(0.0);
+        let rx = (t % ref_w) as f32 + 0.5;
+        let ry = (t / ref_w) as f32 + 0.5;
+        let (rx, ry) = (rx / ref_w as f32, ry / ref_h as f32);
+        let off = &offsets[t * per_q * 2..(t + 1) * per_q * 2];
+        let wts = &weights[t * per_q..(t + 1) * per_q];
+        for m in 0..n_heads {
+            let acc = &mut orow[m * d..(m + 1) * d];
+            for (l, &(h, w)) in levels.iter().enumerate() {
+                let (hf, wf) = (h as f32, w as f32);
+                for p in 0..n_points {
+                    let k = (m * n_levels + l) * n_points + p;
+                    let a = wts[k];
+                    let x = (rx + off[2 * k] / wf) * wf - 0.5;
+                    let y = (ry + off[2 * k + 1] / hf) * hf - 0.5;
+                    // Also rejects NaN.
+                    if !(x > -1.0 && y > -1.0 && x < wf && y < hf) {
+                        continue;
+                    }
+                    let (x0, y0) = (x.floor(), y.floor());
+                    let (fx, fy) = (x - x0, y - y0);
+                    let (x0, y0) = (x0 as i64, y0 as i64);
+                    for (yy, wy) in [(y0, 1.0 - fy), (y0 + 1, fy)] {
+                        if yy < 0 || yy >= h as i64 {
+                            continue;
+                        }
+                        for (xx, wx) in [(x0, 1.0 - fx), (x0 + 1, fx)] {
+                            if xx < 0 || xx >= w as i64 {
+                                continue;
+                            }
+                            let coef = a * wy * wx;
+                            let row = starts[l] + yy as usize * w + xx as usize;
+                            let v = &value[row * c + m * d..row * c + (m + 1) * d];
+                            for (o, &vv) in acc.iter_mut().zip(v) {
+                                *o += coef * vv;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+impl CpuBackend {
+    fn elementwise(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        what: &str,
+        f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (ra, ca) = dims2(a);
+        let (rb, cb) = dims2(b);
+        if ca != cb || (ra != rb && rb != 1) {
+            return Err(bad(format!(
+                "{what}: shapes {:?} and {:?} do not match",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        let a2 = a.reshape((ra, ca))?;
+        let b2 = b.reshape((rb, cb))?;
+        Ok(if ra == rb {
+            f(&a2, &b2)?
+        } else {
+            f(&a2, &b2.broadcast_as((ra, ca))?)?
+        })
+    }
+}
+
+/// Both rope forms on the CPU: the same angles, only which two columns of a head form a pair
+/// differs (2i and 2i+1 interleaved; i and i + hd/2 in rotate_half form).
+fn rope_cpu(x: &Tensor, n_head: usize, pos0: usize, theta: f32, mode: RopeMode) -> Result<Tensor> {
+    let (n, c) = dims2(x);
+    if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
+        return Err(bad(format!("rope: {c} columns in {n_head} heads")));
+    }
+    let hd = c / n_head;
+    let half = hd / 2;
+    // cos/sin table [n, hd/2], angles in f64.
+    let mut cs = Vec::with_capacity(n * half);
+    for t in 0..n {
+        let pos = (pos0 + t) as f64;
+        for i in 0..half {
+            let ang = pos * (theta as f64).powf(-2.0 * i as f64 / hd as f64);
+            cs.push((ang.cos() as f32, ang.sin() as f32));
+        }
+    }
+    let (r, cc) = (n, c);
+    let mut out = vec![0f32; r * cc];
+    with_f32(x, |s| {
+        out.par_chunks_mut(c)
+            .zip(s.par_chunks(c))
+            .enumerate()
+            .for_each(|(t, (o, xr))| {
+                let tab = &cs[t * half..(t + 1) * half];
+                for h in 0..n_head {
+                    let b = h * hd;
+                    for (i, &(co, si)) in tab.iter().enumerate() {
+                        // Read the pair where the mode keeps it; write it side by side (see
+                        // `Backend::rope_neox` for why the Neox road writes pairs there too).
+                        let (j0, j1) = match mode {
+                            RopeMode::Interleaved => (b + 2 * i, b + 2 * i + 1),
+                            RopeMode::Neox => (b + i, b + i + half),
+                        };
+                        let (x0, x1) = (xr[j0], xr[j1]);
+                        o[b + 2 * i] = x0 * co - x1 * si;
+                        o[b + 2 * i + 1] = x0 * si + x1 * co;
+                    }
+                }
+            })
+    })?;
+    mat(out, r, cc)
+}
+
+impl Backend for CpuBackend {
+    type T = Tensor;
+    type W = Tensor;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, x: &Tensor) -> Result<Tensor> {
+        let (r, c) = dims2(x);
+        Ok(x.to_dtype(candle_core::DType::F32)?.reshape((r, c))?)
+    }
+    fn download(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        dims2(x)
+    }
+    fn weight(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        as_matrix(ws, name, ws.tensor_f32(name)?)
+    }
+    fn weight_dims(&self, w: &Tensor) -> (usize, usize) {
+        dims2(w)
+    }
+    fn param(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        let t = ws.tensor_f32(name)?;
+        let (r, c) = dims2(&t);
+        Ok(t.reshape((r, c))?)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (_, cin) = dims2(x);
+        let (out, win) = dims2(w);
+        if cin != win {
+            return Err(bad(format!(
+                "linear: input {:?} does not match weight {:?}",
+                x.dims(),
+                w.dims()
+            )));
+        }
+        let y = x.matmul(&w.t()?)?;
+        match bias {
+            None => Ok(y),
+            Some(b) => {
+                if dims2(b) != (1, out) {
+                    return Err(bad(format!(
+                        "linear: bias {:?} for {out} outputs",
+                        b.dims()
+                    )));
+                }
+                Ok(y.broadcast_add(b)?)
+            }
+        }
+    }
+
+    /// Block-quantized weights (Q4_K, Q6_K, Q8_0, ...) are multiplied on their stored bytes by
+    /// `quant::dot` (activations rounded to 8 bits per block, as llama.cpp does); everything
+    /// else is dequantized to f32 by `weight` (all of them with `MMFUSER_QUANT_DOT=0`, see
+    /// [`quant_dot_enabled`]).
+    fn linear_from(
+        &self,
+        ws: &dyn WeightSource,
+        name: &str,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let raw = ws.raw(name)?;
+        if !quant_dot::supported(raw.ty) || raw.shape.len() < 2 || !quant_dot_enabled() {
+            if let Some(y) = linear_by_row_slices(ws, name, &raw, x, F32_ROAD_MAX_VALUES)? {
+                drop(raw);
+                ws.release(name);
+                return add_bias(y, bias);
+            }
+            let w = as_matrix(ws, name, weights::raw_to_f32(ws, name, raw)?)?;
+            if dims2(x).1 != dims2(&w).1 {
+                return Err(Error::tensor(
+                    ws.origin_of(name),
+                    name,
+                    format!(
+                        "input has {} columns, weight expects {}",
+                        dims2(x).1,
+                        dims2(&w).1
+                    ),
+                ));
+            }
+            return self.linear(x, &w, bias);
+        }
+        let (out, k) = (raw.shape[0], raw.shape[1..].iter().product::<usize>());
+        let (n, cin) = dims2(x);
+        if cin != k {
+            return Err(Error::tensor(
+                ws.origin_of(name),
+                name,
+                format!("input has {cin} columns, weight expects {k}"),
+            ));
+        }
+        let y = with_f32(x, |xs| quant_dot::matmul(raw.ty, &raw.data, out, k, xs, n))?
+            .map_err(|e| Error::tensor(ws.origin_of(name), name, e.to_string()))?;
+        drop(raw);
+        ws.release(name);
+        add_bias(mat(y, n, out)?, bias)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_head: usize,
+        n_head_kv: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        let (n, qc) = dims2(q);
+        let m = dims2(k).0;
+        let hd = attention_head_dim((n, qc), dims2(k), dims2(v), n_head, n_head_kv, causal)
+            .map_err(bad)?;
+        let rep = n_head / n_head_kv;
+        if n < FEW_QUERIES {
+            let out = with_f32(q, |q| {
+                with_f32(k, |k| {
+                    with_f32(v, |v| {
+                        attention_few(q, k, v, (n, m), (n_head, n_head_kv, hd), causal)
+                    })
+                })
+            })???;
+            return mat(out, n, qc);
+        }
+        // Query heads of one kv group are adjacent: [n_kv, rep*n, hd] without repeating k/v.
+        let qh = q
+            .reshape((n, n_head, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n_head_kv, rep * n, hd))?;
+        let kh = k
+            .reshape((m, n_head_kv, hd))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let vh = v
+            .reshape((m, n_head_kv, hd))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        let scores = qh.matmul(&kh.t()?)?; // [n_kv, rep*n, m]
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut s = with_f32(&scores, |s| s.to_vec())?;
+        drop(scores);
+        if m > 0 {
+            s.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
+                let valid = if causal { m - n + r % n + 1 } else { m };
+                for a in row[..valid].iter_mut() {
+                    *a *= scale;
+                }
+                softmax_in_place(&mut row[..valid]);
+                row[valid..].fill(0.0);
+            });
+        }
+        let probs = Tensor::from_vec(s, (n_head_kv, rep * n, m), &Device::Cpu)?;
+        let out = probs.matmul(&vh)?; // [n_kv, rep*n, hd]
+        Ok(out
+            .reshape((n_head, n, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, qc))?)
+    }
+
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        let (_, c) = dims2(x);
+        let w = row_vec(w, c, "layer_norm weight")?;
+        let b = row_vec(b, c, "layer_norm bias")?;
+        map_rows(x, |i, o| layer_norm_row(i, &w, &b, eps, o))
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let (_, c) = dims2(x);
+        let w = row_vec(w, c, "rms_norm weight")?;
+        map_rows(x, |i, o| rms_norm_row(i, &w, eps, o))
+    }
+
+    fn softmax_groups(&self, x: &Tensor, group: usize) -> Result<Tensor> {
+        let (_, c) = dims2(x);
+        if group == 0 || c % group != 0 {
+            return Err(bad(format!(
+                "softmax over groups of {group} in {c} columns"
+            )));
+        }
+        map_rows(x, |i, o| {
+            o.copy_from_slice(i);
+            o.chunks_mut(group).for_each(softmax_in_place);
+        })
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.elementwise(a, b, "add", |a, b| a + b)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.elementwise(a, b, "mul", |a, b| a * b)
+    }
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        map(x, |a| a / (1.0 + (-1.702 * a).exp()))
+    }
+    fn gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
+        map(x, |a| {
+            let a = a as f64;
+            (0.5 * a * (1.0 + candle_core::cpu::erf::erf_f64(a * std::f64::consts::FRAC_1_SQRT_2)))
+                as f32
+        })
+    }
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (r, c) = dims2(gate);
+        if dims2(up) != (r, c) {
+            return Err(bad(format!(
+                "silu_mul: {:?} vs {:?}",
+                gate.dims(),
+                up.dims()
+            )));
+        }
+        let v = with_f32(gate, |g| {
+            with_f32(up, |u| {
+                g.par_iter()
+                    .zip(u.par_iter())
+                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                    .collect::<Vec<f32>>()
+            })
+        })??;
+        mat(v, r, c)
+    }
+
+    fn rope_interleaved(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Tensor> {
+        rope_cpu(x, n_head, pos0, theta, RopeMode::Interleaved)
+    }
+
+    fn rope_neox(&self, x: &Tensor, n_head: usize, pos0: usize, theta: f32) -> Result<Tensor> {
+        rope_cpu(x, n_head, pos0, theta, RopeMode::Neox)
+    }
+
+    fn msda(
+        &self,
+        value: &Tensor,
+        levels: &[(usize, usize)],
+        offsets: &Tensor,
+        weights: &Tensor,
+        ref_grid: (usize, usize),
+        n_heads: usize,
+        n_points: usize,
+    ) -> Result<Tensor> {
+        let (nv, c) = dims2(value);
+        let nq = ref_grid.0 * ref_grid.1;
+        let per_q = n_heads * levels.len() * n_points;
+        let n_tokens: usize = levels.iter().map(|(h, w)| h * w).sum();
+        if n_heads == 0 || c % n_heads != 0 || nv != n_tokens {
+            return Err(bad(format!(
+                "msda: value {:?} for levels {levels:?} and {n_heads} heads",
+                value.dims()
+            )));
+        }
+        if dims2(offsets) != (nq, per_q * 2) || dims2(weights) != (nq, per_q) {
+            return Err(bad(format!(
+                "msda: offsets {:?} / weights {:?} for {nq} queries x {per_q} samples",
+                offsets.dims(),
+                weights.dims()
+            )));
+        }
+        let mut out = vec![0f32; nq * c];
+        with_f32(value, |v| {
+            with_f32(offsets, |o| {
+                with_f32(weights, |w| {
+                    msda_core(v, c, levels, o, w, ref_grid, n_heads, n_points, &mut out)
+                })
+            })
+        })???;
+        mat(out, nq, c)
+    }
+
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        Ok(x.narrow(0, start, len)?)
+    }
+    fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        Ok(Tensor::cat(xs, 0)?)
+    }
+    /// New rows written in place into spare rows; when none are left, a buffer a quarter larger
+    /// than needed (geometric growth: a generation of N tokens copies the cache O(log N) times,
+    /// not N times, and a 773-position prompt holds 966 rows, not twice its length).
+    fn kv_append(&self, cache: Option<(Tensor, usize)>, new: &Tensor) -> Result<Tensor> {
+        let (n, c) = dims2(new);
+        let new = new.contiguous()?;
+        if let Some((buf, used)) = &cache {
+            if dims2(buf).1 == c && dims2(buf).0 >= used + n {
+                buf.slice_set(&new, 0, *used)?;
+                return Ok(buf.clone());
+            }
+        }
+        let used = cache.as_ref().map_or(0, |(_, u)| *u);
+        let rows = (used + n + (used + n) / 4).max(64);
+        let buf = Tensor::zeros((rows, c), candle_core::DType::F32, &Device::Cpu)?;
+        if let Some((old, used)) = &cache {
+            buf.slice_set(&old.narrow(0, 0, *used)?.contiguous()?, 0, 0)?;
+        }
+        buf.slice_set(&new, 0, used)?;
+        Ok(buf)
+    }
+}
+
+/// The CPU backend with every linear on f32 weights (block-quantized ones dequantized, f32
+/// activations): the arithmetic of the CUDA backend, so the reference its tests compare with.
+/// Everything else is [`CpuBackend`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuF32Linear;
+
+impl Backend for CpuF32Linear {
+    type T = Tensor;
+    type W = Tensor;
+    fn name(&self) -> &'static str {
+        "cpu (f32 linear)"
+    }
+    fn upload(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.upload(x)
+    }
+    fn download(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.download(x)
+    }
+    fn dims(&self, x: &Tensor) -> (usize, usize) {
+        dims2(x)
+    }
+    fn weight(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.weight(ws, name)
+    }
+    fn weight_dims(&self, w: &Tensor) -> (usize, usize) {
+        dims2(w)
+    }
+    fn param(&self, ws: &dyn WeightSource, name: &str) -> Result<Tensor> {
+        CpuBackend.param(ws, name)
+    }
+    fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        CpuBackend.linear(x, w, bias)
+    }
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        n_head: usize,
+        n_head_kv: usize,
+        causal: bool,
+    ) -> Result<Tensor> {
+        CpuBackend.attention(q, k, v, n_head, n_head_kv, causal)
+    }
+    fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.layer_norm(x, w, b, eps)
+    }
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        CpuBackend.rms_norm(x, w, eps)
+    }
+    fn softmax_groups(&self, x: &Tensor, group: usize) -> Result<Tensor> {
+        CpuBackend.softmax_groups(x, group)
+    }
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.add(a, b)
+    }
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        CpuBackend.mul(a, b)
+    }
+    fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.quick_gelu(x)
+    }
+    fn gelu_erf(&self, x: &Tensor) -> Result<Tensor> {
+        CpuBackend.gelu_erf(x)
+    }
+    fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        CpuBackend.silu_mul(gate, up)
+    }
+    fn rope_interleaved(
+        &self,
+        x: &Tensor,
+        n_head: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<Tensor> {
+        CpuBackend.rope_interleaved(x, n_head, pos0, theta)
+    }
+    fn rope_neox(&self, x: &Tensor, n_head: usize, pos0: usize, theta: f32) -> Result<Tensor> {
+        CpuBackend.rope_neox(x, n_head, pos0, theta)
+    }
+    fn msda(
+        &self,
+        value: &Tensor,
+        levels: &[(usize, usize)],
+        offsets: &Tensor,
+        weights: &Tensor,
+        ref_grid: (usize, usize),
+        n_heads: usize,
+        n_points: usize,
+    ) -> Result<Tensor> {
+        CpuBackend.msda(value, levels, offsets, weights, ref_grid, n_heads, n_points)
+    }
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        CpuBackend.rows(x, start, len)
+    }
+    fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        CpuBackend.concat_rows(xs)
+    }
+    fn kv_append(&self, cache: Option<(Tensor, usize)>, new: &Tensor) -> Result<Tensor> {
+        CpuBackend.kv_append(cache, new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::ground::dtype::GgmlType;
+    use crate::model::backend::linear_via_weight;
+    use crate::model::testutil::Rng;
+
+    /// Block-quantized weights go through quant::dot on their stored bytes (bit-equal to it, and
+    /// not equal to the f32 road, so that road was not taken); other types through f32; the bias
+    /// is added; a width mismatch names the tensor.
+    #[test]
+    fn linear_from_uses_quantized_products() {
+        use crate::model::weights::MemWeights;
+        let (n, out, k) = (3, 8, 512);
+        let mut rng = Rng::new(7);
+        let x = rng.vec(n * k, 1.0);
+        let wv = rng.vec(out * k, 0.5);
+        let bias = rng.vec(out, 1.0);
+        let mut ws = MemWeights::new();
+        let be = CpuBackend;
+        let xt = mat(x.clone(), n, k).unwrap();
+        let bt = mat(bias.clone(), 1, out).unwrap();
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::F16] {
+            let bytes = crate::quant::quantize(ty, &wv).unwrap();
+            ws.tensors
+                .insert("w".into(), (ty, vec![out, k], bytes.clone()));
+            let got = be.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
+            let got = with_f32(&got, |s| s.to_vec()).unwrap();
+            let f32_road = linear_via_weight(&be, &ws, "w", &xt, Some(&bt)).unwrap();
+            let other = CpuF32Linear.linear_from(&ws, "w", &xt, Some(&bt)).unwrap();
+            assert_eq!(
+                other.to_vec2::<f32>().unwrap(),
+                f32_road.to_vec2::<f32>().unwrap()
+            );
+            let f32_road = with_f32(&f32_road, |s| s.to_vec()).unwrap();
+            if quant_dot::supported(ty) {
+                let want = quant_dot::matmul(ty, &bytes, out, k, &x, n).unwrap();
+                for j in 0..n {
+                    for o in 0..out {
+                        assert_eq!(got[j * out + o], want[j * out + o] + bias[o], "{ty}");
+                    }
+                }
+                assert_ne!(got, f32_road, "{ty}: took the f32 road");
+            } else {
+                assert_eq!(got, f32_road, "{ty}");
+            }
+            // The 8-bit activations move outputs by about 1% of their scale, not more.
+            let scale =
+                (f32_road.iter().map(|v| v * v).sum::<f32>() / f32_road.len() as f32).sqrt();
+            let worst = got
+                .iter()
+                .zip(&f32_road)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 0.02 * scale, "{ty}: {worst} vs rms {scale}");
+        }
+        let narrow = mat(vec![0.0; n * 256], n, 256).unwrap();
+        let e = be
+            .linear_from(&ws, "w", &narrow, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("w") && e.contains("512"), "{e}");
+        ws.tensors
+            .insert("w".into(), (GgmlType::Q4K, vec![out, k], vec![0u8; 10]));
+        let e = be.linear_from(&ws, "w", &xt, None).unwrap_err().to_string();
+        assert!(e.contains("w"), "{e}");
+    }
+
+    /// The CPU's KV cache appends in place and regrows: its first `used` rows always equal the
+    /// concatenation of everything appended, through several regrowths.
+    #[test]
+    fn kv_append_in_place_equals_concatenation() {
+        let mut rng = Rng::new(9);
+        let be = CpuBackend;
+        let (mut buf, mut used, mut all): (Option<Tensor>, usize, Vec<f32>) = (None, 0, vec![]);
+        for n in [3usize, 1, 1, 70, 1, 1, 200, 5, 1] {
+            let v = rng.vec(n * 8, 1.0);
+            all.extend(&v);
+            let b = be
+                .kv_append(buf.take().map(|b| (b, used)), &mat(v, n, 8).unwrap())
+                .unwrap();
+            used += n;
+            assert!(dims2(&b).0 >= used);
+            let view = be.kv_view(&b, used).unwrap();
+            assert_eq!(
+                with_f32(&view, |s| s.to_vec()).unwrap(),
+                all,
+                "after {used} rows"
+            );
+            buf = Some(b);
+        }
+    }
+
+    /// Attention for a few query rows (the in-place decode road) and for many (the matmul road)
+    /// both equal an f64 computation of softmax(q.k / sqrt(hd)) v with GQA and the causal mask.
+    #[test]
+    fn attention_few_and_many_rows_equal_f64() {
+        let mut rng = Rng::new(5);
+        for (n, m, nh, nkv, hd, causal) in [
+            (1, 1, 4, 2, 16, true),
+            (1, 37, 8, 2, 64, true),
+            (5, 9, 4, 4, 32, true),
+            (3, 3, 2, 1, 8, false),
+            (15, 40, 4, 2, 16, true),
+            (16, 40, 4, 2, 16, true),
+            (20, 20, 4, 1, 24, false),
+        ] {
+            let (q, k, v) = (
+                rng.vec(n * nh * hd, 1.0),
+                rng.vec(m * nkv * hd, 1.0),
+                rng.vec(m * nkv * hd, 1.0),
+            );
+            let got = CpuBackend
+                .attention(
+                    &mat(q.clone(), n, nh * hd).unwrap(),
+                    &mat(k.clone(), m, nkv * hd).unwrap(),
+                    &mat(v.clone(), m, nkv * hd).unwrap(),
+                    nh,
+                    nkv,
+                    causal,
+                )
+                .unwrap();
+            let got = with_f32(&got, |s| s.to_vec()).unwrap();
+            for i in 0..n {
+                for h in 0..nh {
+                    let g = h / (nh / nkv);
+                    let valid = if causal { m - n + i + 1 } else { m };
+                    let sc: Vec<f64> = (0..valid)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| {
+                                    q[i * nh * hd + h * hd + d] as f64
+                                        * k[j * nkv * hd + g * hd + d] as f64
+                                })
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..valid)
+                            .map(|j| e[j] / z * v[j * nkv * hd + g * hd + d] as f64)
+                            .sum();
+                        let have = got[i * nh * hd + h * hd + d] as f64;
+                        assert!(
+                            (have - want).abs() < 1e-5,
+                            "n{n} m{m} h{h} i{i} d{d}: {have} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The f32 road in slices of rows (a weight larger than the slice limit) gives, column for
+    /// column, an f64 product of the dequantized weight; slices that do not divide the rows and a
+    /// slice of one row both work; a width mismatch names the tensor.
+    #[test]
+    fn f32_road_in_row_slices_computes_the_product() {
+        use crate::model::weights::{MemWeights, RawTensor};
+        let (n, out, k) = (3, 37, 64);
+        let mut rng = Rng::new(11);
+        let x = rng.vec(n * k, 1.0);
+        let wv = rng.vec(out * k, 0.5);
+        let xt = mat(x.clone(), n, k).unwrap();
+        let mut ws = MemWeights::new();
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4K] {
+            let k = if ty == GgmlType::Q4K { 256 } else { k };
+            let (x, xt) = if k == 64 {
+                (x.clone(), xt.clone())
+            } else {
+                let x = rng.vec(n * k, 1.0);
+                (x.clone(), mat(x, n, k).unwrap())
+            };
+            let wv = if k == 64 {
+                wv.clone()
+            } else {
+                rng.vec(out * k, 0.5)
+            };
+            let bytes = crate::quant::quantize(ty, &wv).unwrap();
+            let wd = crate::model::weights::dequantize(ty, &bytes, out * k).unwrap();
+            let raw = RawTensor {
+                ty,
+                shape: vec![out, k],
+                data: std::borrow::Cow::Owned(bytes.clone()),
+            };
+            ws.tensors.insert("w".into(), (ty, vec![out, k], bytes));
+            for max in [k, 5 * k, 10 * k + 3] {
+                let y = linear_by_row_slices(&ws, "w", &raw, &xt, max)
+                    .unwrap()
+                    .expect("sliced");
+                let y = y.to_vec2::<f32>().unwrap();
+                for (j, row) in y.iter().enumerate() {
+                    for (o, &got) in row.iter().enumerate() {
+                        let want: f64 = (0..k)
+                            .map(|c| x[j * k + c] as f64 * wd[o * k + c] as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4,
+                            "{ty} {max}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            assert!(linear_by_row_slices(&ws, "w", &raw, &xt, out * k)
+                .unwrap()
+                .is_none());
+            let narrow = mat(vec![0.0; n * (k / 2)], n, k / 2).unwrap();
+            let e = linear_by_row_slices(&ws, "w", &raw, &narrow, k)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("weight expects {k}")), "{e}");
+        }
+    }
+
+    /// One head, one level, one point, D = 1, a 1x1 query grid (reference point = map centre):
+    /// the offset is in pixels, x = W/2 - 0.5 + off_x.
+    fn sample_1(map: &[f32], h: usize, w: usize, off: (f32, f32)) -> f32 {
+        let mut out = [0f32];
+        msda_core(
+            map,
+            1,
+            &[(h, w)],
+            &[off.0, off.1],
+            &[1.0],
+            (1, 1),
+            1,
+            1,
+            &mut out,
+        );
+        out[0]
+    }
+
+    fn map4() -> Vec<f32> {
+        (0..16).map(|i| (i + 1) as f32).collect() // 4x4, value(y, x) = 4y + x + 1
+    }
+
+    #[test]
+    fn msda_centre_and_pixel_centres() {
+        let m = map4();
+        // Centre of a 4x4 map: x = y = 1.5, the mean of pixels (1,1), (1,2), (2,1), (2,2).
+        assert!((sample_1(&m, 4, 4, (0.0, 0.0)) - (6.0 + 7.0 + 10.0 + 11.0) / 4.0).abs() < 1e-6);
+        // Exactly on pixel centres: offset (0.5 + dx, 0.5 + dy) lands on (x, y) = (2 + dx, 2 + dy).
+        for y in 0..4i32 {
+            for x in 0..4i32 {
+                let off = (x as f32 - 1.5, y as f32 - 1.5);
+                let want = (4 * y + x + 1) as f32;
+                assert!((sample_1(&m, 4, 4, off) - want).abs() < 1e-5, "({x},{y})");
+            }
+        }
+        // Between two pixels horizontally: x = 0.25 on row 0 -> 0.75*1 + 0.25*2.
+        assert!((sample_1(&m, 4, 4, (-1.25, -1.5)) - 1.25).abs() < 1e-5);
+    }
+
+    #[test]
+    fn msda_borders_and_outside() {
+        let m = map4();
+        // x = -0.5 on row 0: half of pixel (0,0), the other half is outside (zero).
+        assert!((sample_1(&m, 4, 4, (-2.0, -1.5)) - 0.5).abs() < 1e-6);
+        // x = W - 0.5 = 3.5 on row 3: half of pixel (3,3) = 16.
+        assert!((sample_1(&m, 4, 4, (2.0, 1.5)) - 8.0).abs() < 1e-5);
+        // Corner (-0.5, -0.5): a quarter of pixel (0,0).
+        assert!((sample_1(&m, 4, 4, (-2.0, -2.0)) - 0.25).abs() < 1e-6);
+        // x = -1 exactly, x < -1, x = W, x > W, same for y: nothing.
+        for off in [
+            (-2.5, 0.0),
+            (-3.7, 0.0),
+            (2.5, 0.0),
+            (9.0, 0.0),
+            (0.0, -2.5),
+            (0.0, 2.5),
+            (0.0, -100.0),
+            (f32::NAN, 0.0),
+        ] {
+            assert_eq!(sample_1(&m, 4, 4, off), 0.0, "{off:?}");
+        }
+        // Just inside x = -1: a tiny share of pixel column 0.
+        let v = sample_1(&m, 4, 4, (-2.4, 0.0)); // x = -0.9, y = 1.5 -> 0.1 * mean(5, 9)
+        assert!((v - 0.1 * 7.0).abs() < 1e-5, "{v}");
+    }
+
+    /// Independent formula: bilinear with zero padding = sum over pixels of tent weights.
+    #[allow(clippy::too_many_arguments)]
+    fn msda_naive(
+        value: &[f32],
+        c: usize,
+        levels: &[(usize, usize)],
+        off: &[f32],
+        wts: &[f32],
+        grid: (usize, usize),
+        nh: usize,
+        np: usize,
+    ) -> Vec<f32> {
+        let nl = levels.len();
+        let d = c / nh;
+        let nq = grid.0 * grid.1;
+        let mut out = vec![0f64; nq * c];
+        for t in 0..nq {
+            let rx = ((t % grid.1) as f64 + 0.5) / grid.1 as f64;
+            let ry = ((t / grid.1) as f64 + 0.5) / grid.0 as f64;
+            for m in 0..nh {
+                let mut start = 0;
+                for (l, &(h, w)) in levels.iter().enumerate() {
+                    for p in 0..np {
+                        let k = t * nh * nl * np + (m * nl + l) * np + p;
+                        let gx = 2.0 * (rx + off[2 * k] as f64 / w as f64) - 1.0;
+                        let gy = 2.0 * (ry + off[2 * k + 1] as f64 / h as f64) - 1.0;
+                        // grid_sample unnormalisation, align_corners=False.
+                        let x = ((gx + 1.0) * w as f64 - 1.0) / 2.0;
+                        let y = ((gy + 1.0) * h as f64 - 1.0) / 2.0;
+                        for py in 0..h {
+                            for px in 0..w {
+                                let tw = (1.0 - (x - px as f64).abs()).max(0.0)
+                                    * (1.0 - (y - py as f64).abs()).max(0.0);
+                                for dd in 0..d {
+                                    out[t * c + m * d + dd] += wts[k] as f64
+                                        * tw
+                                        * value[(start + py * w + px) * c + m * d + dd] as f64;
+                                }
+                            }
+                        }
+                    }
+                    start += h * w;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn msda_matches_naive_multi_level() {
+        let mut rng = Rng::new(7);
+        let levels = [(3, 3), (3, 3), (2, 5)];
+        let (nh, np, c) = (2, 3, 6);
+        let grid = (3, 3);
+        let nv: usize = levels.iter().map(|(h, w)| h * w).sum();
+        let nq = 9;
+        let per_q = nh * levels.len() * np;
+        let value = rng.vec(nv * c, 1.0);
+        let off = rng.vec(nq * per_q * 2, 3.0);
+        let mut wts = rng.vec(nq * per_q, 2.0);
+        wts.chunks_mut(levels.len() * np).for_each(softmax_in_place);
+        let mut out = vec![0f32; nq * c];
+        msda_core(&value, c, &levels, &off, &wts, grid, nh, np, &mut out);
+        let want = msda_naive(&value, c, &levels, &off, &wts, grid, nh, np);
+        for (a, b) in out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Through the backend op.
+        let b = CpuBackend;
+        let t = |v: &[f32], r, c| mat(v.to_vec(), r, c).unwrap();
+        let got = b
+            .msda(
+                &t(&value, nv, c),
+                &levels,
+                &t(&off, nq, per_q * 2),
+                &t(&wts, nq, per_q),
+                grid,
+                nh,
+                np,
+            )
+            .unwrap();
+        assert_eq!(with_f32(&got, |s| s.to_vec()).unwrap(), out);
+    }
+
+    #[test]
+    fn norms_match_formulas() {
+        let mut rng = Rng::new(3);
+        let (r, c) = (5, 37);
+        let x = rng.vec(r * c, 3.0);
+        let w = rng.vec(c, 1.0);
+        let bias = rng.vec(c, 1.0);
+        let b = CpuBackend;
+        let xt = mat(x.clone(), r, c).unwrap();
+        let wt = mat(w.clone(), 1, c).unwrap();
+        let bt = mat(bias.clone(), 1, c).unwrap();
+        let ln = with_f32(&b.layer_norm(&xt, &wt, &bt, 1e-5).unwrap(), |s| s.to_vec()).unwrap();
+        let rms = with_f32(&b.rms_norm(&xt, &wt, 1e-6).unwrap(), |s| s.to_vec()).unwrap();
+        for i in 0..r {
+            let row: Vec<f64> = x[i * c..(i + 1) * c].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / c as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / c as f64;
+            let ms = row.iter().map(|v| v * v).sum::<f64>() / c as f64;
+            for j in 0..c {
+                let want = (row[j] - mean) / (var + 1e-5).sqrt() * w[j] as f64 + bias[j] as f64;
+                assert!((ln[i * c + j] as f64 - want).abs() < 1e-5);
+                let want = row[j] / (ms + 1e-6).sqrt() * w[j] as f64;
+                assert!((rms[i * c + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn activations_and_softmax() {
+        let b = CpuBackend;
+        let x = mat(vec![-3.0, -0.5, 0.0, 0.7, 2.0, 5.0], 2, 3).unwrap();
+        let qg = with_f32(&b.quick_gelu(&x).unwrap(), |s| s.to_vec()).unwrap();
+        let ge = with_f32(&b.gelu_erf(&x).unwrap(), |s| s.to_vec()).unwrap();
+        for (i, v) in [-3.0f64, -0.5, 0.0, 0.7, 2.0, 5.0].into_iter().enumerate() {
+            assert!((qg[i] as f64 - v / (1.0 + (-1.702 * v).exp())).abs() < 1e-6);
+            // erf values from tables: 0.5*x*(1+erf(x/sqrt2)) = x * Phi(x).
+            let phi = [
+                0.0013498980316301,
+                0.3085375387259869,
+                0.5,
+                0.758_036_347_776_927,
+                0.9772498680518208,
+                0.9999997133484281,
+            ][i];
+            assert!(
+                (ge[i] as f64 - v * phi).abs() < 1e-6,
+                "{} vs {}",
+                ge[i],
+                v * phi
+            );
+        }
+        let s = with_f32(&b.softmax_groups(&x, 3).unwrap(), |s| s.to_vec()).unwrap();
+        let e: Vec<f64> = [-3.0f64, -0.5, 0.0].iter().map(|v| v.exp()).collect();
+        let z: f64 = e.iter().sum();
+        for i in 0..3 {
+            assert!((s[i] as f64 - e[i] / z).abs() < 1e-6);
+        }
+    }
+
+    /// HF attention (q @ k^T * scale, causal, softmax, @ v) with repeat_kv, in f64.
+    #[test]
+    fn attention_gqa_causal_matches_naive() {
+        let mut rng = Rng::new(11);
+        let (n, nh, nkv, hd) = (7, 4, 2, 8);
+        let q = rng.vec(n * nh * hd, 1.0);
+        let k = rng.vec(n * nkv * hd, 1.0);
+        let v = rng.vec(n * nkv * hd, 1.0);
+        let b = CpuBackend;
+        for causal in [true, false] {
+            let got = b
+                .attention(
+                    &mat(q.clone(), n, nh * hd).unwrap(),
+                    &mat(k.clone(), n, nkv * hd).unwrap(),
+                    &mat(v.clone(), n, nkv * hd).unwrap(),
+                    nh,
+                    nkv,
+                    causal,
+                )
+                .unwrap();
+            let got = with_f32(&got, |s| s.to_vec()).unwrap();
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                for i in 0..n {
+                    let lim = if causal { i + 1 } else { n };
+                    let sc: Vec<f64> = (0..lim)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| {
+                                    q[i * nh * hd + h * hd + d] as f64
+                                        * k[j * nkv * hd + g * hd + d] as f64
+                                })
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = sc.iter().map(|s| (s - mx).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..lim)
+                            .map(|j| (sc[j] - mx).exp() / z * v[j * nkv * hd + g * hd + d] as f64)
+                            .sum();
+                        let gv = got[i * nh * hd + h * hd + d] as f64;
+                        assert!(
+                            (gv - want).abs() < 1e-5,
+                            "causal={causal} h{h} i{i} d{d}: {gv} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interleaved rope on llama.cpp-permuted Q/K weights gives the same q.k scores as HF's
+    /// rotate_half rope on the unpermuted weights.
+    #[test]
+    fn rope_interleaved_on_permuted_equals_rotate_half() {
+        let mut rng = Rng::new(5);
+        let (n, hidden, nh, nkv, hd) = (9, 16, 4, 2, 8);
+        let theta = 10000f32;
+        let x = rng.vec(n * hidden, 1.0);
+        let wq = rng.vec(nh * hd * hidden, 0.5);
+        let wk = rng.vec(nkv * hd * hidden, 0.5);
+        // llama.cpp convert_hf_to_gguf permute: row h*hd + 2i + a <- row h*hd + a*hd/2 + i.
+        let permute = |w: &[f32], heads: usize| {
+            let mut o = vec![0f32; w.len()];
+            for h in 0..heads {
+                for i in 0..hd / 2 {
+                    for a in 0..2 {
+                        let dst = h * hd + 2 * i + a;
+                        let src = h * hd + a * hd / 2 + i;
+                        o[dst * hidden..(dst + 1) * hidden]
+                            .copy_from_slice(&w[src * hidden..(src + 1) * hidden]);
+                    }
+                }
+            }
+            o
+        };
+        let matmul = |w: &[f32], rows: usize| -> Vec<f64> {
+            let mut o = vec![0f64; n * rows];
+            for t in 0..n {
+                for r in 0..rows {
+                    o[t * rows + r] = (0..hidden)
+                        .map(|j| x[t * hidden + j] as f64 * w[r * hidden + j] as f64)
+                        .sum();
+                }
+            }
+            o
+        };
+        // HF: q_embed = q * cos + rotate_half(q) * sin, cos/sin = cat(freqs, freqs).
+        let hf_rope = |q: &[f64], heads: usize| -> Vec<f64> {
+            let mut o = vec![0f64; q.len()];
+            for t in 0..n {
+                for h in 0..heads {
+                    let b = t * heads * hd + h * hd;
+                    for j in 0..hd {
+                        let i = j % (hd / 2);
+                        let ang = t as f64 / (theta as f64).powf(2.0 * i as f64 / hd as f64);
+                        let rot = if j < hd / 2 {
+                            -q[b + j + hd / 2]
+                        } else {
+                            q[b + j - hd / 2]
+                        };
+                        o[b + j] = q[b + j] * ang.cos() + rot * ang.sin();
+                    }
+                }
+            }
+            o
+        };
+        let q_hf = hf_rope(&matmul(&wq, nh * hd), nh);
+        let k_hf = hf_rope(&matmul(&wk, nkv * hd), nkv);
+
+        let be = CpuBackend;
+        let xt = mat(x.clone(), n, hidden).unwrap();
+        let wqp = mat(permute(&wq, nh), nh * hd, hidden).unwrap();
+        let wkp = mat(permute(&wk, nkv), nkv * hd, hidden).unwrap();
+        let q = be
+            .rope_interleaved(&be.linear(&xt, &wqp, None).unwrap(), nh, 0, theta)
+            .unwrap();
+        let k = be
+            .rope_interleaved(&be.linear(&xt, &wkp, None).unwrap(), nkv, 0, theta)
+            .unwrap();
+        let q = with_f32(&q, |s| s.to_vec()).unwrap();
+        let k = with_f32(&k, |s| s.to_vec()).unwrap();
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            for i in 0..n {
+                for j in 0..n {
+                    let s_hf: f64 = (0..hd)
+                        .map(|d| q_hf[i * nh * hd + h * hd + d] * k_hf[j * nkv * hd + g * hd + d])
+                        .sum();
+                    let s: f64 = (0..hd)
+                        .map(|d| {
+                            q[i * nh * hd + h * hd + d] as f64 * k[j * nkv * hd + g * hd + d] as f64
+                        })
+                        .sum();
+                    assert!(
+                        (s - s_hf).abs() < 1e-4 * (1.0 + s_hf.abs()),
+                        "h{h} {i},{j}: {s} vs {s_hf}"
+                    );
+                }
+            }
+        }
+        // And the rotated vectors themselves are the permutation of HF's.
+        for t in 0..n {
+            for h in 0..nh {
+                for i in 0..hd / 2 {
+                    for a in 0..2 {
+                        let ours = q[t * nh * hd + h * hd + 2 * i + a] as f64;
+                        let hf = q_hf[t * nh * hd + h * hd + a * hd / 2 + i];
+                        assert!((ours - hf).abs() < 1e-5, "{ours} vs {hf}");
+                    }
+                }
+            }
+        }
+        // The rotate_half form on the rows as HF stores them (no permutation) is HF's rope, its
+        // pair i (HF columns i and i + hd/2) written at columns 2i, 2i+1 of the head.
+        for (w, heads, want) in [(&wq, nh, &q_hf), (&wk, nkv, &k_hf)] {
+            let w = mat(w.clone(), heads * hd, hidden).unwrap();
+            let r = be
+                .rope_neox(&be.linear(&xt, &w, None).unwrap(), heads, 0, theta)
+                .unwrap();
+            let r = with_f32(&r, |s| s.to_vec()).unwrap();
+            for t in 0..n {
+                for h in 0..heads {
+                    for i in 0..hd / 2 {
+                        for a in 0..2 {
+                            let ours = r[t * heads * hd + h * hd + 2 * i + a] as f64;
+                            let hf = want[t * heads * hd + h * hd + a * hd / 2 + i];
+                            assert!(
+                                (ours - hf).abs() < 1e-5,
+                                "t{t} h{h} {i}/{a}: {ours} vs {hf}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1641 @@
+//! verify: is this artefact what conversion makes from this checkpoint?
+//!
+//! The verdict is exactness, which holds at any scale and for any quantization type: the header
+//! and every tensor's bytes against what the shared plan produces from the source
+//! (`crate::verify::exactness`), then the artefact forward against the *expected* forward (the source's
+//! weights passed through the types the artefact records, config.json's hyper-parameters, the
+//! checkpoint's tokenizer). Quality (KL against the float source, as llama-perplexity's
+//! `--kl-divergence` reports it) is always reported and judged only under `--tolerance`.
+pub mod exactness;
+
+use crate::convert::manifest::Manifest;
+use crate::convert::source::Source;
+use crate::formats::checkpoint::tokenizer::{chat, SpmTokenizer};
+use crate::ground::digest::sha256_file;
+use crate::ground::error::{Error, Result};
+use crate::model::hparams::ModelHParams;
+use crate::model::weights::{RawTensor, RopeMode};
+use crate::model::{self, WeightSource};
+use crate::runtime::device::Device as RunDevice;
+use crate::runtime::weights::GgufWeights;
+use candle_core::{Device, Tensor};
+use exactness::{file_type_of, TensorCheck};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const DEFAULT_QUESTION: &str = "Describe the image.";
+
+/// Bound on the relative RMS difference of logits and image embeddings between the artefact
+/// forward and the expected forward, the same for every type and size. The two sides hold the
+/// same values (row permutation commutes with per-row block quantization), run the same kernels
+/// on the same device, and sum in the same order: the expected side's rotate_half rope writes each
+/// rotated pair side by side (`Backend::rope_neox`), as the artefact's permuted rows have them, so
+/// even the attention scores add up alike. A correct artefact therefore differs by exactly 0
+/// (measured on the fixture for every type F32..Q4_0, tests/verify.rs prints it, and on the
+/// synthetic 7B; the README has the figures). The bound leaves room only for a backend whose
+/// results depend on where a row sits in a matrix; every fault the tests plant is above 16x it.
+pub const EXACT_REL_RMS_BOUND: f64 = 1e-5;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub checkpoint: PathBuf,
+    pub gguf: PathBuf,
+    pub mmproj: PathBuf,
+    pub vision_tower: Option<PathBuf>,
+    /// Bound on the mean KL divergence against the float source (quality gate; none by default).
+    pub tolerance: Option<f64>,
+    /// Bound on the image embeddings' relative RMS error against the float source (quality gate).
+    pub image_tolerance: Option<f64>,
+    /// Skip the float-source forward (no quality figures).
+    pub exact_only: bool,
+    /// Images of the probes (repeatable; paired with `prompt` in order, or one broadcast).
+    pub image: Vec<PathBuf>,
+    pub pixel_values: Option<PathBuf>,
+    /// Questions of the probes (repeatable).
+    pub prompt: Vec<String>,
+    pub input_ids: Option<PathBuf>,
+    pub dump_logits: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// Differences of two equally shaped matrices (all values finite: see `first_nonfinite_f32`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Metrics {
+    pub max_abs_diff: f64,
+    pub rel_rms: f64,
+    pub cosine: f64,
+}
+
+/// Logit-distribution figures over positions, as llama-perplexity's `--kl-divergence` reports them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KlStats {
+    pub kl_mean: f64,
+    pub kl_median: f64,
+    pub kl_p99: f64,
+    pub kl_p999: f64,
+    pub kl_max: f64,
+    /// Share of positions whose most likely token is the same.
+    pub top1_agreement: f64,
+    /// Mean over positions of p_artefact(t) - p_source(t), t the source's most likely token.
+    pub delta_p_mean: f64,
+}
+
+/// One comparison row: compared (with figures) or not, and why not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// "compared" or "not compared".
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<KlStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
+}
+
+impl Row {
+    fn not(why: impl Into<String>) -> Row {
+        Row {
+            status: "not compared".into(),
+            metrics: None,
+            kl: None,
+            why_not: Some(why.into()),
+        }
+    }
+    fn of(metrics: Metrics, kl: Option<KlStats>) -> Row {
+        Row {
+            status: "compared".into(),
+            metrics: Some(metrics),
+            kl,
+            why_not: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Integrity {
+    pub path: PathBuf,
+    pub sha256: String,
+    /// "ok", "mismatch", "no-manifest" or "bad-manifest".
+    pub status: String,
+    pub manifest: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// One check that ran (or not), its bound and outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    /// "pass", "fail" or "not run".
+    pub status: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: String,
+    pub checkpoint: PathBuf,
+    pub gguf: PathBuf,
+    pub mmproj: PathBuf,
+    pub llm_file_type: String,
+    pub mmproj_file_type: String,
+    /// Positions over all probes.
+    pub n_positions: usize,
+    /// Each probe with its own figures (the report's rows pool all probes' positions).
+    pub probes: Vec<Probe>,
+    pub integrity: Vec<Integrity>,
+    pub checks: Vec<Check>,
+    pub header_mismatches: Vec<String>,
+    pub tensors: TensorCheck,
+    /// Artefact forward vs expected forward (exactness).
+    pub exact_image_embeddings: Row,
+    pub exact_logits: Row,
+    pub exact_bound_rel_rms: f64,
+    /// Artefact forward vs float source forward (quality).
+    pub quality_image_embeddings: Row,
+    pub quality_logits: Row,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance_kl_mean: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tolerance_image_rel_rms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imatrix: Option<String>,
+    pub passed: bool,
+    pub reasons: Vec<String>,
+    pub device: String,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub image: String,
+    pub prompt: String,
+    pub n_positions: usize,
+    pub n_image_positions: usize,
+    pub exact_image_embeddings: Row,
+    pub exact_logits: Row,
+    pub quality_image_embeddings: Row,
+    pub quality_logits: Row,
+}
+
+pub const REPORT_SCHEMA: &str = "mmfuser-convert/verify-report/v2";
+
+/// (row, column) of the first NaN/Inf of a [rows, cols] matrix.
+pub fn first_nonfinite_f32(x: &[f32], cols: usize) -> Option<(usize, usize)> {
+    x.iter()
+        .position(|v| !v.is_finite())
+        .map(|i| (i / cols.max(1), i % cols.max(1)))
+}
+
+/// Differences of two equally long, finite vectors (`a` the reference).
+pub fn compare(a: &[f32], b: &[f32]) -> Metrics {
+    let (mut dd, mut aa, mut bb, mut ab, mut max_abs) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        dd += (x - y) * (x - y);
+        aa += x * x;
+        bb += y * y;
+        ab += x * y;
+        max_abs = max_abs.max((x - y).abs());
+    }
+    Metrics {
+        max_abs_diff: max_abs,
+        rel_rms: if aa > 0.0 {
+            (dd / aa).sqrt()
+        } else {
+            dd.sqrt()
+        },
+        cosine: if aa > 0.0 && bb > 0.0 {
+            ab / (aa.sqrt() * bb.sqrt())
+        } else if aa == 0.0 && bb == 0.0 {
+            1.0
+        } else {
+            0.0
+        },
+    }
+}
+
+/// The `q` quantile (0..=1) of sorted values, interpolating linearly between neighbours (numpy's
+/// default `percentile` method).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// KL(softmax(source) || softmax(artefact)) per position and the figures over positions
+/// (finite [rows, cols] logits; `src` the reference).
+pub fn kl_stats(src: &[f32], art: &[f32], cols: usize) -> KlStats {
+    let rows = src.len() / cols.max(1);
+    let mut kls = Vec::with_capacity(rows);
+    let (mut top1, mut dp) = (0usize, 0f64);
+    for r in 0..rows {
+        let (ra, rb) = (
+            &src[r * cols..(r + 1) * cols],
+            &art[r * cols..(r + 1) * cols],
+        );
+        let (la, lb) = (log_softmax(ra), log_softmax(rb));
+        // Rounding can leave a tiny negative sum for equal distributions; KL itself is >= 0.
+        let kl: f64 = la.iter().zip(&lb).map(|(p, q)| p.exp() * (p - q)).sum();
+        kls.push(kl.max(0.0));
+        let (ta, tb) = (argmax(ra), argmax(rb));
+        top1 += (ta == tb) as usize;
+        dp += lb[ta].exp() - la[ta].exp();
+    }
+    let n = rows.max(1) as f64;
+    let mean = kls.iter().sum::<f64>() / n;
+    kls.sort_by(f64::total_cmp);
+    KlStats {
+        kl_mean: mean,
+        kl_median: quantile(&kls, 0.5),
+        kl_p99: quantile(&kls, 0.99),
+        kl_p999: quantile(&kls, 0.999),
+        kl_max: kls.last().copied().unwrap_or(0.0),
+        top1_agreement: top1 as f64 / n,
+        delta_p_mean: dp / n,
+    }
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// Index of the largest value (the first of equals).
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The manifest written beside an artefact by the run that made it: `<stem>.manifest.json`
+/// (for an mmproj, the run's `<name>-<TYPE>.manifest.json`).
+fn own_manifest(path: &Path) -> Option<PathBuf> {
+    let stem = path.file_stem()?.to_string_lossy().to_string();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    [
+        stem.clone(),
+        stem.strip_prefix("mmproj-").unwrap_or(&stem).to_string(),
+    ]
+    .into_iter()
+    .map(|s| dir.join(format!("{s}.manifest.json")))
+    .find(|p| p.exists())
+}
+
+/// Check an artefact against the manifests that list it. A manifest of the artefact's own name
+/// that cannot be read, or that does not list the artefact, is an integrity failure.
+pub fn check_integrity(path: &Path) -> Result<Integrity> {
+    let (_, sha) = sha256_file(path)?;
+    let fname = path.file_name().map(|f| f.to_os_string());
+    let lists = |m: &Manifest| {
+        m.outputs
+            .iter()
+            .find(|o| o.path.file_name().map(|f| f.to_os_string()) == fname)
+            .map(|o| o.sha256.clone())
+    };
+    let result = |status: &str, manifest: Option<PathBuf>, detail: Option<String>| Integrity {
+        path: path.to_path_buf(),
+        sha256: sha.clone(),
+        status: status.into(),
+        manifest,
+        detail,
+    };
+    if let Some(mp) = own_manifest(path) {
+        return Ok(match Manifest::read(&mp) {
+            Err(e) => result(
+                "bad-manifest",
+                Some(mp),
+                Some(format!("cannot be read: {e}")),
+            ),
+            Ok(m) => match lists(&m) {
+                None => result(
+                    "bad-manifest",
+                    Some(mp),
+                    Some("does not list this file (it names other outputs)".into()),
+                ),
+                Some(s) if s == sha => result("ok", Some(mp), None),
+                Some(_) => result("mismatch", Some(mp), None),
+            },
+        });
+    }
+    for (mpath, m) in Manifest::find_for(path) {
+        if let Some(s) = lists(&m) {
+            let status = if s == sha { "ok" } else { "mismatch" };
+            return Ok(result(status, Some(mpath), None));
+        }
+    }
+    Ok(result("no-manifest", None, None))
+}
+
+fn read_ids(path: &Path) -> Result<Vec<i64>> {
+    let text = crate::ground::fsutil::read_input_text(path, crate::ground::fsutil::CAP_PROBE)?;
+    let ids = serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
+        Error::input(
+            path,
+            format!("expected a JSON list of token ids (-200 marks the image): {e}"),
+        )
+    })?;
+    if ids.is_empty() {
+        return Err(Error::input(path, "the list of token ids is empty"));
+    }
+    Ok(ids)
+}
+
+/// The probes' pixel values: `--pixel-values`, each `--image`, or the synthetic probe.
+fn probe_pixels(opts: &VerifyOptions, hp: &ModelHParams) -> Result<Vec<(Vec<f32>, String)>> {
+    let s = hp.clip.image_size;
+    if let Some(p) = &opts.pixel_values {
+        let a = crate::formats::npy::read(p)?;
+        if a.shape != [3, s, s] {
+            return Err(Error::input(
+                p,
+                format!(
+                    "pixel values must have shape [3, {s}, {s}], got {:?}",
+                    a.shape
+                ),
+            ));
+        }
+        let v = a.to_f32().map_err(|e| Error::input(p, e.to_string()))?;
+        return Ok(vec![(v, p.display().to_string())]);
+    }
+    if opts.image.is_empty() {
+        return Ok(vec![(
+            crate::formats::image::synthetic_probe(s, hp.clip.image_mean, hp.clip.image_std),
+            "synthetic probe".into(),
+        )]);
+    }
+    opts.image
+        .iter()
+        .map(|p| {
+            Ok((
+                crate::formats::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?,
+                p.display().to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Image embeddings (when the prompt has the marker) and logits of one model on one backend.
+fn forward<B: model::Backend>(
+    b: &B,
+    ws: &dyn WeightSource,
+    hp: &ModelHParams,
+    pv: &Tensor,
+    ids: &[i64],
+) -> Result<(Option<Tensor>, Tensor)> {
+    let emb = if ids.contains(&model::IMAGE_TOKEN) {
+        Some(model::encode_image_with(b, ws, hp, pv)?.image_embeds)
+    } else {
+        None
+    };
+    let logits = model::logits_with(b, ws, hp, ids, emb.as_ref())?;
+    Ok((emb, logits))
+}
+
+/// The expected model, under the source's semantics: the checkpoint's own tensors as stored
+/// (Q/K rows in HF's order, not through the plan's permutation) with HF's rotate_half rope, each
+/// passed through the type the artefact records for it (the same encoder conversion uses). So the
+/// plan's layout transforms are checked, not re-used: a wrong permutation in the plan would match
+/// its own bytes, but not this forward. Tensors the plan does not transform and whose artefact
+/// bytes were proven equal to their re-derivation are read from the artefact (the same bytes).
+struct Expected<'a> {
+    src: &'a Source,
+    /// The artefact whose recorded types the weights pass through (none: the source's own types).
+    art: Option<&'a GgufWeights>,
+    proven: &'a HashSet<String>,
+    /// The road that reproduced each file's quantized tensors (for tensors that did not match).
+    via: Option<crate::ground::dtype::GgmlType>,
+}
+
+impl WeightSource for Expected<'_> {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        if let Some(art) = self.reused(name) {
+            return art.raw(name);
+        }
+        let r = self.src.row(name).ok_or_else(|| {
+            Error::input(
+                &self.src.dir,
+                format!("the recipe maps no source tensor to '{name}'"),
+            )
+        })?;
+        let ty = match self.art.and_then(|a| a.file_of(name).tensor(name)) {
+            Some(t) => t.info.ty,
+            None => self.src.store(r.store).get(&r.row.src)?.ty,
+        };
+        let via = self.via.filter(|_| ty.is_quantized());
+        let data = exactness::emit_as_stored(self.src, r, ty, via)?;
+        Ok(RawTensor {
+            ty,
+            shape: r.row.shape.clone(),
+            data: data.into(),
+        })
+    }
+    fn has(&self, name: &str) -> bool {
+        self.src.row(name).is_some()
+    }
+    fn origin(&self) -> PathBuf {
+        self.src.dir.clone()
+    }
+    fn release(&self, name: &str) {
+        if let Some(art) = self.reused(name) {
+            art.release(name);
+        } else {
+            self.src.release(name);
+        }
+    }
+    fn rope_mode(&self) -> RopeMode {
+        RopeMode::Neox
+    }
+}
+
+impl<'a> Expected<'a> {
+    /// The artefact, if `name` is read from it: proven equal, and stored in the same layout.
+    fn reused(&self, name: &str) -> Option<&'a GgufWeights> {
+        self.art.filter(|_| {
+            self.proven.contains(name)
+                && self
+                    .src
+                    .row(name)
+                    .is_some_and(|r| r.row.transform.is_none())
+        })
+    }
+}
+
+/// A weight source that advances a progress bar as the model fetches its tensors (one forward
+/// fetches each tensor once, layer by layer), so a long CPU forward shows where it is.
+struct Counted<'a> {
+    inner: &'a dyn WeightSource,
+    bar: &'a indicatif::ProgressBar,
+}
+
+impl WeightSource for Counted<'_> {
+    fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        self.bar.inc(1);
+        self.bar.set_message(name.to_string());
+        self.inner.raw(name)
+    }
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+    fn origin(&self) -> PathBuf {
+        self.inner.origin()
+    }
+    fn release(&self, name: &str) {
+        self.inner.release(name)
+    }
+    fn rope_mode(&self) -> RopeMode {
+        self.inner.rope_mode()
+    }
+}
+
+/// A bar on stderr for one step (`len` units), hidden with -q and on a non-terminal.
+fn bar(opts: &VerifyOptions, len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if opts.quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} [{{elapsed_precise}}] {what} {{bar:30}} {{pos}}/{{len}} tensors {{msg}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b
+}
+
+/// Named differences of two hyper-parameter sets (`key: source X, artefact Y`).
+pub fn hparam_diffs(s: &ModelHParams, a: &ModelHParams) -> Vec<String> {
+    let mut out = vec![];
+    let mut cmp = |key: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{key}: source {x}, artefact {y}"));
+        }
+    };
+    let (l, m) = (&s.llama, &a.llama);
+    cmp(
+        "llama.block_count",
+        l.n_layer.to_string(),
+        m.n_layer.to_string(),
+    );
+    cmp(
+        "llama.embedding_length",
+        l.n_embd.to_string(),
+        m.n_embd.to_string(),
+    );
+    cmp(
+        "llama.feed_forward_length",
+        l.n_ff.to_string(),
+        m.n_ff.to_string(),
+    );
+    cmp(
+        "llama.attention.head_count",
+        l.n_head.to_string(),
+        m.n_head.to_string(),
+    );
+    cmp(
+        "llama.attention.head_count_kv",
+        l.n_head_kv.to_string(),
+        m.n_head_kv.to_string(),
+    );
+    cmp(
+        "llama.vocab_size",
+        l.n_vocab.to_string(),
+        m.n_vocab.to_string(),
+    );
+    cmp(
+        "llama.context_length",
+        l.n_ctx.to_string(),
+        m.n_ctx.to_string(),
+    );
+    cmp(
+        "llama.attention.layer_norm_rms_epsilon",
+        format!("{:e}", l.rms_eps),
+        format!("{:e}", m.rms_eps),
+    );
+    cmp(
+        "llama.rope.freq_base",
+        format!("{}", l.rope_theta),
+        format!("{}", m.rope_theta),
+    );
+    let (c, d) = (&s.clip, &a.clip);
+    cmp(
+        "clip.vision.image_size",
+        c.image_size.to_string(),
+        d.image_size.to_string(),
+    );
+    cmp(
+        "clip.vision.patch_size",
+        c.patch_size.to_string(),
+        d.patch_size.to_string(),
+    );
+    cmp(
+        "clip.vision.embedding_length",
+        c.n_embd.to_string(),
+        d.n_embd.to_string(),
+    );
+    cmp(
+        "clip.vision.feed_forward_length",
+        c.n_ff.to_string(),
+        d.n_ff.to_string(),
+    );
+    cmp(
+        "clip.vision.attention.head_count",
+        c.n_head.to_string(),
+        d.n_head.to_string(),
+    );
+    cmp(
+        "clip.vision.block_count (blocks used)",
+        c.n_layer.to_string(),
+        d.n_layer.to_string(),
+    );
+    cmp(
+        "clip.vision.attention.layer_norm_epsilon",
+        format!("{:e}", c.eps),
+        format!("{:e}", d.eps),
+    );
+    cmp(
+        "clip.use_gelu",
+        (!c.quick_gelu).to_string(),
+        (!d.quick_gelu).to_string(),
+    );
+    cmp(
+        "clip.vision.image_mean",
+        format!("{:?}", c.image_mean),
+        format!("{:?}", d.image_mean),
+    );
+    cmp(
+        "clip.vision.image_std",
+        format!("{:?}", c.image_std),
+        format!("{:?}", d.image_std),
+    );
+    cmp(
+        "clip.vision.feature_layer",
+        format!("{:?}", c.feature_layers),
+        format!("{:?}", d.feature_layers),
+    );
+    let fuser = |p: &crate::model::hparams::ProjectorHParams| match p {
+        crate::model::hparams::ProjectorHParams::MmFuser(f) => format!(
+            "mmfuser (heads {}, levels {}, points {}, eps {:e})",
+            f.n_heads, f.n_levels, f.n_points, f.eps
+        ),
+        crate::model::hparams::ProjectorHParams::Mlp => "mlp".into(),
+    };
+    cmp(
+        "clip.projector_type / mmfuser.*",
+        fuser(&s.projector),
+        fuser(&a.projector),
+    );
+    out
+}
+
+/// Whether two hyper-parameter sets describe the same tensor shapes and layer structure (they
+/// may differ in values such as rope theta, epsilons, image normalisation).
+fn same_shapes(a: &ModelHParams, b: &ModelHParams) -> bool {
+    let mut b = b.clone();
+    b.llama.rms_eps = a.llama.rms_eps;
+    b.llama.rope_theta = a.llama.rope_theta;
+    b.clip.eps = a.clip.eps;
+    b.clip.image_mean = a.clip.image_mean;
+    b.clip.image_std = a.clip.image_std;
+    b.clip.quick_gelu = a.clip.quick_gelu;
+    if let (
+        crate::model::hparams::ProjectorHParams::MmFuser(x),
+        crate::model::hparams::ProjectorHParams::MmFuser(y),
+    ) = (&a.projector, &mut b.projector)
+    {
+        y.eps = x.eps;
+    }
+    *a == b
+}
+
+/// Check a `--tolerance`-style bound: a finite number >= 0.
+pub fn check_bound(flag: &str, v: Option<f64>) -> Result<()> {
+    match v {
+        Some(t) if !(t.is_finite() && t >= 0.0) => Err(Error::usage(format!(
+            "{flag} must be a finite number >= 0, got {t}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Each probe prompt's token ids as the source tokenizer and as the artefact's own vocabulary
+/// encode it (a runtime tokenizes with the GGUF's vocabulary). With `--input-ids`, both sides
+/// take the ids. Returns (source ids, artefact ids or why they could not be made, description).
+#[allow(clippy::type_complexity)]
+fn probe_ids(
+    opts: &VerifyOptions,
+    art: &GgufWeights,
+) -> Result<Vec<(Vec<i64>, std::result::Result<Vec<i64>, String>, String)>> {
+    if let Some(p) = &opts.input_ids {
+        if !opts.prompt.is_empty() {
+            return Err(Error::usage("give --prompt or --input-ids, not both"));
+        }
+        let ids = read_ids(p)?;
+        return Ok(vec![(ids.clone(), Ok(ids), p.display().to_string())]);
+    }
+    let art_tok = art
+        .vocab()
+        .map_err(|e| e.to_string())
+        .and_then(|v| SpmTokenizer::from_vocab(&v));
+    let questions = if opts.prompt.is_empty() {
+        vec![DEFAULT_QUESTION.to_string()]
+    } else {
+        opts.prompt.clone()
+    };
+    questions
+        .into_iter()
+        .map(|q| -> Result<_> {
+            let text = if q.contains("<image>") {
+                q
+            } else {
+                chat::llava_v1_prompt(
+                    chat::LLAVA_V1_SYSTEM,
+                    &[(&chat::first_user_message(&q), None)],
+                )
+            };
+            let art_ids = match &art_tok {
+                Ok(t) => Ok(t.encode_llava_prompt(&text)),
+                Err(e) => Err(e.clone()),
+            };
+            Ok((
+                crate::formats::checkpoint::tokenizer::encode_llava_prompt(
+                    &opts.checkpoint,
+                    &text,
+                )?,
+                art_ids,
+                text,
+            ))
+        })
+        .collect()
+}
+
+/// The first position where two id lists differ, named with both sides' pieces.
+fn ids_diff(
+    src: &[i64],
+    art: &[i64],
+    art_vocab: Option<&crate::formats::checkpoint::tokenizer::GgufVocab>,
+) -> Option<String> {
+    let i = (0..src.len().max(art.len())).find(|&i| src.get(i) != art.get(i))?;
+    let piece = |id: Option<&i64>| -> String {
+        match id {
+            None => "(end)".into(),
+            Some(&id) => {
+                let p = art_vocab
+                    .and_then(|v| usize::try_from(id).ok().and_then(|u| v.tokens.get(u)))
+                    .map(|s| format!(" {s:?}"))
+                    .unwrap_or_default();
+                format!("{id}{p}")
+            }
+        }
+    };
+    Some(format!(
+        "the artefact's vocabulary tokenizes the probe differently: token {i} is {} from the checkpoint's tokenizer, {} from the artefact's ({} vs {} tokens)",
+        piece(src.get(i)),
+        piece(art.get(i)),
+        src.len(),
+        art.len()
+    ))
+}
+
+/// Both outputs of one forward, flattened, with their widths.
+struct Outputs {
+    emb: Option<(Vec<f32>, usize)>,
+    logits: Vec<f32>,
+    vocab: usize,
+}
+
+fn outputs(r: (Option<Tensor>, Tensor)) -> Result<Outputs> {
+    let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let emb = match &r.0 {
+        Some(e) => Some((flat(e)?, e.dim(1)?)),
+        None => None,
+    };
+    Ok(Outputs {
+        emb,
+        logits: flat(&r.1)?,
+        vocab: r.1.dim(1)?,
+    })
+}
+
+/// All probes' outputs stacked (positions after positions).
+fn pool(outs: &[Outputs]) -> Outputs {
+    let emb_cols = outs.iter().find_map(|o| o.emb.as_ref().map(|e| e.1));
+    Outputs {
+        emb: emb_cols.map(|c| {
+            let v = outs
+                .iter()
+                .flat_map(|o| o.emb.iter().flat_map(|e| e.0.iter().copied()))
+                .collect();
+            (v, c)
+        }),
+        logits: outs.iter().flat_map(|o| o.logits.iter().copied()).collect(),
+        vocab: outs.first().map_or(0, |o| o.vocab),
+    }
+}
+
+/// One probe, ready to run.
+struct ProbeIn {
+    pv: Tensor,
+    ids: Vec<i64>,
+    /// The ids the artefact's own vocabulary gives (the source's where it cannot tokenize).
+    art_ids: Vec<i64>,
+    /// Why the artefact's ids differ from the source's, if they do.
+    art_ids_problem: Option<String>,
+    image: String,
+    prompt: String,
+    n_pos: usize,
+    has_image: bool,
+}
+
+/// The probes: images and prompts paired in order (one of either applies to all).
+fn probes(opts: &VerifyOptions, art: &GgufWeights, hp: &ModelHParams) -> Result<Vec<ProbeIn>> {
+    let pixels = probe_pixels(opts, hp)?;
+    let prompts = probe_ids(opts, art)?;
+    if pixels.len() > 1 && prompts.len() > 1 && pixels.len() != prompts.len() {
+        return Err(Error::usage(format!(
+            "{} images and {} prompts: give them in pairs, or one of either for all",
+            pixels.len(),
+            prompts.len()
+        )));
+    }
+    let art_vocab = art.vocab().ok();
+    let ids_origin = || {
+        opts.input_ids
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("--prompt"))
+    };
+    let s = hp.clip.image_size;
+    let mut out = vec![];
+    for i in 0..pixels.len().max(prompts.len()) {
+        let (px, image) = &pixels[i.min(pixels.len() - 1)];
+        let (ids, art_ids, prompt) = &prompts[i.min(prompts.len() - 1)];
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&i| i >= hp.llama.n_vocab as i64 || (i < 0 && i != model::IMAGE_TOKEN))
+        {
+            return Err(Error::input(
+                ids_origin(),
+                format!(
+                    "token id {bad}: ids must be in 0..{} (or -200 for the image)",
+                    hp.llama.n_vocab
+                ),
+            ));
+        }
+        // Positions after the image marker expands: beyond the model's context the attention
+        // alone would need n^2 floats (a 100k-token ids file asked for 160 GB).
+        let n_pos = ids.len()
+            + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
+                * hp.clip.n_patches().saturating_sub(1);
+        if n_pos > hp.llama.n_ctx {
+            return Err(Error::input(ids_origin(), format!(
+                "the probe has {n_pos} positions, more than the model's context length {} (max_position_embeddings)",
+                hp.llama.n_ctx
+            )));
+        }
+        let (art_ids, problem) = match art_ids {
+            Ok(a) => (a.clone(), ids_diff(ids, a, art_vocab.as_ref())),
+            Err(e) => (
+                ids.clone(),
+                Some(format!(
+                    "the artefact's vocabulary cannot tokenize the probe: {e}"
+                )),
+            ),
+        };
+        out.push(ProbeIn {
+            pv: Tensor::from_vec(px.clone(), (3, s, s), &Device::Cpu)?,
+            has_image: ids.contains(&model::IMAGE_TOKEN),
+            ids: ids.clone(),
+            art_ids,
+            art_ids_problem: problem,
+            image: image.clone(),
+            prompt: prompt.clone(),
+            n_pos,
+        });
+    }
+    Ok(out)
+}
+
+/// The comparison rows of one pair of sides: pooled over probes and per probe.
+struct Rows {
+    emb: Row,
+    logits: Row,
+    per_probe: Vec<(Row, Row)>,
+}
+
+impl Rows {
+    fn not(why: &str, n: usize) -> Rows {
+        Rows {
+            emb: Row::not(why),
+            logits: Row::not(why),
+            per_probe: (0..n).map(|_| (Row::not(why), Row::not(why))).collect(),
+        }
+    }
+
+    /// `side` (the artefact) against `reference`, probe by probe and pooled; non-finite values
+    /// are reasons named by probe, side and position.
+    fn compare(
+        reference: &[Outputs],
+        ref_name: &str,
+        side: &[Outputs],
+        with_kl: bool,
+        tag: &dyn Fn(usize) -> String,
+        reasons: &mut Vec<String>,
+    ) -> Rows {
+        let mut per_probe = vec![];
+        for (i, (r, s)) in reference.iter().zip(side).enumerate() {
+            let mut why = vec![];
+            per_probe.push(compare_sides(r, ref_name, s, "artefact", with_kl, &mut why));
+            reasons.extend(why.into_iter().map(|w| format!("{}{w}", tag(i))));
+        }
+        let (emb, logits) = if per_probe.len() == 1 {
+            per_probe[0].clone()
+        } else {
+            compare_sides(
+                &pool(reference),
+                ref_name,
+                &pool(side),
+                "artefact",
+                with_kl,
+                &mut vec![],
+            )
+        };
+        Rows {
+            emb,
+            logits,
+            per_probe,
+        }
+    }
+}
+
+/// Compare one side's outputs with a reference side's: rows for image embeddings and logits,
+/// plus the reasons to fail for non-finite values (named by side and position).
+fn compare_sides(
+    reference: &Outputs,
+    ref_name: &str,
+    side: &Outputs,
+    side_name: &str,
+    with_kl: bool,
+    reasons: &mut Vec<String>,
+) -> (Row, Row) {
+    let mut row = |a: &[f32], b: &[f32], cols: usize, what: &str, kl: bool| -> Row {
+        if a.len() != b.len() {
+            return Row::not(format!("{what}: {} values vs {}", a.len(), b.len()));
+        }
+        for (x, name) in [(a, ref_name), (b, side_name)] {
+            if let Some((r, c)) = first_nonfinite_f32(x, cols) {
+                reasons.push(format!(
+                    "{what} of the {name} forward: non-finite value at position {r}, column {c}"
+                ));
+                return Row::not(format!("non-finite {what} on the {name} side"));
+            }
+        }
+        Row::of(compare(a, b), kl.then(|| kl_stats(a, b, cols)))
+    };
+    let emb = match (&reference.emb, &side.emb) {
+        (Some((a, c)), Some((b, _))) => row(a, b, *c, "image embeddings", false),
+        _ => Row::not("the probe has no image"),
+    };
+    let logits = row(
+        &reference.logits,
+        &side.logits,
+        reference.vocab,
+        "logits",
+        with_kl,
+    );
+    (emb, logits)
+}
+
+/// The whole verification on the CPU. Errors are input/usage errors; a failed comparison is
+/// `passed: false`.
+pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
+    run_on(opts, command, &RunDevice::Cpu)
+}
+
+fn check(name: &str, status: &str, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        status: status.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Check 1: the artefacts' sha256 against their manifests.
+fn integrity_step(integrity: &[Integrity], checks: &mut Vec<Check>, reasons: &mut Vec<String>) {
+    let mut integrity_ok = true;
+    for i in integrity {
+        let m = i
+            .manifest
+            .as_ref()
+            .map(|m| m.display().to_string())
+            .unwrap_or_default();
+        match i.status.as_str() {
+            "mismatch" => reasons.push(format!(
+                "{}: sha256 differs from {m} (the file changed after it was written)",
+                i.path.display()
+            )),
+            "bad-manifest" => reasons.push(format!(
+                "{}: its manifest {m} {}",
+                i.path.display(),
+                i.detail.clone().unwrap_or_default()
+            )),
+            _ => continue,
+        }
+        integrity_ok = false;
+    }
+    checks.push(check(
+        "integrity",
+        if integrity_ok { "pass" } else { "fail" },
+        "sha256 of each artefact against the manifest beside it (an artefact without one is not checked)",
+    ));
+}
+
+/// Check 2: every metadata key and the tensor list against what conversion would write.
+fn header_step(
+    src: &mut Source,
+    art: &GgufWeights,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) -> Vec<String> {
+    let mut header = vec![];
+    for (g, kind) in [(&art.llm, "llm"), (&art.mmproj, "mmproj")] {
+        match exactness::plan_for(src, g, kind) {
+            Ok(plan) => {
+                header.extend(exactness::metadata_diffs(&g.path, &plan.meta, &g.metadata));
+                header.extend(exactness::tensor_list_diffs(&plan, g));
+            }
+            Err(e) => header.push(e),
+        }
+    }
+    checks.push(check(
+        "header",
+        if header.is_empty() { "pass" } else { "fail" },
+        format!(
+            "every metadata key, tensor name, shape and type against what hf-to-gguf/quantize write from this checkpoint: {} difference(s)",
+            header.len()
+        ),
+    ));
+    for h in header.iter().take(20) {
+        reasons.push(format!("header: {h}"));
+    }
+    if header.len() > 20 {
+        reasons.push(format!(
+            "header: ... and {} more differences",
+            header.len() - 20
+        ));
+    }
+    header
+}
+
+/// Check 3: every tensor's bytes against the plan's output (not possible with an importance
+/// matrix). Returns the findings and the names proven equal.
+fn tensor_step(
+    opts: &VerifyOptions,
+    src: &Source,
+    art: &GgufWeights,
+    imatrix: bool,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) -> Result<(TensorCheck, HashSet<String>)> {
+    let (tensors, proven) = if imatrix {
+        checks.push(check(
+            "tensors",
+            "not run",
+            "importance matrix (see imatrix)",
+        ));
+        (TensorCheck::default(), HashSet::new())
+    } else {
+        let b = bar(
+            opts,
+            (art.llm.tensors.len() + art.mmproj.tensors.len()) as u64,
+            "tensor bytes vs the plan",
+        );
+        let (t, p) = exactness::check_tensors(src, art, &|n| {
+            b.inc(1);
+            b.set_message(n.to_string());
+        })?;
+        b.finish_and_clear();
+        let ok = t.mismatches.is_empty() && t.first_nonfinite.is_none();
+        if t.mismatches.len() > 20 {
+            reasons.push(format!(
+                "{} tensors differ from the plan's output (the first 20 follow; all in the JSON report)",
+                t.mismatches.len()
+            ));
+        }
+        for m in t.mismatches.iter().take(20) {
+            reasons.push(format!(
+                "{}: tensor '{}' ({}) differs from the plan's output from the checkpoint: first at block {} (row {}), {} of {} blocks differ",
+                m.file, m.tensor, m.ggml_type, m.first_block, m.first_row, m.blocks_differing, m.blocks
+            ));
+        }
+        checks.push(check(
+            "tensors",
+            if ok { "pass" } else { "fail" },
+            format!(
+                "bytes of each tensor against the plan's output (our quantizers are byte-identical to llama.cpp's): {} of {} equal, {} not compared",
+                t.equal, t.compared, t.not_compared
+            ),
+        ));
+        (t, p)
+    };
+    if let Some(nf) = &tensors.first_nonfinite {
+        reasons.push(format!("non-finite value stored in the artefacts: {nf}"));
+    }
+    Ok((tensors, proven))
+}
+
+/// Check 4's verdict: the artefact forward against the expected model, one bound for every type.
+// `!(x <= bound)` on purpose: a NaN figure fails.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn exact_step(
+    exact: &Rows,
+    has_image: bool,
+    imatrix: bool,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) {
+    let mut exact_ok = true;
+    for (what, row) in [("image embeddings", &exact.emb), ("logits", &exact.logits)] {
+        if let Some(m) = &row.metrics {
+            if !(m.rel_rms <= EXACT_REL_RMS_BOUND) {
+                exact_ok = false;
+                reasons.push(format!(
+                    "exactness: {what} differ from the expected model's by relative RMS {:.3e}, {:.1}x the bound {EXACT_REL_RMS_BOUND:.0e}",
+                    m.rel_rms,
+                    m.rel_rms / EXACT_REL_RMS_BOUND
+                ));
+            }
+        } else if what == "logits" || has_image {
+            // Not compared although there was something to compare.
+            exact_ok = false;
+        }
+    }
+    checks.push(check(
+        "exact forward",
+        if imatrix {
+            "not run"
+        } else if exact_ok {
+            "pass"
+        } else {
+            "fail"
+        },
+        format!("artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e}"),
+    ));
+}
+
+/// Check 5: quality against the float source, judged only under --tolerance / --image-tolerance.
+// `!(x <= bound)` on purpose: a NaN figure fails.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn quality_step(
+    opts: &VerifyOptions,
+    quality: &Rows,
+    imatrix_note: Option<&str>,
+    checks: &mut Vec<Check>,
+    reasons: &mut Vec<String>,
+) {
+    let (q_emb, q_logits) = (&quality.emb, &quality.logits);
+    let mut q_status = if opts.exact_only {
+        "not run"
+    } else {
+        "reported"
+    };
+    if let Some(tol) = opts.tolerance {
+        q_status = "pass";
+        match &q_logits.kl {
+            Some(k) if k.kl_mean <= tol => {}
+            Some(k) => {
+                q_status = "fail";
+                reasons.push(format!(
+                    "quality: mean KL divergence {:.3e} exceeds --tolerance {tol:.3e}",
+                    k.kl_mean
+                ));
+            }
+            None => {
+                q_status = "fail";
+                reasons.push(
+                    "quality: the logits were not compared, so --tolerance cannot be met".into(),
+                );
+            }
+        }
+    }
+    if let Some(tol) = opts.image_tolerance {
+        if let Some(m) = &q_emb.metrics {
+            if !(m.rel_rms <= tol) {
+                q_status = "fail";
+                reasons.push(format!(
+                    "quality: image embeddings differ from the source's by relative RMS {:.3e}, above --image-tolerance {tol:.1e}",
+                    m.rel_rms
+                ));
+            }
+        }
+    }
+    if let Some(note) = imatrix_note {
+        if opts.tolerance.is_none() {
+            reasons.push(format!("{note}; give --tolerance to judge it"));
+        }
+    }
+    checks.push(check(
+        "quality",
+        q_status,
+        match opts.tolerance {
+            Some(t) => format!("mean KL(source float || artefact) <= {t:.3e} (--tolerance)"),
+            None => "KL(source float || artefact) reported; judged only with --tolerance".into(),
+        },
+    ));
+}
+
+/// The whole verification with the model on `dev` (all sides on the same device).
+pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
+    let _ = command;
+    let t0 = Instant::now();
+    check_bound("--tolerance", opts.tolerance)?;
+    check_bound("--image-tolerance", opts.image_tolerance)?;
+    if opts.exact_only && (opts.tolerance.is_some() || opts.image_tolerance.is_some()) {
+        return Err(Error::usage(
+            "--exact-only skips the quality forward that --tolerance / --image-tolerance bound",
+        ));
+    }
+    let integrity = vec![check_integrity(&opts.gguf)?, check_integrity(&opts.mmproj)?];
+    let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
+    let art = GgufWeights::open(&opts.gguf, &opts.mmproj)?;
+    let mut reasons = vec![];
+    let mut checks = vec![];
+
+    integrity_step(&integrity, &mut checks, &mut reasons);
+    let imatrix: Vec<String> = [&art.llm, &art.mmproj]
+        .iter()
+        .flat_map(|g| exactness::imatrix_keys(g))
+        .collect();
+    let header = header_step(&mut src, &art, &mut checks, &mut reasons);
+    let imatrix_note = (!imatrix.is_empty()).then(|| {
+        format!(
+            "quantized with an importance matrix ({}): its bytes cannot be re-derived without that matrix, so exactness is not checked and the verdict rests on the quality bound (--tolerance)",
+            imatrix.join(", ")
+        )
+    });
+    let (tensors, proven) = tensor_step(
+        opts,
+        &src,
+        &art,
+        imatrix_note.is_some(),
+        &mut checks,
+        &mut reasons,
+    )?;
+    // 4. Forwards: artefact, expected (exactness), float source (quality), over every probe.
+    let effective = |mut hp: ModelHParams| {
+        hp.clip.n_layer = hp.clip.blocks_needed();
+        hp
+    };
+    let hp_src = effective(src.hparams.clone());
+    let hp_art = art.hparams().map(effective);
+    let probes_in = probes(opts, &art, &hp_src)?;
+    let n_probes = probes_in.len();
+    let tag = |i: usize| {
+        if n_probes > 1 {
+            format!("probe {}: ", i + 1)
+        } else {
+            String::new()
+        }
+    };
+    let n_weights = src.rows.len() as u64 * n_probes as u64;
+    // One side over all probes (on CUDA its weights are uploaded once and dropped after it).
+    let run_side = |ws: &dyn WeightSource,
+                    hp: &ModelHParams,
+                    art_ids: bool,
+                    what: &str|
+     -> Result<Vec<Outputs>> {
+        let b = bar(opts, n_weights, what);
+        let ws = Counted { inner: ws, bar: &b };
+        let ws = &ws;
+        let mut outs = vec![];
+        for p in &probes_in {
+            let ids = if art_ids { &p.art_ids } else { &p.ids };
+            let r = match dev {
+                RunDevice::Cpu => forward(&crate::cpu::CpuBackend, ws, hp, &p.pv, ids),
+                RunDevice::Cuda(c) => forward(c.as_ref(), ws, hp, &p.pv, ids),
+            };
+            match r.and_then(outputs) {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    if let Some(c) = dev.cuda() {
+                        c.clear_weights();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(c) = dev.cuda() {
+            c.clear_weights();
+        }
+        b.finish_and_clear();
+        Ok(outs)
+    };
+
+    // Why the artefact forward cannot run, if it cannot.
+    let mut art_blocked: Option<String> = None;
+    // A differing value (rope theta, an epsilon) is a named failure, and the artefact forward
+    // still runs with the artefact's values so the effect is measured; differing shapes stop it.
+    let hp_art = match hp_art {
+        Ok(h) => {
+            let d = hparam_diffs(&hp_src, &h);
+            for x in &d {
+                reasons.push(format!("hyper-parameter {x}"));
+            }
+            if !same_shapes(&hp_src, &h) {
+                art_blocked = Some(format!("hyper-parameters differ ({})", d.join("; ")));
+            }
+            h
+        }
+        // An artefact whose hyper-parameters cannot be read cannot be run at all (exit 2).
+        Err(e) => return Err(e),
+    };
+    for (i, p) in probes_in.iter().enumerate() {
+        if let Some(why) = &p.art_ids_problem {
+            reasons.push(format!("{}{why}", tag(i)));
+            if p.art_ids.len() != p.ids.len() {
+                art_blocked.get_or_insert_with(|| {
+                    "the artefact's vocabulary tokenizes the probe to another length".into()
+                });
+            }
+        }
+    }
+    if header
+        .iter()
+        .any(|h| h.contains("tensor '") && (h.contains("' is missing") || h.contains("' has ne")))
+    {
+        art_blocked.get_or_insert_with(|| {
+            "tensors are missing from the artefact or have other shapes".into()
+        });
+    }
+    // An error in the artefact forward is one the probe itself causes (as on the source side).
+    let art_out = match &art_blocked {
+        None => Some(run_side(&art, &hp_art, true, "forward 1/3, artefact")?),
+        Some(_) => None,
+    };
+    let blocked = art_blocked
+        .clone()
+        .unwrap_or_else(|| "the artefact forward did not run".into());
+    let road = tensors.roads.values().next().and_then(|r| {
+        exactness::INTERMEDIATES
+            .iter()
+            .find(|v| v.map_or("one pass".to_string(), |t| format!("via {t}")) == *r)
+            .copied()
+            .flatten()
+    });
+    let exact = match (&art_out, &imatrix_note) {
+        (_, Some(_)) => Rows::not(
+            "importance matrix: the expected model cannot be re-derived",
+            n_probes,
+        ),
+        (None, _) => Rows::not(&blocked, n_probes),
+        (Some(a), None) => {
+            let exp = Expected {
+                src: &src,
+                art: Some(&art),
+                proven: &proven,
+                via: road,
+            };
+            let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
+            Rows::compare(&e, "expected", a, false, &tag, &mut reasons)
+        }
+    };
+    exact_step(
+        &exact,
+        probes_in.iter().any(|p| p.has_image),
+        imatrix_note.is_some(),
+        &mut checks,
+        &mut reasons,
+    );
+
+    // 5. Quality against the float source.
+    let (quality, src_out) = match (&art_out, opts.exact_only) {
+        (_, true) => (Rows::not("--exact-only", n_probes), None),
+        (None, false) => (Rows::not(&blocked, n_probes), None),
+        (Some(a), false) => {
+            let s = run_side(&src, &hp_src, false, "forward 3/3, float source")?;
+            (
+                Rows::compare(&s, "source", a, true, &tag, &mut reasons),
+                // Kept only to be dumped (at 7B each side's logits are 100 MB).
+                opts.dump_logits.is_some().then_some(s),
+            )
+        }
+    };
+    quality_step(
+        opts,
+        &quality,
+        imatrix_note.as_deref(),
+        &mut checks,
+        &mut reasons,
+    );
+
+    if let Some(dir) = &opts.dump_logits {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let dump = |name: &str, o: &Outputs| {
+            crate::formats::npy::write_f32(
+                dir.join(name),
+                &[o.logits.len() / o.vocab.max(1), o.vocab],
+                &o.logits,
+            )
+        };
+        if let Some(o) = &src_out {
+            dump("source.npy", &pool(o))?;
+        }
+        if let Some(o) = &art_out {
+            dump("artefact.npy", &pool(o))?;
+        }
+    }
+    if let Some(b) = dev.cuda() {
+        eprintln!("{}", b.memory_report());
+    }
+    let ft_name = |g: &crate::formats::gguf::GgufFile| {
+        file_type_of(g)
+            .map(|f| f.name().to_string())
+            .unwrap_or_else(|| "unknown".into())
+    };
+    Ok(Report {
+        schema: REPORT_SCHEMA.into(),
+        checkpoint: opts.checkpoint.clone(),
+        gguf: opts.gguf.clone(),
+        mmproj: opts.mmproj.clone(),
+        llm_file_type: ft_name(&art.llm),
+        mmproj_file_type: ft_name(&art.mmproj),
+        n_positions: probes_in.iter().map(|p| p.n_pos).sum(),
+        probes: probes_in
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Probe {
+                image: p.image.clone(),
+                prompt: p.prompt.clone(),
+                n_positions: p.n_pos,
+                n_image_positions: if p.has_image {
+                    hp_src.clip.n_patches()
+                } else {
+                    0
+                },
+                exact_image_embeddings: exact.per_probe[i].0.clone(),
+                exact_logits: exact.per_probe[i].1.clone(),
+                quality_image_embeddings: quality.per_probe[i].0.clone(),
+                quality_logits: quality.per_probe[i].1.clone(),
+            })
+            .collect(),
+        integrity,
+        checks,
+        header_mismatches: header,
+        tensors,
+        exact_image_embeddings: exact.emb.clone(),
+        exact_logits: exact.logits.clone(),
+        exact_bound_rel_rms: EXACT_REL_RMS_BOUND,
+        quality_image_embeddings: quality.emb.clone(),
+        quality_logits: quality.logits.clone(),
+        tolerance_kl_mean: opts.tolerance,
+        tolerance_image_rel_rms: opts.image_tolerance,
+        imatrix: imatrix_note,
+        passed: reasons.is_empty(),
+        reasons: dedup(reasons),
+        device: dev.name().into(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// The reasons in order, each once (the exact and quality comparisons can both name one NaN).
+fn dedup(reasons: Vec<String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    reasons
+        .into_iter()
+        .filter(|r| seen.insert(r.clone()))
+        .collect()
+}
+
+fn render_row(name: &str, r: &Row) -> String {
+    let Some(m) = &r.metrics else {
+        return format!(
+            "{name:<20} not compared: {}\n",
+            r.why_not.as_deref().unwrap_or("-")
+        );
+    };
+    let mut s = format!(
+        "{name:<20} max|diff| {:.3e}  rel RMS {:.3e}  cosine {:.8}\n",
+        m.max_abs_diff, m.rel_rms, m.cosine
+    );
+    if let Some(k) = &r.kl {
+        s += &format!(
+            "{:<20} KL mean {:.3e}  median {:.3e}  p99 {:.3e}  p99.9 {:.3e}  max {:.3e}  top-1 {:.3}  mean dp {:+.3e}\n",
+            "", k.kl_mean, k.kl_median, k.kl_p99, k.kl_p999, k.kl_max, k.top1_agreement, k.delta_p_mean
+        );
+    }
+    s
+}
+
+/// The human-readable report.
+pub fn render(r: &Report) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "verify  {} ({}) + {} ({})\n",
+        r.gguf.display(),
+        r.llm_file_type,
+        r.mmproj.display(),
+        r.mmproj_file_type
+    );
+    s += &format!("source  {}\n", r.checkpoint.display());
+    for (i, p) in r.probes.iter().enumerate() {
+        s += &format!(
+            "probe {}  image: {}; {} positions ({} image)\n",
+            i + 1,
+            p.image,
+            p.n_positions,
+            p.n_image_positions
+        );
+    }
+    for i in &r.integrity {
+        s += &format!("sha256  {}  {}\n", i.status, i.path.display());
+    }
+    if !r.tensors.roads.is_empty() {
+        let roads: Vec<String> = r
+            .tensors
+            .roads
+            .iter()
+            .map(|(f, x)| format!("{f}: {x}"))
+            .collect();
+        s += &format!(
+            "road    quantized tensors reproduced {}\n",
+            roads.join(", ")
+        );
+    }
+    if let Some(n) = &r.imatrix {
+        s += &format!("note    {n}\n");
+    }
+    s += "\nexactness (artefact vs the source through the artefact's types)\n";
+    s += &render_row("image embeddings", &r.exact_image_embeddings);
+    s += &render_row("logits", &r.exact_logits);
+    s += "\nquality (artefact vs the float source)\n";
+    s += &render_row("image embeddings", &r.quality_image_embeddings);
+    s += &render_row("logits", &r.quality_logits);
+    if r.probes.len() > 1 {
+        s += &format!(
+            "\nper probe (the rows above pool all {} positions)\n",
+            r.n_positions
+        );
+        for (i, p) in r.probes.iter().enumerate() {
+            s += &format!("probe {}\n", i + 1);
+            s += &render_row("  exact logits", &p.exact_logits);
+            s += &render_row("  quality logits", &p.quality_logits);
+        }
+    }
+    s += "\nchecks\n";
+    for c in &r.checks {
+        s += &format!("  {:<14} {:<9} {}\n", c.name, c.status, c.detail);
+    }
+    if r.passed {
+        s += &format!("PASS ({:.2} s on {})\n", r.seconds, r.device);
+    } else {
+        for why in &r.reasons {
+            s += &format!("FAIL: {why}\n");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::recipe::{permute_rows, Transform};
+
+    /// The plan's layout with a faulty Q/K permutation: what a wrong plan would write (and then
+    /// match byte for byte, so only the forward against the expected model can tell).
+    struct WrongPlan<'a> {
+        src: &'a Source,
+        /// Heads the faulty plan permutes K with (None: Q/K left as stored).
+        k_heads: Option<usize>,
+    }
+
+    impl WeightSource for WrongPlan<'_> {
+        fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+            let r = self.src.row(name).expect("a planned tensor");
+            let t = self.src.store(r.store).get(&r.row.src)?;
+            let (rows, cols) = (t.shape[0], t.shape[1..].iter().product());
+            let heads = match (r.row.transform, self.k_heads) {
+                (Some(Transform::PermuteK), Some(h)) => Some(h),
+                (Some(Transform::PermuteQ), Some(_)) => Some(self.src.hparams.llama.n_head),
+                _ => None,
+            };
+            let data = match heads {
+                Some(h) => permute_rows(&t.data, rows, cols, h, t.ty.type_size()).into(),
+                None => t.data,
+            };
+            Ok(RawTensor {
+                ty: t.ty,
+                shape: t.shape,
+                data,
+            })
+        }
+        fn has(&self, name: &str) -> bool {
+            self.src.row(name).is_some()
+        }
+    }
+
+    fn logits(ws: &dyn WeightSource, src: &Source, ids: &[i64]) -> Vec<f32> {
+        let pv = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let (_, l) = forward(&crate::cpu::CpuBackend, ws, &src.hparams, &pv, ids).unwrap();
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// The expected model runs under the source's semantics (Q/K rows as stored, rotate_half
+    /// rope), so it agrees with the plan's layout (permuted rows, interleaved rope) within the
+    /// bound, and a plan with a wrong permutation fails the forward comparison even though its
+    /// artefact would match the plan's own bytes.
+    #[test]
+    fn wrong_permutation_in_the_plan_fails_the_forward_comparison() {
+        let src = Source::open(
+            Path::new("fixtures/tiny-llava-mmfuser"),
+            Some(Path::new("fixtures/tiny-clip")),
+        )
+        .unwrap();
+        let hp = &src.hparams.llama;
+        assert!(
+            hp.n_head_kv < hp.n_head,
+            "the fixture must use GQA for the K case"
+        );
+        let ids: Vec<i64> = (0..40).map(|i| (i * 7 + 1) % hp.n_vocab as i64).collect();
+        let none = HashSet::new();
+        let expected = Expected {
+            src: &src,
+            art: None,
+            proven: &none,
+            via: None,
+        };
+        let want = logits(&expected, &src, &ids);
+        let plan = compare(&want, &logits(&src, &src, &ids)).rel_rms;
+        println!("correct plan: logits relative RMS {plan:.3e}");
+        // Not merely under the bound: both sides sum in one order (see EXACT_REL_RMS_BOUND).
+        assert_eq!(
+            plan, 0.0,
+            "the correct plan must reproduce the expected model exactly"
+        );
+        for (what, k_heads) in [
+            (
+                "K permuted with n_head instead of n_head_kv",
+                Some(hp.n_head),
+            ),
+            ("Q/K not permuted", None),
+        ] {
+            let wrong = WrongPlan { src: &src, k_heads };
+            let d = compare(&want, &logits(&wrong, &src, &ids)).rel_rms;
+            println!(
+                "{what}: logits relative RMS {d:.3e}, {:.0}x the bound",
+                d / EXACT_REL_RMS_BOUND
+            );
+            assert!(d > 100.0 * EXACT_REL_RMS_BOUND, "{what}: {d}");
+        }
+    }
+}
