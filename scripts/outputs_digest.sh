@@ -18,15 +18,16 @@ W="$(mktemp -d)"
 trap 'rm -rf "$W"' EXIT
 F="$REPO/fixtures"
 CK="$F/tiny-llava-mmfuser"
+CLIP=(--vision-tower "$F/tiny-clip")
 
 run() { # job-name, args...
   local job="$1"; shift
   "$BIN" "$@" -q > /dev/null
 }
-run f16 hf-to-gguf "$CK" --out-dir "$W/f16"
-run f32 hf-to-gguf "$CK" --out-dir "$W/f32" --outtype f32
-run bf16 hf-to-gguf "$CK" --out-dir "$W/bf16" --outtype bf16
-run bin hf-to-gguf "$F/tiny-llava-mmfuser-bin" --out-dir "$W/bin"
+run f16 hf-to-gguf "$CK" "${CLIP[@]}" --out-dir "$W/f16"
+run f32 hf-to-gguf "$CK" "${CLIP[@]}" --out-dir "$W/f32" --outtype f32
+run bf16 hf-to-gguf "$CK" "${CLIP[@]}" --out-dir "$W/bf16" --outtype bf16
+run bin hf-to-gguf "$F/tiny-llava-mmfuser-bin" "${CLIP[@]}" --out-dir "$W/bin"
 L="$F/layouts"
 run hf hf-to-gguf "$L/tiny-llava-hf" --out-dir "$W/layout-hf"
 run hf-sd hf-to-gguf "$L/tiny-llava-hf-sd" --out-dir "$W/layout-hf-sd"
@@ -35,12 +36,14 @@ run l15-model hf-to-gguf "$L/tiny-llava-1.5" --vision-tower "$L/tiny-clip-model"
 LLM="$(ls "$W"/f16/*.gguf | grep -v mmproj | head -1)"
 MMP="$(ls "$W"/f16/mmproj-*.gguf | head -1)"
 for t in Q8_0 Q4_0 Q4_K_S Q4_K_M Q6_K F16; do
+  mkdir -p "$W/gguf-$t"
   run "gguf-$t" quantize "$LLM" --type "$t" -o "$W/gguf-$t/out.gguf"
-  run "pass-$t" quantize "$CK" --type "$t" --out-dir "$W/pass-$t"
+  run "pass-$t" quantize "$CK" "${CLIP[@]}" --type "$t" --out-dir "$W/pass-$t"
 done
-run bits8 quantize "$CK" --bits 8 --out-dir "$W/bits8"
+run bits8 quantize "$CK" "${CLIP[@]}" --bits 8 --out-dir "$W/bits8"
+mkdir -p "$W/mmproj-q8"
 run mmproj-q8 quantize "$MMP" --vision-type Q8_0 -o "$W/mmproj-q8/out.gguf"
-run pass-clip-q8 quantize "$CK" --bits 4 --vision-type Q8_0 --out-dir "$W/pass-clip-q8"
+run pass-clip-q8 quantize "$CK" "${CLIP[@]}" --bits 4 --vision-type Q8_0 --out-dir "$W/pass-clip-q8"
 run synth synth --size tiny "$W/synth" --seed 3
 "$BIN" hf-to-gguf "$W/synth/checkpoint" --vision-tower "$W/synth/clip" --out-dir "$W/synth-f16" -q > /dev/null
 
@@ -56,7 +59,7 @@ recs = []
 def walk(x):
     if isinstance(x, dict):
         for k, v in x.items():
-            if k == "tensors":
+            if k == "tensors" and isinstance(v, list):
                 recs.append(v)
             else:
                 walk(v)
