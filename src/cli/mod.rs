@@ -1,9 +1,13 @@
 //! Command-line interface: clap definitions, output formatting, exit codes. No conversion logic.
-use crate::convert::quantize::{self, QuantizeOptions};
-use crate::convert::{self, ConvertOptions};
+mod progress;
+
+use crate::convert::from_checkpoint::{self, ConvertOptions};
+use crate::convert::from_gguf::{self, QuantizeOptions};
+use crate::convert::recipe::ArtefactKind;
 use crate::ground::dtype::{FileType, GgmlType};
 use crate::ground::error::{Error, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use progress::Bars;
 use std::path::{Path, PathBuf};
 
 /// The bundled fixture, used when hf-to-gguf is run without a checkpoint.
@@ -388,7 +392,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     Ok(())
 }
 
-fn print_convert(s: &convert::ConvertSummary) {
+fn print_convert(s: &from_checkpoint::ConvertSummary) {
     for o in &s.outputs {
         println!(
             "wrote {}  ({}, {} tensors, {}, sha256 {})",
@@ -412,7 +416,7 @@ fn print_convert(s: &convert::ConvertSummary) {
 }
 
 /// The "wrote ..." lines of a conversion, unless -q or --json.
-fn report_convert(s: &convert::ConvertSummary, print: Print) -> Result<()> {
+fn report_convert(s: &from_checkpoint::ConvertSummary, print: Print) -> Result<()> {
     if print.json {
         print_json(s)
     } else {
@@ -423,7 +427,7 @@ fn report_convert(s: &convert::ConvertSummary, print: Print) -> Result<()> {
     }
 }
 
-fn print_quantize(s: &quantize::QuantizeSummary) {
+fn print_quantize(s: &from_gguf::QuantizeSummary) {
     let counts: Vec<String> = s
         .type_counts
         .iter()
@@ -467,21 +471,23 @@ fn fixture_or_synth(scratch: &Path, quiet: bool) -> Result<(PathBuf, PathBuf)> {
             scratch.display()
         );
     }
-    let s = crate::convert::synth::run(&crate::convert::synth::SynthOptions {
-        size: crate::convert::synth::SynthSize::Tiny,
-        out_dir: scratch.to_path_buf(),
-        seed: 0,
-        llama_view: false,
-        quiet: true,
-    })?;
+    let s = crate::convert::synth::run(
+        &crate::convert::synth::SynthOptions {
+            size: crate::convert::synth::SynthSize::Tiny,
+            out_dir: scratch.to_path_buf(),
+            seed: 0,
+            llama_view: false,
+        },
+        &Bars::new(true),
+    )?;
     Ok((s.checkpoint, s.clip))
 }
 
 /// The whole pipeline's results, for `demo --json` (schemas/demo-summary.schema.json).
 #[derive(serde::Serialize)]
 struct DemoSummary {
-    convert: convert::ConvertSummary,
-    quantize: quantize::QuantizeSummary,
+    convert: from_checkpoint::ConvertSummary,
+    quantize: from_gguf::QuantizeSummary,
     verify: crate::verify::Report,
 }
 
@@ -504,34 +510,35 @@ fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
         vision_type: None,
         name: None,
         allow_nonfinite: false,
-        quiet: true,
         command_line: argv.clone(),
     };
-    let s = convert::run(&conv)?;
+    let s = from_checkpoint::run(&conv, &Bars::new(true))?;
     if say {
         print_convert(&s);
     }
-    let path_of = |kind: &str| {
+    let path_of = |kind: ArtefactKind| {
         s.outputs
             .iter()
             .find(|o| o.kind == kind)
             .map(|o| o.path.clone())
             .ok_or_else(|| Error::other(format!("no {kind} written")))
     };
-    let (llm, mmproj) = (path_of("llm")?, path_of("mmproj")?);
+    let (llm, mmproj) = (path_of(ArtefactKind::Llm)?, path_of(ArtefactKind::Mmproj)?);
     if say {
         println!("\n== 2/3 quantize --bits 4 {}", llm.display());
     }
-    let q = quantize::quantize_file(&QuantizeOptions {
-        input: llm,
-        output: None,
-        out_dir: None,
-        file_type: Some(FileType::MostlyQ4KM),
-        vision_type: None,
-        quiet: true,
-        allow_nonfinite: false,
-        command_line: argv.clone(),
-    })?;
+    let q = from_gguf::quantize_file(
+        &QuantizeOptions {
+            input: llm,
+            output: None,
+            out_dir: None,
+            file_type: Some(FileType::MostlyQ4KM),
+            vision_type: None,
+            allow_nonfinite: false,
+            command_line: argv.clone(),
+        },
+        &Bars::new(true),
+    )?;
     if say {
         print_quantize(&q);
         println!("\n== 3/3 verify (source checkpoint vs Q4_K_M + F16 mmproj)");
@@ -544,14 +551,13 @@ fn run_demo(out_dir: PathBuf, print: Print, argv: Vec<String>) -> Result<()> {
         tolerance: None,
         image_tolerance: None,
         exact_only: false,
-        quiet: true,
         image: vec![],
         pixel_values: None,
         prompt: vec![],
         input_ids: None,
         dump_logits: None,
     };
-    let r = crate::verify::run(&opts, &argv)?;
+    let r = crate::verify::run(&opts, &argv, &Bars::new(true))?;
     let passed = r.passed;
     if print.json {
         print_json(&DemoSummary {
@@ -658,10 +664,12 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 vision_type: None,
                 name,
                 allow_nonfinite,
-                quiet: print.quiet || print.json,
                 command_line: argv,
             };
-            report_convert(&convert::run(&opts)?, print)
+            report_convert(
+                &from_checkpoint::run(&opts, &Bars::new(print.quiet || print.json))?,
+                print,
+            )
         }
         Command::Demo { out, print } => run_demo(out_dir_only("demo", &out, "out")?, print, argv),
         Command::Verify {
@@ -692,14 +700,14 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 tolerance,
                 image_tolerance,
                 exact_only,
-                quiet: print.quiet || print.json,
                 image,
                 pixel_values,
                 prompt,
                 input_ids,
                 dump_logits,
             };
-            let r = crate::verify::run_on(&opts, &argv, &dev)?;
+            let r =
+                crate::verify::run_on(&opts, &argv, &dev, &Bars::new(print.quiet || print.json))?;
             if print.json {
                 print_json(&r)?;
             } else if !print.quiet {
@@ -749,10 +757,12 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                     vision_type: vt,
                     name: None,
                     allow_nonfinite,
-                    quiet: print.quiet || print.json,
                     command_line: argv,
                 };
-                return report_convert(&convert::run(&opts)?, print);
+                return report_convert(
+                    &from_checkpoint::run(&opts, &Bars::new(print.quiet || print.json))?,
+                    print,
+                );
             }
             if vision_tower.is_some() {
                 return Err(Error::usage(
@@ -770,11 +780,10 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                 out_dir: out.out_dir,
                 file_type: ft,
                 vision_type: vt,
-                quiet: print.quiet || print.json,
                 allow_nonfinite,
                 command_line: argv,
             };
-            let s = quantize::quantize_file(&opts)?;
+            let s = from_gguf::quantize_file(&opts, &Bars::new(print.quiet || print.json))?;
             if print.json {
                 print_json(&s)
             } else {
@@ -807,13 +816,15 @@ fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
                     ))
                 }
             };
-            let s = crate::convert::synth::run(&crate::convert::synth::SynthOptions {
-                size,
-                out_dir,
-                seed,
-                llama_view,
-                quiet: print.quiet || print.json,
-            })?;
+            let s = crate::convert::synth::run(
+                &crate::convert::synth::SynthOptions {
+                    size,
+                    out_dir,
+                    seed,
+                    llama_view,
+                },
+                &Bars::new(print.quiet || print.json),
+            )?;
             if print.json {
                 print_json(&s)
             } else {

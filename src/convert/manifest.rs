@@ -1,5 +1,6 @@
 //! The manifest written next to the artefacts: tool version, command line, sha256 of every input
 //! and output file, and the per-tensor mapping. `verify` checks artefacts against it.
+use crate::convert::recipe::ArtefactKind;
 use crate::ground::digest::{lossy_path, FileHash};
 use crate::ground::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -9,7 +10,7 @@ pub const MANIFEST_SCHEMA: &str = "mmfuser-convert/manifest/v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutputRecord {
-    pub kind: String,
+    pub kind: ArtefactKind,
     #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
     pub bytes: u64,
@@ -25,7 +26,7 @@ pub struct TensorRecord {
     pub dtype: String,
     pub shape: Vec<usize>,
     pub gguf: String,
-    pub artefact: String,
+    pub artefact: ArtefactKind,
     pub ggml_type: String,
     /// Relative RMS error of dequant(quant(x)) - x, for quantized tensors.
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -1,15 +1,18 @@
 //! The tensor plan shared by hf-to-gguf, quantize and verify: for each artefact, its file type,
-//! metadata and every output tensor (source row -> GGUF name, shape, type), including
-//! llama-quantize's type mixture and tensor order. Conversion emits what this plans; verify
-//! re-derives the same plan from the source and compares the artefact with it.
-use crate::convert::recipe::{DtypePolicy, Var};
+//! metadata and every output tensor (input tensor -> GGUF name, shape, type), including
+//! llama-quantize's type mixture and tensor order. The one place where an output type is
+//! decided: the dtype policy (float outputs), then llama-quantize's mixture or the vision type.
+//! Two inputs are planned: a checkpoint (`plan_artefacts`: hf-to-gguf and one-pass quantize) and
+//! a GGUF file (`plan_gguf`: quantize). `emit` writes whatever is planned; verify re-derives the
+//! checkpoint's plan and compares the artefact with it.
+use crate::convert::recipe::{ArtefactKind, DtypePolicy, Var};
 use crate::convert::source::Source;
 use crate::formats::checkpoint::tokenizer::chat::LLAVA_V1_CHAT_TEMPLATE;
 use crate::formats::checkpoint::tokenizer::{load_vocab, GgufVocab};
-use crate::formats::gguf::{Metadata, TensorInfo, Value};
+use crate::formats::gguf::{GgufFile, Metadata, TensorInfo, Value};
 use crate::ground::dtype::{FileType, GgmlType, GGML_QNT_VERSION};
-use crate::ground::error::Result;
-use crate::model::hparams::ModelHParams;
+use crate::ground::error::{Error, Result};
+use crate::ground::progress::Progress;
 use crate::quant::mixture::{choose_types, weight_name_cmp, TensorDesc};
 use std::path::{Path, PathBuf};
 
@@ -20,18 +23,21 @@ pub const KEY_FILE_TYPE: &str = "general.file_type";
 pub const FUSER_PREFIX: &str = "mm.fuser.";
 
 /// One planned output tensor.
-pub struct OutTensor {
+pub struct PlannedTensor {
+    /// Name, shape and output type in the artefact.
     pub info: TensorInfo,
-    pub row: usize,
+    /// Which of the input's tensors it is made from (a row of the checkpoint's `Source`, a tensor
+    /// of the GGUF input): the emit step's input resolves it.
+    pub input: usize,
 }
 
 /// An artefact about to be written.
 pub struct ArtefactPlan {
-    pub kind: String,
+    pub kind: ArtefactKind,
     pub path: PathBuf,
     pub file_type: FileType,
     pub meta: Metadata,
-    pub tensors: Vec<OutTensor>,
+    pub tensors: Vec<PlannedTensor>,
 }
 
 /// GGUF tokenizer keys (convert_hf_to_gguf.py `_set_vocab_sentencepiece`; types as llama.cpp reads them).
@@ -86,6 +92,7 @@ pub fn plan_artefacts(
     ft: FileType,
     vision_type: Option<GgmlType>,
     out_dir: &Path,
+    progress: &dyn Progress,
 ) -> Result<Vec<ArtefactPlan>> {
     src.vars.set("name", Var::Str(name.to_string()));
     // The base type for non-quantized outputs; quantized file types start from F16 for the mmproj.
@@ -96,13 +103,16 @@ pub fn plan_artefacts(
     };
     let policy = DtypePolicy::load();
     let mut vocab = load_vocab(&src.dir, src.hparams.llama.n_vocab, &src.config.raw)?;
+    for w in &vocab.warnings {
+        progress.warn(&format!("warning: {w}"));
+    }
     // LLaVA checkpoints carry no chat template; the one they were trained with is llava_v1.
     if vocab.chat_template.is_none() {
         vocab.chat_template = Some(LLAVA_V1_CHAT_TEMPLATE.to_string());
     }
     let mut plans = vec![];
     for (ai, art) in src.recipe.artefacts.iter().enumerate() {
-        let art_ft = if art.kind == "llm" {
+        let art_ft = if art.kind == ArtefactKind::Llm {
             ft
         } else {
             mmproj_file_type(ft, vision_type)
@@ -112,37 +122,35 @@ pub fn plan_artefacts(
         if art.tokenizer {
             vocab_metadata(&vocab, &mut meta);
         }
-        let mut tensors: Vec<OutTensor> = src
+        let mut tensors: Vec<PlannedTensor> = src
             .rows
             .iter()
             .enumerate()
             .filter(|(_, r)| r.artefact == ai)
             .map(|(i, r)| {
                 let ty = policy.choose(&r.row.dst, r.row.shape.len(), float_out);
-                OutTensor {
+                PlannedTensor {
                     info: TensorInfo {
                         name: r.row.dst.clone(),
                         ne: ne_of(&r.row.shape),
                         ty,
                     },
-                    row: i,
+                    input: i,
                 }
             })
             .collect();
-        apply_mixture(
-            &art.kind,
-            ft,
-            vision_type,
-            &src.hparams,
-            &mut tensors,
-            &mut meta,
-        )?;
-        // A float LLM is written in source-file order, so its tensors can come from the
-        // ShardStream that also feeds the input hasher (one disk read of each byte). A quantized LLM keeps
-        // llama-quantize's order (byte-identical files); the small mmproj keeps the recipe order
-        // (identical whichever way the tower is stored).
-        if art.kind == "llm" && is_float_type(ft) {
-            tensors.sort_by_key(|t| src.source_position(&src.rows[t.row]));
+        match art.kind {
+            // A float LLM is written in source-file order, so its tensors can come from the
+            // ShardStream that also feeds the input hasher (one disk read of each byte).
+            ArtefactKind::Llm if is_float_type(ft) => {
+                tensors.sort_by_key(|t| src.source_position(&src.rows[t.input]))
+            }
+            // A quantized LLM keeps llama-quantize's order (byte-identical files).
+            ArtefactKind::Llm => {
+                quantize_llm(ft, src.hparams.llama.n_layer, &mut tensors, &mut meta)
+            }
+            // The small mmproj keeps the recipe order (identical whichever way the tower is stored).
+            ArtefactKind::Mmproj => quantize_vision(vision_type, &mut tensors),
         }
         // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
         let file = art
@@ -150,7 +158,7 @@ pub fn plan_artefacts(
             .replace("{name}", name)
             .replace("{ftype}", art_ft.name());
         plans.push(ArtefactPlan {
-            kind: art.kind.clone(),
+            kind: art.kind,
             path: out_dir.join(file),
             file_type: art_ft,
             meta,
@@ -177,35 +185,82 @@ pub fn is_float_type(ft: FileType) -> bool {
     )
 }
 
-/// Apply llama-quantize's choices to planned LLM tensors (types, order, trailing metadata keys),
-/// or the vision type to an mmproj's CLIP matrices. `tensors` carry their planned input types.
-pub fn apply_mixture(
-    kind: &str,
+/// llama-quantize's choices for LLM tensors: each tensor's type (from its planned input type),
+/// the tensor order, and the two metadata keys it re-appends.
+pub fn quantize_llm(
     ft: FileType,
-    vision_type: Option<GgmlType>,
-    hp: &ModelHParams,
-    tensors: &mut [OutTensor],
+    n_layer: usize,
+    tensors: &mut [PlannedTensor],
     meta: &mut Metadata,
-) -> Result<()> {
-    if kind == "llm" {
-        if is_float_type(ft) {
-            return Ok(());
-        }
-        let infos: Vec<TensorInfo> = tensors.iter().map(|t| t.info.clone()).collect();
-        let types = mixture(ft, &infos, hp.llama.n_layer);
-        for (t, ty) in tensors.iter_mut().zip(types) {
-            t.info.ty = ty;
-        }
-        tensors.sort_by(|a, b| weight_name_cmp(&a.info.name, &b.info.name));
-        set_quant_keys(meta, ft);
-    } else if let Some(vt) = vision_type {
-        for t in tensors.iter_mut() {
-            if vision_quantizable(&t.info) && t.info.ne[0] % vt.block_size() as u64 == 0 {
-                t.info.ty = vt;
-            }
+) {
+    let infos: Vec<TensorInfo> = tensors.iter().map(|t| t.info.clone()).collect();
+    let types = mixture(ft, &infos, n_layer);
+    for (t, ty) in tensors.iter_mut().zip(types) {
+        t.info.ty = ty;
+    }
+    tensors.sort_by(|a, b| weight_name_cmp(&a.info.name, &b.info.name));
+    set_quant_keys(meta, ft);
+}
+
+/// `--vision-type` on an mmproj: the CLIP tower's matrices whose rows fit its blocks.
+pub fn quantize_vision(vision_type: Option<GgmlType>, tensors: &mut [PlannedTensor]) {
+    let Some(vt) = vision_type else { return };
+    for t in tensors.iter_mut() {
+        if vision_quantizable(&t.info) && t.info.ne[0] % vt.block_size() as u64 == 0 {
+            t.info.ty = vt;
         }
     }
-    Ok(())
+}
+
+/// Plan the quantization of a GGUF file (`quantize FILE`): every tensor of `g` in its order, as
+/// llama-quantize plans an LLM (every file type, float ones too, goes through its mixture and
+/// order), or the vision type on an mmproj (whose file type is set in place).
+pub fn plan_gguf(
+    g: &GgufFile,
+    kind: ArtefactKind,
+    ft: FileType,
+    vision_type: Option<GgmlType>,
+    path: PathBuf,
+) -> Result<ArtefactPlan> {
+    let mut tensors = vec![];
+    for (i, t) in g.tensors.iter().enumerate() {
+        if t.info.ty.is_quantized() {
+            return Err(Error::tensor(
+                &g.path,
+                &t.info.name,
+                format!(
+                    "is already quantized ({}); quantize from an F32/F16/BF16 file",
+                    t.info.ty
+                ),
+            ));
+        }
+        tensors.push(PlannedTensor {
+            info: t.info.clone(),
+            input: i,
+        });
+    }
+    let mut meta = g.metadata.clone();
+    match kind {
+        ArtefactKind::Mmproj => {
+            quantize_vision(vision_type, &mut tensors);
+            meta.set(KEY_FILE_TYPE, Value::U32(ft.id()));
+        }
+        ArtefactKind::Llm => {
+            let arch = g.get_str("general.architecture")?;
+            let n_layer = g
+                .get_u32("llama.block_count")
+                .or_else(|_| g.get_u32(&format!("{arch}.block_count")))?
+                as usize;
+            quantize_llm(ft, n_layer, &mut tensors, &mut meta);
+        }
+    }
+    Ok(ArtefactPlan {
+        kind,
+        path,
+        file_type: ft,
+        meta,
+        tensors,
+    })
 }
 
 /// CLIP encoder matrices an mmproj may quantize with --vision-type (never the fuser, the

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 pub const NAME_MAPS: &[(&str, &str)] = &[
     ("llama", include_str!("../../schemas/names/llama.json")),
     (
-        "clip-vision",
+        TOWER_COMPONENT,
         include_str!("../../schemas/names/clip-vision.json"),
     ),
     ("mmfuser", include_str!("../../schemas/names/mmfuser.json")),
@@ -36,6 +36,33 @@ pub const RECIPES: &[(&str, &str)] = &[
 pub const DTYPE_POLICY: &str = include_str!("../../schemas/dtype-policy.json");
 /// Vision towers LLaVA checkpoints name only by hub id (`mm_vision_tower`), with their configs.
 pub const VISION_TOWERS: &str = include_str!("../../schemas/vision-towers.json");
+
+/// The component whose tensors may come from a separate vision-tower directory.
+pub const TOWER_COMPONENT: &str = "clip-vision";
+
+/// The two artefacts a conversion writes: the language model (what stock llama.cpp loads) and
+/// the mmproj (CLIP tower, fuser, projector). Spelled "llm" / "mmproj" in recipes and manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArtefactKind {
+    Llm,
+    Mmproj,
+}
+
+impl ArtefactKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ArtefactKind::Llm => "llm",
+            ArtefactKind::Mmproj => "mmproj",
+        }
+    }
+}
+
+impl std::fmt::Display for ArtefactKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,7 +114,7 @@ pub struct MetaRule {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ArtefactSpec {
-    pub kind: String,
+    pub kind: ArtefactKind,
     pub file: String,
     pub components: Vec<String>,
     pub metadata: Vec<MetaRule>,

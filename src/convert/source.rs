@@ -1,6 +1,7 @@
 //! A source checkpoint opened for conversion or inference: config, weights, vision tower,
 //! recipe and the tensor plan that maps every source tensor to its GGUF name.
-use crate::convert::recipe::{self, Pattern, PlanRow, Recipe, Transform, Var, Vars};
+use crate::convert::hparams_table;
+use crate::convert::recipe::{self, ArtefactKind, Pattern, PlanRow, Recipe, Transform, Var, Vars};
 use crate::formats::checkpoint::config::{clip_hparams, read_json, LlavaConfig, SelectLayers};
 use crate::formats::checkpoint::store::{src_dtype_name, SrcTensor, TensorStore};
 use crate::ground::error::{Error, Result};
@@ -128,7 +129,7 @@ impl Source {
         let ck_names = canonical_names(&store, &store_rules(&recipe, StoreId::Checkpoint)?, dir)?;
 
         // The vision tower: --vision-tower, else embedded in the checkpoint.
-        let clip_map = recipe::name_map("clip-vision")?;
+        let clip_map = recipe::name_map(recipe::TOWER_COMPONENT)?;
         let embedded_prefix = recipe.prefix(&clip_map).to_string();
         let embedded =
             ck_names.contains_key(&format!("{embedded_prefix}embeddings.class_embedding"));
@@ -271,7 +272,7 @@ impl Source {
         let llm_params: u64 = src
             .rows
             .iter()
-            .filter(|r| src.recipe.artefacts[r.artefact].kind == "llm")
+            .filter(|r| src.recipe.artefacts[r.artefact].kind == ArtefactKind::Llm)
             .map(|r| r.row.shape.iter().map(|&d| d as u64).product::<u64>())
             .sum();
         let name_or_path = src.config.raw.get("_name_or_path").and_then(|v| v.as_str());
@@ -306,7 +307,7 @@ impl Source {
         for (ai, art) in self.recipe.artefacts.iter().enumerate() {
             for comp in &art.components {
                 let map = recipe::name_map(comp)?;
-                let (store, prefix) = if comp == "clip-vision" {
+                let (store, prefix) = if comp == recipe::TOWER_COMPONENT {
                     (tower_store, tower_prefix.to_string())
                 } else {
                     (StoreId::Checkpoint, self.recipe.prefix(&map).to_string())
@@ -322,7 +323,7 @@ impl Source {
         }
         // With --vision-tower, an embedded copy in the checkpoint is not used.
         if self.tower.is_some() {
-            let clip_map = recipe::name_map("clip-vision")?;
+            let clip_map = recipe::name_map(recipe::TOWER_COMPONENT)?;
             drops.push((
                 StoreId::Checkpoint,
                 Pattern::parse(&format!("{}*", self.recipe.prefix(&clip_map)), &self.vars)?,
@@ -507,7 +508,7 @@ fn store_rules(recipe: &Recipe, id: StoreId) -> Result<[Vec<(String, String)>; 2
         for c in &art.components {
             let map = recipe::name_map(c)?;
             let prefix = match id {
-                StoreId::Tower if c == "clip-vision" => "",
+                StoreId::Tower if c == recipe::TOWER_COMPONENT => "",
                 StoreId::Tower => continue,
                 StoreId::Checkpoint => recipe.prefix(&map),
             };
@@ -637,6 +638,21 @@ fn fuser_hparams(
 /// The named values recipes refer to (shape variables and metadata sources).
 pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
     let mut v = Vars::default();
+    // The hyper-parameters the metadata rules write (llama.*, clip.*, fuser.*).
+    hparams_table::vars_of(hp, &mut v);
+    shape_vars(hp, &mut v);
+    v.set("name", Var::Str(name.to_string()));
+    let aspect = config
+        .raw
+        .get("image_aspect_ratio")
+        .and_then(|x| x.as_str())
+        .unwrap_or("pad");
+    v.set("image_aspect_ratio", Var::Str(aspect.to_string()));
+    v
+}
+
+/// The short names of the name maps' shape expressions (schemas/names/*.json).
+pub fn shape_vars(hp: &ModelHParams, v: &mut Vars) {
     let l = &hp.llama;
     let c = &hp.clip;
     let i = |x: usize| Var::Int(x as i64);
@@ -649,13 +665,6 @@ pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
         ("head_dim", l.head_dim()),
         ("n_ff", l.n_ff),
         ("n_ctx", l.n_ctx),
-    ] {
-        v.set(k, i(x));
-        v.set(&format!("llama.{k}"), i(x));
-    }
-    v.set("llama.rms_eps", Var::Float(l.rms_eps as f64));
-    v.set("llama.rope_theta", Var::Float(l.rope_theta as f64));
-    for (k, x) in [
         ("c_embd", c.n_embd),
         ("c_ff", c.n_ff),
         ("n_channels", 3),
@@ -666,30 +675,6 @@ pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
     ] {
         v.set(k, i(x));
     }
-    for (k, x) in [
-        ("image_size", c.image_size),
-        ("patch_size", c.patch_size),
-        ("n_embd", c.n_embd),
-        ("n_ff", c.n_ff),
-        ("n_head", c.n_head),
-        ("n_blocks", c.blocks_needed()),
-    ] {
-        v.set(&format!("clip.{k}"), i(x));
-    }
-    v.set("clip.eps", Var::Float(c.eps as f64));
-    v.set("clip.use_gelu", Var::Bool(!c.quick_gelu));
-    v.set(
-        "clip.image_mean",
-        Var::Floats(c.image_mean.iter().map(|&x| x as f64).collect()),
-    );
-    v.set(
-        "clip.image_std",
-        Var::Floats(c.image_std.iter().map(|&x| x as f64).collect()),
-    );
-    v.set(
-        "clip.feature_layers",
-        Var::Ints(c.feature_layers.iter().map(|&x| x as i64).collect()),
-    );
     if let ProjectorHParams::MmFuser(f) = &hp.projector {
         for (k, x) in [
             ("f_heads", f.n_heads),
@@ -698,17 +683,5 @@ pub fn make_vars(hp: &ModelHParams, name: &str, config: &LlavaConfig) -> Vars {
         ] {
             v.set(k, i(x));
         }
-        v.set("fuser.n_heads", i(f.n_heads));
-        v.set("fuser.n_levels", i(f.n_levels));
-        v.set("fuser.n_points", i(f.n_points));
-        v.set("fuser.eps", Var::Float(f.eps as f64));
     }
-    v.set("name", Var::Str(name.to_string()));
-    let aspect = config
-        .raw
-        .get("image_aspect_ratio")
-        .and_then(|x| x.as_str())
-        .unwrap_or("pad");
-    v.set("image_aspect_ratio", Var::Str(aspect.to_string()));
-    v
 }

@@ -19,9 +19,15 @@
 //! gammas uniform in [0.3, 0.7]. Values are generated in parallel (rayon) straight into the
 //! page-aligned buffers of `gguf::sink`, which writes them with direct I/O while the next buffer
 //! fills: memory stays at four 8 MiB buffers whatever the model size, and the disk sets the pace.
+use crate::convert::recipe::{self, ArtefactKind, Vars};
+use crate::convert::source::shape_vars;
 use crate::ground::error::{Error, IoContext, Result};
 use crate::ground::fsutil::{write_error, AtomicFile};
+use crate::ground::progress::Progress;
 use crate::ground::sink::Sink;
+use crate::model::hparams::{
+    ClipHParams, FuserHParams, LlamaHParams, ModelHParams, ProjectorHParams,
+};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -190,184 +196,155 @@ const LN_B: Init = Init::Normal {
     std: 0.05,
 };
 
-/// The LLM tensors (HF names), in file order.
-pub fn llm_tensors(d: &Dims) -> Vec<TensorSpec> {
-    let (h, f) = (d.hidden, d.ffn);
-    let kv = h / d.heads * d.kv_heads;
-    let mut v = vec![TensorSpec::new(
-        "model.embed_tokens.weight",
-        &[d.vocab, h],
-        W,
-    )];
-    for i in 0..d.layers {
-        let p = format!("model.layers.{i}.");
-        v.push(TensorSpec::new(
-            format!("{p}input_layernorm.weight"),
-            &[h],
-            NORM,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}mlp.down_proj.weight"),
-            &[h, f],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}mlp.gate_proj.weight"),
-            &[f, h],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}mlp.up_proj.weight"),
-            &[f, h],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}post_attention_layernorm.weight"),
-            &[h],
-            NORM,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}self_attn.k_proj.weight"),
-            &[kv, h],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}self_attn.o_proj.weight"),
-            &[h, h],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}self_attn.q_proj.weight"),
-            &[h, h],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{p}self_attn.v_proj.weight"),
-            &[kv, h],
-            W,
-        ));
+/// How a tensor's values are drawn, from what its name says it is (norm scales near 1, the class
+/// embedding at CLIP's init scale, the fuser's offset biases spread over a sampling cell, gammas
+/// as trained, everything else small).
+fn init_for(name: &str, shape: &[usize]) -> Init {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    if leaf.starts_with("gamma") {
+        Init::Uniform { lo: 0.3, hi: 0.7 }
+    } else if name.ends_with("class_embedding") {
+        Init::Normal {
+            mean: 0.0,
+            std: (shape[0] as f32).powf(-0.5),
+        }
+    } else if name.ends_with("sampling_offsets.bias") {
+        Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        }
+    } else if name.contains("norm") {
+        if leaf == "bias" {
+            LN_B
+        } else {
+            NORM
+        }
+    } else if leaf == "bias" {
+        B
+    } else {
+        W
     }
-    v.push(TensorSpec::new("model.norm.weight", &[h], NORM));
-    v.push(TensorSpec::new("lm_head.weight", &[d.vocab, h], W));
-    v
 }
 
-/// The projector: MLP (`mm_projector.1`, `.3`) then the fuser (`mm_projector.0.*`), `gamma1` and
-/// `gamma2` last (so they land in the last shard).
-pub fn projector_tensors(d: &Dims) -> Vec<TensorSpec> {
-    let (c, h) = (d.clip_c, d.hidden);
-    let (m, l, p) = (d.fuser_m, d.fuser_l, d.fuser_p);
-    let mut v = vec![
-        TensorSpec::new("model.mm_projector.1.weight", &[h, c], W),
-        TensorSpec::new("model.mm_projector.1.bias", &[h], B),
-        TensorSpec::new("model.mm_projector.3.weight", &[h, h], W),
-        TensorSpec::new("model.mm_projector.3.bias", &[h], B),
-    ];
-    let f = "model.mm_projector.0.";
-    for (attn, lv) in [("cross_attn", l), ("self_attn", 1)] {
-        let a = format!("{f}{attn}.");
-        v.push(TensorSpec::new(
-            format!("{a}sampling_offsets.weight"),
-            &[m * lv * p * 2, c],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{a}sampling_offsets.bias"),
-            &[m * lv * p * 2],
-            Init::Normal {
-                mean: 0.0,
-                std: 1.0,
-            },
-        ));
-        v.push(TensorSpec::new(
-            format!("{a}attention_weights.weight"),
-            &[m * lv * p, c],
-            W,
-        ));
-        v.push(TensorSpec::new(
-            format!("{a}attention_weights.bias"),
-            &[m * lv * p],
-            B,
-        ));
-        v.push(TensorSpec::new(format!("{a}value_proj.weight"), &[c, c], W));
-        v.push(TensorSpec::new(format!("{a}value_proj.bias"), &[c], B));
-        v.push(TensorSpec::new(
-            format!("{a}output_proj.weight"),
-            &[c, c],
-            W,
-        ));
-        v.push(TensorSpec::new(format!("{a}output_proj.bias"), &[c], B));
+/// The recipe the synthetic checkpoint is laid out for (its name maps give every name and shape).
+const RECIPE: &str = "llava-mmfuser";
+/// The tower's names as a CLIPVisionModel saved before transformers 5 spells them (an alias the
+/// clip-vision name map reads), so that a synthetic run also exercises the aliases.
+const TOWER_PREFIX: &str = "vision_model.";
+
+/// The model `d` describes, as far as shapes go; the tower file keeps all its layers.
+fn hparams_of(d: &Dims) -> ModelHParams {
+    ModelHParams {
+        llama: LlamaHParams {
+            n_layer: d.layers,
+            n_embd: d.hidden,
+            n_ff: d.ffn,
+            n_head: d.heads,
+            n_head_kv: d.kv_heads,
+            n_vocab: d.vocab,
+            n_ctx: d.max_pos,
+            ..Default::default()
+        },
+        clip: ClipHParams {
+            image_size: d.clip_image,
+            patch_size: d.clip_patch,
+            n_embd: d.clip_c,
+            n_ff: d.clip_ff,
+            n_head: d.clip_heads,
+            n_layer: d.clip_layers,
+            feature_layers: vec![d.clip_layers],
+            ..Default::default()
+        },
+        projector: ProjectorHParams::MmFuser(FuserHParams {
+            n_heads: d.fuser_m,
+            n_levels: d.fuser_l,
+            n_points: d.fuser_p,
+            eps: 1e-6,
+        }),
     }
-    for n in ["query_norm", "feat_norm", "norm1"] {
-        v.push(TensorSpec::new(format!("{f}{n}.weight"), &[c], NORM));
-        v.push(TensorSpec::new(format!("{f}{n}.bias"), &[c], LN_B));
-    }
-    v.push(TensorSpec::new(
-        format!("{f}gamma1"),
-        &[c],
-        Init::Uniform { lo: 0.3, hi: 0.7 },
-    ));
-    v.push(TensorSpec::new(
-        format!("{f}gamma2"),
-        &[c],
-        Init::Uniform { lo: 0.3, hi: 0.7 },
-    ));
-    v
 }
 
-/// The CLIP vision tower (`vision_model.*`, the classic CLIPVisionModel layout).
-pub fn clip_tensors(d: &Dims) -> Vec<TensorSpec> {
-    let (c, ff) = (d.clip_c, d.clip_ff);
-    let npos = (d.clip_image / d.clip_patch).pow(2) + 1;
-    let e = "vision_model.embeddings.";
-    let mut v = vec![
-        TensorSpec::new(
-            format!("{e}class_embedding"),
-            &[c],
-            Init::Normal {
-                mean: 0.0,
-                std: (c as f32).powf(-0.5),
-            },
-        ),
-        TensorSpec::new(
-            format!("{e}patch_embedding.weight"),
-            &[c, 3, d.clip_patch, d.clip_patch],
-            W,
-        ),
-        TensorSpec::new(format!("{e}position_embedding.weight"), &[npos, c], W),
-        TensorSpec::new("vision_model.pre_layrnorm.weight", &[c], NORM),
-        TensorSpec::new("vision_model.pre_layrnorm.bias", &[c], LN_B),
-    ];
-    for i in 0..d.clip_layers {
-        let p = format!("vision_model.encoder.layers.{i}.");
-        for n in ["layer_norm1", "layer_norm2"] {
-            v.push(TensorSpec::new(format!("{p}{n}.weight"), &[c], NORM));
-            v.push(TensorSpec::new(format!("{p}{n}.bias"), &[c], LN_B));
-        }
-        v.push(TensorSpec::new(format!("{p}mlp.fc1.weight"), &[ff, c], W));
-        v.push(TensorSpec::new(format!("{p}mlp.fc1.bias"), &[ff], B));
-        v.push(TensorSpec::new(format!("{p}mlp.fc2.weight"), &[c, ff], W));
-        v.push(TensorSpec::new(format!("{p}mlp.fc2.bias"), &[c], B));
-        for n in ["k_proj", "v_proj", "q_proj", "out_proj"] {
-            v.push(TensorSpec::new(
-                format!("{p}self_attn.{n}.weight"),
-                &[c, c],
-                W,
-            ));
-            v.push(TensorSpec::new(format!("{p}self_attn.{n}.bias"), &[c], B));
+/// A name's chunks of digits and non-digits, digits compared as numbers ("layers.2" < "layers.10").
+fn natural_key(name: &str) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = vec![];
+    let mut text = String::new();
+    let mut num: Option<u64> = None;
+    for ch in name.chars() {
+        match (ch.to_digit(10), num) {
+            (Some(dg), Some(n)) => num = Some(n.saturating_mul(10).saturating_add(dg as u64)),
+            (Some(dg), None) => {
+                out.push((0, std::mem::take(&mut text)));
+                num = Some(dg as u64);
+            }
+            (None, Some(n)) => {
+                out.push((n, String::new()));
+                num = None;
+                text.push(ch);
+            }
+            (None, None) => text.push(ch),
         }
     }
-    v.push(TensorSpec::new(
-        "vision_model.post_layernorm.weight",
-        &[c],
-        NORM,
-    ));
-    v.push(TensorSpec::new(
-        "vision_model.post_layernorm.bias",
-        &[c],
-        LN_B,
-    ));
-    v
+    if let Some(n) = num {
+        out.push((n, String::new()));
+    }
+    out.push((0, text));
+    out
+}
+
+/// One component's tensors from its name map (converters/ + schemas/names/), under `prefix`.
+fn component_tensors(component: &str, prefix: &str, d: &Dims) -> Result<Vec<TensorSpec>> {
+    let map = recipe::name_map(component)?;
+    let mut vars = Vars::default();
+    shape_vars(&hparams_of(d), &mut vars);
+    let (rows, _) = recipe::expand(&map, prefix, &vars)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| TensorSpec::new(&r.src, &r.shape, init_for(&r.src, &r.shape)))
+        .collect())
+}
+
+/// The LLM tensors (HF names) in the order real shards hold them: the decoder (`model.*`) in
+/// natural name order, then the head.
+pub fn llm_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+    let mut v = component_tensors("llama", "", d)?;
+    v.sort_by_cached_key(|t| (!t.name.starts_with("model."), natural_key(&t.name)));
+    Ok(v)
+}
+
+/// The projector tensors (fuser and MLP) where the recipe puts them in the checkpoint, in the name
+/// map's order.
+pub fn projector_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+    let r = recipe::recipe(RECIPE)?;
+    let mut v = vec![];
+    for art in &r.artefacts {
+        for c in art
+            .components
+            .iter()
+            .filter(|c| *c != recipe::TOWER_COMPONENT)
+        {
+            if art.kind == ArtefactKind::Mmproj {
+                let map = recipe::name_map(c)?;
+                v.extend(component_tensors(c, r.prefix(&map), d)?);
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// The CLIP vision tower (every layer, not just those the converter keeps), layer by layer in the
+/// name map's order, with the final `post_layernorm` a CLIPVisionModel has (the converter drops
+/// it: schemas/names/clip-vision.json `drop`).
+pub fn clip_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+    let mut v = component_tensors(recipe::TOWER_COMPONENT, TOWER_PREFIX, d)?;
+    // expand() lists a per-layer rule for every layer before the next rule; a file holds layers.
+    let layer = |t: &TensorSpec| natural_key(&t.name).get(1).map(|k| k.0);
+    v.sort_by_key(|t| layer(t).map_or(0, |l| l + 1));
+    for leaf in ["weight", "bias"] {
+        let name = format!("{TOWER_PREFIX}post_layernorm.{leaf}");
+        let init = init_for(&name, &[d.clip_c]);
+        v.push(TensorSpec::new(name, &[d.clip_c], init));
+    }
+    Ok(v)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,7 +555,7 @@ fn write_sharded(
     tensors: &[TensorSpec],
     shards: usize,
     seed: u64,
-    quiet: bool,
+    progress: &dyn Progress,
 ) -> Result<u64> {
     let groups = split_shards(tensors, shards);
     let n = groups.len();
@@ -589,17 +566,15 @@ fn write_sharded(
         let fname = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
         let t0 = Instant::now();
         let b = write_safetensors(&dir.join(&fname), g, Dtype::Bf16, seed)?;
-        if !quiet {
-            let s = t0.elapsed().as_secs_f64();
-            eprintln!(
-                "  {}: {} tensors, {:.2} GB in {:.1} s ({:.2} GB/s)",
-                dir.join(&fname).display(),
-                g.len(),
-                b as f64 / 1e9,
-                s,
-                b as f64 / 1e9 / s.max(1e-9)
-            );
-        }
+        let s = t0.elapsed().as_secs_f64();
+        progress.note(&format!(
+            "  {}: {} tensors, {:.2} GB in {:.1} s ({:.2} GB/s)",
+            dir.join(&fname).display(),
+            g.len(),
+            b as f64 / 1e9,
+            s,
+            b as f64 / 1e9 / s.max(1e-9)
+        ));
         bytes += b;
         for t in g {
             map.insert(t.name.clone(), fname.clone());
@@ -788,7 +763,6 @@ pub struct SynthOptions {
     pub out_dir: PathBuf,
     pub seed: u64,
     pub llama_view: bool,
-    pub quiet: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -808,42 +782,38 @@ fn fresh_dir(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p).at(p)
 }
 
-pub fn run(o: &SynthOptions) -> Result<SynthSummary> {
+pub fn run(o: &SynthOptions, progress: &dyn Progress) -> Result<SynthSummary> {
     let t0 = Instant::now();
     let d = o.size.dims();
     let ck = o.out_dir.join("checkpoint");
     let clip = o.out_dir.join("clip");
     fresh_dir(&ck)?;
     fresh_dir(&clip)?;
-    let llm = llm_tensors(&d);
+    let llm = llm_tensors(&d)?;
     let mut all = llm.clone();
-    all.extend(projector_tensors(&d));
-    let ctens = clip_tensors(&d);
+    all.extend(projector_tensors(&d)?);
+    let ctens = clip_tensors(&d)?;
     let params = all
         .iter()
         .chain(ctens.iter())
         .map(|t| t.numel() as u64)
         .sum::<u64>();
-    if !o.quiet {
-        eprintln!(
-            "synth {}: {:.3e} parameters (LLM + projector + CLIP), seed {}",
-            d.name, params as f64, o.seed
-        );
-    }
-    let mut bytes = write_sharded(&ck, &all, d.shards, o.seed, o.quiet)?;
+    progress.note(&format!(
+        "synth {}: {:.3e} parameters (LLM + projector + CLIP), seed {}",
+        d.name, params as f64, o.seed
+    ));
+    let mut bytes = write_sharded(&ck, &all, d.shards, o.seed, progress)?;
     write_json(&ck.join("config.json"), &llava_config(&d))?;
     write_tokenizer(&ck, d.vocab)?;
 
     let t1 = Instant::now();
     bytes += write_safetensors(&clip.join("model.safetensors"), &ctens, Dtype::F16, o.seed)?;
-    if !o.quiet {
-        eprintln!(
-            "  {}: {} tensors in {:.1} s",
-            clip.join("model.safetensors").display(),
-            ctens.len(),
-            t1.elapsed().as_secs_f64()
-        );
-    }
+    progress.note(&format!(
+        "  {}: {} tensors in {:.1} s",
+        clip.join("model.safetensors").display(),
+        ctens.len(),
+        t1.elapsed().as_secs_f64()
+    ));
     write_json(&clip.join("config.json"), &clip_config(&d))?;
     write_json(
         &clip.join("preprocessor_config.json"),
@@ -853,7 +823,7 @@ pub fn run(o: &SynthOptions) -> Result<SynthSummary> {
     let llama = if o.llama_view {
         let ld = o.out_dir.join("llama");
         fresh_dir(&ld)?;
-        bytes += write_sharded(&ld, &llm, d.shards, o.seed, o.quiet)?;
+        bytes += write_sharded(&ld, &llm, d.shards, o.seed, progress)?;
         let cfg: BTreeMap<String, Value> = llama_config(&d).into_iter().collect();
         write_json(&ld.join("config.json"), &json!(cfg))?;
         write_json(
@@ -911,11 +881,11 @@ mod tests {
     #[test]
     fn shapes_and_shards() {
         let d = SynthSize::B7.dims();
-        let mut all = llm_tensors(&d);
-        all.extend(projector_tensors(&d));
-        let llm_params: usize = llm_tensors(&d).iter().map(|t| t.numel()).sum();
+        let mut all = llm_tensors(&d).unwrap();
+        all.extend(projector_tensors(&d).unwrap());
+        let llm_params: usize = llm_tensors(&d).unwrap().iter().map(|t| t.numel()).sum();
         assert_eq!(llm_params, 6_738_415_616); // Vicuna-7B / LLaMA-2-7B
-        let clip: usize = clip_tensors(&d).iter().map(|t| t.numel()).sum();
+        let clip: usize = clip_tensors(&d).unwrap().iter().map(|t| t.numel()).sum();
         assert_eq!(clip, 303_507_456); // CLIPVisionModel ViT-L/14-336
         let g = split_shards(&all, 3);
         assert_eq!(g.len(), 3);
@@ -924,8 +894,8 @@ mod tests {
                 && g[2].iter().any(|t| t.name.ends_with("gamma2"))
         );
         let d13 = SynthSize::B13.dims();
-        let mut all13 = llm_tensors(&d13);
-        all13.extend(projector_tensors(&d13));
+        let mut all13 = llm_tensors(&d13).unwrap();
+        all13.extend(projector_tensors(&d13).unwrap());
         assert_eq!(split_shards(&all13, 6).len(), 6);
     }
 

@@ -22,6 +22,11 @@ pub enum Error {
         tensor: String,
         msg: String,
     },
+    /// A tensor's values cannot be turned into what was asked (a quantizer or a cast refused
+    /// them), said where the tensor is not known; the step that knows it names file and tensor
+    /// with [`Error::in_tensor`].
+    #[error("{0}")]
+    Values(String),
     /// An operating-system error while reading or writing a path.
     #[error("{}: {source}", path.display())]
     Io {
@@ -67,6 +72,14 @@ impl Error {
     }
     pub fn other(msg: impl Into<String>) -> Self {
         Error::Other(msg.into())
+    }
+    /// An `Error::Values` of the tensor `tensor` in `path`, as an `Error::Tensor`; other errors
+    /// (an I/O error of the output, say) are about something else and stay as they are.
+    pub fn in_tensor(self, path: impl AsRef<Path>, tensor: &str) -> Self {
+        match self {
+            Error::Values(msg) => Error::tensor(path, tensor, msg),
+            e => e,
+        }
     }
     /// The process exit code this error maps to.
     pub fn exit_code(&self) -> i32 {

@@ -1,36 +1,31 @@
-//! Progress on long work: a bar (bytes, tensors, ETA) on a terminal, silence otherwise.
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::IsTerminal;
+//! How long work reports itself: the library calls a `Progress` the caller gives it, and never
+//! draws or prints (the CLI implements it with progress bars and stderr lines; tests and library
+//! users pass `Silent`).
 
-pub struct Progress {
-    bar: Option<ProgressBar>,
+/// What a job's total counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Bytes,
+    Tensors,
 }
 
-impl Progress {
-    pub fn new(total_bytes: u64, total_tensors: u64, quiet: bool) -> Self {
-        if quiet || !std::io::stderr().is_terminal() {
-            return Progress { bar: None };
-        }
-        let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, ETA {eta}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_message(format!("0/{total_tensors} tensors"));
-        Progress { bar: Some(bar) }
-    }
-    pub fn inc(&self, bytes: u64, what: &str) {
-        if let Some(b) = &self.bar {
-            b.inc(bytes);
-            b.set_message(what.to_string());
-        }
-    }
-    pub fn finish(&self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
+/// Progress of long work, and the lines a user should see (warnings, steps done).
+pub trait Progress: Sync {
+    /// A job starts: `total` units of work; `job` says what it is.
+    fn start(&self, _job: &str, _total: u64, _unit: Unit) {}
+    /// `n` more units done; `item` is what was just finished.
+    fn advance(&self, _n: u64, _item: &str) {}
+    /// The job started last is over.
+    fn finish(&self) {}
+    /// A step done, for the user (quiet runs drop it).
+    fn note(&self, _line: &str) {}
+    /// Something the user should know even in a quiet run (what a reader skipped, say).
+    fn warn(&self, _line: &str) {}
 }
+
+/// Reports nothing.
+pub struct Silent;
+impl Progress for Silent {}
 
 /// Peak resident set size of this process (VmHWM), in bytes; 0 where /proc is unavailable.
 pub fn peak_rss_bytes() -> u64 {

@@ -2,7 +2,7 @@
 //! or from GGUF metadata (see `gguf` keys). The model runtime and the recipes both use these.
 
 /// LLaMA decoder (llama.cpp `llama.*` keys).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LlamaHParams {
     pub n_layer: usize,
     pub n_embd: usize,
@@ -22,7 +22,7 @@ impl LlamaHParams {
 }
 
 /// CLIP vision tower (HF CLIPVisionConfig; llama.cpp `clip.vision.*` keys).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClipHParams {
     pub image_size: usize,
     pub patch_size: usize,
@@ -54,7 +54,7 @@ impl ClipHParams {
 }
 
 /// MMFuser (MSCrossAttnBlock) shape parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FuserHParams {
     /// Deformable attention heads (M).
     pub n_heads: usize,

@@ -3,9 +3,7 @@
 use crate::formats::checkpoint::tokenizer::GgufVocab;
 use crate::formats::gguf::{GgufFile, Value};
 use crate::ground::error::{Error, Result};
-use crate::model::hparams::{
-    ClipHParams, FuserHParams, LlamaHParams, ModelHParams, ProjectorHParams,
-};
+use crate::model::hparams::ModelHParams;
 use crate::model::weights::{RawTensor, WeightSource};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -18,23 +16,6 @@ pub struct GgufWeights {
     /// Q4_K_M file is a million pages). verify, which reads each weight once per forward,
     /// releases them to stay at one layer's memory.
     pub keep_resident: bool,
-}
-
-fn f32_array(g: &GgufFile, key: &str) -> Result<[f32; 3]> {
-    match g.get(key) {
-        Some(Value::Array(_, v)) if v.len() >= 3 => {
-            let f = |i: usize| {
-                v[i].as_f32().ok_or_else(|| {
-                    Error::input(&g.path, format!("'{key}' must be a FLOAT32 array"))
-                })
-            };
-            Ok([f(0)?, f(1)?, f(2)?])
-        }
-        _ => Err(Error::input(
-            &g.path,
-            format!("metadata '{key}' is missing or not a FLOAT32 array of 3"),
-        )),
-    }
 }
 
 impl GgufWeights {
@@ -60,89 +41,10 @@ impl GgufWeights {
         })
     }
 
-    /// Hyper-parameters from the files' metadata (the same keys llama.cpp reads).
+    /// Hyper-parameters from the files' metadata (the keys the recipes write, which llama.cpp
+    /// reads), through the one table (`convert::hparams_table`).
     pub fn hparams(&self) -> Result<ModelHParams> {
-        let l = &self.llm;
-        let n_embd = l.get_u32("llama.embedding_length")? as usize;
-        let n_head = l.get_u32("llama.attention.head_count")? as usize;
-        let n_vocab = match l.get_u32("llama.vocab_size") {
-            Ok(v) => v as usize,
-            Err(_) => l
-                .tensor("token_embd.weight")
-                .map(|t| t.info.ne[1] as usize)
-                .ok_or_else(|| {
-                    Error::input(&l.path, "no llama.vocab_size and no token_embd.weight")
-                })?,
-        };
-        let llama = LlamaHParams {
-            n_layer: l.get_u32("llama.block_count")? as usize,
-            n_embd,
-            n_ff: l.get_u32("llama.feed_forward_length")? as usize,
-            n_head,
-            n_head_kv: l
-                .get_u32("llama.attention.head_count_kv")
-                .map(|v| v as usize)
-                .unwrap_or(n_head),
-            n_vocab,
-            n_ctx: l.get_u32("llama.context_length")? as usize,
-            rms_eps: l.get_f32("llama.attention.layer_norm_rms_epsilon")?,
-            rope_theta: l.get_f32("llama.rope.freq_base").unwrap_or(10000.0),
-        };
-        let m = &self.mmproj;
-        let feature_layers = match m.get("clip.vision.feature_layer") {
-            Some(Value::Array(_, v)) => v
-                .iter()
-                .map(|x| x.as_i64().filter(|&i| i >= 0).map(|i| i as usize))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    Error::input(
-                        &m.path,
-                        "clip.vision.feature_layer must hold non-negative INT32 values",
-                    )
-                })?,
-            _ => {
-                return Err(Error::input(
-                    &m.path,
-                    "metadata 'clip.vision.feature_layer' is missing",
-                ))
-            }
-        };
-        let clip = ClipHParams {
-            image_size: m.get_u32("clip.vision.image_size")? as usize,
-            patch_size: m.get_u32("clip.vision.patch_size")? as usize,
-            n_embd: m.get_u32("clip.vision.embedding_length")? as usize,
-            n_ff: m.get_u32("clip.vision.feed_forward_length")? as usize,
-            n_head: m.get_u32("clip.vision.attention.head_count")? as usize,
-            n_layer: m.get_u32("clip.vision.block_count")? as usize,
-            eps: m.get_f32("clip.vision.attention.layer_norm_epsilon")?,
-            quick_gelu: !m
-                .get("clip.use_gelu")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            image_mean: f32_array(m, "clip.vision.image_mean")?,
-            image_std: f32_array(m, "clip.vision.image_std")?,
-            feature_layers,
-        };
-        let projector = match m.get_str("clip.projector_type")? {
-            "mmfuser" => ProjectorHParams::MmFuser(FuserHParams {
-                n_heads: m.get_u32("mmfuser.head_count")? as usize,
-                n_levels: m.get_u32("mmfuser.level_count")? as usize,
-                n_points: m.get_u32("mmfuser.point_count")? as usize,
-                eps: m.get_f32("mmfuser.layer_norm_epsilon")?,
-            }),
-            "mlp" => ProjectorHParams::Mlp,
-            other => {
-                return Err(Error::input(
-                    &m.path,
-                    format!("clip.projector_type '{other}' is not supported (mmfuser, mlp)"),
-                ))
-            }
-        };
-        Ok(ModelHParams {
-            llama,
-            clip,
-            projector,
-        })
+        crate::convert::hparams_table::hparams_from_gguf(&self.llm, &self.mmproj)
     }
 
     /// The LLM file's `tokenizer.ggml.*` vocabulary, as a runtime reads it (to tokenize the probe
@@ -280,5 +182,6 @@ pub fn vocab_from_gguf(g: &GgufFile) -> Result<GgufVocab> {
             .get("tokenizer.chat_template")
             .and_then(Value::as_str)
             .map(str::to_string),
+        warnings: vec![],
     })
 }

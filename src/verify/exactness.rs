@@ -2,12 +2,14 @@
 //! list, shapes, types) against what conversion would write from the same source (the shared
 //! plan), and every tensor's bytes against the plan's output for it (our quantizers are
 //! byte-identical to llama.cpp's, so a correct file matches exactly).
+use crate::convert::encode::{encode_tensor, first_nonfinite};
 use crate::convert::plan::{plan_artefacts, ArtefactPlan};
-use crate::convert::quantize::{encode_tensor, first_nonfinite};
+use crate::convert::recipe::ArtefactKind;
 use crate::convert::source::{Source, SourceRow};
 use crate::formats::gguf::{GgufFile, Metadata, Value};
 use crate::ground::dtype::{FileType, GgmlType};
 use crate::ground::error::{Error, Result};
+use crate::ground::progress::Progress;
 use crate::runtime::weights::GgufWeights;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -42,12 +44,13 @@ pub fn imatrix_keys(g: &GgufFile) -> Vec<String> {
         .collect()
 }
 
-/// The plan conversion would follow for the artefact `g` (kind "llm" or "mmproj"), from the file's
+/// The plan conversion would follow for the artefact `g` (of `kind`), from the file's
 /// own file type; `general.name` is taken from the file (it is `--name`, a free choice).
 pub fn plan_for(
     src: &mut Source,
     g: &GgufFile,
-    kind: &str,
+    kind: ArtefactKind,
+    progress: &dyn Progress,
 ) -> std::result::Result<ArtefactPlan, String> {
     let ft = file_type_of(g).ok_or_else(|| {
         format!(
@@ -57,9 +60,12 @@ pub fn plan_for(
     })?;
     // An mmproj is float (F32/F16/BF16) or has its CLIP matrices in Q8_0 (--vision-type Q8_0).
     let (ft, vision) = match (kind, ft) {
-        ("mmproj", FileType::MostlyQ8_0) => (ft, Some(GgmlType::Q8_0)),
-        ("mmproj", FileType::AllF32 | FileType::MostlyF16 | FileType::MostlyBF16) => (ft, None),
-        ("mmproj", other) => {
+        (ArtefactKind::Mmproj, FileType::MostlyQ8_0) => (ft, Some(GgmlType::Q8_0)),
+        (
+            ArtefactKind::Mmproj,
+            FileType::AllF32 | FileType::MostlyF16 | FileType::MostlyBF16,
+        ) => (ft, None),
+        (ArtefactKind::Mmproj, other) => {
             return Err(format!(
                 "{}: general.file_type {} is not one conversion writes for an mmproj (F32, F16, BF16, Q8_0)",
                 g.path.display(),
@@ -73,7 +79,7 @@ pub fn plan_for(
         .and_then(Value::as_str)
         .map(str::to_string)
         .unwrap_or_else(|| src.name.clone());
-    let plans = plan_artefacts(src, &name, ft, vision, Path::new("."))
+    let plans = plan_artefacts(src, &name, ft, vision, Path::new("."), progress)
         .map_err(|e| format!("planning the conversion: {e}"))?;
     plans
         .into_iter()
@@ -198,10 +204,7 @@ fn encode_via(
     via: Option<GgmlType>,
 ) -> Result<Vec<u8>> {
     let row_len = *r.row.shape.last().unwrap_or(&1);
-    let tag = |e: Error| match e {
-        Error::Other(m) => Error::tensor(src.file_of(r), &r.row.src, m),
-        e => e,
-    };
+    let tag = |e: Error| e.in_tensor(src.file_of(r), &r.row.src);
     let mut bytes = vec![];
     match via {
         Some(mid) if mid != data.ty && mid != out => {

@@ -9,10 +9,12 @@
 pub mod exactness;
 
 use crate::convert::manifest::Manifest;
+use crate::convert::recipe::ArtefactKind;
 use crate::convert::source::Source;
 use crate::formats::checkpoint::tokenizer::{chat, SpmTokenizer};
 use crate::ground::digest::sha256_file;
 use crate::ground::error::{Error, Result};
+use crate::ground::progress::{Progress, Unit};
 use crate::model::hparams::ModelHParams;
 use crate::model::weights::{RawTensor, RopeMode};
 use crate::model::{self, WeightSource};
@@ -57,7 +59,6 @@ pub struct VerifyOptions {
     pub prompt: Vec<String>,
     pub input_ids: Option<PathBuf>,
     pub dump_logits: Option<PathBuf>,
-    pub quiet: bool,
 }
 
 /// Differences of two equally shaped matrices (all values finite: see `first_nonfinite_f32`).
@@ -476,13 +477,12 @@ impl<'a> Expected<'a> {
 /// fetches each tensor once, layer by layer), so a long CPU forward shows where it is.
 struct Counted<'a> {
     inner: &'a dyn WeightSource,
-    bar: &'a indicatif::ProgressBar,
+    progress: &'a dyn Progress,
 }
 
 impl WeightSource for Counted<'_> {
     fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        self.bar.inc(1);
-        self.bar.set_message(name.to_string());
+        self.progress.advance(1, name);
         self.inner.raw(name)
     }
     fn has(&self, name: &str) -> bool {
@@ -497,22 +497,6 @@ impl WeightSource for Counted<'_> {
     fn rope_mode(&self) -> RopeMode {
         self.inner.rope_mode()
     }
-}
-
-/// A bar on stderr for one step (`len` units), hidden with -q and on a non-terminal.
-fn bar(opts: &VerifyOptions, len: u64, what: &str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if opts.quiet || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(len);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{spinner}} [{{elapsed_precise}}] {what} {{bar:30}} {{pos}}/{{len}} tensors {{msg}}"
-        ))
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    b
 }
 
 /// Named differences of two hyper-parameter sets (`key: source X, artefact Y`).
@@ -959,8 +943,8 @@ fn compare_sides(
 
 /// The whole verification on the CPU. Errors are input/usage errors; a failed comparison is
 /// `passed: false`.
-pub fn run(opts: &VerifyOptions, command: &[String]) -> Result<Report> {
-    run_on(opts, command, &RunDevice::Cpu)
+pub fn run(opts: &VerifyOptions, command: &[String], progress: &dyn Progress) -> Result<Report> {
+    run_on(opts, command, &RunDevice::Cpu, progress)
 }
 
 fn check(name: &str, status: &str, detail: impl Into<String>) -> Check {
@@ -1007,10 +991,14 @@ fn header_step(
     art: &GgufWeights,
     checks: &mut Vec<Check>,
     reasons: &mut Vec<String>,
+    progress: &dyn Progress,
 ) -> Vec<String> {
     let mut header = vec![];
-    for (g, kind) in [(&art.llm, "llm"), (&art.mmproj, "mmproj")] {
-        match exactness::plan_for(src, g, kind) {
+    for (g, kind) in [
+        (&art.llm, ArtefactKind::Llm),
+        (&art.mmproj, ArtefactKind::Mmproj),
+    ] {
+        match exactness::plan_for(src, g, kind, progress) {
             Ok(plan) => {
                 header.extend(exactness::metadata_diffs(&g.path, &plan.meta, &g.metadata));
                 header.extend(exactness::tensor_list_diffs(&plan, g));
@@ -1041,7 +1029,7 @@ fn header_step(
 /// Check 3: every tensor's bytes against the plan's output (not possible with an importance
 /// matrix). Returns the findings and the names proven equal.
 fn tensor_step(
-    opts: &VerifyOptions,
+    progress: &dyn Progress,
     src: &Source,
     art: &GgufWeights,
     imatrix: bool,
@@ -1056,16 +1044,13 @@ fn tensor_step(
         ));
         (TensorCheck::default(), HashSet::new())
     } else {
-        let b = bar(
-            opts,
-            (art.llm.tensors.len() + art.mmproj.tensors.len()) as u64,
+        progress.start(
             "tensor bytes vs the plan",
+            (art.llm.tensors.len() + art.mmproj.tensors.len()) as u64,
+            Unit::Tensors,
         );
-        let (t, p) = exactness::check_tensors(src, art, &|n| {
-            b.inc(1);
-            b.set_message(n.to_string());
-        })?;
-        b.finish_and_clear();
+        let (t, p) = exactness::check_tensors(src, art, &|n| progress.advance(1, n))?;
+        progress.finish();
         let ok = t.mismatches.is_empty() && t.first_nonfinite.is_none();
         if t.mismatches.len() > 20 {
             reasons.push(format!(
@@ -1196,7 +1181,12 @@ fn quality_step(
 }
 
 /// The whole verification with the model on `dev` (all sides on the same device).
-pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Result<Report> {
+pub fn run_on(
+    opts: &VerifyOptions,
+    command: &[String],
+    dev: &RunDevice,
+    progress: &dyn Progress,
+) -> Result<Report> {
     let _ = command;
     let t0 = Instant::now();
     check_bound("--tolerance", opts.tolerance)?;
@@ -1217,7 +1207,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         .iter()
         .flat_map(|g| exactness::imatrix_keys(g))
         .collect();
-    let header = header_step(&mut src, &art, &mut checks, &mut reasons);
+    let header = header_step(&mut src, &art, &mut checks, &mut reasons, progress);
     let imatrix_note = (!imatrix.is_empty()).then(|| {
         format!(
             "quantized with an importance matrix ({}): its bytes cannot be re-derived without that matrix, so exactness is not checked and the verdict rests on the quality bound (--tolerance)",
@@ -1225,7 +1215,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         )
     });
     let (tensors, proven) = tensor_step(
-        opts,
+        progress,
         &src,
         &art,
         imatrix_note.is_some(),
@@ -1255,8 +1245,11 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
                     art_ids: bool,
                     what: &str|
      -> Result<Vec<Outputs>> {
-        let b = bar(opts, n_weights, what);
-        let ws = Counted { inner: ws, bar: &b };
+        progress.start(what, n_weights, Unit::Tensors);
+        let ws = Counted {
+            inner: ws,
+            progress,
+        };
         let ws = &ws;
         let mut outs = vec![];
         for p in &probes_in {
@@ -1278,7 +1271,7 @@ pub fn run_on(opts: &VerifyOptions, command: &[String], dev: &RunDevice) -> Resu
         if let Some(c) = dev.cuda() {
             c.clear_weights();
         }
-        b.finish_and_clear();
+        progress.finish();
         Ok(outs)
     };
 

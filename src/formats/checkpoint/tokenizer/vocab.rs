@@ -45,6 +45,9 @@ pub struct GgufVocab {
     pub add_space_prefix: Option<bool>,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
+    /// What was skipped while reading, as convert_hf_to_gguf.py warns of it (out-of-range ids,
+    /// pieces past vocab_size): the caller shows them; a reader prints nothing.
+    pub warnings: Vec<String>,
 }
 
 impl GgufVocab {
@@ -116,6 +119,7 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
     let json_path = dir.join("tokenizer.json");
     let tc_path = dir.join("tokenizer_config.json");
     let tokenizer_config = read_json_object(&tc_path)?;
+    let mut warnings = vec![];
 
     let (tokens, scores, token_types) = if spm_path.is_file() {
         vocab_from_spm(
@@ -124,6 +128,7 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
             config_vocab_size,
             tokenizer_config.as_ref(),
             &tc_path,
+            &mut warnings,
         )?
     } else if json_path.is_file() {
         let (mut tokens, mut scores, mut types) =
@@ -166,6 +171,7 @@ pub fn load_vocab(dir: &Path, config_vocab_size: usize, config: &Value) -> Resul
         add_eos: None,
         add_space_prefix: None,
         chat_template: None,
+        warnings,
     };
     special_vocab(dir, tokenizer_config.as_ref(), config, &mut v)?;
     if let Some(tc) = &tokenizer_config {
@@ -193,6 +199,7 @@ fn vocab_from_spm(
     config_vocab_size: usize,
     tokenizer_config: Option<&Map<String, Value>>,
     tc_path: &Path,
+    warnings: &mut Vec<String>,
 ) -> Result<Lists> {
     let m = SpmModel::load(spm_path)?;
     let vocab_size = if config_vocab_size > 0 {
@@ -204,12 +211,12 @@ fn vocab_from_spm(
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![piece_type::UNUSED; vocab_size];
     if m.pieces.len() > vocab_size {
-        eprintln!(
-            "warning: {}: {} pieces but vocab_size is {vocab_size}; pieces from id {vocab_size} on are ignored \
+        warnings.push(format!(
+            "{}: {} pieces but vocab_size is {vocab_size}; pieces from id {vocab_size} on are ignored \
              (as convert_hf_to_gguf.py does)",
             spm_path.display(),
             m.pieces.len()
-        );
+        ));
     }
     for (id, p) in m.pieces.iter().enumerate().take(vocab_size) {
         // IsUnknown -> UNKNOWN, IsControl -> CONTROL, IsUnused -> UNUSED, IsByte -> BYTE, else
@@ -235,11 +242,11 @@ fn vocab_from_spm(
                 )
             })?;
             if id as usize >= vocab_size || id > u32::MAX as u64 {
-                eprintln!(
-                    "warning: {}: ignoring token {id}: out of range, max={}",
+                warnings.push(format!(
+                    "{}: ignoring token {id}: out of range, max={}",
                     added_path.display(),
                     vocab_size - 1
-                );
+                ));
                 continue;
             }
             let id = id as usize;
@@ -267,11 +274,11 @@ fn vocab_from_spm(
                         )
                     })?;
                     if id >= vocab_size {
-                        eprintln!(
-                            "warning: {}: ignoring token {id}: out of range, max={}",
+                        warnings.push(format!(
+                            "{}: ignoring token {id}: out of range, max={}",
                             tc_path.display(),
                             vocab_size - 1
-                        );
+                        ));
                         continue;
                     }
                     let text = if truthy(data.get("special")) || does_token_look_special(content) {
@@ -565,26 +572,28 @@ fn special_vocab(
 ) -> Result<()> {
     let n_vocab = v.tokens.len();
     let mut ids: HashMap<&'static str, u32> = HashMap::new();
+    let mut warnings = vec![];
     let set_id = |ids: &mut HashMap<&'static str, u32>,
+                  warnings: &mut Vec<String>,
                   typ: &'static str,
                   tid: Option<&Value>,
                   src: &Path| {
         let Some(Value::Number(n)) = tid else { return };
         let Some(i) = n.as_i64() else { return };
         if i < 0 {
-            eprintln!(
-                "warning: {}: invalid value for special token type {typ}: {i} - skipping",
+            warnings.push(format!(
+                "{}: invalid value for special token type {typ}: {i} - skipping",
                 src.display()
-            );
+            ));
             return;
         }
         if (i as u64) < n_vocab as u64 {
             ids.entry(typ).or_insert(i as u32);
         } else {
-            eprintln!(
-                "warning: {}: special token type {typ}, id {i} out of range, must be under {n_vocab} - skipping",
+            warnings.push(format!(
+                "{}: special token type {typ}, id {i} out of range, must be under {n_vocab} - skipping",
                 src.display()
-            );
+            ));
         }
     };
     let mut add: HashMap<&'static str, bool> = HashMap::new();
@@ -752,7 +761,7 @@ fn special_vocab(
                 .iter()
                 .find(|a| str_eq(a.get("content"), content))
                 .and_then(|a| a.get("id"));
-            set_id(&mut ids, typ, tid, &tc_path);
+            set_id(&mut ids, &mut warnings, typ, tid, &tc_path);
         }
     }
     // _try_load_from_config_json
@@ -763,7 +772,7 @@ fn special_vocab(
         if tid.is_none() {
             tid = config.get("text_config").and_then(|t| t.get(&key));
         }
-        set_id(&mut ids, typ, tid, &cfg_path);
+        set_id(&mut ids, &mut warnings, typ, tid, &cfg_path);
     }
     v.bos_id = ids.get("bos").copied();
     v.eos_id = ids.get("eos").copied();
@@ -771,6 +780,7 @@ fn special_vocab(
     v.pad_id = ids.get("pad").copied();
     v.add_bos = add.get("bos").copied();
     v.add_eos = add.get("eos").copied();
+    v.warnings.extend(warnings);
     Ok(())
 }
 

@@ -1,17 +1,11 @@
-//! Quantization of whole files: a GGUF in, a GGUF out, with llama-quantize's type mixture, tensor
-//! order and metadata layout; and the per-tensor encoder shared with checkpoint conversion.
-use crate::convert::manifest::{self, Manifest, OutputRecord, TensorRecord};
-use crate::convert::plan::{
-    is_float_type, mixture, set_quant_keys, vision_quantizable, KEY_FILE_TYPE,
-};
-use crate::formats::gguf::{DataSink, GgufFile, GgufWriter, TensorInfo, Value};
-use crate::ground::dtype::{FileType, GgmlType};
+//! One tensor's bytes from its input type into its output type (a copy, a float cast, or a block
+//! quantization), in parallel chunks handed to the writer in order; and the checks on the way
+//! (NaN/Inf, squared-error sums for the manifest). Errors about the values are `Error::Values`:
+//! the emit step, which knows the file and the tensor, names them.
+use crate::formats::gguf::DataSink;
+use crate::ground::dtype::GgmlType;
 use crate::ground::error::{Error, Result};
-use crate::ground::progress::Progress;
-use crate::quant::mixture::weight_name_cmp;
 use rayon::prelude::*;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// Squared-error sums of one encoded tensor (for the relative RMS quantization error).
 #[derive(Debug, Default, Clone, Copy)]
@@ -31,7 +25,7 @@ impl ErrStats {
 
 fn to_f32(ty: GgmlType, bytes: &[u8]) -> Result<Vec<f32>> {
     let n = bytes.len() / ty.type_size() * ty.block_size();
-    crate::quant::dequantize(ty, bytes, n).map_err(|e| Error::other(e.to_string()))
+    crate::quant::dequantize(ty, bytes, n).map_err(|e| Error::Values(e.to_string()))
 }
 
 /// A float output type (F32, F16, BF16) is a plain cast that keeps NaN and Inf: whether they are
@@ -103,7 +97,7 @@ fn cast_into(src_ty: GgmlType, src: &[u8], out: GgmlType, dst: &mut [u8]) -> Res
             for (dd, ss) in d.chunks_mut(CAST_STEP * os).zip(s.chunks(CAST_STEP * is)) {
                 let n = dd.len() / os;
                 crate::quant::dequantize_into(src_ty, ss, &mut f[..n])
-                    .map_err(|e| Error::other(e.to_string()))?;
+                    .map_err(|e| Error::Values(e.to_string()))?;
                 f32_to_float(out, &f[..n], dd);
             }
             Ok(())
@@ -128,12 +122,12 @@ fn encode_float(
         });
     }
     if !src_ty.is_quantized() {
-        return Err(Error::other(format!("cannot convert {src_ty}")));
+        return Err(Error::Values(format!("cannot convert {src_ty}")));
     }
     const CHUNK_VALUES: usize = 1 << 20;
     let in_chunk = src_ty
         .bytes_for(CHUNK_VALUES as u64)
-        .ok_or_else(|| Error::other(format!("cannot convert {src_ty}")))?
+        .ok_or_else(|| Error::Values(format!("cannot convert {src_ty}")))?
         as usize;
     let chunks: Vec<&[u8]> = data.chunks(in_chunk).collect();
     for batch in chunks.chunks(rayon::current_num_threads() * 2) {
@@ -203,10 +197,9 @@ pub fn encode_tensor(
     if is_elementwise(src_ty, out) {
         return encode_float(src_ty, data, out, sink).map(|_| ErrStats::default());
     }
-    let in_row = src_ty
-        .bytes_for(row_len as u64)
-        .ok_or_else(|| Error::other(format!("row length {row_len} does not fit {src_ty} blocks")))?
-        as usize;
+    let in_row = src_ty.bytes_for(row_len as u64).ok_or_else(|| {
+        Error::Values(format!("row length {row_len} does not fit {src_ty} blocks"))
+    })? as usize;
     let rows_per_chunk = (1usize << 20).div_ceil(row_len).max(1);
     let chunks: Vec<&[u8]> = data.chunks(rows_per_chunk * in_row).collect();
     let mut stats = ErrStats::default();
@@ -218,11 +211,11 @@ pub fn encode_tensor(
                 let q = match cast_float(out, &f) {
                     Some(q) => q,
                     None => {
-                        crate::quant::quantize(out, &f).map_err(|e| Error::other(e.to_string()))?
+                        crate::quant::quantize(out, &f).map_err(|e| Error::Values(e.to_string()))?
                     }
                 };
                 let back = crate::quant::dequantize(out, &q, f.len())
-                    .map_err(|e| Error::other(e.to_string()))?;
+                    .map_err(|e| Error::Values(e.to_string()))?;
                 let mut s = ErrStats::default();
                 // NaN/Inf (only here under --allow-nonfinite, float outputs) stay out of the statistics.
                 for (a, b) in f
@@ -244,233 +237,6 @@ pub fn encode_tensor(
         }
     }
     Ok(stats)
-}
-
-#[derive(Debug, Clone)]
-pub struct QuantizeOptions {
-    pub input: PathBuf,
-    pub output: Option<PathBuf>,
-    /// Where the default-named output goes instead of beside the input (created if missing).
-    pub out_dir: Option<PathBuf>,
-    pub file_type: Option<FileType>,
-    pub vision_type: Option<GgmlType>,
-    pub quiet: bool,
-    pub allow_nonfinite: bool,
-    pub command_line: Vec<String>,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct QuantizeSummary {
-    #[serde(serialize_with = "crate::ground::digest::lossy_path")]
-    pub input: PathBuf,
-    pub output: OutputRecord,
-    #[serde(serialize_with = "crate::ground::digest::lossy_path")]
-    pub manifest: PathBuf,
-    pub file_type: String,
-    pub seconds: f64,
-    pub peak_rss_bytes: u64,
-    pub type_counts: std::collections::BTreeMap<String, usize>,
-    pub tensors: Vec<TensorRecord>,
-}
-
-/// Default output name: `<name>-<TYPE>.gguf` beside the input, where `<name>` drops a trailing
-/// `-F16`/`-F32`/`-BF16` (llama.cpp's naming).
-pub fn default_output(input: &Path, tag: &str) -> PathBuf {
-    let stem = input
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "model".into());
-    let base = ["-F16", "-F32", "-BF16", "-f16", "-f32", "-bf16"]
-        .iter()
-        .find_map(|s| stem.strip_suffix(s))
-        .unwrap_or(&stem)
-        .to_string();
-    input.with_file_name(format!("{base}-{tag}.gguf"))
-}
-
-/// Quantize a GGUF file (LLM: llama-quantize's mixture; mmproj: only with --vision-type).
-pub fn quantize_file(opts: &QuantizeOptions) -> Result<QuantizeSummary> {
-    let t0 = Instant::now();
-    let g = GgufFile::open(&opts.input)?;
-    // Hash the input on another thread while quantizing (it shares the page cache with the map).
-    let input_path = opts.input.clone();
-    let input_hasher = std::thread::spawn(move || {
-        crate::ground::digest::hash_files(std::slice::from_ref(&input_path))
-    });
-    let arch = g.get_str("general.architecture")?.to_string();
-    let is_mmproj = arch == "clip";
-    let (ft, tag) = if is_mmproj {
-        match (opts.file_type, opts.vision_type) {
-            (Some(ft), _) if !is_float_type(ft) => {
-                return Err(Error::usage(format!(
-                    "{} is an mmproj file: its MMFuser fuser is never quantized and --type/--bits {} would do that; use --vision-type Q8_0 to quantize only the CLIP tower",
-                    opts.input.display(),
-                    ft.name()
-                )))
-            }
-            (_, Some(GgmlType::Q8_0)) => (FileType::MostlyQ8_0, "Q8_0".to_string()),
-            (_, Some(other)) => return Err(Error::usage(format!("--vision-type {other} is not supported (Q8_0 is)"))),
-            (_, None) => return Err(Error::usage("an mmproj file is only quantized with --vision-type Q8_0 (the fuser always stays F16)")),
-        }
-    } else {
-        if opts.vision_type.is_some() {
-            return Err(Error::usage("--vision-type applies to mmproj files (or checkpoint directories), not to an LLM GGUF"));
-        }
-        let ft = opts
-            .file_type
-            .ok_or_else(|| Error::usage("give --bits 8|4 or --type TYPE"))?;
-        (ft, ft.name().to_string())
-    };
-    let beside = default_output(&opts.input, &tag);
-    let out_path = match (&opts.output, &opts.out_dir) {
-        (Some(o), _) => o.clone(),
-        (None, Some(d)) => {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-            d.join(beside.file_name().unwrap_or_default())
-        }
-        (None, None) => beside,
-    };
-    if out_path.canonicalize().ok() == opts.input.canonicalize().ok() {
-        return Err(Error::usage(
-            "the output would overwrite the input; choose another -o",
-        ));
-    }
-    // Temporary files of a killed earlier run in the destination directory (as hf-to-gguf does).
-    crate::ground::fsutil::cleanup_stale_temps(match out_path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    });
-    // Plan types.
-    let mut infos: Vec<(TensorInfo, usize)> = g
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.info.clone(), i))
-        .collect();
-    for (t, _) in &infos {
-        if t.ty.is_quantized() {
-            return Err(Error::tensor(
-                &opts.input,
-                &t.name,
-                format!(
-                    "is already quantized ({}); quantize from an F32/F16/BF16 file",
-                    t.ty
-                ),
-            ));
-        }
-    }
-    let mut meta = g.metadata.clone();
-    if is_mmproj {
-        for (t, _) in infos.iter_mut() {
-            if vision_quantizable(t) && t.ne[0] % 32 == 0 {
-                t.ty = GgmlType::Q8_0;
-            }
-        }
-        meta.set(KEY_FILE_TYPE, Value::U32(ft.id()));
-    } else {
-        let n_layer = g
-            .get_u32("llama.block_count")
-            .or_else(|_| g.get_u32(&format!("{arch}.block_count")))? as usize;
-        let plain: Vec<TensorInfo> = infos.iter().map(|(t, _)| t.clone()).collect();
-        for ((t, _), ty) in infos.iter_mut().zip(mixture(ft, &plain, n_layer)) {
-            t.ty = ty;
-        }
-        infos.sort_by(|a, b| weight_name_cmp(&a.0.name, &b.0.name));
-        set_quant_keys(&mut meta, ft);
-    }
-    let mut w = GgufWriter::create(
-        &out_path,
-        &meta,
-        infos.iter().map(|(t, _)| t.clone()).collect(),
-    )?;
-    let progress = Progress::new(
-        g.tensors.iter().map(|t| t.n_bytes).sum(),
-        infos.len() as u64,
-        opts.quiet,
-    );
-    let mut records = vec![];
-    let mut counts = std::collections::BTreeMap::new();
-    for (t, i) in &infos {
-        let rt = &g.tensors[*i];
-        let data = g.data(rt);
-        if !opts.allow_nonfinite {
-            if let Some(k) = first_nonfinite(rt.info.ty, data) {
-                return Err(Error::tensor(
-                    &opts.input,
-                    &t.name,
-                    format!("element {k} is NaN or infinite"),
-                ));
-            }
-        }
-        w.begin_tensor(&t.name)?;
-        let stats = encode_tensor(rt.info.ty, data, t.ne[0] as usize, t.ty, &mut w).map_err(
-            |e| match e {
-                Error::Other(m) => Error::tensor(&opts.input, &t.name, m),
-                e => e,
-            },
-        )?;
-        w.end_tensor()?;
-        // Keep resident memory near one tensor (a 7B F16 input otherwise ends at 12.6 GiB RSS).
-        g.release(rt);
-        progress.inc(rt.n_bytes, &t.name);
-        *counts.entry(t.ty.name().to_string()).or_insert(0) += 1;
-        records.push(TensorRecord {
-            source: t.name.clone(),
-            source_file: manifest::file_name(&opts.input),
-            dtype: rt.info.ty.name().to_string(),
-            shape: t.ne.iter().rev().map(|&d| d as usize).collect(),
-            gguf: t.name.clone(),
-            artefact: if is_mmproj {
-                "mmproj".into()
-            } else {
-                "llm".into()
-            },
-            ggml_type: t.ty.name().to_string(),
-            quant_rel_rms: TensorRecord::quant_error(rt.info.ty, t.ty, stats.rel_rms()),
-        });
-    }
-    progress.finish();
-    let (file, bytes, sha256) = w.finish_pending()?;
-    let path = file.dest().to_path_buf();
-    let output = OutputRecord {
-        kind: if is_mmproj {
-            "mmproj".into()
-        } else {
-            "llm".into()
-        },
-        path: path.clone(),
-        bytes,
-        sha256,
-        file_type: ft.name().into(),
-        tensors: infos.len(),
-    };
-    let inputs = input_hasher
-        .join()
-        .map_err(|_| Error::other("input hashing thread panicked"))??;
-    let m = Manifest::new(
-        &opts.command_line,
-        "quantize",
-        inputs,
-        vec![output.clone()],
-        records.clone(),
-        vec![],
-    );
-    let mpath = path.with_file_name(format!(
-        "{}.manifest.json",
-        path.file_stem().unwrap_or_default().to_string_lossy()
-    ));
-    let manifest_file = m.write_pending(&mpath)?;
-    crate::ground::fsutil::commit_all(vec![file, manifest_file])?;
-    Ok(QuantizeSummary {
-        input: opts.input.clone(),
-        output,
-        manifest: mpath,
-        file_type: ft.name().into(),
-        seconds: t0.elapsed().as_secs_f64(),
-        peak_rss_bytes: crate::ground::progress::peak_rss_bytes(),
-        type_counts: counts,
-        tensors: records,
-    })
 }
 
 #[cfg(test)]
