@@ -145,8 +145,52 @@ pub fn metadata_diffs(file: &Path, want: &Metadata, got: &Metadata) -> Vec<Strin
 }
 
 /// Missing, extra, reshaped or retyped tensors against the plan.
-pub fn tensor_list_diffs(plan: &ArtefactPlan, g: &GgufFile) -> Vec<String> {
-    let f = g.path.display();
+/// How an artefact's tensor list differs from the plan's, tensor by tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListDiff {
+    Missing {
+        name: String,
+    },
+    Shape {
+        name: String,
+        got: Vec<u64>,
+        want: Vec<u64>,
+    },
+    Type {
+        name: String,
+        got: GgmlType,
+        want: GgmlType,
+    },
+    Extra {
+        name: String,
+    },
+}
+
+impl ListDiff {
+    /// Whether the artefact cannot be run in the model's shapes (a tensor absent or reshaped).
+    pub fn stops_the_forward(&self) -> bool {
+        matches!(self, ListDiff::Missing { .. } | ListDiff::Shape { .. })
+    }
+    /// The finding as the report words it.
+    pub fn describe(&self, file: &Path) -> String {
+        let f = file.display();
+        match self {
+            ListDiff::Missing { name } => format!("{f}: tensor '{name}' is missing"),
+            ListDiff::Shape { name, got, want } => {
+                format!("{f}: tensor '{name}' has ne {got:?}, conversion writes {want:?}")
+            }
+            ListDiff::Type { name, got, want } => format!(
+                "{f}: tensor '{name}' is {got}, conversion writes {want} for this file type"
+            ),
+            ListDiff::Extra { name } => {
+                format!("{f}: tensor '{name}' is not one conversion writes")
+            }
+        }
+    }
+}
+
+/// The artefact's tensor list against the plan: names, shapes and types.
+pub fn tensor_list_diffs(plan: &ArtefactPlan, g: &GgufFile) -> Vec<ListDiff> {
     let mut out = vec![];
     let planned: BTreeMap<&str, _> = plan
         .tensors
@@ -154,25 +198,27 @@ pub fn tensor_list_diffs(plan: &ArtefactPlan, g: &GgufFile) -> Vec<String> {
         .map(|t| (t.info.name.as_str(), &t.info))
         .collect();
     for (name, want) in &planned {
-        match g.tensor(name) {
-            None => out.push(format!("{f}: tensor '{name}' is missing")),
-            Some(t) if t.info.ne != want.ne => out.push(format!(
-                "{f}: tensor '{name}' has ne {:?}, conversion writes {:?}",
-                t.info.ne, want.ne
-            )),
-            Some(t) if t.info.ty != want.ty => out.push(format!(
-                "{f}: tensor '{name}' is {}, conversion writes {} for this file type",
-                t.info.ty, want.ty
-            )),
+        let name = name.to_string();
+        match g.tensor(&name) {
+            None => out.push(ListDiff::Missing { name }),
+            Some(t) if t.info.ne != want.ne => out.push(ListDiff::Shape {
+                name,
+                got: t.info.ne.clone(),
+                want: want.ne.clone(),
+            }),
+            Some(t) if t.info.ty != want.ty => out.push(ListDiff::Type {
+                name,
+                got: t.info.ty,
+                want: want.ty,
+            }),
             _ => {}
         }
     }
     for t in &g.tensors {
         if !planned.contains_key(t.info.name.as_str()) {
-            out.push(format!(
-                "{f}: tensor '{}' is not one conversion writes",
-                t.info.name
-            ));
+            out.push(ListDiff::Extra {
+                name: t.info.name.clone(),
+            });
         }
     }
     out
