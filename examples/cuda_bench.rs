@@ -15,7 +15,7 @@ use half::f16;
 use mmfuser_convert::cuda::{CudaBackend, GemmMode};
 use mmfuser_convert::ground::dtype::{FileType, GgmlType};
 use mmfuser_convert::model::hparams::{ClipHParams, FuserHParams, LlamaHParams};
-use mmfuser_convert::model::{clip, fuser, llama, Backend, MemWeights};
+use mmfuser_convert::model::{clip, fuser, llama, Backend, MemWeights, Profiled};
 use mmfuser_convert::quant::mixture::{choose_types, TensorDesc};
 use rayon::prelude::*;
 use std::time::Instant;
@@ -285,22 +285,24 @@ fn linear_all(
     }
 }
 
-/// One more run with the per-op profiler on: where the time goes.
-fn profile(b: &CudaBackend, what: &str, mut f: impl FnMut()) {
+/// One more run on the profiled backend (every op timed between two synchronisations): where
+/// the time goes.
+fn profile(b: &CudaBackend, what: &str, mut f: impl FnMut(&Profiled<CudaBackend>)) {
+    let p = Profiled::new(b);
     b.synchronize().unwrap();
-    b.profile_begin();
     let t0 = Instant::now();
-    f();
+    f(&p);
     b.synchronize().unwrap();
     let wall = t0.elapsed().as_secs_f64() * 1e3;
-    let ops = b.profile_end().unwrap();
-    let dev: f64 = ops.iter().map(|o| o.3).sum();
-    let host: f64 = ops.iter().map(|o| o.2).sum();
-    let calls: usize = ops.iter().map(|o| o.1).sum();
+    let ops = p.report().unwrap();
+    let dev: f64 = ops.iter().map(|o| o.device_ms).sum();
+    let host: f64 = ops.iter().map(|o| o.host_ms).sum();
+    let calls: usize = ops.iter().map(|o| o.calls).sum();
     println!(
-        "  profile {what}: wall {wall:.3} ms (with events), {calls} ops, host issuing {host:.3} ms, device span {dev:.3} ms"
+        "  profile {what}: wall {wall:.3} ms (synchronised per op), {calls} ops, host issuing {host:.3} ms, device span {dev:.3} ms"
     );
-    for (name, n, h, d) in ops.iter().take(9) {
+    for o in ops.iter().take(9) {
+        let (name, n, h, d) = (&o.name, o.calls, o.host_ms, o.device_ms);
         println!("    {name:<40} {n:>5} calls  host {h:>8.3} ms  device {d:>8.3} ms");
     }
 }
@@ -429,8 +431,8 @@ fn main() {
             t,
             Some(0.15),
         );
-        profile(&b, "fuser", || {
-            fuser::fuser(&b, &ws, &fh, &srcs, e).unwrap();
+        profile(&b, "fuser", |p| {
+            fuser::fuser(p, &ws, &fh, &srcs, e).unwrap();
         });
     }
     drop(srcs);
@@ -471,8 +473,8 @@ fn main() {
             t,
             Some(5.0),
         );
-        profile(&b, "CLIP", || {
-            clip::clip_hidden_states(&b, &ws, &chp, &px).unwrap();
+        profile(&b, "CLIP", |p| {
+            clip::clip_hidden_states(p, &ws, &chp, &px).unwrap();
         });
     }
     b.set_f16_attention(false);
@@ -521,11 +523,11 @@ fn main() {
         llama::decode(&b, &ws, &lhp, &emb640).unwrap();
     });
     row("LLaMA-7B prefill 640 tokens, Q4_K_M", "-", t, Some(40.0));
-    profile(&b, "prefill", || {
-        llama::decode(&b, &ws, &lhp, &emb640).unwrap();
+    profile(&b, "prefill", |p| {
+        llama::decode(p, &ws, &lhp, &emb640).unwrap();
     });
-    profile(&b, "one token", || {
-        llama::decode(&b, &ws, &lhp, &emb1).unwrap();
+    profile(&b, "one token", |p| {
+        llama::decode(p, &ws, &lhp, &emb1).unwrap();
     });
 
     // Where the one-token time goes: the mat-vecs alone (every matrix of the forward, n = 1).

@@ -1,7 +1,7 @@
 //! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
 //! hand-written loops for the rest).
 use crate::ground::error::{Error, Result};
-use crate::model::backend::{attention_head_dim, Backend};
+use crate::model::backend::Backend;
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
 use candle_core::{Device, Storage, Tensor};
@@ -210,18 +210,6 @@ fn map_rows(x: &Tensor, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Result<Tensor>
     mat(out, r, c)
 }
 
-/// A [1, cols] row as a Vec, checking its width.
-fn row_vec(w: &Tensor, cols: usize, what: &str) -> Result<Vec<f32>> {
-    let (r, c) = dims2(w);
-    if r != 1 || c != cols {
-        return Err(bad(format!(
-            "{what}: expected [1, {cols}], found {:?}",
-            w.dims()
-        )));
-    }
-    with_f32(w, |s| s.to_vec())
-}
-
 fn softmax_in_place(v: &mut [f32]) {
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
@@ -338,22 +326,15 @@ pub fn msda_core(
 }
 
 impl CpuBackend {
+    /// a op b, b of a's shape or one row broadcast over a's rows.
     fn elementwise(
         &self,
         a: &Tensor,
         b: &Tensor,
-        what: &str,
         f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
     ) -> Result<Tensor> {
         let (ra, ca) = dims2(a);
         let (rb, cb) = dims2(b);
-        if ca != cb || (ra != rb && rb != 1) {
-            return Err(bad(format!(
-                "{what}: shapes {:?} and {:?} do not match",
-                a.dims(),
-                b.dims()
-            )));
-        }
         let a2 = a.reshape((ra, ca))?;
         let b2 = b.reshape((rb, cb))?;
         Ok(if ra == rb {
@@ -368,9 +349,6 @@ impl CpuBackend {
 /// differs (2i and 2i+1 interleaved; i and i + hd/2 in rotate_half form).
 fn rope_cpu(x: &Tensor, n_head: usize, pos0: usize, theta: f32, mode: RopeMode) -> Result<Tensor> {
     let (n, c) = dims2(x);
-    if n_head == 0 || !c.is_multiple_of(n_head) || !(c / n_head).is_multiple_of(2) {
-        return Err(bad(format!("rope: {c} columns in {n_head} heads")));
-    }
     let hd = c / n_head;
     let half = hd / 2;
     // cos/sin table [n, hd/2], angles in f64.
@@ -409,6 +387,8 @@ fn rope_cpu(x: &Tensor, n_head: usize, pos0: usize, theta: f32, mode: RopeMode) 
     mat(out, r, cc)
 }
 
+/// Operand shapes are checked by the model's front (`model::backend::Checked`), not here: a
+/// wrong shape from a direct call fails in candle or panics on a slice bound, never reads wild.
 impl Backend for CpuBackend {
     type T = Tensor;
     type W = Tensor;
@@ -440,28 +420,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (_, cin) = dims2(x);
-        let (out, win) = dims2(w);
-        if cin != win {
-            return Err(bad(format!(
-                "linear: input {:?} does not match weight {:?}",
-                x.dims(),
-                w.dims()
-            )));
-        }
-        let y = x.matmul(&w.t()?)?;
-        match bias {
-            None => Ok(y),
-            Some(b) => {
-                if dims2(b) != (1, out) {
-                    return Err(bad(format!(
-                        "linear: bias {:?} for {out} outputs",
-                        b.dims()
-                    )));
-                }
-                Ok(y.broadcast_add(b)?)
-            }
-        }
+        add_bias(x.matmul(&w.t()?)?, bias)
     }
 
     /// Block-quantized weights (Q4_K, Q6_K, Q8_0, ...) are multiplied on their stored bytes by
@@ -523,8 +482,7 @@ impl Backend for CpuBackend {
     ) -> Result<Tensor> {
         let (n, qc) = dims2(q);
         let m = dims2(k).0;
-        let hd = attention_head_dim((n, qc), dims2(k), dims2(v), n_head, n_head_kv, causal)
-            .map_err(bad)?;
+        let hd = qc / n_head;
         let rep = n_head / n_head_kv;
         if n < FEW_QUERIES {
             let out = with_f32(q, |q| {
@@ -574,25 +532,17 @@ impl Backend for CpuBackend {
     }
 
     fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
-        let (_, c) = dims2(x);
-        let w = row_vec(w, c, "layer_norm weight")?;
-        let b = row_vec(b, c, "layer_norm bias")?;
+        let w = with_f32(w, |s| s.to_vec())?;
+        let b = with_f32(b, |s| s.to_vec())?;
         map_rows(x, |i, o| layer_norm_row(i, &w, &b, eps, o))
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-        let (_, c) = dims2(x);
-        let w = row_vec(w, c, "rms_norm weight")?;
+        let w = with_f32(w, |s| s.to_vec())?;
         map_rows(x, |i, o| rms_norm_row(i, &w, eps, o))
     }
 
     fn softmax_groups(&self, x: &Tensor, group: usize) -> Result<Tensor> {
-        let (_, c) = dims2(x);
-        if group == 0 || c % group != 0 {
-            return Err(bad(format!(
-                "softmax over groups of {group} in {c} columns"
-            )));
-        }
         map_rows(x, |i, o| {
             o.copy_from_slice(i);
             o.chunks_mut(group).for_each(softmax_in_place);
@@ -600,10 +550,10 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.elementwise(a, b, "add", |a, b| a + b)
+        self.elementwise(a, b, |a, b| a + b)
     }
     fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        self.elementwise(a, b, "mul", |a, b| a * b)
+        self.elementwise(a, b, |a, b| a * b)
     }
     fn quick_gelu(&self, x: &Tensor) -> Result<Tensor> {
         map(x, |a| a / (1.0 + (-1.702 * a).exp()))
@@ -617,13 +567,6 @@ impl Backend for CpuBackend {
     }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let (r, c) = dims2(gate);
-        if dims2(up) != (r, c) {
-            return Err(bad(format!(
-                "silu_mul: {:?} vs {:?}",
-                gate.dims(),
-                up.dims()
-            )));
-        }
         let v = with_f32(gate, |g| {
             with_f32(up, |u| {
                 g.par_iter()
@@ -659,23 +602,8 @@ impl Backend for CpuBackend {
         n_heads: usize,
         n_points: usize,
     ) -> Result<Tensor> {
-        let (nv, c) = dims2(value);
+        let c = dims2(value).1;
         let nq = ref_grid.0 * ref_grid.1;
-        let per_q = n_heads * levels.len() * n_points;
-        let n_tokens: usize = levels.iter().map(|(h, w)| h * w).sum();
-        if n_heads == 0 || c % n_heads != 0 || nv != n_tokens {
-            return Err(bad(format!(
-                "msda: value {:?} for levels {levels:?} and {n_heads} heads",
-                value.dims()
-            )));
-        }
-        if dims2(offsets) != (nq, per_q * 2) || dims2(weights) != (nq, per_q) {
-            return Err(bad(format!(
-                "msda: offsets {:?} / weights {:?} for {nq} queries x {per_q} samples",
-                offsets.dims(),
-                weights.dims()
-            )));
-        }
         let mut out = vec![0f32; nq * c];
         with_f32(value, |v| {
             with_f32(offsets, |o| {

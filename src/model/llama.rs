@@ -1,7 +1,7 @@
 //! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope, or as HF
 //! stores them with the rotate_half rope when the weight source says so):
 //! RMSNorm, rotary embeddings, causal attention with GQA, SwiGLU MLP, output head.
-use super::backend::Backend;
+use super::backend::{Backend, Checked};
 use super::linear;
 use super::weights::{rows_f32, RopeMode, WeightSource};
 use crate::ground::error::{Error, Result};
@@ -185,12 +185,14 @@ fn upload_checked<B: Backend>(b: &B, hp: &LlamaHParams, embeds: &Tensor) -> Resu
 }
 
 /// The decoder on input embeddings [n, H]: logits [n, vocab]. Weights are fetched per layer.
+/// Runs through the checked front.
 pub fn decode<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
     hp: &LlamaHParams,
     embeds: &Tensor,
 ) -> Result<B::T> {
+    let b = &Checked::new(b);
     let mut x = upload_checked(b, hp, embeds)?;
     for i in 0..hp.n_layer {
         x = layer(b, ws, hp, &x, i, 0, None)?;
@@ -209,6 +211,7 @@ pub fn decode_cached<B: Backend>(
     cache: &mut KvCache<B::T>,
     last_only: bool,
 ) -> Result<B::T> {
+    let b = &Checked::new(b);
     let mut x = upload_checked(b, hp, embeds)?;
     let n = b.dims(&x).0;
     if n == 0 {

@@ -2,17 +2,19 @@
 //! CLIP (`clip`) -> MMFuser (`fuser`) -> MLP -> LLaMA (`llama`). f32 compute; every weight comes
 //! from a `WeightSource` by its GGUF name when the layer that needs it runs, and is dropped after.
 //!
-//! `encode_image_with` / `logits_with` run on any backend (`crate::cpu`, `crate::cuda`); the
-//! model names no backend.
+//! `encode_image_with` / `logits_with` run on any backend (`crate::cpu`, `crate::cuda`), through
+//! the checked front `backend::Checked`; the model names no backend.
 pub mod backend;
 pub mod clip;
 pub mod fuser;
 pub mod hparams;
 pub mod llama;
+pub mod profile;
 pub mod weights;
 
-pub use backend::Backend;
+pub use backend::{Backend, Checked};
 pub use llama::{build_inputs, IMAGE_TOKEN};
+pub use profile::Profiled;
 pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};
 
 use crate::ground::error::{Error, Result};
@@ -95,6 +97,7 @@ pub fn encode_image_with<B: Backend>(
     hp: &ModelHParams,
     pixel_values: &Tensor,
 ) -> Result<ImageOutputs> {
+    let b = &Checked::new(b);
     let srcs = clip::clip_hidden_states(b, ws, &hp.clip, pixel_values)?;
     let selected = srcs
         .iter()
@@ -130,7 +133,8 @@ pub fn encode_image_with<B: Backend>(
     })
 }
 
-/// Logits [n, vocab] for `ids` (with the image spliced at the -200 marker) on any backend.
+/// Logits [n, vocab] for `ids` (with the image spliced at the -200 marker) on any backend
+/// (through the front: `llama::decode` wraps it).
 pub fn logits_with<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
