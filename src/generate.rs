@@ -11,6 +11,7 @@ use crate::formats::checkpoint::tokenizer::chat::{
 };
 use crate::formats::checkpoint::tokenizer::{Detokenizer, SpmTokenizer};
 use crate::ground::error::{Error, Result};
+use crate::ground::progress::Progress;
 use crate::model::hparams::ModelHParams;
 use crate::model::llama::{decode_cached, KvCache};
 use crate::model::{self, Backend, WeightSource};
@@ -516,6 +517,7 @@ pub fn run(
     dev: &RunDevice,
     input: &mut dyn std::io::BufRead,
     out: &mut dyn std::io::Write,
+    progress: &dyn Progress,
 ) -> Result<Report> {
     opts.sampling.check()?;
     if opts.max_tokens == 0 {
@@ -544,10 +546,10 @@ pub fn run(
         }
     };
     match dev {
-        RunDevice::Cpu => run_with(&CpuBackend, dev, &m, opts, input, out),
+        RunDevice::Cpu => run_with(&CpuBackend, dev, &m, opts, input, out, progress),
         RunDevice::Cuda(b) => {
-            let r = run_with(b.as_ref(), dev, &m, opts, input, out);
-            eprintln!("{}", b.memory_report());
+            let r = run_with(b.as_ref(), dev, &m, opts, input, out, progress);
+            progress.warn(&b.memory_report());
             r
         }
     }
@@ -560,11 +562,12 @@ fn run_with<B: Backend>(
     opts: &GenerateOptions,
     input: &mut dyn std::io::BufRead,
     out: &mut dyn std::io::Write,
+    progress: &dyn Progress,
 ) -> Result<Report> {
     let hp = &m.hparams;
     let tok = &m.tokenizer;
     let read_question = |input: &mut dyn std::io::BufRead| -> Result<Option<String>> {
-        eprint!("> ");
+        progress.prompt("> ");
         let mut line = String::new();
         let n = input
             .read_line(&mut line)
@@ -648,7 +651,7 @@ fn run_with<B: Backend>(
         &mut emit,
     )?;
     let stats = |t: &TurnOutput| {
-        eprintln!(
+        progress.warn(&format!(
             "\nprefill {} positions in {:.3} s ({:.1} tokens/s); decode {} tokens in {:.3} s ({:.1} tokens/s); stop: {:?}",
             t.prefill_positions,
             t.prefill_seconds,
@@ -657,7 +660,7 @@ fn run_with<B: Backend>(
             t.decode_seconds,
             Speed::new(t.decode_steps, t.decode_seconds).tokens_per_second,
             t.stop
-        );
+        ));
     };
     if stream {
         emit("\n")?;
@@ -679,10 +682,10 @@ fn run_with<B: Backend>(
             stats(&last);
         }
         if last.stop == Stop::Context {
-            eprintln!(
+            progress.warn(&format!(
                 "the model's context ({} positions) is full: the conversation ends",
                 hp.llama.n_ctx
-            );
+            ));
         }
     }
     let report = Report {
@@ -706,11 +709,11 @@ fn run_with<B: Backend>(
         peak_rss_bytes: crate::ground::progress::peak_rss_bytes(),
     };
     if stream {
-        eprintln!(
+        progress.warn(&format!(
             "image {:.3} s; peak memory {:.1} MiB",
             image_seconds,
             report.peak_rss_bytes as f64 / (1u64 << 20) as f64
-        );
+        ));
     }
     Ok(report)
 }

@@ -580,7 +580,14 @@ fn interactive_second_turn_equals_from_scratch() {
     let mut input = std::io::Cursor::new(b"What colour is it?\n\n".to_vec());
     let mut out = Vec::new();
     let dev = mmfuser_convert::runtime::device::Device::Cpu;
-    let rep = mmfuser_convert::generate::run(&opts, &dev, &mut input, &mut out).unwrap();
+    let rep = mmfuser_convert::generate::run(
+        &opts,
+        &dev,
+        &mut input,
+        &mut out,
+        &mmfuser_convert::ground::progress::Silent,
+    )
+    .unwrap();
     let out = String::from_utf8(out).unwrap();
     let lines: Vec<&str> = out.split('\n').collect();
     assert_eq!(lines.len(), 3, "{out:?}");

@@ -338,7 +338,13 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stream: !a.json,
     };
     let stdin = std::io::stdin();
-    let r = crate::generate::run(&opts, &dev, &mut stdin.lock(), &mut std::io::stdout())?;
+    let r = crate::generate::run(
+        &opts,
+        &dev,
+        &mut stdin.lock(),
+        &mut std::io::stdout(),
+        &Bars::new(false),
+    )?;
     if a.json {
         print_json(&r)?;
     }

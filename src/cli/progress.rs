@@ -78,4 +78,10 @@ impl Progress for Bars {
             None => eprintln!("{line}"),
         }
     }
+
+    fn prompt(&self, text: &str) {
+        use std::io::Write;
+        eprint!("{text}");
+        let _ = std::io::stderr().flush();
+    }
 }

@@ -1,10 +1,10 @@
 //! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
 //! hand-written loops for the rest).
 use crate::ground::error::{Error, Result};
-use crate::model::backend::Backend;
+use crate::model::backend::{with_f32, Backend};
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 /// The CPU backend: candle-core tensors (gemm + rayon for matmuls), hand-written loops for the rest.
@@ -23,24 +23,6 @@ fn quant_dot_enabled() -> bool {
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::other(format!("cpu backend: {}", msg.into()))
-}
-
-/// Run `f` on the contiguous f32 data of a CPU tensor.
-pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = if t.is_contiguous() {
-        t.clone()
-    } else {
-        t.contiguous()?
-    };
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(bad("tensor is not on the CPU"));
-    };
-    let data = cpu.as_slice::<f32>()?;
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| bad("non-contiguous tensor"))?;
-    Ok(f(&data[a..b]))
 }
 
 fn mat(v: Vec<f32>, rows: usize, cols: usize) -> Result<Tensor> {

@@ -196,7 +196,7 @@ impl CudaBackend {
             d => (d[0], d[1..].iter().product()),
         };
         let x = x.to_dtype(candle_core::DType::F32)?;
-        crate::cpu::with_f32(&x, |v| self.upload_f32(v, r, c))?
+        crate::model::backend::with_f32(&x, |v| self.upload_f32(v, r, c))?
     }
 
     pub(super) fn op_download(&self, x: &CudaTensor) -> Result<Tensor> {

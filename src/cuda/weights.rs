@@ -105,7 +105,7 @@ impl CudaBackend {
         } else {
             drop(raw);
             let t = ws.tensor_f32(name)?;
-            let v = crate::cpu::with_f32(&t, |s| {
+            let v = crate::model::backend::with_f32(&t, |s| {
                 s.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()
             })?;
             (GgmlType::F32, std::borrow::Cow::Owned(v))

@@ -21,6 +21,8 @@ pub trait Progress: Sync {
     fn note(&self, _line: &str) {}
     /// Something the user should know even in a quiet run (what a reader skipped, say).
     fn warn(&self, _line: &str) {}
+    /// An interactive run waits for the user's next line after showing `text`.
+    fn prompt(&self, _text: &str) {}
 }
 
 /// Reports nothing.

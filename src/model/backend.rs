@@ -27,7 +27,7 @@
 //! needs them and dropped after, so a 7B model never sits in memory as f32.
 use super::weights::WeightSource;
 use crate::ground::error::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{Storage, Tensor};
 
 /// A compute backend. All tensors are f32.
 pub trait Backend {
@@ -543,6 +543,24 @@ impl<B: Backend + ?Sized> Backend for Checked<'_, B> {
     fn attention_label(&self, q: &B::T, k: &B::T, n_head: usize) -> String {
         self.0.attention_label(q, k, n_head)
     }
+}
+
+/// Run `f` on the contiguous f32 data of a host tensor (what `upload` takes and `download` gives).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::other("host tensor: not on the CPU"));
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::other("host tensor: not contiguous"))?;
+    Ok(f(&data[a..b]))
 }
 
 #[cfg(test)]

@@ -961,7 +961,7 @@ pub fn run_on(
         }
     }
     if let Some(b) = dev.cuda() {
-        eprintln!("{}", b.memory_report());
+        progress.warn(&b.memory_report());
     }
     let ft_name = |g: &crate::formats::gguf::GgufFile| {
         file_type_of(g)
