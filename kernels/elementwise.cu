@@ -1,4 +1,4 @@
-// Element-wise ops (CpuBackend semantics, src/model/ops.rs) and the activation splits used by
+// Element-wise ops (CpuBackend semantics, src/cpu/mod.rs) and the activation splits used by
 // the tensor-core GEMMs (src/cuda/gemm.rs).
 
 // y = a + b; b is a's shape (bcast = 0) or a row [1, cols] broadcast over rows (bcast = 1).

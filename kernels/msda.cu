@@ -1,7 +1,7 @@
 // Multi-scale deformable attention core (Deformable-DETR ms_deform_attn_im2col), fused:
 // gather + bilinear (grid_sample, align_corners=False, zero padding) + weighted sum, f32
 // accumulation, no [Nq, M, L, P, D] intermediate. Same arithmetic, in the same order, as
-// `msda_core` in src/model/ops.rs.
+// `msda_core` in src/cpu/mod.rs.
 //
 // One block per query t. Phase 1: one thread per sample k = (m*L + l)*P + p computes its four
 // corner rows (or -1) and coefficients into shared memory. Phase 2: one thread per channel c

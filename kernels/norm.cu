@@ -1,4 +1,4 @@
-// Row-wise ops: norms, softmaxes, rotary embeddings. CpuBackend semantics (src/model/ops.rs):
+// Row-wise ops: norms, softmaxes, rotary embeddings. CpuBackend semantics (src/cpu/mod.rs):
 // f64 statistics, f32 outputs.
 
 // One block per row: (x - mean) / sqrt(var + eps) * w + b (biased variance, two passes).

@@ -36,7 +36,9 @@
 #
 # Environment: SIZE (7b|13b|tiny, default 7b), BENCH_DIR (default target/bench), ORACLE_VENV
 # (default ~/oracle-venv), THREADS (default nproc), DD_GB (default 4), KEEP=1, SKIP_MICRO=1,
-# SKIP_LLAMACPP=1, DROP_CACHES=1, SEED (default 0).
+# SKIP_LLAMACPP=1, DROP_CACHES=1, SEED (default 0), BIN (a binary to measure instead of building
+# this checkout's: two versions in one session), HASH=1 (print the sha256 of our outputs: same
+# seed, same bytes, whichever version wrote them).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +53,7 @@ PY="$ORACLE_VENV/bin/python"
 LLAMA_CONVERT="$ORACLE_VENV/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py"
 LLAMA_QUANT="$REPO/../shared/oracle/quantize_with_llamacpp.py"
 [ -f "$LLAMA_QUANT" ] || LLAMA_QUANT=/work/shared/oracle/quantize_with_llamacpp.py
-BIN="$REPO/target/release/mmfuser-convert"
+BIN="${BIN:-}"
 TIME=/usr/bin/time
 
 if [ ! -x "$TIME" ]; then
@@ -71,8 +73,18 @@ case "$SIZE" in 7b) need=45;; 13b) need=85;; *) need=1;; esac
 avail=$(df -BG --output=avail "$BENCH_DIR" | tail -1 | tr -dc 0-9)
 if [ "$avail" -lt "$need" ]; then echo "bench: need ~${need} GB free in $BENCH_DIR, have ${avail} GB" >&2; exit 1; fi
 
-echo "== building (release)"
-cargo build --release --quiet
+if [ -z "$BIN" ]; then
+  echo "== building (release)"
+  cargo build --release --quiet
+  BIN="$REPO/target/release/mmfuser-convert"
+fi
+echo "== binary: $BIN"
+HASHES=()   # "sha256  step/file" of each output, with HASH=1
+hash_outputs() { # step dir-or-file
+  [ "${HASH:-0}" = 1 ] || return 0
+  local f
+  for f in $(find "$2" -name '*.gguf' | sort); do HASHES+=("$(sha256sum "$f" | cut -d' ' -f1)  $1/$(basename "$f")"); done
+}
 
 ROWS=()   # name|seconds|read_bytes|write_bytes|rss_kb
 drop_caches() {
@@ -136,11 +148,13 @@ LL_BYTES=$(bytes_of "$LL"/*.safetensors)
 # ---- 3. ours F16
 O="$BENCH_DIR/out-f16"
 measure ours_f16 "$CK_BYTES" "$O" -- "$BIN" hf-to-gguf "$CK" --vision-tower "$CLIP" --out-dir "$O" -q
+hash_outputs ours_f16 "$O"
 rm -rf "$O"
 
 # ---- 4. ours Q4_K_M one pass
 O="$BENCH_DIR/out-q4"
 measure ours_q4km "$CK_BYTES" "$O" -- "$BIN" quantize --bits 4 "$CK" --vision-tower "$CLIP" --out-dir "$O" -q --threads "$THREADS"
+hash_outputs ours_q4km "$O"
 rm -rf "$O"
 [ "${KEEP:-0}" = 1 ] || rm -rf "$CK"
 
@@ -199,4 +213,5 @@ case "$SIZE" in
   7b) echo; goal ours_f16 28 524288; goal ours_q4km 150 1048576;;
   13b) echo; goal ours_f16 - 1048576; goal ours_q4km - 1048576;;
 esac
+if [ ${#HASHES[@]} -gt 0 ]; then echo; echo "sha256 of the outputs:"; printf '%s\n' "${HASHES[@]}"; fi
 if [ -f "$BENCH_DIR/micro.txt" ]; then echo; echo "quantizer micro-bench (threads: see src/quant/tests.rs):"; cat "$BENCH_DIR/micro.txt"; fi

@@ -5,7 +5,7 @@
 //! Two inputs are planned: a checkpoint (`plan_artefacts`: hf-to-gguf and one-pass quantize) and
 //! a GGUF file (`plan_gguf`: quantize). `emit` writes whatever is planned; verify re-derives the
 //! checkpoint's plan and compares the artefact with it.
-use crate::convert::recipe::{ArtefactKind, DtypePolicy, Var};
+use crate::convert::recipe::{self, ArtefactKind, DtypePolicy, Var};
 use crate::convert::source::Source;
 use crate::formats::checkpoint::tokenizer::chat::LLAVA_V1_CHAT_TEMPLATE;
 use crate::formats::checkpoint::tokenizer::{load_vocab, GgufVocab};
@@ -19,8 +19,6 @@ use std::path::{Path, PathBuf};
 /// Metadata keys llama-quantize (re)sets at the end of the KV list.
 pub const KEY_QUANT_VERSION: &str = "general.quantization_version";
 pub const KEY_FILE_TYPE: &str = "general.file_type";
-/// Prefix of the fuser's tensors in an mmproj: never quantized.
-pub const FUSER_PREFIX: &str = "mm.fuser.";
 
 /// One planned output tensor.
 pub struct PlannedTensor {
@@ -150,7 +148,7 @@ pub fn plan_artefacts(
                 quantize_llm(ft, src.hparams.llama.n_layer, &mut tensors, &mut meta)
             }
             // The small mmproj keeps the recipe order (identical whichever way the tower is stored).
-            ArtefactKind::Mmproj => quantize_vision(vision_type, &mut tensors),
+            ArtefactKind::Mmproj => quantize_vision(vision_type, &mut tensors)?,
         }
         // Each file is named by its own type (a Q4_K_M run still writes an F16 mmproj).
         let file = art
@@ -203,13 +201,17 @@ pub fn quantize_llm(
 }
 
 /// `--vision-type` on an mmproj: the CLIP tower's matrices whose rows fit its blocks.
-pub fn quantize_vision(vision_type: Option<GgmlType>, tensors: &mut [PlannedTensor]) {
-    let Some(vt) = vision_type else { return };
+pub fn quantize_vision(vision_type: Option<GgmlType>, tensors: &mut [PlannedTensor]) -> Result<()> {
+    let Some(vt) = vision_type else {
+        return Ok(());
+    };
+    let blocks = recipe::layer_prefix(recipe::TOWER_COMPONENT)?;
     for t in tensors.iter_mut() {
-        if vision_quantizable(&t.info) && t.info.ne[0] % vt.block_size() as u64 == 0 {
+        if vision_quantizable(&t.info, &blocks) && t.info.ne[0] % vt.block_size() as u64 == 0 {
             t.info.ty = vt;
         }
     }
+    Ok(())
 }
 
 /// Plan the quantization of a GGUF file (`quantize FILE`): every tensor of `g` in its order, as
@@ -242,7 +244,7 @@ pub fn plan_gguf(
     let mut meta = g.metadata.clone();
     match kind {
         ArtefactKind::Mmproj => {
-            quantize_vision(vision_type, &mut tensors);
+            quantize_vision(vision_type, &mut tensors)?;
             meta.set(KEY_FILE_TYPE, Value::U32(ft.id()));
         }
         ArtefactKind::Llm => {
@@ -263,13 +265,11 @@ pub fn plan_gguf(
     })
 }
 
-/// CLIP encoder matrices an mmproj may quantize with --vision-type (never the fuser, the
-/// embeddings or the projector MLP).
-pub fn vision_quantizable(t: &TensorInfo) -> bool {
-    t.name.starts_with("v.blk.")
-        && t.name.ends_with(".weight")
-        && t.ne.len() == 2
-        && !t.name.starts_with(FUSER_PREFIX)
+/// CLIP encoder matrices an mmproj may quantize with --vision-type: 2-D weights of the tower's
+/// blocks (`blocks`: their GGUF prefix, from the tower's name map). Never the fuser, the
+/// embeddings or the projector MLP, which are not blocks of the tower.
+pub fn vision_quantizable(t: &TensorInfo, blocks: &str) -> bool {
+    t.name.starts_with(blocks) && t.name.ends_with(".weight") && t.ne.len() == 2
 }
 
 /// Types for every tensor, exactly as llama-quantize chooses them.
@@ -292,4 +292,36 @@ pub fn mixture(ft: FileType, infos: &[TensorInfo], n_layer: usize) -> Vec<GgmlTy
 pub fn set_quant_keys(meta: &mut Metadata, ft: FileType) {
     meta.set_last(KEY_QUANT_VERSION, Value::U32(GGML_QNT_VERSION));
     meta.set_last(KEY_FILE_TYPE, Value::U32(ft.id()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// --vision-type touches the tower's block matrices only: the prefix comes from the tower's
+    /// name map, and the fuser, the projector MLP, the embeddings and 1-D tensors stay.
+    #[test]
+    fn vision_type_touches_only_tower_block_matrices() {
+        let blocks = recipe::layer_prefix(recipe::TOWER_COMPONENT).unwrap();
+        assert_eq!(blocks, "v.blk.");
+        let info = |name: &str, ne: &[u64]| TensorInfo {
+            name: name.into(),
+            ne: ne.to_vec(),
+            ty: GgmlType::F16,
+        };
+        assert!(vision_quantizable(
+            &info("v.blk.3.attn_q.weight", &[64, 64]),
+            &blocks
+        ));
+        for (name, ne) in [
+            ("v.blk.3.attn_q.bias", &[64u64][..]),
+            ("v.blk.3.ln1.weight", &[64]),
+            ("mm.fuser.cross_attn.value_proj.weight", &[64, 64]),
+            ("mm.1.weight", &[64, 32]),
+            ("v.patch_embd.weight", &[14, 14, 3, 64]),
+            ("v.position_embd.weight", &[64, 17]),
+        ] {
+            assert!(!vision_quantizable(&info(name, ne), &blocks), "{name}");
+        }
+    }
 }

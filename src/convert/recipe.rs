@@ -239,6 +239,17 @@ pub fn name_map(component: &str) -> Result<NameMap> {
         .map_err(|e| Error::other(format!("schemas/names/{component}.json: {e}")))
 }
 
+/// The GGUF name prefix of a component's per-layer tensors (`v.blk.` for the CLIP tower): what
+/// its name map writes before the layer index.
+pub fn layer_prefix(component: &str) -> Result<String> {
+    let map = name_map(component)?;
+    map.tensors
+        .iter()
+        .filter(|r| r.per_layer.is_some())
+        .find_map(|r| r.gguf.split_once("{i}").map(|(p, _)| p.to_string()))
+        .ok_or_else(|| Error::other(format!("name map '{component}' has no per-layer tensors")))
+}
+
 pub fn recipe(name: &str) -> Result<Recipe> {
     let (_, text) = RECIPES
         .iter()

@@ -17,7 +17,7 @@
 //! Values: seeded, finite, "realistic" scale: linear weights ~ N(0, 0.02) (the normal's 65536
 //! quantiles, so bounded by +-4.32 sigma), norm weights ~ 1 + N(0, 0.05), biases ~ N(0, 0.02),
 //! gammas uniform in [0.3, 0.7]. Values are generated in parallel (rayon) straight into the
-//! page-aligned buffers of `gguf::sink`, which writes them with direct I/O while the next buffer
+//! page-aligned buffers of `ground::sink`, which writes them with direct I/O while the next buffer
 //! fills: memory stays at four 8 MiB buffers whatever the model size, and the disk sets the pace.
 use crate::convert::recipe::{self, ArtefactKind, Vars};
 use crate::convert::source::shape_vars;
@@ -478,7 +478,7 @@ fn put_lanes(table: &[u16], r: u64, from: usize, out: &mut [u8]) {
 }
 
 /// Write one safetensors file: the header, then every tensor's values generated straight into
-/// the output sink's page-aligned buffers (see `gguf::sink`: direct I/O, buffers recycled,
+/// the output sink's page-aligned buffers (see `ground::sink`: direct I/O, buffers recycled,
 /// generation overlapping the write of the previous buffer). Returns the bytes written.
 pub fn write_safetensors(
     path: &Path,
