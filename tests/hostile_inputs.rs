@@ -17,8 +17,7 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-mod common;
-use common::*;
+use crate::common::{self, *};
 
 const BIN_CKPT: &str = "tiny-llava-mmfuser-bin";
 const PKL: &str = "pytorch_model/data.pkl";
@@ -2640,7 +2639,7 @@ fn mount_tmpfs(dir: &Path, opts: &str) -> Mount {
         out.status.success(),
         "cannot mount a tmpfs at {} ({}): the full-disk and read-only cases need root or \
          CAP_SYS_ADMIN; as another user run them in a user namespace: \
-         `unshare -rm cargo test --release --test hostile_inputs`",
+         `unshare -rm cargo test --release --test integration -- hostile_inputs::`",
         dir.display(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
