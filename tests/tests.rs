@@ -9,7 +9,7 @@ mod cuda_gpu;
 mod cuda_nvrtc;
 mod generate;
 mod hf_to_gguf;
-mod hostile_inputs;
+mod hostile;
 mod image_preprocess;
 mod interop_gguf_py;
 mod interop_quant_py;
