@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare the GPU check bundle (issue "CUDA"): builds here (no CUDA toolkit needed), copies the CLI,
-# the GPU test binaries, the bench and the PyTorch anchor into .dev/gpu/ (ignored by git), ready to
+# the integration test binary, the bench and the PyTorch anchor into .dev/gpu/ (ignored by git), ready to
 # be carried to a GPU machine and run there as `bash scripts/gpu_run.sh` (logs under $OUT):
 #   scripts/gpu_prepare.sh   # then, on the GPU box, from the repo root: bash scripts/gpu_run.sh
 set -euo pipefail
@@ -12,14 +12,13 @@ G=.dev/gpu; mkdir -p $G
 bin_of() { cargo test --release --no-run --test "$1" --message-format=json 2>/dev/null \
   | grep "\"name\":\"$1\"" | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
 cp target/release/mmfuser-convert $G/
-cp "$(bin_of cuda_nvrtc)" $G/cuda_nvrtc
-cp "$(bin_of cuda_gpu)" $G/cuda_gpu
-cp "$(bin_of generate)" $G/generate
+# One integration binary (tests/tests.rs); gpu_run.sh picks the modules by filter.
+cp "$(bin_of integration)" $G/integration
 cp target/release/examples/cuda_bench $G/
 cp ../shared/reference/torch_anchor.py $G/
 cp scripts/gpu_run.sh $G/run.sh
-# Refuse a bundle whose test binaries are not test binaries (they list their tests).
+# Refuse a bundle whose test binary is not the integration binary (it lists these modules' tests).
 for t in cuda_nvrtc cuda_gpu generate; do
-  [ "$($G/$t --list 2>/dev/null | grep -c ': test$')" -gt 0 ] || { echo "gpu_prepare: $G/$t is not the $t test binary" >&2; exit 1; }
+  [ "$($G/integration --list 2>/dev/null | grep -c "^$t::.*: test$")" -gt 0 ] || { echo "gpu_prepare: $G/integration has no $t tests" >&2; exit 1; }
 done
 ls -la $G

@@ -11,10 +11,10 @@ echo "== repo $PWD"
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 export RUST_BACKTRACE=1
 t0=$(date +%s)
-echo "== cuda_nvrtc"; timeout 45 $G/cuda_nvrtc --test-threads=1 --nocapture > "$OUT/tests_nvrtc.log" 2>&1; echo "rc=$?"; grep -E "^test |test result|panicked|NVRTC" "$OUT/tests_nvrtc.log" | head -20
-echo "== cuda_gpu ($(( $(date +%s) - t0 )) s)"; timeout 190 $G/cuda_gpu --ignored --test-threads=1 --nocapture > "$OUT/tests_gpu.log" 2>&1; echo "rc=$?"
+echo "== cuda_nvrtc"; timeout 45 $G/integration cuda_nvrtc:: --test-threads=1 --nocapture > "$OUT/tests_nvrtc.log" 2>&1; echo "rc=$?"; grep -E "^test |test result|panicked|NVRTC" "$OUT/tests_nvrtc.log" | head -20
+echo "== cuda_gpu ($(( $(date +%s) - t0 )) s)"; timeout 190 $G/integration cuda_gpu:: --ignored --test-threads=1 --nocapture > "$OUT/tests_gpu.log" 2>&1; echo "rc=$?"
 grep -E "FAIL|panicked|test result|^test " "$OUT/tests_gpu.log" | head -40
-echo "== generate cuda ($(( $(date +%s) - t0 )) s)"; timeout 60 $G/generate --ignored cuda --test-threads=1 --nocapture > "$OUT/tests_generate.log" 2>&1; echo "rc=$?"
+echo "== generate cuda ($(( $(date +%s) - t0 )) s)"; timeout 60 $G/integration generate::cuda --ignored --test-threads=1 --nocapture > "$OUT/tests_generate.log" 2>&1; echo "rc=$?"
 grep -E "FAIL|panicked|test result|^test " "$OUT/tests_generate.log" | head -10
 echo "== bench ($(( $(date +%s) - t0 )) s)"; timeout 110 $G/cuda_bench --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1; echo "rc=$?"
 PY=/opt/torch/.venv/bin/python3; [ -x $PY ] || PY=python3

@@ -2,8 +2,7 @@
 //! error for what a verb cannot honour), `-q` (errors only), `--json` (one document alone on
 //! stdout, valid against its schema in schemas/, checked with the jsonschema package), and one
 //! exit-code rule (0 success, 1 bad input, 2 usage error, 3 verify: a failed check).
-mod common;
-use common::*;
+use crate::common::*;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;

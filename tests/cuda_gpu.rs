@@ -2,7 +2,7 @@
 //! `#[ignore]`d (CI has no GPU: `cargo test` lists them as ignored, with the reason); run them on a
 //! GPU machine with `--ignored`, where a missing or unusable GPU is a failure:
 //!
-//!     cargo test --release --test cuda_gpu -- --ignored --nocapture --test-threads=1
+//!     cargo test --release --test integration -- --ignored --nocapture --test-threads=1 cuda_gpu::
 //!
 //! (`scripts/gpu_run.sh` does this with the binary built by `scripts/gpu_prepare.sh`.)
 //! - every op on random inputs (outputs poisoned with NaN first), each weight type and both
@@ -11,8 +11,7 @@
 //!   embeddings and logits against the CPU backend (F16: within 1e-3 relative, same top-1), in
 //!   both GEMM modes (bounds per mode below);
 //! - `verify --device cuda` passes and fails exactly where `--device cpu` does.
-#[path = "common/sabotage.rs"]
-mod sabotage;
+use crate::common::sabotage;
 use candle_core::{Device, Tensor};
 use mmfuser_convert::convert::source::Source;
 use mmfuser_convert::cpu::{CpuBackend, CpuF32Linear};

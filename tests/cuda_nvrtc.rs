@@ -5,8 +5,7 @@
 //! - the PTX cache round-trips;
 //! - `--device auto` falls back to the CPU with a one-line note and `--device cuda` is a usage
 //!   error (exit 2) with a one-line message when no GPU is usable (where one is, both use it).
-#[path = "common/skip.rs"]
-mod skip;
+use crate::common::skip;
 use mmfuser_convert::cuda::{self, kernels};
 use std::path::Path;
 use std::process::Command;
@@ -93,20 +92,53 @@ fn ptx_cache_round_trips() {
     if !nvrtc_or_skip("ptx_cache_round_trips") {
         return;
     }
+    // The cache folder comes from MMFUSER_CACHE_DIR, which is process-wide, and other tests of
+    // this binary open the backend (which reads it): the check runs in a copy of this test
+    // binary started for this test alone, with the variable set in that process only.
+    const CHILD: &str = "MMFUSER_TEST_PTX_CACHE_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let dir = std::env::var_os("MMFUSER_CACHE_DIR").expect("set by the parent run");
+        ptx_cache_check(Path::new(&dir));
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
-    // Only this test in this binary reads the variable.
-    std::env::set_var("MMFUSER_CACHE_DIR", dir.path());
+    // libtest names tests by module path without the crate's name.
+    let name = format!(
+        "{}::ptx_cache_round_trips",
+        module_path!().split_once("::").unwrap().1
+    );
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([name.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .env("MMFUSER_CACHE_DIR", dir.path())
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success(),
+        "{name} in its own process:\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("test result: ok. 1 passed") && !err.contains("SKIPPED"),
+        "{name} did not run in its own process:\n{out}\n{err}"
+    );
+}
+
+/// The round trip itself, in a process whose MMFUSER_CACHE_DIR is `dir`.
+fn ptx_cache_check(dir: &Path) {
     let m = &kernels::MODULES[0];
     let (a, hit_a) = kernels::ptx_cached(m, "sm_90").unwrap();
     let (b, hit_b) = kernels::ptx_cached(m, "sm_90").unwrap();
     assert!(!hit_a && hit_b, "first compile, then the cache");
     assert_eq!(a, b);
-    let files: Vec<_> = std::fs::read_dir(dir.path().join("ptx")).unwrap().collect();
+    let files: Vec<_> = std::fs::read_dir(dir.join("ptx")).unwrap().collect();
     assert_eq!(files.len(), 1);
     // Another architecture is another entry.
     let (_, hit_c) = kernels::ptx_cached(m, "sm_80").unwrap();
     assert!(!hit_c);
-    std::env::remove_var("MMFUSER_CACHE_DIR");
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {

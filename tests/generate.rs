@@ -6,10 +6,9 @@
 //! - the llava_v1 prompt, its special tokens and the GGUF chat template = LLaVA's;
 //! - detokenization = sentencepiece's decode;
 //! - the CLI: --json against schemas/generate-report.schema.json, exit codes, --interactive.
-mod common;
 
+use crate::common::{self, fixture, root, run, tempdir};
 use candle_core::{Device, Tensor};
-use common::{fixture, root, run, tempdir};
 use mmfuser_convert::cpu::CpuBackend;
 use mmfuser_convert::formats::checkpoint::tokenizer::chat::{
     llava_v1_prompt, next_turn, LLAVA_V1_CHAT_TEMPLATE, LLAVA_V1_SYSTEM,

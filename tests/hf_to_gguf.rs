@@ -13,8 +13,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-mod common;
-use common::*;
+use crate::common::*;
 
 const NAME: &str = "tiny-llava-mmfuser";
 const HUB_ID: &str = "tiny-org/tiny-clip-vit-56";

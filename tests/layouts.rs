@@ -4,8 +4,7 @@
 //! no vision_config (the tower named only by hub id), a transformers 5 CLIPVisionModel directory
 //! and a CLIPModel directory. One model underneath: every layout must give the same tensors, and
 //! their logits must match transformers' LlavaForConditionalGeneration (float64).
-mod common;
-use common::*;
+use crate::common::*;
 use mmfuser_convert::formats::gguf::GgufFile;
 use std::path::{Path, PathBuf};
 

@@ -3,11 +3,9 @@
 //! dumped logits. The source-side forward matches the fixture's float64 reference (made by
 //! fixtures/make_fixtures.py: CLIP and LLaMA by transformers, the MMFuser fuser by our own PyTorch
 //! implementation of the spec, since transformers has none).
-#[path = "common/sabotage.rs"]
-mod sabotage;
+use crate::common::sabotage::{self, rewrite, scale_f16, scale_offset, with_metadata};
 use mmfuser_convert::formats::gguf::{GgufFile, Metadata, TensorInfo, Value};
 use mmfuser_convert::ground::dtype::GgmlType;
-use sabotage::{rewrite, scale_f16, scale_offset, with_metadata};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

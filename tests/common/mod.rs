@@ -7,6 +7,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod sabotage;
+pub mod skip;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mmfuser-convert");
 
 pub fn root() -> PathBuf {

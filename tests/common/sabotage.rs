@@ -1,6 +1,5 @@
 //! Broken artefacts for verify's fail tests (CPU in tests/verify.rs, CUDA in tests/cuda_gpu.rs):
 //! each is a GGUF rewritten with one deliberate fault.
-#![allow(dead_code)] // each test binary uses its own part of the set
 use mmfuser_convert::convert::recipe::permute_rows;
 use mmfuser_convert::formats::gguf::{GgufFile, GgufWriter, Metadata, TensorInfo};
 use mmfuser_convert::ground::dtype::GgmlType;

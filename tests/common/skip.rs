@@ -2,11 +2,12 @@
 // feature). libtest has no run-time "ignored", and what a passing test prints through
 // print!/eprint! is captured and thrown away, so `cargo test` would show such a test as plain
 // "ok". `skip` writes straight to the process's stderr (not captured) when it happens, and a
-// summary of every skip goes to stderr when the test binary exits, under libtest's result line.
+// summary of every skip goes to stderr when the test binary exits, under libtest's result line:
+// one summary for the integration binary (all its modules), one for the library's unit tests.
 // Tests whose condition is static use `#[ignore = "reason"]` instead.
 //
-// One file for the integration tests (`#[path = "common/skip.rs"] mod skip;`) and the library's
-// unit tests (`include!`): they cannot share a module otherwise.
+// One file for the integration tests (`common::skip`) and the library's unit tests (`include!`):
+// they cannot share a module otherwise.
 
 static SKIPPED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 

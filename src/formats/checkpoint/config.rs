@@ -496,3 +496,24 @@ mod tests {
         assert!(SelectLayers::Single(25).resolve(p, 24).is_err());
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    //! Hostile values straight to the parser; the cases through the CLI are in tests/hostile/.
+    use super::*;
+
+    /// Fuzz target config_parser, crash-e7a79de0: SelectLayers::resolve computed
+    /// `n_layer as i64 + 1`, which overflows for n_layer >= i64::MAX (a panic with overflow
+    /// checks, a negative count without).
+    #[test]
+    fn select_layers_with_a_layer_count_past_i64() {
+        let p = Path::new("config.json");
+        let v: Json = serde_json::from_str(r#"{"mm_vision_select_layer": "list-22/-17/-12/-7/-2", "hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 24, "image_size": 336, "patch_size": 14, "intermediate_size": 4096}"#).unwrap();
+        let s = SelectLayers::parse(p, &v["mm_vision_select_layer"]).unwrap();
+        for n in [usize::MAX / 2, usize::MAX / 2 + 1, usize::MAX] {
+            let e = s.resolve(p, n).unwrap_err().to_string();
+            assert!(e.contains("not a usable layer count"), "{e}");
+        }
+        assert_eq!(s.resolve(p, 24).unwrap(), vec![3, 8, 13, 18, 23]);
+    }
+}

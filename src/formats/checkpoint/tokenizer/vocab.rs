@@ -810,3 +810,26 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    //! Hostile files straight to the loader; the cases through the CLI are in tests/hostile/.
+    use super::*;
+
+    /// Fuzz target tokenizer_json, crash-4196d21d: the tokenizers library (0.23) indexes past its
+    /// buffer when a merge's two halves are in the vocabulary but together longer than every
+    /// entry; the panic must become an error naming tokenizer.json.
+    #[test]
+    fn tokenizers_panic_on_a_merge_longer_than_the_vocabulary_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let j = r#"{"model": {"type": "BPE", "byte_fallback": true, "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "aaaa": 3, "<0x41>": 4}, "merges": [["aaaa", "aaaa"]]}, "decoder": {"type": "Sequence", "decoders": []}}"#;
+        std::fs::write(tmp.path().join("tokenizer.json"), j).unwrap();
+        let e = load_vocab(tmp.path(), 0, &serde_json::json!({}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("panicked"),
+            "{e}"
+        );
+    }
+}
