@@ -4,6 +4,7 @@
 
 mod common;
 
+mod architecture;
 mod cli;
 mod cuda_gpu;
 mod cuda_nvrtc;
