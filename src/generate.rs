@@ -456,31 +456,14 @@ pub struct Report {
     pub peak_rss_bytes: u64,
 }
 
-fn read_ids(path: &Path) -> Result<Vec<i64>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
-        Error::input(
-            path,
-            format!("expected a JSON list of token ids (-200 marks the image): {e}"),
-        )
-    })
-}
-
 /// Pixels [3, S, S] from --pixel-values or --image (LLaVA's pad-to-square preprocessing).
 fn pixel_values(opts: &GenerateOptions, hp: &ModelHParams) -> Result<Option<(Tensor, String)>> {
     let s = hp.clip.image_size;
     let v = if let Some(p) = &opts.pixel_values {
-        let a = crate::formats::npy::read(p)?;
-        if a.shape != [3, s, s] {
-            return Err(Error::input(
-                p,
-                format!(
-                    "pixel values must have shape [3, {s}, {s}], got {:?}",
-                    a.shape
-                ),
-            ));
-        }
-        (a.to_f32()?, p.display().to_string())
+        (
+            crate::runtime::inputs::read_pixels(p, s)?,
+            p.display().to_string(),
+        )
     } else if let Some(p) = &opts.image {
         let v = crate::formats::image::preprocess(p, s, hp.clip.image_mean, hp.clip.image_std)?;
         (v, p.display().to_string())
@@ -578,7 +561,7 @@ fn run_with<B: Backend>(
     let (ids, prompt_desc) = match (&opts.input_ids, &opts.prompt) {
         (Some(_), Some(_)) => return Err(Error::usage("give --prompt or --input-ids, not both")),
         (Some(p), None) => {
-            let ids = read_ids(p)?;
+            let ids = crate::runtime::inputs::read_ids(p)?;
             check_ids(&ids, hp.llama.n_vocab, p)?;
             (ids, p.display().to_string())
         }

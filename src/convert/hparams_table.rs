@@ -259,6 +259,57 @@ pub fn hparams_from_gguf(llm: &GgufFile, mmproj: &GgufFile) -> Result<ModelHPara
     Ok(hp)
 }
 
+/// The GGUF key a recipe writes `var` to (the first rule naming it), for messages.
+fn key_of(var: &str) -> String {
+    recipe::RECIPES
+        .iter()
+        .filter_map(|(name, _)| recipe::recipe(name).ok())
+        .flat_map(|r| r.artefacts.into_iter().flat_map(|a| a.metadata))
+        .find(|m| m.value.as_deref() == Some(var))
+        .map_or_else(|| var.to_string(), |m| m.key)
+}
+
+fn show(v: &Var) -> String {
+    match v {
+        Var::Float(f) => format!("{:e}", *f as f32),
+        Var::Int(i) => i.to_string(),
+        Var::Bool(b) => b.to_string(),
+        Var::Str(s) => s.clone(),
+        Var::Ints(l) => format!("{l:?}"),
+        Var::Floats(l) => format!("{:?}", l.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+    }
+}
+
+/// Named differences of two hyper-parameter sets, row by row of the table, each named by the GGUF
+/// key it is written to (`key: source X, artefact Y`). Derived values are not repeated.
+pub fn hparam_diffs(s: &ModelHParams, a: &ModelHParams) -> Vec<String> {
+    let mut out = vec![];
+    let kind = |h: &ModelHParams| match h.projector {
+        ProjectorHParams::MmFuser(_) => "mmfuser",
+        ProjectorHParams::Mlp => "mlp",
+    };
+    if kind(s) != kind(a) {
+        out.push(format!(
+            "clip.projector_type: source {}, artefact {}",
+            kind(s),
+            kind(a)
+        ));
+    }
+    for f in FIELDS.iter().filter(|f| f.var != "llama.head_dim") {
+        let (x, y) = ((f.get)(s), (f.get)(a));
+        if x != y {
+            let show_opt = |v: Option<Var>| v.as_ref().map_or("-".into(), show);
+            out.push(format!(
+                "{}: source {}, artefact {}",
+                key_of(f.var),
+                show_opt(x),
+                show_opt(y)
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +355,40 @@ mod tests {
         for f in FIELDS {
             assert!(used.contains(f.var), "no recipe writes '{}'", f.var);
         }
+    }
+
+    /// Differences are named by their GGUF key; equal sets have none.
+    #[test]
+    fn differences_are_named_by_key() {
+        let mut a = ModelHParams {
+            llama: LlamaHParams {
+                n_embd: 64,
+                n_head: 4,
+                rope_theta: 10000.0,
+                ..Default::default()
+            },
+            clip: ClipHParams::default(),
+            projector: ProjectorHParams::MmFuser(FuserHParams::default()),
+        };
+        assert!(hparam_diffs(&a, &a).is_empty());
+        let mut b = a.clone();
+        b.llama.rope_theta = 20000.0;
+        b.clip.feature_layers = vec![3, 7];
+        assert_eq!(
+            hparam_diffs(&a, &b),
+            vec![
+                "llama.rope.freq_base: source 1e4, artefact 2e4".to_string(),
+                // The blocks an artefact keeps follow from the selected layers.
+                "clip.vision.block_count: source 0, artefact 7".to_string(),
+                "clip.vision.feature_layer: source [], artefact [3, 7]".to_string(),
+            ]
+        );
+        a.projector = ProjectorHParams::Mlp;
+        let d = hparam_diffs(&a, &b);
+        assert_eq!(d[0], "clip.projector_type: source mlp, artefact mmfuser");
+        assert!(d
+            .iter()
+            .any(|x| x.starts_with("mmfuser.head_count: source -, artefact 0")));
     }
 
     /// Every recipe that declares a projector type finds itself, and one of each kind exists.

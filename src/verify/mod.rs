@@ -238,131 +238,6 @@ impl WeightSource for Counted<'_> {
     }
 }
 
-/// Named differences of two hyper-parameter sets (`key: source X, artefact Y`).
-pub fn hparam_diffs(s: &ModelHParams, a: &ModelHParams) -> Vec<String> {
-    let mut out = vec![];
-    let mut cmp = |key: &str, x: String, y: String| {
-        if x != y {
-            out.push(format!("{key}: source {x}, artefact {y}"));
-        }
-    };
-    let (l, m) = (&s.llama, &a.llama);
-    cmp(
-        "llama.block_count",
-        l.n_layer.to_string(),
-        m.n_layer.to_string(),
-    );
-    cmp(
-        "llama.embedding_length",
-        l.n_embd.to_string(),
-        m.n_embd.to_string(),
-    );
-    cmp(
-        "llama.feed_forward_length",
-        l.n_ff.to_string(),
-        m.n_ff.to_string(),
-    );
-    cmp(
-        "llama.attention.head_count",
-        l.n_head.to_string(),
-        m.n_head.to_string(),
-    );
-    cmp(
-        "llama.attention.head_count_kv",
-        l.n_head_kv.to_string(),
-        m.n_head_kv.to_string(),
-    );
-    cmp(
-        "llama.vocab_size",
-        l.n_vocab.to_string(),
-        m.n_vocab.to_string(),
-    );
-    cmp(
-        "llama.context_length",
-        l.n_ctx.to_string(),
-        m.n_ctx.to_string(),
-    );
-    cmp(
-        "llama.attention.layer_norm_rms_epsilon",
-        format!("{:e}", l.rms_eps),
-        format!("{:e}", m.rms_eps),
-    );
-    cmp(
-        "llama.rope.freq_base",
-        format!("{}", l.rope_theta),
-        format!("{}", m.rope_theta),
-    );
-    let (c, d) = (&s.clip, &a.clip);
-    cmp(
-        "clip.vision.image_size",
-        c.image_size.to_string(),
-        d.image_size.to_string(),
-    );
-    cmp(
-        "clip.vision.patch_size",
-        c.patch_size.to_string(),
-        d.patch_size.to_string(),
-    );
-    cmp(
-        "clip.vision.embedding_length",
-        c.n_embd.to_string(),
-        d.n_embd.to_string(),
-    );
-    cmp(
-        "clip.vision.feed_forward_length",
-        c.n_ff.to_string(),
-        d.n_ff.to_string(),
-    );
-    cmp(
-        "clip.vision.attention.head_count",
-        c.n_head.to_string(),
-        d.n_head.to_string(),
-    );
-    cmp(
-        "clip.vision.block_count (blocks used)",
-        c.n_layer.to_string(),
-        d.n_layer.to_string(),
-    );
-    cmp(
-        "clip.vision.attention.layer_norm_epsilon",
-        format!("{:e}", c.eps),
-        format!("{:e}", d.eps),
-    );
-    cmp(
-        "clip.use_gelu",
-        (!c.quick_gelu).to_string(),
-        (!d.quick_gelu).to_string(),
-    );
-    cmp(
-        "clip.vision.image_mean",
-        format!("{:?}", c.image_mean),
-        format!("{:?}", d.image_mean),
-    );
-    cmp(
-        "clip.vision.image_std",
-        format!("{:?}", c.image_std),
-        format!("{:?}", d.image_std),
-    );
-    cmp(
-        "clip.vision.feature_layer",
-        format!("{:?}", c.feature_layers),
-        format!("{:?}", d.feature_layers),
-    );
-    let fuser = |p: &crate::model::hparams::ProjectorHParams| match p {
-        crate::model::hparams::ProjectorHParams::MmFuser(f) => format!(
-            "mmfuser (heads {}, levels {}, points {}, eps {:e})",
-            f.n_heads, f.n_levels, f.n_points, f.eps
-        ),
-        crate::model::hparams::ProjectorHParams::Mlp => "mlp".into(),
-    };
-    cmp(
-        "clip.projector_type / mmfuser.*",
-        fuser(&s.projector),
-        fuser(&a.projector),
-    );
-    out
-}
-
 /// Whether two hyper-parameter sets describe the same tensor shapes and layer structure (they
 /// may differ in values such as rope theta, epsilons, image normalisation).
 fn same_shapes(a: &ModelHParams, b: &ModelHParams) -> bool {
@@ -856,7 +731,7 @@ pub fn run_on(
     // still runs with the artefact's values so the effect is measured; differing shapes stop it.
     let hp_art = match hp_art {
         Ok(h) => {
-            let d = hparam_diffs(&hp_src, &h);
+            let d = crate::convert::hparams_table::hparam_diffs(&hp_src, &h);
             for x in &d {
                 reasons.push(format!("hyper-parameter {x}"));
             }

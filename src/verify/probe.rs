@@ -11,13 +11,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_QUESTION: &str = "Describe the image.";
 
 pub(super) fn read_ids(path: &Path) -> Result<Vec<i64>> {
-    let text = crate::ground::fsutil::read_input_text(path, crate::ground::fsutil::CAP_PROBE)?;
-    let ids = serde_json::from_str::<Vec<i64>>(&text).map_err(|e| {
-        Error::input(
-            path,
-            format!("expected a JSON list of token ids (-200 marks the image): {e}"),
-        )
-    })?;
+    let ids = crate::runtime::inputs::read_ids(path)?;
     if ids.is_empty() {
         return Err(Error::input(path, "the list of token ids is empty"));
     }
@@ -31,17 +25,7 @@ pub(super) fn probe_pixels(
 ) -> Result<Vec<(Vec<f32>, String)>> {
     let s = hp.clip.image_size;
     if let Some(p) = &opts.pixel_values {
-        let a = crate::formats::npy::read(p)?;
-        if a.shape != [3, s, s] {
-            return Err(Error::input(
-                p,
-                format!(
-                    "pixel values must have shape [3, {s}, {s}], got {:?}",
-                    a.shape
-                ),
-            ));
-        }
-        let v = a.to_f32().map_err(|e| Error::input(p, e.to_string()))?;
+        let v = crate::runtime::inputs::read_pixels(p, s)?;
         return Ok(vec![(v, p.display().to_string())]);
     }
     if opts.image.is_empty() {
