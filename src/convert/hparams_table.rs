@@ -23,6 +23,11 @@ struct Field {
     fallback: Option<fn(&mut ModelHParams, &GgufFile) -> Result<()>>,
 }
 
+/// Store a value read back (the setters' one step).
+fn put<T>(slot: &mut T, v: std::result::Result<T, String>) -> std::result::Result<(), String> {
+    *slot = v?;
+    Ok(())
+}
 fn int(v: usize) -> Option<Var> {
     Some(Var::Int(v as i64))
 }
@@ -92,40 +97,40 @@ use ArtefactKind::{Llm, Mmproj};
 /// is the tower's depth.
 #[rustfmt::skip]
 const FIELDS: &[Field] = &[
-    Field { var: "llama.n_layer", home: Llm, get: |h| int(h.llama.n_layer), set: |h, v| Ok(h.llama.n_layer = to_usize(v)?), fallback: None },
-    Field { var: "llama.n_ctx", home: Llm, get: |h| int(h.llama.n_ctx), set: |h, v| Ok(h.llama.n_ctx = to_usize(v)?), fallback: None },
-    Field { var: "llama.n_embd", home: Llm, get: |h| int(h.llama.n_embd), set: |h, v| Ok(h.llama.n_embd = to_usize(v)?), fallback: None },
-    Field { var: "llama.n_ff", home: Llm, get: |h| int(h.llama.n_ff), set: |h, v| Ok(h.llama.n_ff = to_usize(v)?), fallback: None },
-    Field { var: "llama.n_head", home: Llm, get: |h| int(h.llama.n_head), set: |h, v| Ok(h.llama.n_head = to_usize(v)?), fallback: None },
+    Field { var: "llama.n_layer", home: Llm, get: |h| int(h.llama.n_layer), set: |h, v| put(&mut h.llama.n_layer, to_usize(v)), fallback: None },
+    Field { var: "llama.n_ctx", home: Llm, get: |h| int(h.llama.n_ctx), set: |h, v| put(&mut h.llama.n_ctx, to_usize(v)), fallback: None },
+    Field { var: "llama.n_embd", home: Llm, get: |h| int(h.llama.n_embd), set: |h, v| put(&mut h.llama.n_embd, to_usize(v)), fallback: None },
+    Field { var: "llama.n_ff", home: Llm, get: |h| int(h.llama.n_ff), set: |h, v| put(&mut h.llama.n_ff, to_usize(v)), fallback: None },
+    Field { var: "llama.n_head", home: Llm, get: |h| int(h.llama.n_head), set: |h, v| put(&mut h.llama.n_head, to_usize(v)), fallback: None },
     // llama.cpp: head_count_kv defaults to head_count.
-    Field { var: "llama.n_head_kv", home: Llm, get: |h| int(h.llama.n_head_kv), set: |h, v| Ok(h.llama.n_head_kv = to_usize(v)?),
-            fallback: Some(|h, _| Ok(h.llama.n_head_kv = h.llama.n_head)) },
+    Field { var: "llama.n_head_kv", home: Llm, get: |h| int(h.llama.n_head_kv), set: |h, v| put(&mut h.llama.n_head_kv, to_usize(v)),
+            fallback: Some(|h, _| { h.llama.n_head_kv = h.llama.n_head; Ok(()) }) },
     // llama.cpp: rope.freq_base defaults to 10000.
-    Field { var: "llama.rope_theta", home: Llm, get: |h| float(h.llama.rope_theta), set: |h, v| Ok(h.llama.rope_theta = to_f32(v)?),
-            fallback: Some(|h, _| Ok(h.llama.rope_theta = 10000.0)) },
-    Field { var: "llama.rms_eps", home: Llm, get: |h| float(h.llama.rms_eps), set: |h, v| Ok(h.llama.rms_eps = to_f32(v)?), fallback: None },
+    Field { var: "llama.rope_theta", home: Llm, get: |h| float(h.llama.rope_theta), set: |h, v| put(&mut h.llama.rope_theta, to_f32(v)),
+            fallback: Some(|h, _| { h.llama.rope_theta = 10000.0; Ok(()) }) },
+    Field { var: "llama.rms_eps", home: Llm, get: |h| float(h.llama.rms_eps), set: |h, v| put(&mut h.llama.rms_eps, to_f32(v)), fallback: None },
     // llama.cpp: without vocab_size, the token list (here: the embedding's rows).
-    Field { var: "llama.n_vocab", home: Llm, get: |h| int(h.llama.n_vocab), set: |h, v| Ok(h.llama.n_vocab = to_usize(v)?),
+    Field { var: "llama.n_vocab", home: Llm, get: |h| int(h.llama.n_vocab), set: |h, v| put(&mut h.llama.n_vocab, to_usize(v)),
             fallback: Some(vocab_from_embedding) },
     // Derived (n_embd / n_head): written, not read back.
     Field { var: "llama.head_dim", home: Llm, get: |h| int(h.llama.head_dim()), set: |_, _| Ok(()), fallback: Some(|_, _| Ok(())) },
-    Field { var: "clip.image_size", home: Mmproj, get: |h| int(h.clip.image_size), set: |h, v| Ok(h.clip.image_size = to_usize(v)?), fallback: None },
-    Field { var: "clip.patch_size", home: Mmproj, get: |h| int(h.clip.patch_size), set: |h, v| Ok(h.clip.patch_size = to_usize(v)?), fallback: None },
-    Field { var: "clip.n_embd", home: Mmproj, get: |h| int(h.clip.n_embd), set: |h, v| Ok(h.clip.n_embd = to_usize(v)?), fallback: None },
-    Field { var: "clip.n_ff", home: Mmproj, get: |h| int(h.clip.n_ff), set: |h, v| Ok(h.clip.n_ff = to_usize(v)?), fallback: None },
-    Field { var: "clip.n_head", home: Mmproj, get: |h| int(h.clip.n_head), set: |h, v| Ok(h.clip.n_head = to_usize(v)?), fallback: None },
-    Field { var: "clip.n_blocks", home: Mmproj, get: |h| int(h.clip.blocks_needed()), set: |h, v| Ok(h.clip.n_layer = to_usize(v)?), fallback: None },
-    Field { var: "clip.eps", home: Mmproj, get: |h| float(h.clip.eps), set: |h, v| Ok(h.clip.eps = to_f32(v)?), fallback: None },
+    Field { var: "clip.image_size", home: Mmproj, get: |h| int(h.clip.image_size), set: |h, v| put(&mut h.clip.image_size, to_usize(v)), fallback: None },
+    Field { var: "clip.patch_size", home: Mmproj, get: |h| int(h.clip.patch_size), set: |h, v| put(&mut h.clip.patch_size, to_usize(v)), fallback: None },
+    Field { var: "clip.n_embd", home: Mmproj, get: |h| int(h.clip.n_embd), set: |h, v| put(&mut h.clip.n_embd, to_usize(v)), fallback: None },
+    Field { var: "clip.n_ff", home: Mmproj, get: |h| int(h.clip.n_ff), set: |h, v| put(&mut h.clip.n_ff, to_usize(v)), fallback: None },
+    Field { var: "clip.n_head", home: Mmproj, get: |h| int(h.clip.n_head), set: |h, v| put(&mut h.clip.n_head, to_usize(v)), fallback: None },
+    Field { var: "clip.n_blocks", home: Mmproj, get: |h| int(h.clip.blocks_needed()), set: |h, v| put(&mut h.clip.n_layer, to_usize(v)), fallback: None },
+    Field { var: "clip.eps", home: Mmproj, get: |h| float(h.clip.eps), set: |h, v| put(&mut h.clip.eps, to_f32(v)), fallback: None },
     // clip.cpp: use_gelu defaults to false (quick_gelu).
-    Field { var: "clip.use_gelu", home: Mmproj, get: |h| Some(Var::Bool(!h.clip.quick_gelu)), set: |h, v| Ok(h.clip.quick_gelu = !to_bool(v)?),
-            fallback: Some(|h, _| Ok(h.clip.quick_gelu = true)) },
-    Field { var: "clip.image_mean", home: Mmproj, get: |h| floats(&h.clip.image_mean), set: |h, v| Ok(h.clip.image_mean = to_rgb(v)?), fallback: None },
-    Field { var: "clip.image_std", home: Mmproj, get: |h| floats(&h.clip.image_std), set: |h, v| Ok(h.clip.image_std = to_rgb(v)?), fallback: None },
-    Field { var: "clip.feature_layers", home: Mmproj, get: |h| ints(&h.clip.feature_layers), set: |h, v| Ok(h.clip.feature_layers = to_usizes(v)?), fallback: None },
-    Field { var: "fuser.n_heads", home: Mmproj, get: |h| int(fuser_of(h)?.n_heads), set: |h, v| Ok(fuser(h)?.n_heads = to_usize(v)?), fallback: None },
-    Field { var: "fuser.n_levels", home: Mmproj, get: |h| int(fuser_of(h)?.n_levels), set: |h, v| Ok(fuser(h)?.n_levels = to_usize(v)?), fallback: None },
-    Field { var: "fuser.n_points", home: Mmproj, get: |h| int(fuser_of(h)?.n_points), set: |h, v| Ok(fuser(h)?.n_points = to_usize(v)?), fallback: None },
-    Field { var: "fuser.eps", home: Mmproj, get: |h| float(fuser_of(h)?.eps), set: |h, v| Ok(fuser(h)?.eps = to_f32(v)?), fallback: None },
+    Field { var: "clip.use_gelu", home: Mmproj, get: |h| Some(Var::Bool(!h.clip.quick_gelu)), set: |h, v| put(&mut h.clip.quick_gelu, to_bool(v).map(|b| !b)),
+            fallback: Some(|h, _| { h.clip.quick_gelu = true; Ok(()) }) },
+    Field { var: "clip.image_mean", home: Mmproj, get: |h| floats(&h.clip.image_mean), set: |h, v| put(&mut h.clip.image_mean, to_rgb(v)), fallback: None },
+    Field { var: "clip.image_std", home: Mmproj, get: |h| floats(&h.clip.image_std), set: |h, v| put(&mut h.clip.image_std, to_rgb(v)), fallback: None },
+    Field { var: "clip.feature_layers", home: Mmproj, get: |h| ints(&h.clip.feature_layers), set: |h, v| put(&mut h.clip.feature_layers, to_usizes(v)), fallback: None },
+    Field { var: "fuser.n_heads", home: Mmproj, get: |h| int(fuser_of(h)?.n_heads), set: |h, v| put(&mut fuser(h)?.n_heads, to_usize(v)), fallback: None },
+    Field { var: "fuser.n_levels", home: Mmproj, get: |h| int(fuser_of(h)?.n_levels), set: |h, v| put(&mut fuser(h)?.n_levels, to_usize(v)), fallback: None },
+    Field { var: "fuser.n_points", home: Mmproj, get: |h| int(fuser_of(h)?.n_points), set: |h, v| put(&mut fuser(h)?.n_points, to_usize(v)), fallback: None },
+    Field { var: "fuser.eps", home: Mmproj, get: |h| float(fuser_of(h)?.eps), set: |h, v| put(&mut fuser(h)?.eps, to_f32(v)), fallback: None },
 ];
 
 /// The recipe variables of `hp` (what the metadata rules write from).
