@@ -66,12 +66,8 @@ fn sources() -> Vec<SrcFile> {
                 module.pop();
             }
             let text = std::fs::read_to_string(&p).unwrap();
-            let text = match text.find("#[cfg(test)]") {
-                Some(i) => &text[..i],
-                None => &text[..],
-            };
-            let code: String = text
-                .lines()
+            let code = non_test_code(&text)
+                .iter()
                 .map(|l| match l.find("//") {
                     Some(i) => &l[..i],
                     None => l,
@@ -86,6 +82,31 @@ fn sources() -> Vec<SrcFile> {
         }
     }
     assert!(out.len() > 40, "src/ not found under {}", root.display());
+    out
+}
+
+/// The lines of `text` outside its top-level `#[cfg(test)]` items: a `mod x;` line, or a
+/// `mod x { ... }` up to its closing brace at the start of a line (rustfmt's layout).
+fn non_test_code(text: &str) -> Vec<&str> {
+    let mut out = vec![];
+    let mut lines = text.lines();
+    while let Some(l) = lines.next() {
+        if l.trim_end() != "#[cfg(test)]" {
+            out.push(l);
+            continue;
+        }
+        match lines.next() {
+            Some(item) if item.trim_end().ends_with(';') => {}
+            Some(_) => {
+                for l in lines.by_ref() {
+                    if l.trim_end() == "}" {
+                        break;
+                    }
+                }
+            }
+            None => {}
+        }
+    }
     out
 }
 
