@@ -74,6 +74,13 @@ fn in_source_order(plan: &ArtefactPlan) -> bool {
     plan.kind == ArtefactKind::Llm && is_float_type(plan.file_type)
 }
 
+/// The bytes a row's tensor takes in its file (progress counts these).
+fn stored_bytes(src: &Source, r: &SourceRow) -> u64 {
+    src.store(r.store)
+        .entry(&r.row.src)
+        .map_or(0, |e| (e.range.1 - e.range.0) as u64)
+}
+
 /// A checkpoint seen through its recipe, as the emit step's input: tensors it can stream
 /// (in file order, from the `ShardStream` that also feeds the input hasher) come from the
 /// stream, the others through the memory maps.
@@ -96,13 +103,12 @@ impl CheckpointInput<'_> {
 impl TensorInput for CheckpointInput<'_> {
     fn describe(&self, i: usize) -> InputTensor {
         let (src, r) = (self.src, &self.src.rows[i]);
-        let entry = src.store(r.store).entry(&r.row.src);
         InputTensor {
             file: src.file_of(r),
             name: r.row.src.clone(),
             dtype: src.dtype_name(r).to_string(),
             shape: r.row.shape.clone(),
-            bytes: entry.map_or(0, |e| (e.range.1 - e.range.0) as u64),
+            bytes: stored_bytes(src, r),
         }
     }
 
@@ -198,12 +204,7 @@ pub fn run(opts: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertSumm
     let total: u64 = plans
         .iter()
         .flat_map(|p| p.tensors.iter())
-        .map(|t| {
-            src.store(src.rows[t.input].store)
-                .entry(&src.rows[t.input].row.src)
-                .map(|e| (e.range.1 - e.range.0) as u64)
-                .unwrap_or(0)
-        })
+        .map(|t| stored_bytes(&src, &src.rows[t.input]))
         .sum();
     let n_tensors: usize = plans.iter().map(|p| p.tensors.len()).sum();
     progress.start(&format!("0/{n_tensors} tensors"), total, Unit::Bytes);

@@ -373,6 +373,8 @@ pub struct PlanRow {
     pub shape: Vec<usize>,
     pub transform: Option<Transform>,
     pub component: String,
+    /// The layer of a per-layer rule's row.
+    pub layer: Option<usize>,
 }
 
 /// Expand a name map over its layer ranges. Returns the rows and the drop patterns (expanded).
@@ -396,6 +398,7 @@ pub fn expand(map: &NameMap, prefix: &str, vars: &Vars) -> Result<(Vec<PlanRow>,
                 shape,
                 transform: r.transform,
                 component: map.component.clone(),
+                layer: r.per_layer.is_some().then_some(i),
             });
             if r.per_layer.is_none() {
                 break;

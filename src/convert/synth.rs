@@ -19,7 +19,7 @@
 //! gammas uniform in [0.3, 0.7]. Values are generated in parallel (rayon) straight into the
 //! page-aligned buffers of `ground::sink`, which writes them with direct I/O while the next buffer
 //! fills: memory stays at four 8 MiB buffers whatever the model size, and the disk sets the pace.
-use crate::convert::recipe::{self, ArtefactKind, Vars};
+use crate::convert::recipe::{self, ArtefactKind, PlanRow, Vars};
 use crate::convert::source::shape_vars;
 use crate::ground::error::{Error, IoContext, Result};
 use crate::ground::fsutil::{write_error, AtomicFile};
@@ -291,54 +291,57 @@ fn natural_key(name: &str) -> Vec<(u64, String)> {
     out
 }
 
-/// One component's tensors from its name map (converters/ + schemas/names/), under `prefix`.
-fn component_tensors(component: &str, prefix: &str, d: &Dims) -> Result<Vec<TensorSpec>> {
+/// One component's rows from its name map (converters/ + schemas/names/), under `prefix`.
+fn component_rows(component: &str, prefix: &str, d: &Dims) -> Result<Vec<PlanRow>> {
     let map = recipe::name_map(component)?;
     let mut vars = Vars::default();
     shape_vars(&hparams_of(d), &mut vars);
-    let (rows, _) = recipe::expand(&map, prefix, &vars)?;
-    Ok(rows
-        .into_iter()
-        .map(|r| TensorSpec::new(&r.src, &r.shape, init_for(&r.src, &r.shape)))
-        .collect())
+    Ok(recipe::expand(&map, prefix, &vars)?.0)
 }
 
-/// The LLM tensors (HF names) in the order real shards hold them: the decoder (`model.*`) in
-/// natural name order, then the head.
-pub fn llm_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
-    let mut v = component_tensors("llama", "", d)?;
-    v.sort_by_cached_key(|t| (!t.name.starts_with("model."), natural_key(&t.name)));
-    Ok(v)
+fn spec(r: &PlanRow) -> TensorSpec {
+    TensorSpec::new(&r.src, &r.shape, init_for(&r.src, &r.shape))
 }
 
-/// The projector tensors (fuser and MLP) where the recipe puts them in the checkpoint, in the name
-/// map's order.
-pub fn projector_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+/// The tensors of the recipe's `kind` artefact that the checkpoint holds (the tower has a
+/// directory of its own), where the recipe puts them, each component in its name map's order.
+fn checkpoint_tensors(kind: ArtefactKind, d: &Dims) -> Result<Vec<TensorSpec>> {
     let r = recipe::recipe(RECIPE)?;
     let mut v = vec![];
-    for art in &r.artefacts {
+    for art in r.artefacts.iter().filter(|a| a.kind == kind) {
         for c in art
             .components
             .iter()
             .filter(|c| *c != recipe::TOWER_COMPONENT)
         {
-            if art.kind == ArtefactKind::Mmproj {
-                let map = recipe::name_map(c)?;
-                v.extend(component_tensors(c, r.prefix(&map), d)?);
-            }
+            let map = recipe::name_map(c)?;
+            v.extend(component_rows(c, r.prefix(&map), d)?.iter().map(spec));
         }
     }
     Ok(v)
+}
+
+/// The LLM tensors (HF names) in the order real shards hold them: the decoder (`model.*`) in
+/// natural name order, then the head.
+pub fn llm_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+    let mut v = checkpoint_tensors(ArtefactKind::Llm, d)?;
+    v.sort_by_cached_key(|t| (!t.name.starts_with("model."), natural_key(&t.name)));
+    Ok(v)
+}
+
+/// The projector tensors (fuser and MLP), in the name map's order.
+pub fn projector_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
+    checkpoint_tensors(ArtefactKind::Mmproj, d)
 }
 
 /// The CLIP vision tower (every layer, not just those the converter keeps), layer by layer in the
 /// name map's order, with the final `post_layernorm` a CLIPVisionModel has (the converter drops
 /// it: schemas/names/clip-vision.json `drop`).
 pub fn clip_tensors(d: &Dims) -> Result<Vec<TensorSpec>> {
-    let mut v = component_tensors(recipe::TOWER_COMPONENT, TOWER_PREFIX, d)?;
+    let mut rows = component_rows(recipe::TOWER_COMPONENT, TOWER_PREFIX, d)?;
     // expand() lists a per-layer rule for every layer before the next rule; a file holds layers.
-    let layer = |t: &TensorSpec| natural_key(&t.name).get(1).map(|k| k.0);
-    v.sort_by_key(|t| layer(t).map_or(0, |l| l + 1));
+    rows.sort_by_key(|r| r.layer.map_or(0, |l| l + 1));
+    let mut v: Vec<TensorSpec> = rows.iter().map(spec).collect();
     for leaf in ["weight", "bias"] {
         let name = format!("{TOWER_PREFIX}post_layernorm.{leaf}");
         let init = init_for(&name, &[d.clip_c]);
