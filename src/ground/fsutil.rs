@@ -87,6 +87,38 @@ impl PageBuf {
     }
 }
 
+/// Fill `buf` from `offset` of `f` (less only at the end of the file): the direct-I/O read under
+/// the checkpoint stream. Returns the bytes read; switches `f` (and `direct`) to cached reads if
+/// the filesystem refuses a direct one or a short read leaves an unaligned position.
+pub fn read_full_at(
+    f: &mut std::fs::File,
+    direct: &mut bool,
+    offset: u64,
+    buf: &mut PageBuf,
+) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let space = buf.all_mut();
+    let mut got = 0;
+    while got < space.len() {
+        match f.read_at(&mut space[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A short direct read leaves an unaligned position; so does a refusing filesystem.
+            Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                set_direct(f, false);
+                *direct = false;
+            }
+            Err(e) => return Err(e),
+        }
+        if *direct && !got.is_multiple_of(PAGE) && got < space.len() {
+            set_direct(f, false);
+            *direct = false;
+        }
+    }
+    Ok(got)
+}
+
 /// Drop the mapped pages covering bytes `start..end` of a read-only file map from this process:
 /// they stay in the page cache and a later access re-reads them. Keeps resident memory near
 /// what is in use while a large mapped file is read piece by piece. `start` need not be

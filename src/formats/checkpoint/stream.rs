@@ -9,7 +9,7 @@
 //! Where the filesystem refuses O_DIRECT the same reads go through the page cache.
 use crate::ground::digest::{hex, FileHash};
 use crate::ground::error::{Error, Result};
-use crate::ground::fsutil::{direct_io_wanted, set_direct, PageBuf};
+use crate::ground::fsutil::{direct_io_wanted, read_full_at, set_direct, PageBuf};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -269,7 +269,7 @@ fn read_all(
                 return;
             }
             let Ok(mut buf) = pool.recv() else { return };
-            match read_full(&mut f, &mut direct, offset, &mut buf) {
+            match read_full_at(&mut f, &mut direct, offset, &mut buf) {
                 Ok(0) => {
                     let _ = to_pool.try_send(buf);
                     break;
@@ -294,37 +294,6 @@ fn read_all(
             }
         }
     }
-}
-
-/// Fill `buf` from `offset` (less only at the end of the file); returns the bytes read. Switches
-/// to cached reads if the filesystem refuses a direct one.
-fn read_full(
-    f: &mut std::fs::File,
-    direct: &mut bool,
-    offset: u64,
-    buf: &mut PageBuf,
-) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let space = buf.all_mut();
-    let mut got = 0;
-    while got < space.len() {
-        match f.read_at(&mut space[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // A short direct read leaves an unaligned position; so does a refusing filesystem.
-            Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                set_direct(f, false);
-                *direct = false;
-            }
-            Err(e) => return Err(e),
-        }
-        if *direct && !got.is_multiple_of(crate::ground::fsutil::PAGE) && got < space.len() {
-            set_direct(f, false);
-            *direct = false;
-        }
-    }
-    Ok(got)
 }
 
 /// The hashing thread: one digest per file, from the pieces in order.
