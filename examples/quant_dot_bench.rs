@@ -55,6 +55,8 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(3);
+    // BENCH_DOT_ONLY=1: our kernels only (for comparing their settings).
+    let dot_only = std::env::var_os("BENCH_DOT_ONLY").is_some();
     println!(
         "threads {}, isa {:?}, best of {reps}",
         rayon::current_num_threads(),
@@ -92,8 +94,25 @@ fn main() {
             let x = values(n * k, 2, 1.0);
             let xt = Tensor::from_vec(x.clone(), (n, k), &Device::Cpu).unwrap();
             let t_dot = best(reps, || dot::matmul(ty, &w, out, k, &x, n).unwrap());
+            if dot_only {
+                let flop = 2.0 * (n * out * k) as f64;
+                println!(
+                    "{name:<24} {:>5} {n:>5} {t_dot:>9.4} {:>8.1}",
+                    ty.name(),
+                    flop / t_dot / 1e9
+                );
+                continue;
+            }
             let t_f32 = best(reps, || f32_road(ty, &w, out, k, &xt));
             let t_candle = best(reps, || qm.forward(&xt).unwrap());
+            let t_fresh = best(reps, || {
+                let q = QMatMul::from_qtensor(
+                    qtensor_from_ggml(cty, &w, vec![out, k], &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+                q.forward(&xt).unwrap()
+            });
+            eprintln!("{name} n={n}: candle with a fresh QTensor (copy + repack) {t_fresh:.4} s");
             let flop = 2.0 * (n * out * k) as f64;
             let gb = w.len() as f64 / 1e9;
             println!(

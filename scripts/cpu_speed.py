@@ -8,7 +8,8 @@
    many text positions as our prompt has (image + template + question), then decodes --decode
    tokens one at a time; prints prefill and decode tokens/s (the model load is timed apart).
 2. ours: `generate --json --device cpu --temp 0 --max-tokens N` on the bundled probe image and
-   "Describe the image." with RAYON_NUM_THREADS = --threads; its own prefill / decode tokens/s
+   "Describe the image." (or, with --text-positions N, N text ids and no image) with
+   RAYON_NUM_THREADS = --threads; its own prefill / decode tokens/s
    (the image encoding, CLIP + fuser + projector, is reported apart, as image_seconds).
 3. the ratios ours / llama.cpp (>= 1 means at least as fast).
 Token ids for llama.cpp are arbitrary valid ids: speed does not depend on which.
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +27,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def ours(args):
     cmd = [args.bin, "generate", "--gguf", args.llm, "--mmproj", args.mmproj,
-           "--image", os.path.join(ROOT, "fixtures", "reference", "image.png"),
-           "--prompt", "Describe the image.", "--max-tokens", str(args.decode + 1),
-           "--temp", "0", "--device", "cpu", "--json"]
+           "--max-tokens", str(args.decode + 1), "--temp", "0", "--device", "cpu", "--json"]
+    if args.text_positions:
+        # A text-only prompt of that many arbitrary valid ids (BOS first), no image.
+        ids = os.path.join(tempfile.mkdtemp(), "ids.json")
+        with open(ids, "w") as f:
+            json.dump([1] + [3 + (i * 7919) % 31997 for i in range(args.text_positions - 1)], f)
+        cmd += ["--input-ids", ids]
+    else:
+        cmd += ["--image", os.path.join(ROOT, "fixtures", "reference", "image.png"),
+                "--prompt", "Describe the image."]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -64,6 +73,9 @@ def main():
     ap.add_argument("mmproj")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--text-positions", type=int, default=0,
+                    help="a text-only prompt of this many positions instead of image + question "
+                         "(decode speed at a short context)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "mmfuser-convert"))
     args = ap.parse_args()
 
