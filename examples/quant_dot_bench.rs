@@ -6,10 +6,15 @@
 //! Q4_K, ffn_down 4096x11008 Q6_K), times one mat-vec (1 row) and one 512-row matmul:
 //! - "dot": `quant::dot::matmul` on the quantized bytes (8-bit activations, integer dots);
 //! - "f32": the road before it: dequantize the whole matrix to f32 (in parallel, as
-//!   `WeightSource::tensor_f32`) and multiply with candle (gemm), dequantization included.
-//!
+//!   `WeightSource::tensor_f32`) and multiply with candle (gemm), dequantization included;
 //! - "candle": candle-core's own quantized matmul (`QMatMul` on a `QTensor` made from the same
-//!   bytes by `qtensor_from_ggml`, which copies them into its block structs; copy not timed).
+//!   bytes by `qtensor_from_ggml`, which copies them into its block structs; copy not timed, and
+//!   its x86 kernels' repacking of the weight is cached in the QTensor after the first call). A
+//!   line on stderr times a fresh QTensor per call (copy + repack + product), what using it on
+//!   weights read once per forward would cost.
+//!
+//! `BENCH_DOT_ONLY=1`: our kernels only (to compare settings quickly).
+//!
 //! Prints seconds (best of REPS), GFLOP/s (2*rows*out*in / s) and GB/s of weight bytes read.
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};

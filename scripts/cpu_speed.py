@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def ours(args):
     cmd = [args.bin, "generate", "--gguf", args.llm, "--mmproj", args.mmproj,
-           "--max-tokens", str(args.decode + 1), "--temp", "0", "--device", "cpu", "--json"]
+           "--max-tokens", str(args.decode + 1), "--temp", "0", "--device", "cpu", "--json",
+           "--kv-cache", args.kv_cache]
     if args.text_positions:
         # A text-only prompt of that many arbitrary valid ids (BOS first), no image.
         ids = os.path.join(tempfile.mkdtemp(), "ids.json")
@@ -76,6 +77,8 @@ def main():
     ap.add_argument("--text-positions", type=int, default=0,
                     help="a text-only prompt of this many positions instead of image + question "
                          "(decode speed at a short context)")
+    ap.add_argument("--kv-cache", default="f32", choices=["f32", "f16"],
+                    help="our KV cache type (llama.cpp's here is f16, its default)")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "mmfuser-convert"))
     args = ap.parse_args()
 
@@ -89,7 +92,8 @@ def main():
     print(f"llama.cpp  prefill {n_prompt} positions {l['prefill_seconds']:.1f} s ({l['prefill_tps']:.2f} tok/s)"
           f", decode {args.decode} tokens {l['decode_tps']:.2f} tok/s, load {l['load_seconds']:.1f} s")
     print(f"ratio ours/llama.cpp: prefill {p['tokens_per_second'] / l['prefill_tps']:.2f}x, "
-          f"decode {d['tokens_per_second'] / l['decode_tps']:.2f}x (threads {args.threads})")
+          f"decode {d['tokens_per_second'] / l['decode_tps']:.2f}x (threads {args.threads}, "
+          f"our KV cache {args.kv_cache}, llama.cpp's f16)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ use crate::ground::error::{Error, Result};
 use crate::ground::progress::Progress;
 use crate::model::hparams::ModelHParams;
 use crate::model::llama::{decode_cached, KvCache};
-use crate::model::{self, Backend, WeightSource};
+use crate::model::{self, Backend, KvType, WeightSource};
 use crate::runtime::device::Device as RunDevice;
 use crate::runtime::weights::GgufWeights;
 use candle_core::{Device, Tensor};
@@ -223,12 +223,18 @@ pub struct Session<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Session<'a, B> {
+    /// A session whose KV cache stores f32 (see [`Session::with_kv`]).
     pub fn new(b: &'a B, ws: &'a dyn WeightSource, hp: &'a ModelHParams) -> Self {
+        Self::with_kv(b, ws, hp, KvType::F32)
+    }
+
+    /// A session whose KV cache stores keys and values as `kv`.
+    pub fn with_kv(b: &'a B, ws: &'a dyn WeightSource, hp: &'a ModelHParams, kv: KvType) -> Self {
         Session {
             b,
             ws,
             hp,
-            cache: KvCache::new(hp.llama.n_layer),
+            cache: KvCache::new(hp.llama.n_layer, kv),
             pending: Vec::new(),
         }
     }
@@ -405,6 +411,8 @@ pub struct GenerateOptions {
     pub interactive: bool,
     /// Stream the text to stdout as it comes (off for --json).
     pub stream: bool,
+    /// How the KV cache stores keys and values.
+    pub kv_cache: KvType,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -444,6 +452,8 @@ pub struct Report {
     pub n_image_positions: usize,
     pub sampling: SamplingOptions,
     pub max_tokens: usize,
+    /// How the KV cache stored keys and values: "f32" or "f16".
+    pub kv_cache: String,
     /// The generated ids, EOS included when it ended the text.
     pub tokens: Vec<u32>,
     pub text: String,
@@ -605,7 +615,7 @@ fn run_with<B: Backend>(
         }
         (false, None) => (None, "none".to_string()),
     };
-    let mut sess = Session::new(b, m.ws(), hp);
+    let mut sess = Session::with_kv(b, m.ws(), hp, opts.kv_cache);
     let t0 = Instant::now();
     let image = pixels.map(|p| sess.encode_image(&p)).transpose()?;
     let image_seconds = t0.elapsed().as_secs_f64();
@@ -683,6 +693,11 @@ fn run_with<B: Backend>(
         n_image_positions: if has_image { hp.clip.n_patches() } else { 0 },
         sampling: opts.sampling,
         max_tokens: opts.max_tokens,
+        kv_cache: match opts.kv_cache {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+        .into(),
         tokens: first.tokens.clone(),
         text: first.text.clone(),
         stop_reason: first.stop,

@@ -18,7 +18,7 @@ use mmfuser_convert::generate::{
     next_turn_ids, prompt_ids, run_turn, vocab_from_gguf, LoadedModel, Sampler, SamplingOptions,
     Session, Stop, TurnOptions, TurnOutput,
 };
-use mmfuser_convert::model::{self, Backend};
+use mmfuser_convert::model::{self, Backend, KvType};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -119,7 +119,17 @@ fn greedy(m: &LoadedModel, ids: &[i64], max: usize) -> TurnOutput {
 }
 
 fn greedy_on<B: Backend>(b: &B, m: &LoadedModel, ids: &[i64], max: usize) -> TurnOutput {
-    let mut s = Session::new(b, m.ws(), &m.hparams);
+    greedy_kv(b, m, ids, max, KvType::F32)
+}
+
+fn greedy_kv<B: Backend>(
+    b: &B,
+    m: &LoadedModel,
+    ids: &[i64],
+    max: usize,
+    kv: KvType,
+) -> TurnOutput {
+    let mut s = Session::with_kv(b, m.ws(), &m.hparams, kv);
     let img = s.encode_image(&pixels()).unwrap();
     let o = TurnOptions {
         max_tokens: max,
@@ -249,6 +259,46 @@ fn kv_cache_equals_no_cache() {
         let d2 = rel_diff(&got, &out.step_logits[2]);
         assert!(d2 <= 1e-5, "{name} split feeding: {d2:.3e}");
         eprintln!("{name}: KV cache vs no cache, 16 steps: max rel {worst:.2e}; prefill {dp:.2e}; split {d2:.2e}");
+    }
+}
+
+/// An f16 KV cache (`--kv-cache f16`): decoding one position at a time gives the logits of
+/// feeding the whole sequence at once into an f16 cache (the same rounded keys and values, read
+/// by the many-rows attention), every step within 1e-5. Its distance from the f32 cache, and
+/// its greedy tokens against transformers', are reported.
+#[test]
+fn f16_kv_cache_equals_feeding_the_sequence_at_once() {
+    let a = artefacts();
+    for (name, (llm, mm)) in [("F32", &a.f32), ("Q8_0", &a.q8)] {
+        let m = LoadedModel::from_gguf(llm, mm).unwrap();
+        let ids = prompt();
+        let b = CpuBackend;
+        let out = greedy_kv(&b, &m, &ids, 16, KvType::F16);
+        let exact = greedy(&m, &ids, 16);
+        let img = Session::new(&b, m.ws(), &m.hparams)
+            .encode_image(&pixels())
+            .unwrap();
+        let mut seq = ids.clone();
+        let (mut worst, mut from_f32) = (0.0f64, 0.0f64);
+        for (step, &t) in out.tokens.iter().enumerate() {
+            let mut s = Session::with_kv(&b, m.ws(), &m.hparams, KvType::F16);
+            let lg = s.feed(&seq, Some(&img), true).unwrap();
+            let last = lg.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let d = rel_diff(&out.step_logits[step], &last);
+            assert!(d <= 1e-5, "{name} step {step}: {d:.3e}");
+            worst = worst.max(d);
+            if out.tokens[..=step] == exact.tokens[..=step] {
+                from_f32 = from_f32.max(rel_diff(&out.step_logits[step], &exact.step_logits[step]));
+            }
+            seq.push(t as i64);
+        }
+        eprintln!(
+            "{name}: f16 KV cache vs the sequence fed at once, 16 steps: max rel {worst:.2e}; \
+             vs the f32 cache (steps with equal tokens so far) {from_f32:.2e}; greedy tokens equal \
+             to the f32 cache's {}/16, to transformers' {}/16",
+            agreement(&out.tokens, &exact.tokens),
+            agreement(&out.tokens, &ref_tokens())
+        );
     }
 }
 
@@ -411,9 +461,34 @@ fn cli_json_report() {
     assert_eq!(doc["stop_reason"], "max_tokens");
     assert_eq!(doc["prefill"]["positions"], 89);
     assert_eq!(doc["decode"]["positions"], 15);
+    assert_eq!(doc["kv_cache"], "f32");
     let p = dir.path().join("report.json");
     std::fs::write(&p, &r.stdout).unwrap();
     schema_check(&p);
+
+    // --kv-cache f16: reported, and the same greedy tokens on this fixture (16/16, see
+    // f16_kv_cache_equals_feeding_the_sequence_at_once); any other type is a usage error.
+    let h = run(
+        base(&[
+            "--input-ids",
+            ids,
+            "--max-tokens",
+            "16",
+            "--kv-cache",
+            "f16",
+            "--json",
+        ]),
+        &root(),
+    )
+    .ok();
+    let hd: Json = serde_json::from_str(&h.stdout).unwrap();
+    assert_eq!(hd["kv_cache"], "f16");
+    assert_eq!(hd["tokens"], doc["tokens"]);
+    std::fs::write(&p, &h.stdout).unwrap();
+    schema_check(&p);
+    let bad = run(base(&["--input-ids", ids, "--kv-cache", "q8"]), &root());
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("kv-cache"), "{}", bad.stderr);
 
     // Streamed text: the same text on stdout, speed and memory on stderr.
     let r = run(base(&["--input-ids", ids, "--max-tokens", "16"]), &root()).ok();
@@ -575,6 +650,7 @@ fn interactive_second_turn_equals_from_scratch() {
         sampling: SamplingOptions::greedy(),
         interactive: true,
         stream: true,
+        kv_cache: KvType::F32,
     };
     let mut input = std::io::Cursor::new(b"What colour is it?\n\n".to_vec());
     let mut out = Vec::new();

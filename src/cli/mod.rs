@@ -305,6 +305,11 @@ pub struct GenerateArgs {
     /// cpu, cuda or auto (auto: CUDA when usable, else CPU).
     #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
+    /// How the KV cache stores keys and values: f32 (decoding with the cache gives the logits of
+    /// the whole sequence recomputed) or f16 (as llama.cpp does: half the cache's memory, and a
+    /// faster decode after a long prompt on the CPU; each key and value rounded to f16).
+    #[arg(long, value_name = "TYPE", default_value = "f32", value_parser = ["f32", "f16"])]
+    kv_cache: String,
     /// Further questions about the same image from stdin, one per line (an empty line ends).
     #[arg(long, conflicts_with = "json")]
     interactive: bool,
@@ -336,6 +341,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         },
         interactive: a.interactive,
         stream: !a.json,
+        kv_cache: match a.kv_cache.as_str() {
+            "f16" => crate::model::KvType::F16,
+            _ => crate::model::KvType::F32,
+        },
     };
     let stdin = std::io::stdin();
     let r = crate::generate::run(

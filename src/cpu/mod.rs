@@ -1,10 +1,10 @@
 //! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
 //! hand-written loops for the rest).
 use crate::ground::error::{Error, Result};
-use crate::model::backend::{with_f32, Backend};
+use crate::model::backend::{with_f32, Backend, KvType};
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 /// The CPU backend: candle-core tensors (gemm + rayon for matmuls), hand-written loops for the rest.
@@ -118,6 +118,41 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
+/// [`dot8`], with 8-lane vectors when `simd` says AVX is present (the same lanes, multiplied
+/// then added without fusing, and the same final additions: the same bits; the compiler left to
+/// itself vectorized `dot8` two lanes at a time).
+#[inline(always)]
+fn dot8_with(a: &[f32], b: &[f32], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: the caller saw AVX (with AVX2 and F16C) detected.
+        return unsafe { dot8_avx(a, b) };
+    }
+    let _ = simd;
+    dot8(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dot8_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = _mm256_mul_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        acc = _mm256_add_ps(acc, p);
+        i += 8;
+    }
+    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), acc);
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])) + tail
+}
+
 /// [`Backend::attention`] for a few query rows (decode), K and V read where they are, in row
 /// order. A task is one query row and a run of adjacent heads, so it streams each key/value row's
 /// contiguous slice of those heads once: reading one head at a time strode 16 KB between 512-byte
@@ -126,11 +161,9 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 /// softmax, then the output summed over j in increasing order.
 fn attention_few(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (n, m): (usize, usize),
-    (n_head, n_head_kv, hd): (usize, usize, usize),
-    causal: bool,
+    k: Kv<'_>,
+    v: Kv<'_>,
+    ((n, m), (n_head, n_head_kv, hd), causal): ((usize, usize), (usize, usize, usize), bool),
 ) -> Vec<f32> {
     let (qc, kc) = (n_head * hd, n_head_kv * hd);
     let mut out = vec![0f32; n * qc];
@@ -159,13 +192,86 @@ fn attention_few(
         .enumerate()
         .for_each(|(idx, o)| {
             #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 is present (checked just above).
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+                // SAFETY: AVX2 and F16C are present (checked just above).
                 return unsafe { attention_run_avx2(q, k, v, &shape, idx, o) };
             }
-            attention_run(q, k, v, &shape, idx, o)
+            attention_run(q, k, v, &shape, idx, o, false)
         });
     out
+}
+
+/// Keys or values of a KV cache: f32 rows, or f16 rows (an f16 cache) widened as they are read.
+#[derive(Clone, Copy)]
+enum Kv<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl Kv<'_> {
+    /// Row j ([kc] values) as f32 for columns lo..hi (all of them when f32; an f16 row's columns
+    /// lo..hi are widened into `scratch`, the others left as they are).
+    #[inline(always)]
+    fn row<'s>(
+        &'s self,
+        j: usize,
+        kc: usize,
+        (lo, hi): (usize, usize),
+        scratch: &'s mut [f32],
+        f16c: bool,
+    ) -> &'s [f32] {
+        match self {
+            Kv::F32(x) => &x[j * kc..][..kc],
+            Kv::F16(x) => {
+                widen_f16(&x[j * kc + lo..j * kc + hi], &mut scratch[lo..hi], f16c);
+                scratch
+            }
+        }
+    }
+}
+
+/// f16 -> f32 (exact either way), with F16C 8 at a time when `f16c` says it is present.
+#[inline(always)]
+fn widen_f16(src: &[half::f16], dst: &mut [f32], f16c: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if f16c {
+        // SAFETY: the caller saw F16C (and AVX) detected.
+        return unsafe { widen_f16_f16c(src, dst) };
+    }
+    let _ = f16c;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for i in i..n {
+        dst[i] = src[i].to_f32();
+    }
+}
+
+/// Run `f` on the contiguous f16 data of a host tensor (an f16 KV cache).
+fn with_f16<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(bad("KV cache not on the CPU"));
+    };
+    let data = cpu.as_slice::<half::f16>()?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| bad("KV cache not contiguous"))?;
+    Ok(f(&data[a..b]))
 }
 
 /// The geometry of [`attention_few`]'s tasks.
@@ -181,23 +287,33 @@ struct FewShape {
     causal: bool,
 }
 
-/// The same code compiled for 8 f32 lanes; no FMA, so every result equals the portable build's.
+/// The same code compiled for 8 f32 lanes and F16C widening; no FMA, so every result equals
+/// the portable build's.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attention_run_avx2(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Kv<'_>,
+    v: Kv<'_>,
     s: &FewShape,
     idx: usize,
     o: &mut [f32],
 ) {
-    attention_run(q, k, v, s, idx, o)
+    attention_run(q, k, v, s, idx, o, true)
 }
 
 /// Task `idx` of [`attention_few`]: query row i = idx / (n_head / run), heads h0..h0+run.
+/// An f16 cache's rows are widened (exactly) before the same f32 arithmetic.
 #[inline(always)]
-fn attention_run(q: &[f32], k: &[f32], v: &[f32], s: &FewShape, idx: usize, o: &mut [f32]) {
+fn attention_run(
+    q: &[f32],
+    k: Kv<'_>,
+    v: Kv<'_>,
+    s: &FewShape,
+    idx: usize,
+    o: &mut [f32],
+    f16c: bool,
+) {
     let FewShape {
         m,
         n,
@@ -213,18 +329,25 @@ fn attention_run(q: &[f32], k: &[f32], v: &[f32], s: &FewShape, idx: usize, o: &
     let valid = if s.causal { m - n + i + 1 } else { m };
     let scale = 1.0 / (hd as f32).sqrt();
     let qi = &q[i * qc..][..qc];
+    // The columns of the kv groups of heads h0..h0+run.
+    let cols = ((h0 / rep) * hd, ((h0 + run - 1) / rep + 1) * hd);
+    let mut scratch = match k {
+        Kv::F16(_) => vec![0f32; kc],
+        Kv::F32(_) => vec![],
+    };
     // p[r * valid + j]: head h0 + r's score, then probability, of key j.
     let mut p = vec![0f32; run * valid];
     for j in 0..valid {
-        let kj = &k[j * kc..][..kc];
+        let kj = k.row(j, kc, cols, &mut scratch, f16c);
+
         for r in 0..run {
             let (h, g) = (h0 + r, (h0 + r) / rep);
-            p[r * valid + j] = dot8(&qi[h * hd..][..hd], &kj[g * hd..][..hd]) * scale;
+            p[r * valid + j] = dot8_with(&qi[h * hd..][..hd], &kj[g * hd..][..hd], f16c) * scale;
         }
     }
     p.chunks_mut(valid.max(1)).for_each(softmax_in_place);
     for j in 0..valid {
-        let vj = &v[j * kc..][..kc];
+        let vj = v.row(j, kc, cols, &mut scratch, f16c);
         for (r, or) in o.chunks_mut(hd).enumerate() {
             let (pj, g) = (p[r * valid + j], (h0 + r) / rep);
             for (od, &vd) in or.iter_mut().zip(&vj[g * hd..][..hd]) {
@@ -551,15 +674,23 @@ impl Backend for CpuBackend {
         let hd = qc / n_head;
         let rep = n_head / n_head_kv;
         if n < FEW_QUERIES {
-            let out = with_f32(q, |q| {
-                with_f32(k, |k| {
-                    with_f32(v, |v| {
-                        attention_few(q, k, v, (n, m), (n_head, n_head_kv, hd), causal)
+            let shape = ((n, m), (n_head, n_head_kv, hd), causal);
+            let out = match (k.dtype(), v.dtype()) {
+                (DType::F16, DType::F16) => with_f32(q, |q| {
+                    with_f16(k, |k| {
+                        with_f16(v, |v| attention_few(q, Kv::F16(k), Kv::F16(v), shape))
                     })
-                })
-            })???;
+                })???,
+                _ => with_f32(q, |q| {
+                    with_f32(k, |k| {
+                        with_f32(v, |v| attention_few(q, Kv::F32(k), Kv::F32(v), shape))
+                    })
+                })???,
+            };
             return mat(out, n, qc);
         }
+        // An f16 KV cache, widened (exactly) for the matmuls.
+        let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
         // Query heads of one kv group are adjacent: [n_kv, rep*n, hd] without repeating k/v.
         let qh = q
             .reshape((n, n_head, hd))?
@@ -690,20 +821,32 @@ impl Backend for CpuBackend {
     /// New rows written in place into spare rows; when none are left, a buffer a quarter larger
     /// than needed (geometric growth: a generation of N tokens copies the cache O(log N) times,
     /// not N times, and a 773-position prompt holds 966 rows, not twice its length).
-    fn kv_append(&self, cache: Option<(Tensor, usize)>, new: &Tensor) -> Result<Tensor> {
+    /// An f16 cache is an f16 tensor (candle's conversion rounds to nearest, ties to even), which
+    /// `attention` reads as it is.
+    fn kv_append(
+        &self,
+        cache: Option<(Tensor, usize)>,
+        new: &Tensor,
+        ty: KvType,
+    ) -> Result<Tensor> {
         let (n, c) = dims2(new);
-        let new = new.contiguous()?;
+        let dtype = match ty {
+            KvType::F32 => DType::F32,
+            KvType::F16 => DType::F16,
+        };
+        let new = new.to_dtype(dtype)?.contiguous()?;
         if let Some((buf, used)) = &cache {
-            if dims2(buf).1 == c && dims2(buf).0 >= used + n {
+            if dims2(buf).1 == c && dims2(buf).0 >= used + n && buf.dtype() == dtype {
                 buf.slice_set(&new, 0, *used)?;
                 return Ok(buf.clone());
             }
         }
         let used = cache.as_ref().map_or(0, |(_, u)| *u);
         let rows = (used + n + (used + n) / 4).max(64);
-        let buf = Tensor::zeros((rows, c), candle_core::DType::F32, &Device::Cpu)?;
+        let buf = Tensor::zeros((rows, c), dtype, &Device::Cpu)?;
         if let Some((old, used)) = &cache {
-            buf.slice_set(&old.narrow(0, 0, *used)?.contiguous()?, 0, 0)?;
+            let old = old.narrow(0, 0, *used)?.to_dtype(dtype)?.contiguous()?;
+            buf.slice_set(&old, 0, 0)?;
         }
         buf.slice_set(&new, 0, used)?;
         Ok(buf)
@@ -808,8 +951,13 @@ impl Backend for CpuF32Linear {
     fn concat_rows(&self, xs: &[&Tensor]) -> Result<Tensor> {
         CpuBackend.concat_rows(xs)
     }
-    fn kv_append(&self, cache: Option<(Tensor, usize)>, new: &Tensor) -> Result<Tensor> {
-        CpuBackend.kv_append(cache, new)
+    fn kv_append(
+        &self,
+        cache: Option<(Tensor, usize)>,
+        new: &Tensor,
+        ty: KvType,
+    ) -> Result<Tensor> {
+        CpuBackend.kv_append(cache, new, ty)
     }
 }
 
@@ -884,26 +1032,84 @@ mod tests {
 
     /// The CPU's KV cache appends in place and regrows: its first `used` rows always equal the
     /// concatenation of everything appended, through several regrowths.
+    /// An f16 cache holds exactly the f16 rounding of everything appended (half's, ties to even).
     #[test]
     fn kv_append_in_place_equals_concatenation() {
-        let mut rng = Rng::new(9);
         let be = CpuBackend;
-        let (mut buf, mut used, mut all): (Option<Tensor>, usize, Vec<f32>) = (None, 0, vec![]);
-        for n in [3usize, 1, 1, 70, 1, 1, 200, 5, 1] {
-            let v = rng.vec(n * 8, 1.0);
-            all.extend(&v);
-            let b = be
-                .kv_append(buf.take().map(|b| (b, used)), &mat(v, n, 8).unwrap())
+        for ty in [KvType::F32, KvType::F16] {
+            let mut rng = Rng::new(9);
+            let (mut buf, mut used, mut all): (Option<Tensor>, usize, Vec<f32>) = (None, 0, vec![]);
+            for n in [3usize, 1, 1, 70, 1, 1, 200, 5, 1] {
+                let v = rng.vec(n * 8, 1.0);
+                all.extend(v.iter().map(|&x| match ty {
+                    KvType::F32 => x,
+                    KvType::F16 => half::f16::from_f32(x).to_f32(),
+                }));
+                let b = be
+                    .kv_append(buf.take().map(|b| (b, used)), &mat(v, n, 8).unwrap(), ty)
+                    .unwrap();
+                used += n;
+                assert!(dims2(&b).0 >= used);
+                let view = be.kv_view(&b, used).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    with_f32(&view, |s| s.to_vec()).unwrap(),
+                    all,
+                    "{ty:?} after {used} rows"
+                );
+                buf = Some(b);
+            }
+        }
+    }
+
+    /// The AVX dot product is `dot8` bit for bit (whole vectors, tails, empty).
+    #[test]
+    fn dot8_vector_equals_dot8() {
+        let mut rng = Rng::new(21);
+        for n in [0usize, 1, 7, 8, 9, 16, 37, 128, 131] {
+            let (a, b) = (rng.vec(n, 3.0), rng.vec(n, 3.0));
+            assert_eq!(dot8_with(&a, &b, false).to_bits(), dot8(&a, &b).to_bits());
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx") {
+                assert_eq!(
+                    dot8_with(&a, &b, true).to_bits(),
+                    dot8(&a, &b).to_bits(),
+                    "n {n}"
+                );
+            }
+        }
+    }
+
+    /// Attention reading an f16 KV cache (few query rows: widened as read; many: widened first)
+    /// gives, bit for bit, attention on f32 keys and values holding the same rounded values.
+    #[test]
+    fn attention_on_f16_kv_equals_f32_on_the_rounded_values() {
+        let mut rng = Rng::new(15);
+        for (n, m, nh, nkv, hd) in [
+            (1, 37, 8, 2, 64),
+            (3, 20, 4, 4, 32),
+            (1, 9, 6, 3, 20),
+            (20, 20, 4, 1, 24),
+        ] {
+            let q = mat(rng.vec(n * nh * hd, 1.0), n, nh * hd).unwrap();
+            let k = mat(rng.vec(m * nkv * hd, 1.0), m, nkv * hd).unwrap();
+            let v = mat(rng.vec(m * nkv * hd, 1.0), m, nkv * hd).unwrap();
+            let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+            let rounded = |t: &Tensor| half(t).to_dtype(DType::F32).unwrap();
+            let got = CpuBackend
+                .attention(&q, &half(&k), &half(&v), nh, nkv, true)
                 .unwrap();
-            used += n;
-            assert!(dims2(&b).0 >= used);
-            let view = be.kv_view(&b, used).unwrap();
+            let want = CpuBackend
+                .attention(&q, &rounded(&k), &rounded(&v), nh, nkv, true)
+                .unwrap();
             assert_eq!(
-                with_f32(&view, |s| s.to_vec()).unwrap(),
-                all,
-                "after {used} rows"
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+                "n{n} m{m} nh{nh} nkv{nkv} hd{hd}"
             );
-            buf = Some(b);
+            assert_ne!(
+                rounded(&k).to_vec2::<f32>().unwrap(),
+                k.to_vec2::<f32>().unwrap()
+            );
         }
     }
 

@@ -29,7 +29,23 @@ use super::weights::WeightSource;
 use crate::ground::error::{Error, Result};
 use candle_core::{Storage, Tensor};
 
-/// A compute backend. All tensors are f32.
+/// How a KV cache stores keys and values: f32 (the values the layer computed, so decoding with
+/// the cache gives the logits of the whole sequence recomputed), or f16 as llama.cpp stores them
+/// (half the memory and half the bytes each decode step reads, each value rounded to f16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+}
+
+/// Each value of a host tensor rounded to the nearest f16 (ties to even), as f32.
+pub fn round_to_f16(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(candle_core::DType::F16)?
+        .to_dtype(candle_core::DType::F32)?)
+}
+
+/// A compute backend. All tensors are f32 (a CPU KV cache may hold f16, see `kv_append`).
 pub trait Backend {
     /// An activation on the backend: a row-major f32 matrix [rows, cols].
     type T: Clone;
@@ -145,9 +161,24 @@ pub trait Backend {
 
     // ---- KV cache ---------------------------------------------------------------------------
     /// A KV cache buffer with `new`'s rows after the first `used` rows of `cache` (None: a new
-    /// cache). By default the exact concatenation (a copy of the cache per call); a backend may
-    /// keep spare rows and write the new ones in place (the CPU does).
-    fn kv_append(&self, cache: Option<(Self::T, usize)>, new: &Self::T) -> Result<Self::T> {
+    /// cache), the rows stored as `ty` says (`KvType::F16`: each value rounded to the nearest
+    /// f16, what `attention` then reads). By default the exact concatenation (a copy of the cache
+    /// per call), f16 values rounded on the host and kept as f32; a backend may keep spare rows
+    /// and write the new ones in place, and keep f16 as f16 (the CPU does both).
+    fn kv_append(
+        &self,
+        cache: Option<(Self::T, usize)>,
+        new: &Self::T,
+        ty: KvType,
+    ) -> Result<Self::T> {
+        let rounded;
+        let new = match ty {
+            KvType::F32 => new,
+            KvType::F16 => {
+                rounded = self.upload(&round_to_f16(&self.download(new)?)?)?;
+                &rounded
+            }
+        };
         match cache {
             None => Ok(new.clone()),
             Some((c, used)) => {
@@ -519,13 +550,13 @@ impl<B: Backend + ?Sized> Backend for Checked<'_, B> {
     }
     /// The cache's first `used` rows and the new rows must make one matrix (the rules of `rows`
     /// and `concat_rows`, which the default road runs on the backend itself).
-    fn kv_append(&self, cache: Option<(B::T, usize)>, new: &B::T) -> Result<B::T> {
+    fn kv_append(&self, cache: Option<(B::T, usize)>, new: &B::T, ty: KvType) -> Result<B::T> {
         if let Some((c, used)) = &cache {
             let (c, n) = (self.0.dims(c), self.0.dims(new));
             self.ensure(rows_range(c, 0, *used))?;
             self.ensure(concat_shapes(&[c, n]))?;
         }
-        self.0.kv_append(cache, new)
+        self.0.kv_append(cache, new, ty)
     }
     fn kv_view(&self, cache: &B::T, used: usize) -> Result<B::T> {
         self.ensure(rows_range(self.0.dims(cache), 0, used))?;
@@ -649,11 +680,11 @@ mod tests {
                 "concat: 3 columns vs 2",
             ),
             (
-                why(b.kv_append(Some((t(4, 2), 5)), &t(1, 2))),
+                why(b.kv_append(Some((t(4, 2), 5)), &t(1, 2), KvType::F32)),
                 "rows 0..5 of a [4, 2] tensor",
             ),
             (
-                why(b.kv_append(Some((t(4, 2), 3)), &t(1, 3))),
+                why(b.kv_append(Some((t(4, 2), 3)), &t(1, 3), KvType::F32)),
                 "concat: 3 columns vs 2",
             ),
             (why(b.kv_view(&t(4, 2), 6)), "rows 0..6 of a [4, 2] tensor"),
@@ -685,8 +716,8 @@ mod tests {
             flat(b.attention(&q, &k, &k, 2, 1, true).unwrap()),
             flat(CpuBackend.attention(&q, &k, &k, 2, 1, true).unwrap())
         );
-        let kv = b.kv_append(None, &t(2, 4)).unwrap();
-        let kv = b.kv_append(Some((kv, 2)), &t(1, 4)).unwrap();
+        let kv = b.kv_append(None, &t(2, 4), KvType::F32).unwrap();
+        let kv = b.kv_append(Some((kv, 2)), &t(1, 4), KvType::F32).unwrap();
         assert_eq!(b.dims(&b.kv_view(&kv, 3).unwrap()), (3, 4));
         assert_eq!(b.name(), "cpu");
     }

@@ -1,7 +1,7 @@
 //! LLaMA decoder (llama.cpp tensor names; Q/K rows permuted for the interleaved rope, or as HF
 //! stores them with the rotate_half rope when the weight source says so):
 //! RMSNorm, rotary embeddings, causal attention with GQA, SwiGLU MLP, output head.
-use super::backend::{Backend, Checked};
+use super::backend::{Backend, Checked, KvType};
 use super::linear;
 use super::weights::{rows_f32, RopeMode, WeightSource};
 use crate::ground::error::{Error, Result};
@@ -79,21 +79,27 @@ pub fn build_inputs(
     Ok(Tensor::cat(&parts, 0)?)
 }
 
+/// One layer's key and value buffers in a KV cache (None before the first feed).
+type KvSlot<T> = Option<(T, T)>;
+
 /// Keys and values of the positions already decoded, per layer (rows = positions, after rope),
 /// so that generation feeds one new position at a time instead of the whole sequence again.
 pub struct KvCache<T> {
     /// Per layer: key and value buffers whose first `len` rows are the positions held
     /// ([rows, n_head_kv*hd]; a backend may keep spare rows, see `Backend::kv_append`); None
     /// before the first feed.
-    layers: Vec<Option<(T, T)>>,
+    layers: Vec<KvSlot<T>>,
     len: usize,
+    ty: KvType,
 }
 
 impl<T: Clone> KvCache<T> {
-    pub fn new(n_layer: usize) -> Self {
+    /// An empty cache storing keys and values as `ty`.
+    pub fn new(n_layer: usize, ty: KvType) -> Self {
         KvCache {
             layers: vec![None; n_layer],
             len: 0,
+            ty,
         }
     }
     /// Positions held (the position of the next row fed).
@@ -114,7 +120,7 @@ fn layer<B: Backend>(
     x: &B::T,
     i: usize,
     pos0: usize,
-    cache: Option<&mut Option<(B::T, B::T)>>,
+    cache: Option<(&mut KvSlot<B::T>, KvType)>,
 ) -> Result<B::T> {
     // With a cache, its first pos0 rows are the earlier positions.
     let p = format!("blk.{i}");
@@ -133,13 +139,13 @@ fn layer<B: Backend>(
     let v = lin(&h, "attn_v")?;
     let a = match cache {
         None => b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?,
-        Some(slot) => {
+        Some((slot, ty)) => {
             let (pk, pv) = match slot.take() {
                 None => (None, None),
                 Some((pk, pv)) => (Some((pk, pos0)), Some((pv, pos0))),
             };
             let used = pos0 + b.dims(&k).0;
-            let (kb, vb) = (b.kv_append(pk, &k)?, b.kv_append(pv, &v)?);
+            let (kb, vb) = (b.kv_append(pk, &k, ty)?, b.kv_append(pv, &v, ty)?);
             let a = b.attention(
                 &q,
                 &b.kv_view(&kb, used)?,
@@ -233,7 +239,15 @@ pub fn decode_cached<B: Backend>(
     }
     let pos0 = cache.len;
     for i in 0..hp.n_layer {
-        x = layer(b, ws, hp, &x, i, pos0, Some(&mut cache.layers[i]))?;
+        x = layer(
+            b,
+            ws,
+            hp,
+            &x,
+            i,
+            pos0,
+            Some((&mut cache.layers[i], cache.ty)),
+        )?;
     }
     cache.len += n;
     if last_only && n > 1 {

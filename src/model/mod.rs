@@ -12,7 +12,7 @@ pub mod llama;
 pub mod profile;
 pub mod weights;
 
-pub use backend::{Backend, Checked};
+pub use backend::{Backend, Checked, KvType};
 pub use llama::{build_inputs, IMAGE_TOKEN};
 pub use profile::Profiled;
 pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};

@@ -2,7 +2,7 @@
 //! time (examples/cuda_bench.rs). Every op is bracketed by `Backend::sync`, so its time is its
 //! own even on a backend that queues work (CUDA), at the price of one wait per op: a profiled
 //! run is slower than a plain one. Nothing here prints; `report` hands back the figures.
-use super::backend::Backend;
+use super::backend::{Backend, KvType};
 use super::weights::WeightSource;
 use crate::ground::error::Result;
 use candle_core::Tensor;
@@ -183,8 +183,8 @@ impl<B: Backend + ?Sized> Backend for Profiled<'_, B> {
     fn concat_rows(&self, xs: &[&B::T]) -> Result<B::T> {
         self.timed("concat_rows".into(), || self.inner.concat_rows(xs))
     }
-    fn kv_append(&self, cache: Option<(B::T, usize)>, new: &B::T) -> Result<B::T> {
-        self.timed("kv_append".into(), || self.inner.kv_append(cache, new))
+    fn kv_append(&self, cache: Option<(B::T, usize)>, new: &B::T, ty: KvType) -> Result<B::T> {
+        self.timed("kv_append".into(), || self.inner.kv_append(cache, new, ty))
     }
     fn kv_view(&self, cache: &B::T, used: usize) -> Result<B::T> {
         self.timed("kv_view".into(), || self.inner.kv_view(cache, used))
