@@ -307,7 +307,7 @@ pub struct GenerateArgs {
     device: String,
     /// How the KV cache stores keys and values: f32 (decoding with the cache gives the logits of
     /// the whole sequence recomputed) or f16 (as llama.cpp stores them: half the cache's memory,
-    /// each key and value rounded to f16; on the CPU measured no faster, see README).
+    /// each key and value rounded to f16).
     #[arg(long, value_name = "TYPE", default_value = "f32", value_parser = ["f32", "f16"])]
     kv_cache: String,
     /// Further questions about the same image from stdin, one per line (an empty line ends).
