@@ -613,6 +613,35 @@ mod tests {
     }
 
     /// Every rule turns a mismatch into the backend's error, before the backend runs.
+    /// The host rounding behind the default f16 KV cache (other backends than the CPU) is half's
+    /// round-to-nearest-even, overflow to infinity and NaN kept.
+    #[test]
+    fn round_to_f16_is_nearest_even() {
+        let v = vec![
+            1.0f32 + 1.0 / 4096.0,
+            1.0 + 3.0 / 4096.0,
+            65520.0,
+            -1e-8,
+            0.1,
+            f32::NAN,
+        ];
+        let got = round_to_f16(&Tensor::from_vec(v.clone(), (2, 3), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Ties to even: 1 + 2^-12 -> 1, 1 + 3*2^-12 -> 1 + 2^-10; 65520 overflows.
+        assert_eq!(
+            &got[..5],
+            &[1.0, 1.0 + 1.0 / 1024.0, f32::INFINITY, -0.0, 0.099975586]
+        );
+        assert!(got[5].is_nan());
+        for (g, x) in got.iter().zip(&v).take(5) {
+            assert_eq!(*g, half::f16::from_f32(*x).to_f32());
+        }
+    }
+
     #[test]
     fn the_front_rejects_what_does_not_fit() {
         let b = Checked::new(&CpuBackend);

@@ -410,7 +410,8 @@ const ACT_TILE: usize = 16;
 /// Zen 3 with `examples/quant_dot_bench.rs`: 8 rows ran 1.1-1.4x faster than 4, 2, 3 or 6).
 const TILE_ROWS: usize = 8;
 /// Super-blocks per run along k in the AVX2 K-quant tiles: 8 rows' run of Q8_K activations
-/// (8 x 16 x 292 bytes) stays in L1 while the task's weight rows pass over it.
+/// (8 x 16 x 292 bytes, 37 KB: L1 and the nearest of L2) stays close while the task's weight
+/// rows pass over it (runs of 8 to 64 blocks measured alike; the bound matters for long rows).
 const K_RUN_BLOCKS: usize = 16;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
@@ -530,7 +531,7 @@ pub fn matmul_with(
 
 /// A task's weight rows (`ws`, scales decoded in `dec`) against all `n` activation rows on
 /// AVX2, into `ys` [rows, n]: C activation rows at a time, and along k in runs of super-blocks,
-/// so that the C rows' run of activations stays in L1 while every weight row of the task passes
+/// so that the C rows' run of activations stays close while every weight row of the task passes
 /// over it (each output's lanes carried from run to run: the same bits as one pass).
 #[cfg(target_arch = "x86_64")]
 fn k_tiles_avx2<const C: usize>(
