@@ -2,7 +2,7 @@
 """CPU speed of our runtime next to llama.cpp's on the same LLM GGUF, in one run (a benchmark).
 
     ORACLE_VENV=~/oracle-venv  $ORACLE_VENV/bin/python scripts/cpu_speed.py LLM.gguf MMPROJ.gguf \
-        [--threads 2] [--decode 16] [--bin target/release/mmfuser-convert]
+        [--threads 2] [--decode 32] [--text-positions N] [--kv-cache f32|f16] [--bin BIN]
 
 1. llama.cpp (llama-cpp-python, n_threads = n_threads_batch = --threads, n_batch 512): evaluates as
    many text positions as our prompt has (image + template + question), then decodes --decode
@@ -73,7 +73,8 @@ def main():
     ap.add_argument("llm")
     ap.add_argument("mmproj")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--decode", type=int, default=32,
+                    help="decode steps timed (a short decode is mostly noise on a shared box)")
     ap.add_argument("--text-positions", type=int, default=0,
                     help="a text-only prompt of this many positions instead of image + question "
                          "(decode speed at a short context)")
