@@ -693,11 +693,7 @@ fn run_with<B: Backend>(
         n_image_positions: if has_image { hp.clip.n_patches() } else { 0 },
         sampling: opts.sampling,
         max_tokens: opts.max_tokens,
-        kv_cache: match opts.kv_cache {
-            KvType::F32 => "f32",
-            KvType::F16 => "f16",
-        }
-        .into(),
+        kv_cache: opts.kv_cache.name().into(),
         tokens: first.tokens.clone(),
         text: first.text.clone(),
         stop_reason: first.stop,

@@ -308,7 +308,8 @@ pub struct GenerateArgs {
     /// How the KV cache stores keys and values: f32 (decoding with the cache gives the logits of
     /// the whole sequence recomputed) or f16 (as llama.cpp stores them: half the cache's memory,
     /// each key and value rounded to f16).
-    #[arg(long, value_name = "TYPE", default_value = "f32", value_parser = ["f32", "f16"])]
+    #[arg(long, value_name = "TYPE", default_value = "f32",
+          value_parser = clap::builder::PossibleValuesParser::new(crate::model::KvType::ALL.map(crate::model::KvType::name)))]
     kv_cache: String,
     /// Further questions about the same image from stdin, one per line (an empty line ends).
     #[arg(long, conflicts_with = "json")]
@@ -341,10 +342,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         },
         interactive: a.interactive,
         stream: !a.json,
-        kv_cache: match a.kv_cache.as_str() {
-            "f16" => crate::model::KvType::F16,
-            _ => crate::model::KvType::F32,
-        },
+        // clap accepted only the names of KvType::ALL.
+        kv_cache: crate::model::KvType::from_name(&a.kv_cache).unwrap_or_default(),
     };
     let stdin = std::io::stdin();
     let r = crate::generate::run(

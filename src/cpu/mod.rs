@@ -1,7 +1,7 @@
 //! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
 //! hand-written loops for the rest).
 use crate::ground::error::{Error, Result};
-use crate::model::backend::{with_f32, Backend, KvType};
+use crate::model::backend::{with_f32, with_host, Backend, KvType};
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
 use candle_core::{DType, Device, Tensor};
@@ -258,20 +258,6 @@ unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
     for i in i..n {
         dst[i] = src[i].to_f32();
     }
-}
-
-/// Run `f` on the contiguous f16 data of a host tensor (an f16 KV cache).
-fn with_f16<R>(t: &Tensor, f: impl FnOnce(&[half::f16]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(bad("KV cache not on the CPU"));
-    };
-    let data = cpu.as_slice::<half::f16>()?;
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| bad("KV cache not contiguous"))?;
-    Ok(f(&data[a..b]))
 }
 
 /// The geometry of [`attention_few`]'s tasks.
@@ -677,8 +663,10 @@ impl Backend for CpuBackend {
             let shape = ((n, m), (n_head, n_head_kv, hd), causal);
             let out = match (k.dtype(), v.dtype()) {
                 (DType::F16, DType::F16) => with_f32(q, |q| {
-                    with_f16(k, |k| {
-                        with_f16(v, |v| attention_few(q, Kv::F16(k), Kv::F16(v), shape))
+                    with_host(k, |k: &[half::f16]| {
+                        with_host(v, |v: &[half::f16]| {
+                            attention_few(q, Kv::F16(k), Kv::F16(v), shape)
+                        })
                     })
                 })???,
                 _ => with_f32(q, |q| {

@@ -39,6 +39,22 @@ pub enum KvType {
     F16,
 }
 
+impl KvType {
+    /// Every type (their names are `--kv-cache`'s values and the generate report's).
+    pub const ALL: [KvType; 2] = [KvType::F32, KvType::F16];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<KvType> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
 /// Each value of a host tensor rounded to the nearest f16 (ties to even), as f32.
 pub fn round_to_f16(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_dtype(candle_core::DType::F16)?
@@ -578,6 +594,12 @@ impl<B: Backend + ?Sized> Backend for Checked<'_, B> {
 
 /// Run `f` on the contiguous f32 data of a host tensor (what `upload` takes and `download` gives).
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    with_host(t, f)
+}
+
+/// Run `f` on the contiguous data of a host tensor whose elements are `E` (f32 activations; the
+/// CPU's f16 KV cache).
+pub fn with_host<E: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[E]) -> R) -> Result<R> {
     let t = if t.is_contiguous() {
         t.clone()
     } else {
@@ -587,7 +609,7 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let Storage::Cpu(cpu) = &*storage else {
         return Err(Error::other("host tensor: not on the CPU"));
     };
-    let data = cpu.as_slice::<f32>()?;
+    let data = cpu.as_slice::<E>()?;
     let (a, b) = layout
         .contiguous_offsets()
         .ok_or_else(|| Error::other("host tensor: not contiguous"))?;
