@@ -3,6 +3,7 @@
 
     ORACLE_VENV=~/oracle-venv  $ORACLE_VENV/bin/python scripts/cpu_speed.py LLM.gguf MMPROJ.gguf \
         [--threads 2] [--decode 32] [--text-positions N] [--kv-cache f32|f16] [--bin BIN]
+        [--verify CHECKPOINT [--vision-tower DIR]]
 
 1. llama.cpp (llama-cpp-python, n_threads = n_threads_batch = --threads, n_batch 512): evaluates as
    many text positions as our prompt has (image + template + question), then decodes --decode
@@ -12,6 +13,9 @@
    RAYON_NUM_THREADS = --threads; its own prefill / decode tokens/s
    (the image encoding, CLIP + fuser + projector, is reported apart, as image_seconds).
 3. the ratios ours / llama.cpp (>= 1 means at least as fast).
+4. with --verify: our default `verify --device cpu` of LLM.gguf + MMPROJ.gguf against CHECKPOINT (its
+   seconds, each step's, and the peak RSS), over llama.cpp's evaluation of the same number of
+   positions measured in step 1 (the CPU-speed issue's "verify <= 3.8x one evaluation").
 Token ids for llama.cpp are arbitrary valid ids: speed does not depend on which.
 """
 import argparse
@@ -48,6 +52,20 @@ def ours(args):
     return rep
 
 
+def verify(args):
+    cmd = [args.bin, "verify", "--gguf", args.llm, "--mmproj", args.mmproj, "--device", "cpu",
+           "--json", args.verify]
+    if args.vision_tower:
+        cmd += ["--vision-tower", args.vision_tower]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, capture_output=True, text=True, env=env)
+    if r.returncode not in (0, 3):
+        sys.exit(f"verify failed ({r.returncode}): {r.stderr[-2000:]}")
+    rep = json.loads(r.stdout)
+    rep["peak_rss_kib"] = int(r.stderr.strip().splitlines()[-1])
+    return rep
+
+
 def llamacpp(args, n_prompt):
     from llama_cpp import Llama
     t0 = time.time()
@@ -80,6 +98,9 @@ def main():
                          "(decode speed at a short context)")
     ap.add_argument("--kv-cache", default="f32", choices=["f32", "f16"],
                     help="our KV cache type (llama.cpp's here is f16, its default)")
+    ap.add_argument("--verify", metavar="CHECKPOINT",
+                    help="also time our verify of the two files against this checkpoint")
+    ap.add_argument("--vision-tower", metavar="DIR", help="the CLIP directory, for --verify")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "mmfuser-convert"))
     args = ap.parse_args()
 
@@ -95,6 +116,14 @@ def main():
     print(f"ratio ours/llama.cpp: prefill {p['tokens_per_second'] / l['prefill_tps']:.2f}x, "
           f"decode {d['tokens_per_second'] / l['decode_tps']:.2f}x (threads {args.threads}, "
           f"our KV cache {args.kv_cache}, llama.cpp's f16)")
+
+    if args.verify:
+        v = verify(args)
+        stages = ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in v["stages"])
+        print(f"verify     {'PASS' if v['passed'] else 'FAIL'} {v['seconds']:.1f} s over {v['n_positions']} positions, "
+              f"peak RSS {v['peak_rss_kib'] / 2**20:.2f} GiB ({stages})")
+        print(f"ratio verify / llama.cpp's evaluation of {n_prompt} positions: "
+              f"{v['seconds'] / l['prefill_seconds']:.2f}x")
 
 
 if __name__ == "__main__":

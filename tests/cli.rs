@@ -318,4 +318,15 @@ fn exit_codes_follow_one_rule() {
     .ok();
     one(verify_args(&q, &mmproj, &["--tolerance", "1e-12", "-q"]), 3);
     assert!(!out.exists());
+    // and the help says so (verify's once said "1 fail, 2 usage or input error")
+    let help = run(os(&[&"verify", &"--help"]), t);
+    assert_eq!(help.code, 0);
+    for said in [
+        "0 pass",
+        "3 the artefact failed a check",
+        "1 bad input",
+        "2 usage error",
+    ] {
+        assert!(help.stdout.contains(said), "{said}: {}", help.stdout);
+    }
 }

@@ -174,7 +174,7 @@ Quality (reported; judged only with --tolerance): KL(source float || artefact) o
 p99.9, max), top-1 agreement and the mean change in the probability of the source's top token, as \
 llama-perplexity --kl-divergence reports them; --exact-only skips this third forward.\n\n\
 Default probe: a deterministic synthetic image and the llava_v1 prompt \"Describe the image.\".\n\
-Exit codes: 0 pass, 1 fail, 2 usage or input error."
+Exit codes: 0 pass; 3 the artefact failed a check; 1 bad input (verify could not run); 2 usage error."
     )]
     Verify {
         /// Source checkpoint directory.

@@ -423,12 +423,18 @@ impl Source {
         self.transform(r, self.store(r.store).get(&r.row.src)?)
     }
 
+    /// The heads a row's transform permutes its rows within (None: no transform).
+    fn transform_heads(&self, r: &SourceRow) -> Option<usize> {
+        match r.row.transform? {
+            Transform::PermuteQ => Some(self.hparams.llama.n_head),
+            Transform::PermuteK => Some(self.hparams.llama.n_head_kv),
+        }
+    }
+
     /// The row's transform (if any) applied to its source tensor `t`, however it was read.
     pub fn transform<'a>(&self, r: &SourceRow, t: SrcTensor<'a>) -> Result<SrcTensor<'a>> {
-        let heads = match r.row.transform {
-            None => return Ok(t),
-            Some(Transform::PermuteQ) => self.hparams.llama.n_head,
-            Some(Transform::PermuteK) => self.hparams.llama.n_head_kv,
+        let Some(heads) = self.transform_heads(r) else {
+            return Ok(t);
         };
         let (rows, cols) = (t.shape[0], t.shape[1..].iter().product());
         let data = recipe::permute_rows(&t.data, rows, cols, heads, t.ty.type_size());
@@ -437,6 +443,26 @@ impl Source {
             shape: t.shape.clone(),
             data: Cow::Owned(data),
         })
+    }
+
+    /// Where [`Source::transform`] puts each of a `rows`-row tensor's rows: `order[dst] = src`,
+    /// found by running that very transform on the row numbers (so it is the plan's permutation,
+    /// right or wrong). None when the row has no transform or it is not a permutation.
+    pub fn transform_order(&self, r: &SourceRow, rows: usize) -> Option<Vec<usize>> {
+        let heads = self.transform_heads(r)?;
+        let numbers: Vec<u8> = (0..rows as u32).flat_map(u32::to_le_bytes).collect();
+        let moved = recipe::permute_rows(&numbers, rows, 1, heads, 4);
+        let order: Vec<usize> = moved
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .collect();
+        let mut seen = vec![false; rows];
+        for &o in &order {
+            if o >= rows || std::mem::replace(&mut seen[o], true) {
+                return None;
+            }
+        }
+        (order.len() == rows).then_some(order)
     }
 
     /// (store, file index, byte offset) of a row's source tensor: reading rows in this order reads

@@ -1,13 +1,16 @@
-//! The CPU backend (candle-core for the f32 matmuls, `quant::dot` for block-quantized weights,
-//! hand-written loops for the rest).
+//! The CPU backend: linears on the stored bytes of their weights (`quant::dot` for
+//! block-quantized ones, `quant::float_dot` for F32 / F16 / BF16), candle-core for the
+//! activation-by-activation matmuls of attention over many rows, hand-written loops for the rest.
 use crate::ground::error::{Error, Result};
 use crate::model::backend::{with_f32, with_host, Backend, KvType};
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
+use crate::quant::float_dot;
+use crate::quant::{GgmlType, QuantError};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-/// The CPU backend: candle-core tensors (gemm + rayon for matmuls), hand-written loops for the rest.
+/// The CPU backend (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
@@ -20,6 +23,10 @@ fn quant_dot_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("MMFUSER_QUANT_DOT").is_none_or(|v| v != "0"))
 }
+
+/// A product x [n, k] @ w^T on a weight [out, k] as stored: (type, bytes, out, k, x, n) -> y.
+type StoredProduct =
+    fn(GgmlType, &[u8], usize, usize, &[f32], usize) -> std::result::Result<Vec<f32>, QuantError>;
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::other(format!("cpu backend: {}", msg.into()))
@@ -598,10 +605,11 @@ impl Backend for CpuBackend {
         add_bias(x.matmul(&w.t()?)?, bias)
     }
 
-    /// Block-quantized weights (Q4_K, Q6_K, Q8_0, ...) are multiplied on their stored bytes by
-    /// `quant::dot` (activations rounded to 8 bits per block, as llama.cpp does); everything
-    /// else is dequantized to f32 by `weight` (all of them with `MMFUSER_QUANT_DOT=0`, see
-    /// [`quant_dot_enabled`]).
+    /// On the weight's stored bytes: block-quantized weights (Q4_K, Q6_K, Q8_0, ...) by
+    /// `quant::dot` (activations rounded to 8 bits per block, as llama.cpp does), F32 / F16 /
+    /// BF16 ones by `quant::float_dot` (f32 arithmetic). The other types (Q4_1, Q5_1), and the
+    /// block-quantized ones with `MMFUSER_QUANT_DOT=0` (see [`quant_dot_enabled`]), are
+    /// dequantized to f32, in slices of rows for big matrices.
     fn linear_from(
         &self,
         ws: &dyn WeightSource,
@@ -610,7 +618,14 @@ impl Backend for CpuBackend {
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let raw = ws.raw(name)?;
-        if !quant_dot::supported(raw.ty) || raw.shape.len() < 2 || !quant_dot_enabled() {
+        let on_bytes = if quant_dot::supported(raw.ty) && quant_dot_enabled() {
+            Some(quant_dot::matmul as StoredProduct)
+        } else if float_dot::supported(raw.ty) {
+            Some(float_dot::matmul as StoredProduct)
+        } else {
+            None
+        };
+        let Some(product) = on_bytes.filter(|_| raw.shape.len() >= 2) else {
             if let Some(y) = linear_by_row_slices(ws, name, &raw, x, F32_ROAD_MAX_VALUES)? {
                 drop(raw);
                 ws.release(name);
@@ -629,7 +644,7 @@ impl Backend for CpuBackend {
                 ));
             }
             return self.linear(x, &w, bias);
-        }
+        };
         let (out, k) = (raw.shape[0], raw.shape[1..].iter().product::<usize>());
         let (n, cin) = dims2(x);
         if cin != k {
@@ -639,7 +654,7 @@ impl Backend for CpuBackend {
                 format!("input has {cin} columns, weight expects {k}"),
             ));
         }
-        let y = with_f32(x, |xs| quant_dot::matmul(raw.ty, &raw.data, out, k, xs, n))?
+        let y = with_f32(x, |xs| product(raw.ty, &raw.data, out, k, xs, n))?
             .map_err(|e| Error::tensor(ws.origin_of(name), name, e.to_string()))?;
         drop(raw);
         ws.release(name);
@@ -958,8 +973,9 @@ mod tests {
     use crate::model::testutil::Rng;
 
     /// Block-quantized weights go through quant::dot on their stored bytes (bit-equal to it, and
-    /// not equal to the f32 road, so that road was not taken); other types through f32; the bias
-    /// is added; a width mismatch names the tensor.
+    /// not equal to the f32 road, so that road was not taken), float ones through float_dot
+    /// (bit-equal to it, and within f32 rounding of the f32 road); the bias is added; a width
+    /// mismatch names the tensor.
     #[test]
     fn linear_from_uses_quantized_products() {
         use crate::model::weights::MemWeights;
@@ -994,7 +1010,12 @@ mod tests {
                 }
                 assert_ne!(got, f32_road, "{ty}: took the f32 road");
             } else {
-                assert_eq!(got, f32_road, "{ty}");
+                let want = float_dot::matmul(ty, &bytes, out, k, &x, n).unwrap();
+                for j in 0..n {
+                    for o in 0..out {
+                        assert_eq!(got[j * out + o], want[j * out + o] + bias[o], "{ty}");
+                    }
+                }
             }
             // The 8-bit activations move outputs by about 1% of their scale, not more.
             let scale =

@@ -13,6 +13,7 @@
 //! values, so the oracle comparisons measure conversion, not quantizer drift.
 
 pub mod dot;
+pub mod float_dot;
 mod kquants;
 mod legacy;
 mod math;

@@ -12,7 +12,7 @@ pub mod probe;
 pub mod report;
 
 pub use probe::DEFAULT_QUESTION;
-pub use report::{render, Check, Integrity, Probe, Report, Row, REPORT_SCHEMA};
+pub use report::{render, Check, Integrity, Probe, Report, Row, Stage, REPORT_SCHEMA};
 
 use metrics::{compare, first_nonfinite_f32, kl_stats};
 use probe::probes;
@@ -20,8 +20,9 @@ use report::{check, dedup};
 
 use crate::convert::manifest::Manifest;
 use crate::convert::recipe::ArtefactKind;
-use crate::convert::source::Source;
+use crate::convert::source::{Source, SourceRow};
 use crate::ground::digest::sha256_file;
+use crate::ground::dtype::GgmlType;
 use crate::ground::error::{Error, Result};
 use crate::ground::progress::{Progress, Unit};
 use crate::model::hparams::ModelHParams;
@@ -173,6 +174,13 @@ impl WeightSource for Expected<'_> {
             Some(t) => t.info.ty,
             None => self.src.store(r.store).get(&r.row.src)?.ty,
         };
+        if let Some(data) = self.unpermuted(name, r, ty) {
+            return Ok(RawTensor {
+                ty,
+                shape: r.row.shape.clone(),
+                data: data.into(),
+            });
+        }
         let via = self.via.filter(|_| ty.is_quantized());
         let data = exactness::emit_as_stored(self.src, r, ty, via)?;
         Ok(RawTensor {
@@ -209,6 +217,32 @@ impl<'a> Expected<'a> {
                     .row(name)
                     .is_some_and(|r| r.row.transform.is_none())
         })
+    }
+
+    /// A tensor the plan permutes, proven equal to the plan's output: the artefact's rows put
+    /// back where the checkpoint stores them. These are the bytes `emit_as_stored` would encode
+    /// again (blocks run along rows, so encoding commutes with moving whole rows), at the cost
+    /// of a copy. The order undone is the one the plan's own transform applies, found by running
+    /// it (`Source::transform_order`), so a wrong permutation is undone, not trusted: the
+    /// weights are the checkpoint's rows as stored whatever it did, and the forward still
+    /// tells a wrong layout. None (encode again) in any other case.
+    fn unpermuted(&self, name: &str, r: &SourceRow, ty: GgmlType) -> Option<Vec<u8>> {
+        let art = self.art.filter(|_| self.proven.contains(name))?;
+        let rows = *r.row.shape.first()?;
+        let order = self.src.transform_order(r, rows)?;
+        let t = art.raw(name).ok()?;
+        if t.ty != ty || t.shape != r.row.shape || t.data.len() % rows != 0 {
+            return None;
+        }
+        let row_bytes = t.data.len() / rows;
+        let mut data = vec![0u8; t.data.len()];
+        for (dst, &src) in order.iter().enumerate() {
+            data[src * row_bytes..(src + 1) * row_bytes]
+                .copy_from_slice(&t.data[dst * row_bytes..(dst + 1) * row_bytes]);
+        }
+        drop(t);
+        art.release(name);
+        Some(data)
     }
 }
 
@@ -646,7 +680,9 @@ pub fn run_on(
             "--exact-only skips the quality forward that --tolerance / --image-tolerance bound",
         ));
     }
+    let mut clock = Clock::new(t0);
     let integrity = vec![check_integrity(&opts.gguf)?, check_integrity(&opts.mmproj)?];
+    clock.lap("sha256");
     let mut src = Source::open(&opts.checkpoint, opts.vision_tower.as_deref())?;
     let art = GgufWeights::open(&opts.gguf, &opts.mmproj)?;
     let mut reasons = vec![];
@@ -658,6 +694,7 @@ pub fn run_on(
         .flat_map(|g| exactness::imatrix_keys(g))
         .collect();
     let (header, shapes_differ) = header_step(&mut src, &art, &mut checks, &mut reasons, progress);
+    clock.lap("header");
     let imatrix_note = (!imatrix.is_empty()).then(|| {
         format!(
             "quantized with an importance matrix ({}): its bytes cannot be re-derived without that matrix, so exactness is not checked and the verdict rests on the quality bound (--tolerance)",
@@ -672,6 +709,7 @@ pub fn run_on(
         &mut checks,
         &mut reasons,
     )?;
+    clock.lap("tensor bytes");
     // 4. Forwards: artefact, expected (exactness), float source (quality), over every probe.
     let effective = |mut hp: ModelHParams| {
         hp.clip.n_layer = hp.clip.blocks_needed();
@@ -680,6 +718,7 @@ pub fn run_on(
     let hp_src = effective(src.hparams.clone());
     let hp_art = art.hparams().map(effective);
     let probes_in = probes(opts, &art, &hp_src)?;
+    clock.lap("probes");
     let n_probes = probes_in.len();
     let tag = |i: usize| {
         if n_probes > 1 {
@@ -763,6 +802,7 @@ pub fn run_on(
         None => Some(run_side(&art, &hp_art, true, "forward 1/3, artefact")?),
         Some(_) => None,
     };
+    clock.lap("artefact forward");
     let blocked = art_blocked
         .clone()
         .unwrap_or_else(|| "the artefact forward did not run".into());
@@ -787,6 +827,7 @@ pub fn run_on(
                 via: road,
             };
             let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
+            clock.lap("expected forward");
             Rows::compare(&e, "expected", a, false, &tag, &mut reasons)
         }
     };
@@ -804,6 +845,7 @@ pub fn run_on(
         (None, false) => (Rows::not(&blocked, n_probes), None),
         (Some(a), false) => {
             let s = run_side(&src, &hp_src, false, "forward 3/3, float source")?;
+            clock.lap("source forward");
             (
                 Rows::compare(&s, "source", a, true, &tag, &mut reasons),
                 // Kept only to be dumped (at 7B each side's logits are 100 MB).
@@ -835,6 +877,7 @@ pub fn run_on(
             dump("artefact.npy", &pool(o))?;
         }
     }
+    clock.lap("comparisons");
     if let Some(b) = dev.cuda() {
         progress.warn(&b.memory_report());
     }
@@ -885,7 +928,31 @@ pub fn run_on(
         reasons: dedup(reasons),
         device: dev.name().into(),
         seconds: t0.elapsed().as_secs_f64(),
+        stages: clock.stages,
     })
+}
+
+/// Wall time per step of a run: each `lap` files the time since the previous one.
+struct Clock {
+    last: Instant,
+    stages: Vec<Stage>,
+}
+
+impl Clock {
+    fn new(start: Instant) -> Self {
+        Clock {
+            last: start,
+            stages: vec![],
+        }
+    }
+    fn lap(&mut self, name: &str) {
+        let now = Instant::now();
+        self.stages.push(Stage {
+            name: name.into(),
+            seconds: (now - self.last).as_secs_f64(),
+        });
+        self.last = now;
+    }
 }
 
 #[cfg(test)]
@@ -931,6 +998,74 @@ mod tests {
         let pv = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
         let (_, l) = forward(&crate::cpu::CpuBackend, ws, &src.hparams, &pv, ids).unwrap();
         l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// The expected model takes a proven Q/K tensor from the artefact, its rows put back in the
+    /// checkpoint's order: byte for byte what encoding the stored tensor again gives (one-pass
+    /// files of three types), and only for those tensors, and only once proven.
+    #[test]
+    fn unpermuted_artefact_rows_are_the_stored_tensor_encoded() {
+        use crate::convert::from_checkpoint::{run, ConvertOptions};
+        use crate::ground::dtype::FileType;
+        let ck = Path::new("fixtures/tiny-llava-mmfuser");
+        let tower = Some(Path::new("fixtures/tiny-clip"));
+        let src = Source::open(ck, tower).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for ft in [
+            FileType::MostlyQ4KM,
+            FileType::MostlyQ8_0,
+            FileType::MostlyF16,
+        ] {
+            let opts = ConvertOptions {
+                checkpoint: ck.into(),
+                vision_tower: tower.map(Into::into),
+                out_dir: dir.path().join(ft.name()),
+                file_type: ft,
+                vision_type: None,
+                name: None,
+                allow_nonfinite: false,
+                command_line: vec![],
+            };
+            let sum = run(&opts, &crate::ground::progress::Silent).unwrap();
+            let path = |kind| {
+                sum.outputs
+                    .iter()
+                    .find(|o| o.kind == kind)
+                    .map(|o| o.path.clone())
+                    .unwrap()
+            };
+            let art =
+                GgufWeights::open(&path(ArtefactKind::Llm), &path(ArtefactKind::Mmproj)).unwrap();
+            let (_, proven) = exactness::check_tensors(&src, &art, &|_| {}).unwrap();
+            let exp = Expected {
+                src: &src,
+                art: Some(&art),
+                proven: &proven,
+                via: None,
+            };
+            let mut moved = 0;
+            for r in &src.rows {
+                let name = &r.row.dst;
+                let ty = art.raw(name).unwrap().ty;
+                let got = exp.unpermuted(name, r, ty);
+                if r.row.transform.is_none() {
+                    assert!(got.is_none(), "{name}");
+                    continue;
+                }
+                let want = exactness::emit_as_stored(&src, r, ty, None).unwrap();
+                assert!(got.as_ref() == Some(&want), "{ft:?} {name}");
+                assert_eq!(exp.raw(name).unwrap().data.as_ref(), &want[..]);
+                // Not proven: encoded again, never taken from the artefact.
+                assert!(Expected {
+                    proven: &HashSet::new(),
+                    ..exp
+                }
+                .unpermuted(name, r, ty)
+                .is_none());
+                moved += 1;
+            }
+            assert_eq!(moved, 2 * src.hparams.llama.n_layer, "{ft:?}");
+        }
     }
 
     /// The expected model runs under the source's semantics (Q/K rows as stored, rotate_half

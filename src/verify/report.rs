@@ -91,6 +91,15 @@ pub struct Report {
     pub reasons: Vec<String>,
     pub device: String,
     pub seconds: f64,
+    /// Where the seconds went, step by step in the order they ran (for benchmarks).
+    pub stages: Vec<Stage>,
+}
+
+/// One step of a verify run and its wall time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub name: String,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -210,5 +219,15 @@ pub fn render(r: &Report) -> String {
             s += &format!("FAIL: {why}\n");
         }
     }
+    s += &format!("time    {}\n", render_stages(&r.stages));
     s
+}
+
+/// "sha256 3.1 s, header 0.2 s, ...": the stages on one line.
+fn render_stages(stages: &[Stage]) -> String {
+    stages
+        .iter()
+        .map(|t| format!("{} {:.1} s", t.name, t.seconds))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

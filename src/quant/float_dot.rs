@@ -1,0 +1,509 @@
+//! Matrix products with weights stored as floats (F32, F16, BF16: a checkpoint's tensors, an
+//! F16 mmproj, a float GGUF), on the stored bytes. Each panel of 16 weight rows is widened to
+//! f32 into a small buffer that stays in cache while every activation row passes over it, so no
+//! f32 copy of a matrix is ever made (the road before this widened every 16-bit weight of a 7B
+//! forward, 26 GB of f32 written and read again, on one thread).
+//!
+//! Exactness: every output is one chain of fused multiply-adds over k in order,
+//! `y = fma(x[k-1], w[k-1], ... fma(x[0], w[0], 0))`, whatever the ISA, the number of activation
+//! rows or of threads. The AVX2 kernel holds 16 outputs of an activation row in two vectors (one
+//! lane per output, so no lane ever mixes two terms of a sum) and the scalar code runs the same
+//! chain with `f32::mul_add`; they agree bit for bit, and one row alone (a decode step) gives
+//! the bits that row gets among many (a prefill).
+//!
+//! Shape of the work (the usual blocked GEMM): a task owns up to `NC_MAX` weight rows; for each
+//! run of `KC` along k it widens its rows into `NR`-row panels laid out `[k][NR]`, then each tile
+//! of `MR` activation rows x `NR` outputs reads its activations once per run and a panel per tile.
+use super::dot::Isa;
+use super::{GgmlType, QuantError};
+use rayon::prelude::*;
+
+/// Outputs per tile: two 8-lane vectors.
+const NR: usize = 16;
+/// Activation rows per tile: 6 x 2 accumulators, 2 weight vectors and a broadcast fill 15 of
+/// AVX2's 16 vector registers.
+const MR: usize = 6;
+/// k per run: a task's panels (at most `NC_MAX` rows) are 128 KB of f32 and stay in L2.
+const KC: usize = 256;
+/// Most weight rows per task.
+const NC_MAX: usize = 128;
+
+/// Weight types this module multiplies on their stored bytes.
+pub fn supported(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// x [n, k] (f32, row-major) times the transpose of the weight [out, k] stored as `ty` in `w`
+/// (little-endian, any alignment): y [n, out], row-major.
+pub fn matmul(
+    ty: GgmlType,
+    w: &[u8],
+    out: usize,
+    k: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, QuantError> {
+    matmul_with(Isa::current(), ty, w, out, k, x, n)
+}
+
+/// [`matmul`] on a chosen instruction set (the tests compare them).
+pub fn matmul_with(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    out: usize,
+    k: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<Vec<f32>, QuantError> {
+    if !supported(ty) {
+        return Err(QuantError::Unsupported(ty));
+    }
+    let values = out.checked_mul(k);
+    if values.and_then(|v| v.checked_mul(ty.type_size())) != Some(w.len()) {
+        return Err(QuantError::BadLength {
+            ty,
+            values: values.unwrap_or(usize::MAX),
+            bytes: Some(w.len()),
+        });
+    }
+    if n.checked_mul(k) != Some(x.len()) {
+        return Err(QuantError::BadLength {
+            ty: GgmlType::F32,
+            values: n.saturating_mul(k),
+            bytes: Some(x.len() * 4),
+        });
+    }
+    let mut y = vec![0f32; n * out];
+    if n == 0 || out == 0 || k == 0 {
+        return Ok(y);
+    }
+    // Tasks: blocks of weight rows, and when those are too few to keep every thread busy (a
+    // narrow weight), blocks of activation rows too (each then widens its panels itself).
+    let threads = rayon::current_num_threads();
+    let nc = out
+        .div_ceil(2 * threads)
+        .next_multiple_of(NR)
+        .clamp(NR, NC_MAX);
+    let col_tasks = out.div_ceil(nc);
+    let row_blocks = (4 * threads).div_ceil(col_tasks).min(n.div_ceil(MR));
+    let mb = n.div_ceil(row_blocks).next_multiple_of(MR);
+    let shape = Shape { ty, k, n, out };
+    let y_out = OutPtr(y.as_mut_ptr());
+    (0..col_tasks * n.div_ceil(mb))
+        .into_par_iter()
+        .for_each(|t| {
+            let (c, r) = (t % col_tasks, t / col_tasks);
+            let cols = c * nc..((c + 1) * nc).min(out);
+            let rows = r * mb..((r + 1) * mb).min(n);
+            // SAFETY: tasks own disjoint (rows, cols) rectangles of y, which outlives them.
+            unsafe { task(isa, &shape, w, x, cols, rows, y_out.get()) }
+        });
+    Ok(y)
+}
+
+/// The product's shape and weight type.
+struct Shape {
+    ty: GgmlType,
+    k: usize,
+    n: usize,
+    out: usize,
+}
+
+/// y's buffer, shared by the tasks (each writes only its own rectangle).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements and y outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    // A method, so closures capture the Sync wrapper rather than its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Outputs `rows` x `cols` of y (row stride `out`).
+///
+/// # Safety
+/// `y` points to n x out f32; no other thread touches this rectangle meanwhile.
+unsafe fn task(
+    isa: Isa,
+    s: &Shape,
+    w: &[u8],
+    x: &[f32],
+    cols: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+    y: *mut f32,
+) {
+    let panels = cols.len().div_ceil(NR);
+    let mut pack = vec![0f32; panels * KC * NR];
+    for p0 in (0..s.k).step_by(KC) {
+        let kc = KC.min(s.k - p0);
+        for (pi, panel) in pack.chunks_exact_mut(KC * NR).enumerate() {
+            let r0 = cols.start + pi * NR;
+            let live = NR.min(cols.end - r0);
+            pack_panel(isa, s, w, r0, live, p0, &mut panel[..kc * NR]);
+        }
+        for i0 in rows.clone().step_by(MR) {
+            let m = MR.min(rows.end - i0);
+            let a = &x[i0 * s.k + p0..];
+            for (pi, panel) in pack.chunks_exact(KC * NR).enumerate() {
+                let c0 = cols.start + pi * NR;
+                let tile = Tile {
+                    kc,
+                    a,
+                    lda: s.k,
+                    b: &panel[..kc * NR],
+                    c: y.add(i0 * s.out + c0),
+                    ldc: s.out,
+                    live: NR.min(cols.end - c0),
+                    first: p0 == 0,
+                };
+                tile.run(isa, m);
+            }
+        }
+    }
+    debug_assert!(rows.end <= s.n);
+}
+
+/// Widens weight rows `r0 .. r0+live` (the rest of the panel's `NR` zero), columns
+/// `p0 .. p0 + kc`, into `dst` laid out `[kc][NR]`.
+fn pack_panel(isa: Isa, s: &Shape, w: &[u8], r0: usize, live: usize, p0: usize, dst: &mut [f32]) {
+    let kc = dst.len() / NR;
+    let size = s.ty.type_size();
+    let mut p = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        // Whole 8x8 squares: 8 rows' 8 values widened and transposed into 8 columns.
+        p = kc / 8 * 8;
+        for g in [0, 8] {
+            let rows: [Option<&[u8]>; 8] = std::array::from_fn(|i| {
+                let r = g + i;
+                (r < live)
+                    .then(|| &w[((r0 + r) * s.k + p0) * size..((r0 + r) * s.k + p0 + p) * size])
+            });
+            // SAFETY: AVX2, FMA and F16C detected (Isa::Avx2); each row holds `p` values.
+            unsafe { avx2::pack_squares(s.ty, &rows, p, &mut dst[g..]) };
+        }
+    }
+    for r in 0..NR {
+        let row = (r < live).then(|| ((r0 + r) * s.k + p0) * size);
+        for q in p..kc {
+            dst[q * NR + r] = row.map_or(0.0, |o| widen(s.ty, &w[o + q * size..]));
+        }
+    }
+}
+
+/// The value of type `ty` at the start of `b` as f32 (exact for all three types).
+fn widen(ty: GgmlType, b: &[u8]) -> f32 {
+    match ty {
+        GgmlType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        GgmlType::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
+        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    }
+}
+
+/// One tile: up to `MR` activation rows (from `a`, stride `lda`) against one packed panel `b`,
+/// into c (stride `ldc`), of which only the first `live` columns exist. `first`: the run that
+/// starts the sums (else they go on from what c holds).
+struct Tile<'a> {
+    kc: usize,
+    a: &'a [f32],
+    lda: usize,
+    b: &'a [f32],
+    c: *mut f32,
+    ldc: usize,
+    live: usize,
+    first: bool,
+}
+
+impl Tile<'_> {
+    /// # Safety
+    /// `c` addresses `m` rows of `live` writable values at stride `ldc`, owned by the caller.
+    unsafe fn run(&self, isa: Isa, m: usize) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => match m {
+                1 => avx2::tile::<1>(self),
+                2 => avx2::tile::<2>(self),
+                3 => avx2::tile::<3>(self),
+                4 => avx2::tile::<4>(self),
+                5 => avx2::tile::<5>(self),
+                _ => avx2::tile::<MR>(self),
+            },
+            _ => self.scalar(m),
+        }
+    }
+
+    unsafe fn scalar(&self, m: usize) {
+        for i in 0..m {
+            for j in 0..self.live {
+                let c = self.c.add(i * self.ldc + j);
+                let mut acc = if self.first { 0.0 } else { *c };
+                for p in 0..self.kc {
+                    acc = self.a[i * self.lda + p].mul_add(self.b[p * NR + j], acc);
+                }
+                *c = acc;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{GgmlType, Tile, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// 8 values of `ty` at `p` as f32.
+    #[inline(always)]
+    unsafe fn widen8(ty: GgmlType, p: *const u8) -> __m256 {
+        match ty {
+            GgmlType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            GgmlType::BF16 => {
+                let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+            }
+            _ => _mm256_loadu_ps(p.cast()),
+        }
+    }
+
+    /// Rows (None: zero) x `p` values (a multiple of 8) into `dst[q * NR + i]` for row i.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn pack_squares(
+        ty: GgmlType,
+        rows: &[Option<&[u8]>; 8],
+        p: usize,
+        dst: &mut [f32],
+    ) {
+        let size = ty.type_size();
+        debug_assert!(dst.len() >= (p.max(1) - 1) * NR + 8);
+        for q0 in (0..p).step_by(8) {
+            let v: [__m256; 8] = std::array::from_fn(|i| match rows[i] {
+                Some(r) => widen8(ty, r[q0 * size..].as_ptr()),
+                None => _mm256_setzero_ps(),
+            });
+            let t = transpose8(v);
+            for (q, col) in t.iter().enumerate() {
+                _mm256_storeu_ps(dst[(q0 + q) * NR..].as_mut_ptr(), *col);
+            }
+        }
+    }
+
+    /// The 8x8 transpose: lane j of result i is lane i of input j.
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// `M` rows of the tile (see [`Tile`]); each lane one output's chain of FMAs.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile<const M: usize>(t: &Tile<'_>) {
+        debug_assert!(M <= MR && t.b.len() >= t.kc * NR);
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let mut edge = [0f32; NR];
+        if !t.first {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                let src = if t.live == NR {
+                    c.cast_const()
+                } else {
+                    std::ptr::copy_nonoverlapping(c, edge.as_mut_ptr(), t.live);
+                    edge.as_ptr()
+                };
+                *a = [_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8))];
+            }
+        }
+        let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
+        for p in 0..t.kc {
+            let b0 = _mm256_loadu_ps(b.add(p * NR));
+            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*a.add(i * t.lda + p));
+                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let c = t.c.add(i * t.ldc);
+            if t.live == NR {
+                _mm256_storeu_ps(c, a[0]);
+                _mm256_storeu_ps(c.add(8), a[1]);
+            } else {
+                _mm256_storeu_ps(edge.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(edge.as_mut_ptr().add(8), a[1]);
+                std::ptr::copy_nonoverlapping(edge.as_ptr(), c, t.live);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(0x9e37_79b9).rotate_left(13);
+                (h % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn stored(ty: GgmlType, v: &[f32]) -> Vec<u8> {
+        match ty {
+            GgmlType::F16 => v
+                .iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            GgmlType::BF16 => v
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The contract, written out: one chain of FMAs over k per output, on the weights widened
+    /// by half's own conversions.
+    fn chains(ty: GgmlType, w: &[u8], out: usize, k: usize, x: &[f32], n: usize) -> Vec<f32> {
+        let wf: Vec<f32> = match ty {
+            GgmlType::F16 => w
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            GgmlType::BF16 => w
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => w
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        };
+        let mut y = vec![0f32; n * out];
+        for i in 0..n {
+            for j in 0..out {
+                y[i * out + j] =
+                    (0..k).fold(0f32, |acc, p| x[i * k + p].mul_add(wf[j * k + p], acc));
+            }
+        }
+        y
+    }
+
+    /// Shapes with edges everywhere: k not a multiple of 8 nor of KC, out not of 16, n not of 6;
+    /// enough rows for several row blocks per weight-row block.
+    const SHAPES: [(usize, usize, usize); 7] = [
+        (1, 1, 1),
+        (1, 16, 8),
+        (7, 33, 300),
+        (13, 130, 517),
+        (6, 16, 256),
+        (40, 200, 64),
+        (50, 3, 9),
+    ];
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        if Isa::current() != Isa::Scalar {
+            v.push(Isa::current());
+        }
+        v
+    }
+
+    #[test]
+    fn every_output_is_its_chain_of_fmas_on_every_isa() {
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            for &(n, out, k) in &SHAPES {
+                let x = values(n * k, 1);
+                let w = stored(ty, &values(out * k, 2));
+                let want = chains(ty, &w, out, k, &x, n);
+                for isa in isas() {
+                    let y = matmul_with(isa, ty, &w, out, k, &x, n).unwrap();
+                    assert!(
+                        y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty} {isa:?} n={n} out={out} k={k}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_alone_equals_that_row_among_many_whatever_the_threads() {
+        let (n, out, k) = (29, 70, 600);
+        let x = values(n * k, 3);
+        let w = stored(GgmlType::BF16, &values(out * k, 4));
+        let all = matmul(GgmlType::BF16, &w, out, k, &x, n).unwrap();
+        for i in [0, 5, 28] {
+            let one = matmul(GgmlType::BF16, &w, out, k, &x[i * k..(i + 1) * k], 1).unwrap();
+            assert_eq!(one, all[i * out..(i + 1) * out]);
+        }
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let y = pool.install(|| matmul(GgmlType::BF16, &w, out, k, &x, n).unwrap());
+            assert_eq!(y, all, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn weights_at_any_alignment_and_bad_lengths() {
+        let (n, out, k) = (3, 17, 40);
+        let x = values(n * k, 5);
+        for ty in [GgmlType::F32, GgmlType::F16] {
+            let w = stored(ty, &values(out * k, 6));
+            let mut shifted = vec![0u8; w.len() + 1];
+            shifted[1..].copy_from_slice(&w);
+            assert_eq!(
+                matmul(ty, &shifted[1..], out, k, &x, n).unwrap(),
+                matmul(ty, &w, out, k, &x, n).unwrap()
+            );
+            assert!(matches!(
+                matmul(ty, &w[1..], out, k, &x, n),
+                Err(QuantError::BadLength { .. })
+            ));
+            assert!(matches!(
+                matmul(ty, &w, out, k, &x[1..], n),
+                Err(QuantError::BadLength { .. })
+            ));
+        }
+        assert!(matches!(
+            matmul(GgmlType::Q8_0, &[], 0, 32, &[], 0),
+            Err(QuantError::Unsupported(_))
+        ));
+        assert_eq!(
+            matmul(GgmlType::F32, &[], 4, 0, &[], 2).unwrap(),
+            vec![0.0; 8]
+        );
+    }
+}
