@@ -1,10 +1,12 @@
 //! Micro-bench of the CPU decode attention (not a test: timings depend on the box).
 //!
-//!     cargo run --release --example attention_bench [-- POSITIONS [REPS]]
+//!     cargo run --release --example attention_bench [-- POSITIONS [REPS [QUERIES]]]
 //!
 //! One decode step's attention over a KV cache of POSITIONS rows (default 790) in every layer of
 //! LLaMA-7B's shape (32 layers, 32 heads of 128), the cache stored as f32 and as f16
-//! (`--kv-cache`): seconds per step (best of REPS) and GB/s of cache read.
+//! (`--kv-cache`): seconds per step (best of REPS) and GB/s of cache read. With QUERIES > 1
+//! (e.g. 773 773 2 773), the causal attention of that many query rows, the last ones of the
+//! POSITIONS (a prefill: its GB/s figure then means little).
 use candle_core::{DType, Device, Tensor};
 use mmfuser_convert::cpu::CpuBackend;
 use mmfuser_convert::model::Backend;
@@ -14,6 +16,11 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let m: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(790);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
+    let n: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, m);
     let (layers, heads, hd) = (32, 32, 128);
     let c = heads * hd;
     let rand = |n: usize, seed: u64| {
@@ -25,7 +32,7 @@ fn main() {
             .collect();
         v
     };
-    let q = Tensor::from_vec(rand(c, 1), (1, c), &Device::Cpu).unwrap();
+    let q = Tensor::from_vec(rand(n * c, 1), (n, c), &Device::Cpu).unwrap();
     let kv: Vec<(Tensor, Tensor)> = (0..layers as u64)
         .map(|l| {
             let t = |s| Tensor::from_vec(rand(m * c, s), (m, c), &Device::Cpu).unwrap();
@@ -33,7 +40,7 @@ fn main() {
         })
         .collect();
     println!(
-        "threads {}, {m} positions, {layers} layers x {heads} heads x {hd}",
+        "threads {}, {m} positions, {n} queries, {layers} layers x {heads} heads x {hd}",
         rayon::current_num_threads()
     );
     for ty in [DType::F32, DType::F16] {

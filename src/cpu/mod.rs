@@ -5,7 +5,8 @@ use crate::ground::error::{Error, Result};
 use crate::model::backend::{with_f32, with_host, Backend, KvType};
 use crate::model::weights::{self as weights, RopeMode, WeightSource};
 use crate::quant::dot as quant_dot;
-use crate::quant::float_dot;
+use crate::quant::dot::Isa;
+use crate::quant::float_dot::{self, gemm_serial, Right};
 use crate::quant::{GgmlType, QuantError};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -102,8 +103,9 @@ fn linear_by_row_slices(
     Ok(Some(mat(y, n, out)?))
 }
 
-/// Below this many query rows (decode), attention reads K and V where they are instead of making
-/// per-head transposed copies (at 773 cached positions those copies were 0.8 GB per token).
+/// Below this many query rows (decode), attention streams each key and value row once per query
+/// row (`attention_few`); from it on, tiles of query rows share each head's keys and values
+/// (`attention_many`), which a lone row would pay to pack.
 const FEW_QUERIES: usize = 16;
 
 /// Σ a·b in 8 interleaved partial sums (vectorizable), added pairwise at the end.
@@ -204,6 +206,61 @@ fn attention_few(
                 return unsafe { attention_run_avx2(q, k, v, &shape, idx, o) };
             }
             attention_run(q, k, v, &shape, idx, o, false)
+        });
+    out
+}
+
+/// Query rows per task of [`attention_many`] (a multiple of float_dot's 6-row tiles).
+const QUERY_TILE: usize = 36;
+
+/// [`Backend::attention`] for many query rows (prefill, CLIP's 577 positions). A task is a tile
+/// of `QUERY_TILE` query rows, head after head: the tile's scores against only the keys its
+/// rows see (causal: up to its last row's position), scaled and softmaxed per row over that
+/// row's keys (zero beyond), then times the values, with `float_dot::gemm_serial`'s tiles
+/// reading q, k and v where they are. So nothing bigger than one tile's scores exists (36 x 773
+/// floats at verify's probe): no per-head copies of q, k, v, no [heads, n, m] score matrix, and
+/// no work on the masked half of a causal product.
+fn attention_many(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ((n, m), (n_head, n_head_kv, hd), causal): ((usize, usize), (usize, usize, usize), bool),
+) -> Vec<f32> {
+    let (qc, kc, rep) = (n_head * hd, n_head_kv * hd, n_head / n_head_kv);
+    let isa = Isa::current();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n * qc];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(QUERY_TILE * qc)
+        .enumerate()
+        .for_each(|(t, o)| {
+            let (i0, rows) = (t * QUERY_TILE, o.len() / qc);
+            // Row i (of n) sees keys 0..seen(i).
+            let seen = |i: usize| if causal { m - n + i + 1 } else { m };
+            let keys = seen(i0 + rows - 1);
+            let mut s = vec![0f32; rows * keys];
+            for h in 0..n_head {
+                let g = h / rep;
+                let kg = Right::Rows {
+                    data: &k[g * hd..],
+                    stride: kc,
+                };
+                let qh = &q[i0 * qc + h * hd..];
+                gemm_serial(isa, qh, qc, rows, hd, kg, keys, &mut s, keys);
+                for (r, row) in s.chunks_exact_mut(keys).enumerate() {
+                    let valid = seen(i0 + r);
+                    row[..valid].iter_mut().for_each(|a| *a *= scale);
+                    softmax_in_place(&mut row[..valid]);
+                    row[valid..].fill(0.0);
+                }
+                let vg = Right::Cols {
+                    data: &v[g * hd..],
+                    stride: kc,
+                };
+                gemm_serial(isa, &s, keys, rows, keys, vg, hd, &mut o[h * hd..], qc);
+            }
         });
     out
 }
@@ -673,9 +730,8 @@ impl Backend for CpuBackend {
         let (n, qc) = dims2(q);
         let m = dims2(k).0;
         let hd = qc / n_head;
-        let rep = n_head / n_head_kv;
+        let shape = ((n, m), (n_head, n_head_kv, hd), causal);
         if n < FEW_QUERIES {
-            let shape = ((n, m), (n_head, n_head_kv, hd), causal);
             let out = match (k.dtype(), v.dtype()) {
                 (DType::F16, DType::F16) => with_f32(q, |q| {
                     with_host(k, |k: &[half::f16]| {
@@ -692,43 +748,12 @@ impl Backend for CpuBackend {
             };
             return mat(out, n, qc);
         }
-        // An f16 KV cache, widened (exactly) for the matmuls.
+        // An f16 KV cache, widened (exactly) for the products.
         let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-        // Query heads of one kv group are adjacent: [n_kv, rep*n, hd] without repeating k/v.
-        let qh = q
-            .reshape((n, n_head, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n_head_kv, rep * n, hd))?;
-        let kh = k
-            .reshape((m, n_head_kv, hd))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let vh = v
-            .reshape((m, n_head_kv, hd))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let scores = qh.matmul(&kh.t()?)?; // [n_kv, rep*n, m]
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut s = with_f32(&scores, |s| s.to_vec())?;
-        drop(scores);
-        if m > 0 {
-            s.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
-                let valid = if causal { m - n + r % n + 1 } else { m };
-                for a in row[..valid].iter_mut() {
-                    *a *= scale;
-                }
-                softmax_in_place(&mut row[..valid]);
-                row[valid..].fill(0.0);
-            });
-        }
-        let probs = Tensor::from_vec(s, (n_head_kv, rep * n, m), &Device::Cpu)?;
-        let out = probs.matmul(&vh)?; // [n_kv, rep*n, hd]
-        Ok(out
-            .reshape((n_head, n, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, qc))?)
+        let out = with_f32(q, |q| {
+            with_f32(&k, |k| with_f32(&v, |v| attention_many(q, k, v, shape)))
+        })???;
+        mat(out, n, qc)
     }
 
     fn layer_norm(&self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
@@ -1122,8 +1147,9 @@ mod tests {
         }
     }
 
-    /// Attention for a few query rows (the in-place decode road) and for many (the matmul road)
-    /// both equal an f64 computation of softmax(q.k / sqrt(hd)) v with GQA and the causal mask.
+    /// Attention for a few query rows (the decode road) and for many (query tiles) both equal an
+    /// f64 computation of softmax(q.k / sqrt(hd)) v with GQA, with and without the causal mask
+    /// (also over a cached prefix: m > n).
     #[test]
     fn attention_few_and_many_rows_equal_f64() {
         let mut rng = Rng::new(5);
@@ -1135,6 +1161,10 @@ mod tests {
             (15, 40, 4, 2, 16, true),
             (16, 40, 4, 2, 16, true),
             (20, 20, 4, 1, 24, false),
+            // several query tiles, a partial one, keys past one 256-key run, odd head sizes
+            (80, 300, 4, 2, 20, true),
+            (77, 77, 2, 2, 72, false),
+            (40, 41, 3, 1, 8, true),
         ] {
             let (q, k, v) = (
                 rng.vec(n * nh * hd, 1.0),
@@ -1452,59 +1482,6 @@ mod tests {
         let z: f64 = e.iter().sum();
         for i in 0..3 {
             assert!((s[i] as f64 - e[i] / z).abs() < 1e-6);
-        }
-    }
-
-    /// HF attention (q @ k^T * scale, causal, softmax, @ v) with repeat_kv, in f64.
-    #[test]
-    fn attention_gqa_causal_matches_naive() {
-        let mut rng = Rng::new(11);
-        let (n, nh, nkv, hd) = (7, 4, 2, 8);
-        let q = rng.vec(n * nh * hd, 1.0);
-        let k = rng.vec(n * nkv * hd, 1.0);
-        let v = rng.vec(n * nkv * hd, 1.0);
-        let b = CpuBackend;
-        for causal in [true, false] {
-            let got = b
-                .attention(
-                    &mat(q.clone(), n, nh * hd).unwrap(),
-                    &mat(k.clone(), n, nkv * hd).unwrap(),
-                    &mat(v.clone(), n, nkv * hd).unwrap(),
-                    nh,
-                    nkv,
-                    causal,
-                )
-                .unwrap();
-            let got = with_f32(&got, |s| s.to_vec()).unwrap();
-            for h in 0..nh {
-                let g = h / (nh / nkv);
-                for i in 0..n {
-                    let lim = if causal { i + 1 } else { n };
-                    let sc: Vec<f64> = (0..lim)
-                        .map(|j| {
-                            (0..hd)
-                                .map(|d| {
-                                    q[i * nh * hd + h * hd + d] as f64
-                                        * k[j * nkv * hd + g * hd + d] as f64
-                                })
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = sc.iter().map(|s| (s - mx).exp()).sum();
-                    for d in 0..hd {
-                        let want: f64 = (0..lim)
-                            .map(|j| (sc[j] - mx).exp() / z * v[j * nkv * hd + g * hd + d] as f64)
-                            .sum();
-                        let gv = got[i * nh * hd + h * hd + d] as f64;
-                        assert!(
-                            (gv - want).abs() < 1e-5,
-                            "causal={causal} h{h} i{i} d{d}: {gv} vs {want}"
-                        );
-                    }
-                }
-            }
         }
     }
 

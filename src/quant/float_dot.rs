@@ -102,6 +102,85 @@ pub fn matmul_with(
     Ok(y)
 }
 
+/// The right-hand operand of [`gemm_serial`]: B [k, cols] read from an f32 buffer, either
+/// as `cols` rows of k values (B's columns stored as rows, like a weight: attention's keys) or
+/// as k rows of `cols` values (B as stored: attention's values).
+#[derive(Clone, Copy)]
+pub enum Right<'a> {
+    /// Column j of B is `data[j * stride..][..k]`.
+    Rows { data: &'a [f32], stride: usize },
+    /// Row p of B is `data[p * stride..][..cols]`.
+    Cols { data: &'a [f32], stride: usize },
+}
+
+/// C [rows, cols] (stride `ldc`) = A [rows, k] (stride `lda`) x B, on this thread, with the
+/// tiles of [`matmul`] and the same sums: each output one chain of FMAs over k in order. For
+/// products the caller already runs many of in parallel (attention's heads and query tiles).
+/// Panics when a slice is too short for its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_serial(
+    isa: Isa,
+    a: &[f32],
+    lda: usize,
+    rows: usize,
+    k: usize,
+    b: Right<'_>,
+    cols: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(a.len() >= (rows - 1) * lda + k && c.len() >= (rows - 1) * ldc + cols);
+    if k == 0 {
+        (0..rows).for_each(|i| c[i * ldc..i * ldc + cols].fill(0.0));
+        return;
+    }
+    let mut panel = vec![0f32; KC * NR];
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for c0 in (0..cols).step_by(NR) {
+            let live = NR.min(cols - c0);
+            let dst = &mut panel[..kc * NR];
+            match b {
+                Right::Rows { data, stride } => {
+                    let w = bytemuck::cast_slice::<f32, u8>(data);
+                    let s = Shape {
+                        ty: GgmlType::F32,
+                        k: stride,
+                        n: 0,
+                        out: 0,
+                    };
+                    pack_panel(isa, &s, w, c0, live, p0, dst);
+                }
+                Right::Cols { data, stride } => {
+                    for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
+                        let row = &data[(p0 + q) * stride + c0..][..live];
+                        d[..live].copy_from_slice(row);
+                        d[live..].fill(0.0);
+                    }
+                }
+            }
+            for i0 in (0..rows).step_by(MR) {
+                let tile = Tile {
+                    kc,
+                    a: &a[i0 * lda + p0..],
+                    lda,
+                    b: &panel[..kc * NR],
+                    c: c[i0 * ldc + c0..].as_mut_ptr(),
+                    ldc,
+                    live,
+                    first: p0 == 0,
+                };
+                // SAFETY: rows i0..i0+m of c, columns c0..c0+live, lie in `c` (asserted above),
+                // which this call borrows mutably.
+                unsafe { tile.run(isa, MR.min(rows - i0)) };
+            }
+        }
+    }
+}
+
 /// The product's shape and weight type.
 struct Shape {
     ty: GgmlType,
