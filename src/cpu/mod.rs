@@ -142,24 +142,67 @@ fn dot8_with(a: &[f32], b: &[f32], simd: bool) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
+#[target_feature(enable = "avx,f16c")]
 unsafe fn dot8_avx(a: &[f32], b: &[f32]) -> f32 {
+    avx_dots::dot8(a, b)
+}
+
+/// [`dot8`] on 8-lane vectors (the same lanes, multiplied then added without fusing, and the
+/// same final additions: the same bits), b's values f32 or f16 (widened exactly by F16C as they
+/// are loaded).
+#[cfg(target_arch = "x86_64")]
+mod avx_dots {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        let p = _mm256_mul_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-        );
-        acc = _mm256_add_ps(acc, p);
-        i += 8;
+
+    /// A stored value type the dots read: 8 of them as f32 lanes, one as f32.
+    pub(super) trait Lanes: Copy {
+        /// # Safety
+        /// AVX (and F16C for f16) present; 8 values readable at `p`.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn widen(self) -> f32;
     }
-    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
-    let mut l = [0f32; 8];
-    _mm256_storeu_ps(l.as_mut_ptr(), acc);
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])) + tail
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self
+        }
+    }
+    impl Lanes for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        fn widen(self) -> f32 {
+            self.to_f32()
+        }
+    }
+
+    /// # Safety
+    /// AVX and F16C present (called from `#[target_feature]` code, into which it inlines).
+    #[inline(always)]
+    pub(super) unsafe fn dot8<T: Lanes>(a: &[f32], b: &[T]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(x, T::load8(b.as_ptr().add(i))));
+            i += 8;
+        }
+        let tail: f32 = a[i..n]
+            .iter()
+            .zip(&b[i..n])
+            .map(|(x, y)| x * y.widen())
+            .sum();
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])) + tail
+    }
 }
 
 /// [`Backend::attention`] for a few query rows (decode), K and V read where they are, in row
@@ -273,54 +316,69 @@ enum Kv<'a> {
 }
 
 impl Kv<'_> {
-    /// Row j ([kc] values) as f32 for columns lo..hi (all of them when f32; an f16 row's columns
-    /// lo..hi are widened into `scratch`, the others left as they are).
+    /// [`dot8`] of `q` with the values at `at..at + q.len()`; f16 values are widened exactly as
+    /// they are read (F16C when `simd`), so the result has the bits of the f32 case on the
+    /// widened values. `scratch` (q.len() values) serves the portable f16 case.
     #[inline(always)]
-    fn row<'s>(
-        &'s self,
-        j: usize,
-        kc: usize,
-        (lo, hi): (usize, usize),
-        scratch: &'s mut [f32],
-        f16c: bool,
-    ) -> &'s [f32] {
+    fn dot(&self, q: &[f32], at: usize, scratch: &mut [f32], simd: bool) -> f32 {
         match self {
-            Kv::F32(x) => &x[j * kc..][..kc],
+            Kv::F32(x) => dot8_with(q, &x[at..][..q.len()], simd),
             Kv::F16(x) => {
-                widen_f16(&x[j * kc + lo..j * kc + hi], &mut scratch[lo..hi], f16c);
-                scratch
+                let x = &x[at..][..q.len()];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the caller saw AVX, AVX2 and F16C detected.
+                    return unsafe { avx_dots::dot8(q, x) };
+                }
+                for (w, h) in scratch.iter_mut().zip(x) {
+                    *w = h.to_f32();
+                }
+                dot8(q, &scratch[..q.len()])
+            }
+        }
+    }
+
+    /// o[d] += p * value[at + d] for every d (multiplied, then added: no fused rounding).
+    #[inline(always)]
+    fn axpy(&self, o: &mut [f32], p: f32, at: usize, simd: bool) {
+        match self {
+            Kv::F32(x) => {
+                let x = &x[at..][..o.len()];
+                for (od, &vd) in o.iter_mut().zip(x) {
+                    *od += p * vd;
+                }
+            }
+            Kv::F16(x) => {
+                let x = &x[at..][..o.len()];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the caller saw AVX, AVX2 and F16C detected.
+                    return unsafe { axpy_f16_avx(o, p, x) };
+                }
+                for (od, vd) in o.iter_mut().zip(x) {
+                    *od += p * vd.to_f32();
+                }
             }
         }
     }
 }
 
-/// f16 -> f32 (exact either way), with F16C 8 at a time when `f16c` says it is present.
-#[inline(always)]
-fn widen_f16(src: &[half::f16], dst: &mut [f32], f16c: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if f16c {
-        // SAFETY: the caller saw F16C (and AVX) detected.
-        return unsafe { widen_f16_f16c(src, dst) };
-    }
-    let _ = f16c;
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
-}
-
+/// o += p * b, b widened by F16C as it is loaded (multiplied, then added, as the f32 case).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,f16c")]
-unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+unsafe fn axpy_f16_avx(o: &mut [f32], p: f32, b: &[half::f16]) {
     use std::arch::x86_64::*;
-    let n = src.len().min(dst.len());
+    let n = o.len().min(b.len());
+    let pv = _mm256_set1_ps(p);
     let mut i = 0;
     while i + 8 <= n {
-        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        let w = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
+        let y = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr().add(i)), _mm256_mul_ps(pv, w));
+        _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
         i += 8;
     }
-    for i in i..n {
-        dst[i] = src[i].to_f32();
+    for d in i..n {
+        o[d] += p * b[d].to_f32();
     }
 }
 
@@ -353,7 +411,7 @@ unsafe fn attention_run_avx2(
 }
 
 /// Task `idx` of [`attention_few`]: query row i = idx / (n_head / run), heads h0..h0+run.
-/// An f16 cache's rows are widened (exactly) before the same f32 arithmetic.
+/// An f16 cache's values are widened (exactly) as they are read, before the same f32 arithmetic.
 #[inline(always)]
 fn attention_run(
     q: &[f32],
@@ -379,30 +437,21 @@ fn attention_run(
     let valid = if s.causal { m - n + i + 1 } else { m };
     let scale = 1.0 / (hd as f32).sqrt();
     let qi = &q[i * qc..][..qc];
-    // The columns of the kv groups of heads h0..h0+run.
-    let cols = ((h0 / rep) * hd, ((h0 + run - 1) / rep + 1) * hd);
-    let mut scratch = match k {
-        Kv::F16(_) => vec![0f32; kc],
-        Kv::F32(_) => vec![],
-    };
+    let mut scratch = vec![0f32; hd];
     // p[r * valid + j]: head h0 + r's score, then probability, of key j.
     let mut p = vec![0f32; run * valid];
     for j in 0..valid {
-        let kj = k.row(j, kc, cols, &mut scratch, f16c);
-
         for r in 0..run {
             let (h, g) = (h0 + r, (h0 + r) / rep);
-            p[r * valid + j] = dot8_with(&qi[h * hd..][..hd], &kj[g * hd..][..hd], f16c) * scale;
+            let qh = &qi[h * hd..][..hd];
+            p[r * valid + j] = k.dot(qh, j * kc + g * hd, &mut scratch, f16c) * scale;
         }
     }
     p.chunks_mut(valid.max(1)).for_each(softmax_in_place);
     for j in 0..valid {
-        let vj = v.row(j, kc, cols, &mut scratch, f16c);
         for (r, or) in o.chunks_mut(hd).enumerate() {
             let (pj, g) = (p[r * valid + j], (h0 + r) / rep);
-            for (od, &vd) in or.iter_mut().zip(&vj[g * hd..][..hd]) {
-                *od += pj * vd;
-            }
+            v.axpy(or, pj, j * kc + g * hd, f16c);
         }
     }
 }
@@ -1144,6 +1193,40 @@ mod tests {
                 rounded(&k).to_vec2::<f32>().unwrap(),
                 k.to_vec2::<f32>().unwrap()
             );
+        }
+    }
+
+    /// An f16 cache's values are widened as they are read: its dot and axpy have the bits of the
+    /// f32 ones on the widened values, with F16C and without, for every length's tail.
+    #[test]
+    fn f16_kv_reads_equal_f32_reads_of_the_widened_values() {
+        let mut rng = Rng::new(21);
+        let simd = cfg!(target_arch = "x86_64")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c");
+        for len in [1, 7, 8, 9, 64, 131] {
+            let q = rng.vec(len, 1.0);
+            let h: Vec<half::f16> = rng
+                .vec(len + 3, 1.0)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
+            let w: Vec<f32> = h.iter().map(|x| x.to_f32()).collect();
+            let mut scratch = vec![0f32; len];
+            let want = Kv::F32(&w).dot(&q, 3, &mut scratch, false);
+            let o0 = rng.vec(len, 1.0);
+            let mut want_o = o0.clone();
+            Kv::F32(&w).axpy(&mut want_o, 0.37, 3, false);
+            for s in [false, simd] {
+                assert_eq!(
+                    Kv::F16(&h).dot(&q, 3, &mut scratch, s).to_bits(),
+                    want.to_bits(),
+                    "{len} {s}"
+                );
+                let mut o = o0.clone();
+                Kv::F16(&h).axpy(&mut o, 0.37, 3, s);
+                assert_eq!(o, want_o, "{len} {s}");
+            }
         }
     }
 
