@@ -273,7 +273,8 @@ fn attention_many(
     let isa = Isa::current();
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; n * qc];
-    if out.is_empty() {
+    // No keys: every output is the empty sum.
+    if out.is_empty() || m == 0 {
         return out;
     }
     out.par_chunks_mut(QUERY_TILE * qc)
@@ -1248,6 +1249,7 @@ mod tests {
             (80, 300, 4, 2, 20, true),
             (77, 77, 2, 2, 72, false),
             (40, 41, 3, 1, 8, true),
+            (20, 0, 2, 2, 8, false),
         ] {
             let (q, k, v) = (
                 rng.vec(n * nh * hd, 1.0),
