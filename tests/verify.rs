@@ -178,6 +178,29 @@ fn exactness_passes_every_type_with_one_bound() {
         assert_eq!(r["passed"], true);
         assert_eq!(r["tensors"]["mismatches"].as_array().unwrap().len(), 0);
         assert_eq!(r["tensors"]["not_compared"], 0, "{what}");
+        // Each step's seconds, in the order they ran, adding up to the run's.
+        let stages = r["stages"].as_array().unwrap();
+        let names: Vec<&str> = stages.iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "sha256",
+                "header",
+                "tensor bytes",
+                "probes",
+                "artefact forward",
+                "expected forward",
+                "source forward",
+                "report"
+            ],
+            "{what}"
+        );
+        let sum: f64 = stages.iter().map(|t| t["seconds"].as_f64().unwrap()).sum();
+        let total = r["seconds"].as_f64().unwrap();
+        assert!(
+            sum <= total && sum > 0.5 * total,
+            "{what}: {sum} of {total}"
+        );
         let (lo, im) = (
             exact_rel_rms(&r, "exact_logits").unwrap(),
             exact_rel_rms(&r, "exact_image_embeddings").unwrap(),

@@ -799,10 +799,13 @@ pub fn run_on(
     }
     // An error in the artefact forward is one the probe itself causes (as on the source side).
     let art_out = match &art_blocked {
-        None => Some(run_side(&art, &hp_art, true, "forward 1/3, artefact")?),
+        None => {
+            let out = run_side(&art, &hp_art, true, "forward 1/3, artefact")?;
+            clock.lap("artefact forward");
+            Some(out)
+        }
         Some(_) => None,
     };
-    clock.lap("artefact forward");
     let blocked = art_blocked
         .clone()
         .unwrap_or_else(|| "the artefact forward did not run".into());
@@ -827,8 +830,9 @@ pub fn run_on(
                 via: road,
             };
             let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
+            let rows = Rows::compare(&e, "expected", a, false, &tag, &mut reasons);
             clock.lap("expected forward");
-            Rows::compare(&e, "expected", a, false, &tag, &mut reasons)
+            rows
         }
     };
     exact_step(
@@ -845,12 +849,10 @@ pub fn run_on(
         (None, false) => (Rows::not(&blocked, n_probes), None),
         (Some(a), false) => {
             let s = run_side(&src, &hp_src, false, "forward 3/3, float source")?;
+            let rows = Rows::compare(&s, "source", a, true, &tag, &mut reasons);
             clock.lap("source forward");
-            (
-                Rows::compare(&s, "source", a, true, &tag, &mut reasons),
-                // Kept only to be dumped (at 7B each side's logits are 100 MB).
-                opts.dump_logits.is_some().then_some(s),
-            )
+            // The logits are kept only to be dumped (at 7B each side's are 100 MB).
+            (rows, opts.dump_logits.is_some().then_some(s))
         }
     };
     quality_step(
@@ -877,7 +879,7 @@ pub fn run_on(
             dump("artefact.npy", &pool(o))?;
         }
     }
-    clock.lap("comparisons");
+    clock.lap("report");
     if let Some(b) = dev.cuda() {
         progress.warn(&b.memory_report());
     }

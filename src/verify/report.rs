@@ -91,7 +91,8 @@ pub struct Report {
     pub reasons: Vec<String>,
     pub device: String,
     pub seconds: f64,
-    /// Where the seconds went, step by step in the order they ran (for benchmarks).
+    /// Where the seconds went, step by step in the order they ran (for benchmarks): sha256,
+    /// header, tensor bytes, probes, each forward that ran with its comparison, report.
     pub stages: Vec<Stage>,
 }
 
