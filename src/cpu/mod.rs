@@ -127,26 +127,6 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
 }
 
-/// [`dot8`], with 8-lane vectors when `simd` says AVX is present (the same lanes, multiplied
-/// then added without fusing, and the same final additions: the same bits; the compiler left to
-/// itself vectorized `dot8` two lanes at a time).
-#[inline(always)]
-fn dot8_with(a: &[f32], b: &[f32], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: the caller saw AVX (with AVX2 and F16C) detected.
-        return unsafe { dot8_avx(a, b) };
-    }
-    let _ = simd;
-    dot8(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn dot8_avx(a: &[f32], b: &[f32]) -> f32 {
-    avx_dots::dot8(a, b)
-}
-
 /// [`dot8`] on 8-lane vectors (the same lanes, multiplied then added without fusing, and the
 /// same final additions: the same bits), b's values f32 or f16 (widened exactly by F16C as they
 /// are loaded).
@@ -322,16 +302,21 @@ impl Kv<'_> {
     /// widened values. `scratch` (q.len() values) serves the portable f16 case.
     #[inline(always)]
     fn dot(&self, q: &[f32], at: usize, scratch: &mut [f32], simd: bool) -> f32 {
-        match self {
-            Kv::F32(x) => dot8_with(q, &x[at..][..q.len()], simd),
-            Kv::F16(x) => {
-                let x = &x[at..][..q.len()];
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: the caller saw AVX, AVX2 and F16C detected.
-                    return unsafe { avx_dots::dot8(q, x) };
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the caller saw AVX, AVX2 and F16C detected.
+            return unsafe {
+                match self {
+                    Kv::F32(x) => avx_dots::dot8(q, &x[at..][..q.len()]),
+                    Kv::F16(x) => avx_dots::dot8(q, &x[at..][..q.len()]),
                 }
-                for (w, h) in scratch.iter_mut().zip(x) {
+            };
+        }
+        let _ = simd;
+        match self {
+            Kv::F32(x) => dot8(q, &x[at..][..q.len()]),
+            Kv::F16(x) => {
+                for (w, h) in scratch.iter_mut().zip(&x[at..][..q.len()]) {
                     *w = h.to_f32();
                 }
                 dot8(q, &scratch[..q.len()])
@@ -1145,19 +1130,26 @@ mod tests {
         }
     }
 
+    /// Whether the 8-lane (AVX2 + F16C) roads of the attention can run here.
+    fn avx2_f16c_here() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c");
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     /// The AVX dot product is `dot8` bit for bit (whole vectors, tails, empty).
     #[test]
     fn dot8_vector_equals_dot8() {
         let mut rng = Rng::new(21);
+        let simd = avx2_f16c_here();
         for n in [0usize, 1, 7, 8, 9, 16, 37, 128, 131] {
             let (a, b) = (rng.vec(n, 3.0), rng.vec(n, 3.0));
-            assert_eq!(dot8_with(&a, &b, false).to_bits(), dot8(&a, &b).to_bits());
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx") {
+            for s in [false, simd] {
                 assert_eq!(
-                    dot8_with(&a, &b, true).to_bits(),
+                    Kv::F32(&b).dot(&a, 0, &mut [], s).to_bits(),
                     dot8(&a, &b).to_bits(),
-                    "n {n}"
+                    "n {n} simd {s}"
                 );
             }
         }
@@ -1202,9 +1194,7 @@ mod tests {
     #[test]
     fn f16_kv_reads_equal_f32_reads_of_the_widened_values() {
         let mut rng = Rng::new(21);
-        let simd = cfg!(target_arch = "x86_64")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("f16c");
+        let simd = avx2_f16c_here();
         for len in [1, 7, 8, 9, 64, 131] {
             let q = rng.vec(len, 1.0);
             let h: Vec<half::f16> = rng

@@ -634,7 +634,6 @@ mod tests {
         }
     }
 
-    /// Every rule turns a mismatch into the backend's error, before the backend runs.
     /// The host rounding behind the default f16 KV cache (other backends than the CPU) is half's
     /// round-to-nearest-even, overflow to infinity and NaN kept.
     #[test]
@@ -664,6 +663,7 @@ mod tests {
         }
     }
 
+    /// Every rule turns a mismatch into the backend's error, before the backend runs.
     #[test]
     fn the_front_rejects_what_does_not_fit() {
         let b = Checked::new(&CpuBackend);

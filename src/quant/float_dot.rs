@@ -88,7 +88,11 @@ pub fn matmul_with(
     let col_tasks = out.div_ceil(nc);
     let row_blocks = (4 * threads).div_ceil(col_tasks).min(n.div_ceil(MR));
     let mb = n.div_ceil(row_blocks).next_multiple_of(MR);
-    let shape = Shape { ty, k, n, out };
+    let weight = Stored {
+        ty,
+        bytes: w,
+        stride: k,
+    };
     let y_out = OutPtr(y.as_mut_ptr());
     (0..col_tasks * n.div_ceil(mb))
         .into_par_iter()
@@ -97,7 +101,7 @@ pub fn matmul_with(
             let cols = c * nc..((c + 1) * nc).min(out);
             let rows = r * mb..((r + 1) * mb).min(n);
             // SAFETY: tasks own disjoint (rows, cols) rectangles of y, which outlives them.
-            unsafe { task(isa, &shape, w, x, cols, rows, y_out.get()) }
+            unsafe { task(isa, &weight, x, out, cols, rows, y_out.get()) }
         });
     Ok(y)
 }
@@ -145,14 +149,12 @@ pub fn gemm_serial(
             let dst = &mut panel[..kc * NR];
             match b {
                 Right::Rows { data, stride } => {
-                    let w = bytemuck::cast_slice::<f32, u8>(data);
-                    let s = Shape {
+                    let m = Stored {
                         ty: GgmlType::F32,
-                        k: stride,
-                        n: 0,
-                        out: 0,
+                        bytes: bytemuck::cast_slice(data),
+                        stride,
                     };
-                    pack_panel(isa, &s, w, c0, live, p0, dst);
+                    pack_panel(isa, &m, c0, live, p0, dst);
                 }
                 Right::Cols { data, stride } => {
                     for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
@@ -181,12 +183,11 @@ pub fn gemm_serial(
     }
 }
 
-/// The product's shape and weight type.
-struct Shape {
+/// A row-major matrix as stored: value (r, p) at byte `(r * stride + p) * ty.type_size()`.
+struct Stored<'a> {
     ty: GgmlType,
-    k: usize,
-    n: usize,
-    out: usize,
+    bytes: &'a [u8],
+    stride: usize,
 }
 
 /// y's buffer, shared by the tasks (each writes only its own rectangle).
@@ -208,34 +209,35 @@ impl OutPtr {
 /// `y` points to n x out f32; no other thread touches this rectangle meanwhile.
 unsafe fn task(
     isa: Isa,
-    s: &Shape,
-    w: &[u8],
+    weight: &Stored<'_>,
     x: &[f32],
+    out: usize,
     cols: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
     y: *mut f32,
 ) {
     let panels = cols.len().div_ceil(NR);
     let mut pack = vec![0f32; panels * KC * NR];
-    for p0 in (0..s.k).step_by(KC) {
-        let kc = KC.min(s.k - p0);
+    let k = weight.stride;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
         for (pi, panel) in pack.chunks_exact_mut(KC * NR).enumerate() {
             let r0 = cols.start + pi * NR;
             let live = NR.min(cols.end - r0);
-            pack_panel(isa, s, w, r0, live, p0, &mut panel[..kc * NR]);
+            pack_panel(isa, weight, r0, live, p0, &mut panel[..kc * NR]);
         }
         for i0 in rows.clone().step_by(MR) {
             let m = MR.min(rows.end - i0);
-            let a = &x[i0 * s.k + p0..];
+            let a = &x[i0 * k + p0..];
             for (pi, panel) in pack.chunks_exact(KC * NR).enumerate() {
                 let c0 = cols.start + pi * NR;
                 let tile = Tile {
                     kc,
                     a,
-                    lda: s.k,
+                    lda: k,
                     b: &panel[..kc * NR],
-                    c: y.add(i0 * s.out + c0),
-                    ldc: s.out,
+                    c: y.add(i0 * out + c0),
+                    ldc: out,
                     live: NR.min(cols.end - c0),
                     first: p0 == 0,
                 };
@@ -243,14 +245,13 @@ unsafe fn task(
             }
         }
     }
-    debug_assert!(rows.end <= s.n);
 }
 
 /// Widens weight rows `r0 .. r0+live` (the rest of the panel's `NR` zero), columns
 /// `p0 .. p0 + kc`, into `dst` laid out `[kc][NR]`.
-fn pack_panel(isa: Isa, s: &Shape, w: &[u8], r0: usize, live: usize, p0: usize, dst: &mut [f32]) {
+fn pack_panel(isa: Isa, m: &Stored<'_>, r0: usize, live: usize, p0: usize, dst: &mut [f32]) {
     let kc = dst.len() / NR;
-    let size = s.ty.type_size();
+    let (w, size, stride) = (m.bytes, m.ty.type_size(), m.stride);
     let mut p = 0;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
@@ -259,17 +260,18 @@ fn pack_panel(isa: Isa, s: &Shape, w: &[u8], r0: usize, live: usize, p0: usize, 
         for g in [0, 8] {
             let rows: [Option<&[u8]>; 8] = std::array::from_fn(|i| {
                 let r = g + i;
-                (r < live)
-                    .then(|| &w[((r0 + r) * s.k + p0) * size..((r0 + r) * s.k + p0 + p) * size])
+                (r < live).then(|| {
+                    &w[((r0 + r) * stride + p0) * size..((r0 + r) * stride + p0 + p) * size]
+                })
             });
             // SAFETY: AVX2, FMA and F16C detected (Isa::Avx2); each row holds `p` values.
-            unsafe { avx2::pack_squares(s.ty, &rows, p, &mut dst[g..]) };
+            unsafe { avx2::pack_squares(m.ty, &rows, p, &mut dst[g..]) };
         }
     }
     for r in 0..NR {
-        let row = (r < live).then(|| ((r0 + r) * s.k + p0) * size);
+        let row = (r < live).then(|| ((r0 + r) * stride + p0) * size);
         for q in p..kc {
-            dst[q * NR + r] = row.map_or(0.0, |o| widen(s.ty, &w[o + q * size..]));
+            dst[q * NR + r] = row.map_or(0.0, |o| widen(m.ty, &w[o + q * size..]));
         }
     }
 }
