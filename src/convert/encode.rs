@@ -190,6 +190,29 @@ pub fn encode_tensor(
     out: GgmlType,
     sink: &mut dyn DataSink,
 ) -> Result<ErrStats> {
+    encode(src_ty, data, row_len, out, sink, true)
+}
+
+/// [`encode_tensor`] without the error statistics (which cost a dequantization of every block):
+/// the same bytes, for verify's re-derivation.
+pub fn encode_tensor_bytes(
+    src_ty: GgmlType,
+    data: &[u8],
+    row_len: usize,
+    out: GgmlType,
+    sink: &mut dyn DataSink,
+) -> Result<()> {
+    encode(src_ty, data, row_len, out, sink, false).map(|_| ())
+}
+
+fn encode(
+    src_ty: GgmlType,
+    data: &[u8],
+    row_len: usize,
+    out: GgmlType,
+    sink: &mut dyn DataSink,
+    measure: bool,
+) -> Result<ErrStats> {
     if src_ty == out {
         sink.put(data)?;
         return Ok(ErrStats::default());
@@ -214,9 +237,12 @@ pub fn encode_tensor(
                         crate::quant::quantize(out, &f).map_err(|e| Error::Values(e.to_string()))?
                     }
                 };
+                let mut s = ErrStats::default();
+                if !measure {
+                    return Ok((q, s));
+                }
                 let back = crate::quant::dequantize(out, &q, f.len())
                     .map_err(|e| Error::Values(e.to_string()))?;
-                let mut s = ErrStats::default();
                 // NaN/Inf (only here under --allow-nonfinite, float outputs) stay out of the statistics.
                 for (a, b) in f
                     .iter()

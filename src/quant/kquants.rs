@@ -219,18 +219,82 @@ unsafe fn quantize_scale_min_k_avx2(
     nstep: i32,
 ) -> (f16, f16, [u8; 12], [u8; QK_K]) {
     let r = simd::qkx2_avx2(x, nmax, rmin, rdelta, nstep);
+    finish_lanes(x, &r, 0, nmax)
+}
+
+/// As [`quantize_scale_min_k_avx2`] for two consecutive super-blocks, whose searches share the
+/// vectors (16 lanes): the same bytes, about 1.5x faster (two independent dependency chains).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn quantize_scale_min_k_pair_avx2(
+    x: &[f32; 2 * QK_K],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> [(f16, f16, [u8; 12], [u8; QK_K]); 2] {
+    let r = simd::qkx2_pair_avx2(x, nmax, rmin, rdelta, nstep);
+    let (a, b) = x.split_at(QK_K);
+    [
+        finish_lanes(as_block(a), &r, 0, nmax),
+        finish_lanes(as_block(b), &r, 8, nmax),
+    ]
+}
+
+/// Steps (2)-(3) for the super-block `x` whose search results are lanes `at..at + 8` of `r`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_lanes(
+    x: &[f32; QK_K],
+    r: &simd::Qkx2Lanes,
+    at: usize,
+    nmax: i32,
+) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+    let lanes = |v: &[f32; 16]| -> [f32; 8] { v[at..at + 8].try_into().expect("8 lanes") };
     let mut levels = [0u8; QK_K];
-    let (d, dmin, packed) = finish_scale_min_k(x, &r.scale, &r.min, nmax, &mut levels, |j, lj| {
-        if r.flat >> j & 1 != 0 {
+    let (scales, mins) = (lanes(&r.scale), lanes(&r.min));
+    let (d, dmin, packed) = finish_scale_min_k(x, &scales, &mins, nmax, &mut levels, |j, lj| {
+        if r.flat >> (at + j) & 1 != 0 {
             lj.fill(0);
         } else {
-            let (iscale, min) = (r.iscale[j], r.min_used[j]);
+            let (iscale, min) = (r.iscale[at + j], r.min_used[at + j]);
             for (l, &v) in lj.iter_mut().zip(&x[32 * j..32 * j + 32]) {
                 *l = nearest_int(iscale * (v - min)).clamp(0, nmax) as u8;
             }
         }
     });
     (d, dmin, packed, levels)
+}
+
+/// Quantize whole super-blocks of `x` into `out` (`B::SIZE` bytes each) with `isa`: pairs of
+/// super-blocks share one search where the CPU has AVX2 (`pair`), an odd last one goes alone.
+#[inline(always)]
+fn quantize_run<B: Block>(
+    x: &[f32],
+    out: &mut [u8],
+    isa: Isa,
+    one: impl Fn(&[f32; QK_K], Isa) -> B,
+    pair: impl Fn(&[f32; 2 * QK_K]) -> [B; 2],
+) {
+    let (mut x, mut out) = (x, out);
+    if isa.usable() != Isa::Scalar {
+        let n_pairs = x.len() / (2 * QK_K);
+        let (xp, xr) = x.split_at(n_pairs * 2 * QK_K);
+        let (op, or) = out.split_at_mut(n_pairs * 2 * B::SIZE);
+        for (xs, os) in xp
+            .chunks_exact(2 * QK_K)
+            .zip(op.chunks_exact_mut(2 * B::SIZE))
+        {
+            let [a, b] = pair(xs.try_into().expect("two super-blocks"));
+            let (oa, ob) = os.split_at_mut(B::SIZE);
+            a.write(oa);
+            b.write(ob);
+        }
+        (x, out) = (xr, or);
+    }
+    for (xs, o) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(B::SIZE)) {
+        one(as_block(xs), isa).write(o);
+    }
 }
 
 /// `block_q4_K`.
@@ -259,6 +323,23 @@ impl BlockQ4K {
         Self::pack(quantize_scale_min_k_avx2(x, 15, -1.0, 0.1, 20))
     }
 
+    /// [`Block::quantize_many`] with a given implementation of the search (same bytes for all).
+    pub(crate) fn quantize_many_with(x: &[f32], out: &mut [u8], isa: Isa) {
+        quantize_run(x, out, isa, Self::quantize_with, |xs| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
+            return unsafe { Self::quantize_pair_avx2(xs) };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no SIMD search off x86-64: {}", xs.len())
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_pair_avx2(x: &[f32; 2 * QK_K]) -> [Self; 2] {
+        quantize_scale_min_k_pair_avx2(x, 15, -1.0, 0.1, 20).map(Self::pack)
+    }
+
     #[inline(always)]
     fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
         let mut qs = [0u8; QK_K / 2];
@@ -280,9 +361,14 @@ impl Block for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4K;
     const QK: usize = QK_K;
     const SIZE: usize = 144;
+    const F16_AT: &'static [usize] = &[0, 2]; // d, dmin
 
     fn quantize(x: &[f32]) -> Self {
         Self::quantize_with(as_block(x), Isa::current())
+    }
+
+    fn quantize_many(x: &[f32], out: &mut [u8]) {
+        Self::quantize_many_with(x, out, Isa::current())
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -348,6 +434,23 @@ impl BlockQ5K {
         Self::pack(quantize_scale_min_k_avx2(x, 31, -0.5, 0.1, 15))
     }
 
+    /// [`Block::quantize_many`] with a given implementation of the search (same bytes for all).
+    pub(crate) fn quantize_many_with(x: &[f32], out: &mut [u8], isa: Isa) {
+        quantize_run(x, out, isa, Self::quantize_with, |xs| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
+            return unsafe { Self::quantize_pair_avx2(xs) };
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("no SIMD search off x86-64: {}", xs.len())
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_pair_avx2(x: &[f32; 2 * QK_K]) -> [Self; 2] {
+        quantize_scale_min_k_pair_avx2(x, 31, -0.5, 0.1, 15).map(Self::pack)
+    }
+
     #[inline(always)]
     fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
         let mut qs = [0u8; QK_K / 2];
@@ -373,9 +476,14 @@ impl Block for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5K;
     const QK: usize = QK_K;
     const SIZE: usize = 176;
+    const F16_AT: &'static [usize] = &[0, 2]; // d, dmin
 
     fn quantize(x: &[f32]) -> Self {
         Self::quantize_with(as_block(x), Isa::current())
+    }
+
+    fn quantize_many(x: &[f32], out: &mut [u8]) {
+        Self::quantize_many_with(x, out, Isa::current())
     }
 
     fn dequantize(&self, y: &mut [f32]) {
@@ -551,6 +659,7 @@ impl Block for BlockQ6K {
     const TYPE: GgmlType = GgmlType::Q6K;
     const QK: usize = QK_K;
     const SIZE: usize = 210;
+    const F16_AT: &'static [usize] = &[208]; // d
 
     fn quantize(x: &[f32]) -> Self {
         Self::quantize_with(as_block(x), Isa::current())

@@ -72,6 +72,7 @@ impl Block for BlockQ8_0 {
     const TYPE: GgmlType = GgmlType::Q8_0;
     const QK: usize = QK;
     const SIZE: usize = 34;
+    const F16_AT: &'static [usize] = &[0]; // d
 
     fn quantize(x: &[f32]) -> Self {
         let mut amax = 0.0f32;
@@ -126,6 +127,7 @@ impl Block for BlockQ4_0 {
     const TYPE: GgmlType = GgmlType::Q4_0;
     const QK: usize = QK;
     const SIZE: usize = 18;
+    const F16_AT: &'static [usize] = &[0]; // d
 
     fn quantize(x: &[f32]) -> Self {
         let max = signed_absmax(x);
@@ -177,6 +179,7 @@ impl Block for BlockQ5_0 {
     const TYPE: GgmlType = GgmlType::Q5_0;
     const QK: usize = QK;
     const SIZE: usize = 22;
+    const F16_AT: &'static [usize] = &[0]; // d
 
     fn quantize(x: &[f32]) -> Self {
         let max = signed_absmax(x);
@@ -230,6 +233,7 @@ impl Block for BlockQ5_1 {
     const TYPE: GgmlType = GgmlType::Q5_1;
     const QK: usize = QK;
     const SIZE: usize = 24;
+    const F16_AT: &'static [usize] = &[0, 2]; // d, m
 
     fn quantize(x: &[f32]) -> Self {
         let (mut min, mut max) = (f32::MAX, -f32::MAX);

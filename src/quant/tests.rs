@@ -79,6 +79,62 @@ fn quant_block_geometry_matches_type_table() {
     check::<BlockQ6K>();
 }
 
+/// `first_nonfinite_block` (fp16 scales only) gives what a scan of the dequantized values
+/// gives: None for blocks of random bytes whose scales are finite (the other bytes may be
+/// anything), and the same first index with an inf or NaN put in any scale of any block.
+#[test]
+fn quant_nonfinite_found_from_scales() {
+    fn check<B: Block>(rng: &mut Rng) {
+        let ty = B::TYPE;
+        let blocks = 40;
+        let mut bytes: Vec<u8> = (0..blocks * B::SIZE)
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let finite_f16 = |rng: &mut Rng| loop {
+            let h = rng.next_u64() as u16;
+            if h & 0x7c00 != 0x7c00 {
+                return h;
+            }
+        };
+        for b in bytes.chunks_exact_mut(B::SIZE) {
+            for &o in B::F16_AT {
+                b[o..o + 2].copy_from_slice(&finite_f16(rng).to_le_bytes());
+            }
+        }
+        let scan = |bytes: &[u8]| {
+            dequantize(ty, bytes, blocks * B::QK)
+                .unwrap()
+                .iter()
+                .position(|v| !v.is_finite())
+        };
+        assert_eq!(scan(&bytes), None, "{ty}: finite scales, finite values");
+        assert_eq!(first_nonfinite_block(ty, &bytes), None, "{ty}");
+        for &o in B::F16_AT {
+            for bad in [0x7c00u16, 0xfc00, 0x7e00, 0x7c01] {
+                for at in [0, 7, blocks - 1] {
+                    let mut b = bytes.clone();
+                    let p = at * B::SIZE + o;
+                    b[p..p + 2].copy_from_slice(&bad.to_le_bytes());
+                    let want = scan(&b);
+                    assert_eq!(want, Some(at * B::QK), "{ty}: byte {o} = {bad:#x}");
+                    assert_eq!(first_nonfinite_block(ty, &b), want, "{ty}: byte {o}");
+                }
+            }
+        }
+    }
+    let mut rng = Rng(5);
+    check::<BlockQ8_0>(&mut rng);
+    check::<BlockQ4_0>(&mut rng);
+    check::<BlockQ5_0>(&mut rng);
+    check::<BlockQ5_1>(&mut rng);
+    check::<BlockQ4K>(&mut rng);
+    check::<BlockQ5K>(&mut rng);
+    check::<BlockQ6K>(&mut rng);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        assert_eq!(first_nonfinite_block(ty, &[0xff; 64]), None, "{ty}");
+    }
+}
+
 #[test]
 fn quant_all_zeros() {
     let x = vec![0f32; 512];
@@ -426,7 +482,8 @@ fn kquant_isas_here(test: &str) -> Vec<kquants::Isa> {
 }
 
 /// `quantize(ty, x)` for a K-quant `ty` with the search run by `isa` (None for other types;
-/// an `isa` the CPU lacks falls back to the best it has, down to scalar).
+/// an `isa` the CPU lacks falls back to the best it has, down to scalar): block by block, and
+/// (Q4_K/Q5_K) through `quantize_many_with`, which searches two super-blocks at once.
 fn quantize_kquant_with(ty: GgmlType, x: &[f32], isa: kquants::Isa) -> Option<Vec<u8>> {
     fn run<B: Block>(x: &[f32], f: impl Fn(&[f32; 256]) -> B) -> Vec<u8> {
         let mut out = vec![0u8; x.len() / 256 * B::SIZE];
@@ -435,9 +492,29 @@ fn quantize_kquant_with(ty: GgmlType, x: &[f32], isa: kquants::Isa) -> Option<Ve
         }
         out
     }
+    fn many<B: Block>(x: &[f32], one: Vec<u8>, f: impl Fn(&[f32], &mut [u8])) -> Vec<u8> {
+        let mut out = vec![0u8; x.len() / 256 * B::SIZE];
+        f(x, &mut out);
+        assert!(
+            out == one,
+            "{}: blocks in pairs differ from one by one",
+            B::TYPE
+        );
+        out
+    }
     match ty {
-        GgmlType::Q4K => Some(run(x, |b| BlockQ4K::quantize_with(b, isa))),
-        GgmlType::Q5K => Some(run(x, |b| BlockQ5K::quantize_with(b, isa))),
+        GgmlType::Q4K => {
+            let one = run(x, |b| BlockQ4K::quantize_with(b, isa));
+            Some(many::<BlockQ4K>(x, one, |x, o| {
+                BlockQ4K::quantize_many_with(x, o, isa)
+            }))
+        }
+        GgmlType::Q5K => {
+            let one = run(x, |b| BlockQ5K::quantize_with(b, isa));
+            Some(many::<BlockQ5K>(x, one, |x, o| {
+                BlockQ5K::quantize_many_with(x, o, isa)
+            }))
+        }
         GgmlType::Q6K => Some(run(x, |b| BlockQ6K::quantize_with(b, isa))),
         _ => None,
     }
@@ -488,7 +565,8 @@ fn kquant_corner_blocks(rng: &mut Rng, n: usize) -> Vec<f32> {
 #[test]
 fn quant_kquant_simd_matches_scalar() {
     let mut rng = Rng(11);
-    let x = kquant_corner_blocks(&mut rng, 3000);
+    // An odd number of super-blocks: the pairs and a last one alone.
+    let x = kquant_corner_blocks(&mut rng, 3001);
     assert!(x.iter().all(|v| v.is_finite()));
     let isas = kquant_isas_here("quant_kquant_simd_matches_scalar");
     for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {

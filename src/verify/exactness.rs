@@ -2,7 +2,7 @@
 //! list, shapes, types) against what conversion would write from the same source (the shared
 //! plan), and every tensor's bytes against the plan's output for it (our quantizers are
 //! byte-identical to llama.cpp's, so a correct file matches exactly).
-use crate::convert::encode::{encode_tensor, first_nonfinite};
+use crate::convert::encode::{encode_tensor_bytes, first_nonfinite};
 use crate::convert::plan::{plan_artefacts, ArtefactPlan};
 use crate::convert::recipe::ArtefactKind;
 use crate::convert::source::{Source, SourceRow};
@@ -255,11 +255,11 @@ fn encode_via(
     match via {
         Some(mid) if mid != data.ty && mid != out => {
             let mut cast = vec![];
-            encode_tensor(data.ty, &data.data, row_len, mid, &mut cast).map_err(tag)?;
-            encode_tensor(mid, &cast, row_len, out, &mut bytes).map_err(tag)?;
+            encode_tensor_bytes(data.ty, &data.data, row_len, mid, &mut cast).map_err(tag)?;
+            encode_tensor_bytes(mid, &cast, row_len, out, &mut bytes).map_err(tag)?;
         }
         _ => {
-            encode_tensor(data.ty, &data.data, row_len, out, &mut bytes).map_err(tag)?;
+            encode_tensor_bytes(data.ty, &data.data, row_len, out, &mut bytes).map_err(tag)?;
         }
     }
     Ok(bytes)
@@ -293,23 +293,13 @@ pub struct TensorCheck {
     pub first_nonfinite: Option<String>,
 }
 
-/// Index of the first NaN/Inf among a tensor's stored values (quantized types dequantized).
+/// Index of the first NaN/Inf among a tensor's stored values (quantized: from their scales).
 fn stored_nonfinite(ty: GgmlType, bytes: &[u8]) -> Option<usize> {
-    if !ty.is_quantized() {
-        return first_nonfinite(ty, bytes);
+    if ty.is_quantized() {
+        crate::quant::first_nonfinite_block(ty, bytes)
+    } else {
+        first_nonfinite(ty, bytes)
     }
-    use rayon::prelude::*;
-    let chunk_blocks = 4096;
-    bytes
-        .par_chunks(chunk_blocks * ty.type_size())
-        .enumerate()
-        .find_map_first(|(ci, c)| {
-            let n = c.len() / ty.type_size() * ty.block_size();
-            let v = crate::quant::dequantize(ty, c, n).ok()?;
-            v.iter()
-                .position(|x| !x.is_finite())
-                .map(|i| ci * chunk_blocks * ty.block_size() + i)
-        })
 }
 
 fn road_name(via: Option<GgmlType>) -> String {

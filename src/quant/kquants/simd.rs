@@ -156,6 +156,89 @@ impl Vf for F32x8 {
     }
 }
 
+/// Two AVX2 vectors as one of 16 lanes: lanes 0..8 in the first, 8..16 in the second. Each
+/// operation is done on both halves, which gives the out-of-order core two independent chains
+/// (the searches' sums are serial per lane, so one 8-lane chain leaves the adders mostly idle).
+#[derive(Clone, Copy)]
+pub(super) struct F32x8x2(F32x8, F32x8);
+
+impl Vf for F32x8x2 {
+    type M = (__m256, __m256);
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        F32x8x2(F32x8::splat(v), F32x8::splat(v))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        self.0.store(p);
+        self.1.store(p.add(8));
+    }
+    #[inline(always)]
+    unsafe fn gather(p: *const f32, stride: i32) -> Self {
+        F32x8x2(
+            F32x8::gather(p, stride),
+            F32x8::gather(p.offset(8 * stride as isize), stride),
+        )
+    }
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        F32x8x2(self.0.add(o.0), self.1.add(o.1))
+    }
+    #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        F32x8x2(self.0.sub(o.0), self.1.sub(o.1))
+    }
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        F32x8x2(self.0.mul(o.0), self.1.mul(o.1))
+    }
+    #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        F32x8x2(self.0.div(o.0), self.1.div(o.1))
+    }
+    #[inline(always)]
+    unsafe fn sqrt(self) -> Self {
+        F32x8x2(self.0.sqrt(), self.1.sqrt())
+    }
+    #[inline(always)]
+    unsafe fn abs(self) -> Self {
+        F32x8x2(self.0.abs(), self.1.abs())
+    }
+    #[inline(always)]
+    unsafe fn neg(self) -> Self {
+        F32x8x2(self.0.neg(), self.1.neg())
+    }
+    #[inline(always)]
+    unsafe fn lt(self, o: Self) -> Self::M {
+        (self.0.lt(o.0), self.1.lt(o.1))
+    }
+    #[inline(always)]
+    unsafe fn gt(self, o: Self) -> Self::M {
+        (self.0.gt(o.0), self.1.gt(o.1))
+    }
+    #[inline(always)]
+    unsafe fn eq(self, o: Self) -> Self::M {
+        (self.0.eq(o.0), self.1.eq(o.1))
+    }
+    #[inline(always)]
+    unsafe fn and(a: Self::M, b: Self::M) -> Self::M {
+        (F32x8::and(a.0, b.0), F32x8::and(a.1, b.1))
+    }
+    #[inline(always)]
+    unsafe fn select(m: Self::M, a: Self, b: Self) -> Self {
+        F32x8x2(F32x8::select(m.0, a.0, b.0), F32x8::select(m.1, a.1, b.1))
+    }
+    #[inline(always)]
+    unsafe fn bits(m: Self::M) -> u32 {
+        F32x8::bits(m.0) | F32x8::bits(m.1) << 8
+    }
+    #[inline(always)]
+    unsafe fn level(self, lo: i32, hi: i32) -> Self {
+        F32x8x2(self.0.level(lo, hi), self.1.level(lo, hi))
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(super) struct F32x16(__m512);
 
@@ -251,31 +334,27 @@ impl Vf for F32x16 {
     }
 }
 
-/// Per-sub-block results of the Q4_K/Q5_K search (`make_qkx2_quants` plus the weights).
+/// Per-sub-block results of the Q4_K/Q5_K search (`make_qkx2_quants` plus the weights), for one
+/// super-block (lanes 0..8) or two (lanes 8..16: the second).
 #[derive(Clone, Copy, Default)]
 pub(super) struct Qkx2Lanes {
     /// The fitted scale (0 for a flat sub-block).
-    pub scale: [f32; 8],
+    pub scale: [f32; 16],
     /// `-min` of the fit (what `ScaleMin::min` holds).
-    pub min: [f32; 8],
+    pub min: [f32; 16],
     /// The best levels are `nearest_int(iscale * (x - min_used)).clamp(0, nmax)` ...
-    pub iscale: [f32; 8],
-    pub min_used: [f32; 8],
+    pub iscale: [f32; 16],
+    pub min_used: [f32; 16],
     /// ... except in flat sub-blocks (bit j set: `max == min`), whose levels are all 0.
     pub flat: u32,
 }
 
-/// Q4_K/Q5_K step (1) for the 8 sub-blocks of `x`: per lane, the RMS-based weights and
-/// `make_qkx2_quants` exactly as `math.rs` and `kquants.rs` do them one sub-block at a time.
+/// Q4_K/Q5_K step (1) for the `V::N` sub-blocks of 32 values of `x` (one super-block per 8):
+/// per lane, the RMS-based weights and `make_qkx2_quants` exactly as `math.rs` and
+/// `kquants.rs` do them one sub-block at a time.
 #[inline(always)]
-unsafe fn qkx2_lanes<V: Vf>(
-    x: &[f32; 256],
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> Qkx2Lanes {
-    assert!(V::N == 8);
+unsafe fn qkx2_lanes<V: Vf>(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep: i32) -> Qkx2Lanes {
+    assert!((V::N == 8 || V::N == 16) && x.len() == 32 * V::N);
     // Transpose: xt[i] lane j = x[32*j + i].
     let mut xt = [V::splat(0.0); 32];
     for (i, v) in xt.iter_mut().enumerate() {
@@ -380,6 +459,21 @@ pub(super) unsafe fn qkx2_avx2(
     nstep: i32,
 ) -> Qkx2Lanes {
     qkx2_lanes::<F32x8>(x, nmax, rmin, rdelta, nstep)
+}
+
+/// [`qkx2_lanes`] for two consecutive super-blocks at once (16 lanes in two AVX2 vectors).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn qkx2_pair_avx2(
+    x: &[f32; 512],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> Qkx2Lanes {
+    qkx2_lanes::<F32x8x2>(x, nmax, rmin, rdelta, nstep)
 }
 
 /// Per-sub-block results of the Q6_K search (`make_qx_quants`, nmax 32).
