@@ -181,20 +181,19 @@ fn exactness_passes_every_type_with_one_bound() {
         // Each step's seconds, in the order they ran, adding up to the run's.
         let stages = r["stages"].as_array().unwrap();
         let names: Vec<&str> = stages.iter().map(|t| t["name"].as_str().unwrap()).collect();
-        assert_eq!(
-            names,
-            [
-                "sha256",
-                "header",
-                "tensor bytes",
-                "probes",
-                "artefact forward",
-                "expected forward",
-                "source forward",
-                "report"
-            ],
-            "{what}"
-        );
+        // On the CPU the artefact and expected forwards run side by side (one step).
+        let forwards: &[&str] = if r["device"] == "cpu" {
+            &["artefact and expected forwards"]
+        } else {
+            &["artefact forward", "expected forward"]
+        };
+        let want = [
+            &["sha256", "header", "tensor bytes", "probes"][..],
+            forwards,
+            &["source forward", "report"],
+        ]
+        .concat();
+        assert_eq!(names, want, "{what}");
         let sum: f64 = stages.iter().map(|t| t["seconds"].as_f64().unwrap()).sum();
         let total = r["seconds"].as_f64().unwrap();
         assert!(
@@ -431,6 +430,94 @@ fn faults_inside_quantization_noise_fail_exactness() {
             );
         }
         println!("  (unbroken {ty}: quality KL mean {base_kl:.3e})");
+    }
+}
+
+/// On the CPU the expected model takes the products it shares with the artefact forward
+/// (`model::paired`). That must change no figure, no check and no exit code: the same run with
+/// sharing switched off (MMFUSER_VERIFY_SHARE=0) gives the same report, bit for bit, for a good
+/// artefact and for faults in a tensor, in the metadata and in the Q/K layout. And it must share:
+/// all but the Q/K products on a good file, fewer once a fault makes the streams part.
+#[test]
+fn shared_products_change_no_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (f16, mmproj) = convert(d);
+    let q = quantize_to(&f16, d, "Q4_K_M");
+    let all = faults(d, "Q4_K_M", &q, &mmproj);
+    let mut cases: Vec<(String, PathBuf)> = vec![("unbroken Q4_K_M".into(), q.clone())];
+    for (what, l, _) in all {
+        if ["one block scale", "rope theta", "heads 0 and 1"]
+            .iter()
+            .any(|w| what.starts_with(w))
+        {
+            cases.push((what, l));
+        }
+    }
+    assert_eq!(cases.len(), 4, "the fault set changed");
+    let verify_env = |l: &Path, share: &str| {
+        let o = Command::new(BIN)
+            .args([
+                "verify",
+                CK,
+                "--vision-tower",
+                TOWER,
+                "--gguf",
+                l.to_str().unwrap(),
+                "--mmproj",
+                mmproj.to_str().unwrap(),
+                "--json",
+                "--device",
+                "cpu",
+            ])
+            .env("MMFUSER_VERIFY_SHARE", share)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (o.status.code(), v)
+    };
+    let mut unbroken_shared = 0;
+    for (what, l) in &cases {
+        let (rc_on, on) = verify_env(l, "1");
+        let (rc_off, off) = verify_env(l, "0");
+        assert_eq!(rc_on, rc_off, "{what}");
+        for key in [
+            "exact_logits",
+            "exact_image_embeddings",
+            "quality_logits",
+            "quality_image_embeddings",
+            "passed",
+            "reasons",
+            "probes",
+        ] {
+            assert_eq!(on[key], off[key], "{what}: {key}");
+        }
+        let status = |r: &serde_json::Value| -> Vec<String> {
+            r["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| format!("{} {}", c["name"], c["status"]))
+                .collect()
+        };
+        assert_eq!(status(&on), status(&off), "{what}");
+        assert!(off.get("exact_shared_products").is_none(), "{what}");
+        let sh = &on["exact_shared_products"];
+        let (shared, computed) = (
+            sh["shared"].as_u64().unwrap(),
+            sh["computed"].as_u64().unwrap(),
+        );
+        println!("  {what:<52} shared {shared:>3}, computed {computed:>3}, exit {rc_on:?}");
+        if what.starts_with("unbroken") {
+            assert_eq!(rc_on, Some(0));
+            // Every product is shared, the Q/K ones (HF row order on the expected side) with
+            // their columns put back in that order.
+            assert_eq!(computed, 0, "{what}");
+            unbroken_shared = shared;
+        } else {
+            assert_eq!(rc_on, Some(3), "{what}");
+            assert!(shared < unbroken_shared, "{what}: {shared} shared");
+        }
     }
 }
 

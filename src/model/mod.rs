@@ -9,13 +9,14 @@ pub mod clip;
 pub mod fuser;
 pub mod hparams;
 pub mod llama;
+pub mod paired;
 pub mod profile;
 pub mod weights;
 
 pub use backend::{Backend, Checked, KvType};
 pub use llama::{build_inputs, IMAGE_TOKEN};
 pub use profile::Profiled;
-pub use weights::{MemWeights, RawTensor, RopeMode, WeightSource};
+pub use weights::{MemWeights, RawTensor, RopeMode, StoredAt, WeightSource};
 
 use crate::ground::error::{Error, Result};
 use crate::model::hparams::{ModelHParams, ProjectorHParams};

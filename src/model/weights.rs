@@ -56,9 +56,36 @@ pub trait WeightSource: Send + Sync {
     /// sources drop its pages from the process (they stay in the page cache), so resident memory
     /// stays near one layer instead of growing to the whole mapped model.
     fn release(&self, _name: &str) {}
+    /// Where the weight's stored bytes lie, if they stay in one place for the source's lifetime
+    /// (a memory-mapped file). Two weights of one name at the same place are the same bytes, so
+    /// the same product, up to the order of rows (`paired` shares it between two forwards).
+    /// None (the default): bytes made on demand, never shared.
+    fn stored_at(&self, _name: &str) -> Option<StoredAt> {
+        None
+    }
     /// f32 candle Tensor (CPU) of the weight, in its PyTorch shape.
     fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         raw_to_f32(self, name, self.raw(name)?)
+    }
+}
+
+/// Where a weight's stored bytes lie ([`WeightSource::stored_at`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAt {
+    /// Address and length of the bytes.
+    pub bytes: (usize, usize),
+    /// None: the weight is those bytes, rows in order. Some(order): the weight is those bytes
+    /// with row `i` moved to row `order[i]` (a permutation of whole rows).
+    pub rows: Option<Vec<usize>>,
+}
+
+impl StoredAt {
+    /// The place of `data`, rows in order.
+    pub fn of(data: &[u8]) -> Self {
+        StoredAt {
+            bytes: (data.as_ptr() as usize, data.len()),
+            rows: None,
+        }
     }
 }
 
@@ -185,6 +212,11 @@ impl WeightSource for MemWeights {
     }
     fn origin(&self) -> PathBuf {
         PathBuf::from("<memory>")
+    }
+    /// The bytes stay where they are while the source is borrowed (no insert can move them).
+    fn stored_at(&self, name: &str) -> Option<StoredAt> {
+        let (_, _, data) = self.tensors.get(name)?;
+        Some(StoredAt::of(data))
     }
 }
 

@@ -4,7 +4,7 @@ use crate::formats::checkpoint::tokenizer::GgufVocab;
 use crate::formats::gguf::{GgufFile, Value};
 use crate::ground::error::{Error, Result};
 use crate::model::hparams::ModelHParams;
-use crate::model::weights::{RawTensor, WeightSource};
+use crate::model::weights::{RawTensor, StoredAt, WeightSource};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
@@ -87,6 +87,10 @@ impl WeightSource for GgufWeights {
     }
     fn origin_of(&self, name: &str) -> PathBuf {
         self.file_for(name).path.clone()
+    }
+    fn stored_at(&self, name: &str) -> Option<StoredAt> {
+        let g = self.file_for(name);
+        Some(StoredAt::of(g.data(g.tensor(name)?)))
     }
     fn release(&self, name: &str) {
         if self.keep_resident {

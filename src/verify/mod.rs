@@ -20,13 +20,12 @@ use report::{check, dedup};
 
 use crate::convert::manifest::Manifest;
 use crate::convert::recipe::ArtefactKind;
-use crate::convert::source::{Source, SourceRow};
+use crate::convert::source::Source;
 use crate::ground::digest::sha256_file;
-use crate::ground::dtype::GgmlType;
 use crate::ground::error::{Error, Result};
 use crate::ground::progress::{Progress, Unit};
 use crate::model::hparams::ModelHParams;
-use crate::model::weights::{RawTensor, RopeMode};
+use crate::model::weights::{RawTensor, RopeMode, StoredAt};
 use crate::model::{self, WeightSource};
 use crate::runtime::device::Device as RunDevice;
 use crate::runtime::weights::GgufWeights;
@@ -174,7 +173,7 @@ impl WeightSource for Expected<'_> {
             Some(t) => t.info.ty,
             None => self.src.store(r.store).get(&r.row.src)?.ty,
         };
-        if let Some(data) = self.unpermuted(name, r, ty) {
+        if let Some(data) = self.unpermuted(name) {
             return Ok(RawTensor {
                 ty,
                 shape: r.row.shape.clone(),
@@ -205,6 +204,20 @@ impl WeightSource for Expected<'_> {
     fn rope_mode(&self) -> RopeMode {
         RopeMode::Neox
     }
+    /// The artefact's place for the tensors read from it (the same bytes, so the same products
+    /// as the artefact forward's), with the rows' order for those put back in the checkpoint's
+    /// (the same products, columns reordered); None for those encoded here.
+    fn stored_at(&self, name: &str) -> Option<StoredAt> {
+        if let Some(art) = self.reused(name) {
+            return art.stored_at(name);
+        }
+        let (art, order) = self.reordered(name)?;
+        let at = art.stored_at(name)?;
+        Some(StoredAt {
+            rows: Some(order),
+            ..at
+        })
+    }
 }
 
 impl<'a> Expected<'a> {
@@ -219,22 +232,30 @@ impl<'a> Expected<'a> {
         })
     }
 
-    /// A tensor the plan permutes, proven equal to the plan's output: the artefact's rows put
-    /// back where the checkpoint stores them. These are the bytes `emit_as_stored` would encode
-    /// again (blocks run along rows, so encoding commutes with moving whole rows), at the cost
-    /// of a copy. The order undone is the one the plan's own transform applies, found by running
-    /// it (`Source::transform_order`), so a wrong permutation is undone, not trusted: the
-    /// weights are the checkpoint's rows as stored whatever it did, and the forward still
-    /// tells a wrong layout. None (encode again) in any other case.
-    fn unpermuted(&self, name: &str, r: &SourceRow, ty: GgmlType) -> Option<Vec<u8>> {
+    /// A tensor the plan permutes, proven equal to the plan's output: the artefact (whose tensor
+    /// has the checkpoint's shape) and the order of the plan's permutation (`order[dst] = src`).
+    /// The order is the one the plan's own transform applies, found by running it
+    /// (`Source::transform_order`), so a wrong permutation is undone, not trusted: the weights are
+    /// the checkpoint's rows as stored whatever it did, and the forward still tells a wrong layout.
+    fn reordered(&self, name: &str) -> Option<(&'a GgufWeights, Vec<usize>)> {
         let art = self.art.filter(|_| self.proven.contains(name))?;
+        let r = self.src.row(name)?;
         let rows = *r.row.shape.first()?;
         let order = self.src.transform_order(r, rows)?;
+        let g = art.file_of(name);
+        let t = g.tensor(name)?;
+        let shape: Vec<usize> = t.info.ne.iter().rev().map(|&d| d as usize).collect();
+        (shape == r.row.shape && g.data(t).len() % rows == 0).then_some((art, order))
+    }
+
+    /// A [`reordered`](Self::reordered) tensor's bytes: the artefact's rows put back where the
+    /// checkpoint stores them. These are the bytes `emit_as_stored` would encode again (blocks
+    /// run along rows, so encoding commutes with moving whole rows), at the cost of a copy.
+    /// None (encode again) in any other case.
+    fn unpermuted(&self, name: &str) -> Option<Vec<u8>> {
+        let (art, order) = self.reordered(name)?;
         let t = art.raw(name).ok()?;
-        if t.ty != ty || t.shape != r.row.shape || t.data.len() % rows != 0 {
-            return None;
-        }
-        let row_bytes = t.data.len() / rows;
+        let row_bytes = t.data.len() / order.len();
         let mut data = vec![0u8; t.data.len()];
         for (dst, &src) in order.iter().enumerate() {
             data[src * row_bytes..(src + 1) * row_bytes]
@@ -264,11 +285,17 @@ impl WeightSource for Counted<'_> {
     fn origin(&self) -> PathBuf {
         self.inner.origin()
     }
+    fn origin_of(&self, name: &str) -> PathBuf {
+        self.inner.origin_of(name)
+    }
     fn release(&self, name: &str) {
         self.inner.release(name)
     }
     fn rope_mode(&self) -> RopeMode {
         self.inner.rope_mode()
+    }
+    fn stored_at(&self, name: &str) -> Option<StoredAt> {
+        self.inner.stored_at(name)
     }
 }
 
@@ -571,6 +598,7 @@ fn exact_step(
     exact: &Rows,
     has_image: bool,
     imatrix: bool,
+    sharing: Option<model::paired::Sharing>,
     checks: &mut Vec<Check>,
     reasons: &mut Vec<String>,
 ) {
@@ -599,8 +627,23 @@ fn exact_step(
         } else {
             "fail"
         },
-        format!("artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e}"),
+        match sharing {
+            Some(sh) => format!(
+                "artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e} (run side by side: the expected model took {} of its {} products from the artefact forward, same weight bytes and inputs bit for bit, and computed the other {})",
+                sh.shared,
+                sh.shared + sh.computed,
+                sh.computed
+            ),
+            None => format!("artefact vs expected model, relative RMS of logits and image embeddings <= {EXACT_REL_RMS_BOUND:.0e}"),
+        },
     ));
+}
+
+/// Whether verify on the CPU runs the artefact and expected forwards side by side, sharing
+/// their common products (`model::paired`): yes unless `MMFUSER_VERIFY_SHARE=0` (the same
+/// figures either way, bit for bit; the switch exists to show that, and to time the difference).
+fn share_products() -> bool {
+    std::env::var("MMFUSER_VERIFY_SHARE").map_or(true, |v| v != "0")
 }
 
 /// Check 5: quality against the float source, judged only under --tolerance / --image-tolerance.
@@ -797,18 +840,6 @@ pub fn run_on(
             "tensors are missing from the artefact or have other shapes".into()
         });
     }
-    // An error in the artefact forward is one the probe itself causes (as on the source side).
-    let art_out = match &art_blocked {
-        None => {
-            let out = run_side(&art, &hp_art, true, "forward 1/3, artefact")?;
-            clock.lap("artefact forward");
-            Some(out)
-        }
-        Some(_) => None,
-    };
-    let blocked = art_blocked
-        .clone()
-        .unwrap_or_else(|| "the artefact forward did not run".into());
     let road = tensors.roads.values().next().and_then(|r| {
         exactness::INTERMEDIATES
             .iter()
@@ -816,29 +847,84 @@ pub fn run_on(
             .copied()
             .flatten()
     });
+    let exp = Expected {
+        src: &src,
+        art: Some(&art),
+        proven: &proven,
+        via: road,
+    };
+    // On the CPU the artefact and expected forwards run side by side and the expected one takes
+    // the products it has in common with the artefact's (model::paired: same weight bytes, same
+    // inputs bit for bit, so the same results); elsewhere, one after the other.
+    let pair = art_blocked.is_none()
+        && imatrix_note.is_none()
+        && matches!(dev, RunDevice::Cpu)
+        && share_products();
+    let mut sharing = None;
+    // An error in the artefact forward is one the probe itself causes (as on the source side).
+    let (art_out, exp_out) = match &art_blocked {
+        None if pair => {
+            let what = "forwards 1-2/3, artefact and expected side by side";
+            progress.start(what, 2 * n_weights, Unit::Tensors);
+            let (a_ws, e_ws) = (
+                Counted {
+                    inner: &art,
+                    progress,
+                },
+                Counted {
+                    inner: &exp,
+                    progress,
+                },
+            );
+            let (mut a_outs, mut e_outs) = (vec![], vec![]);
+            let mut total = model::paired::Sharing::default();
+            for p in &probes_in {
+                let (a, e, sh) = model::paired::run(
+                    &crate::cpu::CpuBackend,
+                    |b| forward(b, &a_ws, &hp_art, &p.pv, &p.art_ids),
+                    |b| forward(b, &e_ws, &hp_src, &p.pv, &p.ids),
+                );
+                a_outs.push(a.and_then(outputs)?);
+                e_outs.push(e.and_then(outputs)?);
+                total.shared += sh.shared;
+                total.computed += sh.computed;
+            }
+            progress.finish();
+            clock.lap("artefact and expected forwards");
+            sharing = Some(total);
+            (Some(a_outs), Some(e_outs))
+        }
+        None => {
+            let out = run_side(&art, &hp_art, true, "forward 1/3, artefact")?;
+            clock.lap("artefact forward");
+            (Some(out), None)
+        }
+        Some(_) => (None, None),
+    };
+    let blocked = art_blocked
+        .clone()
+        .unwrap_or_else(|| "the artefact forward did not run".into());
     let exact = match (&art_out, &imatrix_note) {
         (_, Some(_)) => Rows::not(
             "importance matrix: the expected model cannot be re-derived",
             n_probes,
         ),
         (None, _) => Rows::not(&blocked, n_probes),
-        (Some(a), None) => {
-            let exp = Expected {
-                src: &src,
-                art: Some(&art),
-                proven: &proven,
-                via: road,
-            };
-            let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
-            let rows = Rows::compare(&e, "expected", a, false, &tag, &mut reasons);
-            clock.lap("expected forward");
-            rows
-        }
+        (Some(a), None) => match exp_out {
+            Some(e) => Rows::compare(&e, "expected", a, false, &tag, &mut reasons),
+            None => {
+                let e = run_side(&exp, &hp_src, false, "forward 2/3, expected")?;
+                let rows = Rows::compare(&e, "expected", a, false, &tag, &mut reasons);
+                clock.lap("expected forward");
+                rows
+            }
+        },
     };
     exact_step(
         &exact,
         probes_in.iter().any(|p| p.has_image),
         imatrix_note.is_some(),
+        sharing,
         &mut checks,
         &mut reasons,
     );
@@ -921,6 +1007,7 @@ pub fn run_on(
         exact_image_embeddings: exact.emb.clone(),
         exact_logits: exact.logits.clone(),
         exact_bound_rel_rms: EXACT_REL_RMS_BOUND,
+        exact_shared_products: sharing,
         quality_image_embeddings: quality.emb.clone(),
         quality_logits: quality.logits.clone(),
         tolerance_kl_mean: opts.tolerance,
@@ -1049,21 +1136,34 @@ mod tests {
             for r in &src.rows {
                 let name = &r.row.dst;
                 let ty = art.raw(name).unwrap().ty;
-                let got = exp.unpermuted(name, r, ty);
+                let got = exp.unpermuted(name);
+                let art_at = art.stored_at(name).unwrap();
                 if r.row.transform.is_none() {
                     assert!(got.is_none(), "{name}");
+                    // Read from the artefact itself: its place, rows in order.
+                    assert_eq!(exp.stored_at(name), Some(art_at), "{name}");
                     continue;
                 }
+                // The artefact's place, with the rows' order undone.
+                let order = src.transform_order(r, r.row.shape[0]).unwrap();
+                assert_eq!(
+                    exp.stored_at(name),
+                    Some(crate::model::StoredAt {
+                        rows: Some(order),
+                        ..art_at
+                    }),
+                    "{name}"
+                );
                 let want = exactness::emit_as_stored(&src, r, ty, None).unwrap();
                 assert!(got.as_ref() == Some(&want), "{ft:?} {name}");
                 assert_eq!(exp.raw(name).unwrap().data.as_ref(), &want[..]);
                 // Not proven: encoded again, never taken from the artefact.
-                assert!(Expected {
+                let unproven = Expected {
                     proven: &HashSet::new(),
                     ..exp
-                }
-                .unpermuted(name, r, ty)
-                .is_none());
+                };
+                assert!(unproven.unpermuted(name).is_none());
+                assert!(unproven.stored_at(name).is_none());
                 moved += 1;
             }
             assert_eq!(moved, 2 * src.hparams.llama.n_layer, "{ft:?}");

@@ -78,6 +78,10 @@ pub struct Report {
     pub exact_image_embeddings: Row,
     pub exact_logits: Row,
     pub exact_bound_rel_rms: f64,
+    /// When the artefact and expected forwards ran side by side (`model::paired`): the expected
+    /// model's products taken from the artefact forward, and those it computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_shared_products: Option<crate::model::paired::Sharing>,
     /// Artefact forward vs float source forward (quality).
     pub quality_image_embeddings: Row,
     pub quality_logits: Row,
