@@ -685,12 +685,67 @@ mod avx2 {
         k
     }
 
+    /// Byte masks for `_mm256_shuffle_epi8` that broadcast one i16 of each 128-bit half: word
+    /// `w` of the low half to the low 8 words, word `v` of the high half to the high 8 words.
+    #[inline(always)]
+    unsafe fn word_mask(w: i8, v: i8) -> __m256i {
+        let (a, b) = (2 * w, 2 * v);
+        _mm256_setr_epi8(
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+        )
+    }
+
     /// One weight row of Q4_K against one activation row (decode): `tile::<1, false>` with the
     /// scales decoded in registers and everything held in registers, the same lanes and folds.
+    /// The decode is bound by the weight stream and by the core's own work per block, so the
+    /// sub-block scales are broadcast by shuffles from one vector (one op each) rather than
+    /// moved in from integer registers (two).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let blocks = (w.len() / 144).min(a.len());
         let m4 = _mm256_set1_epi8(0xF);
+        // Chunk c's two scales are words 2c and 2c + 1 of the 8: low half of `sc` twice.
+        let masks = [
+            word_mask(0, 0),
+            word_mask(1, 1),
+            word_mask(2, 2),
+            word_mask(3, 3),
+            word_mask(4, 4),
+            word_mask(5, 5),
+            word_mask(6, 6),
+            word_mask(7, 7),
+        ];
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 144);
@@ -698,6 +753,8 @@ mod avx2 {
             let h = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.cast::<i32>().read_unaligned()));
             let (d, dmin) = (_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1)));
             let (sc, m) = scale_words(wb);
+            let sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64));
+            let scv = _mm256_setr_m128i(sc16, sc16);
             let mb = _mm_cvtsi64_si128(m as i64);
             let m16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb));
             let aq = ab.qs.as_ptr() as *const u8;
@@ -706,8 +763,8 @@ mod avx2 {
                 let v = load(wb.add(16 + 32 * c));
                 let lo = _mm256_and_si256(v, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                let s1 = _mm256_set1_epi16(((sc >> (16 * c)) & 0xff) as i16);
-                let s2 = _mm256_set1_epi16(((sc >> (16 * c + 8)) & 0xff) as i16);
+                let s1 = _mm256_shuffle_epi8(scv, masks[2 * c]);
+                let s2 = _mm256_shuffle_epi8(scv, masks[2 * c + 1]);
                 let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(aq.add(64 * c))), s1);
                 let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32))), s2);
                 q = _mm256_add_epi32(q, _mm256_add_epi32(p1, p2));
@@ -721,10 +778,19 @@ mod avx2 {
     }
 
     /// One weight row of Q6_K against one activation row (decode): `tile::<1, true>` with the
-    /// scales widened in registers, the same lanes and fold.
+    /// scales widened in registers, the same lanes and fold; each group's pair of scales is
+    /// shuffled out of the widened scales (see `q4k_row`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let blocks = (w.len() / 210).min(a.len());
+        // Group kk of a half: scales 2kk (i16 lanes 0..7) and 2kk + 1 (lanes 8..15) of that
+        // half's 8, which `halves` puts in both 128-bit lanes.
+        let masks = [
+            word_mask(0, 1),
+            word_mask(2, 3),
+            word_mask(4, 5),
+            word_mask(6, 7),
+        ];
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 210);
@@ -734,16 +800,16 @@ mod avx2 {
             ));
             let d = _mm_cvtss_f32(h);
             let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192) as *const __m128i));
-            let scb = wb.add(192) as *const i8;
+            let halves = [
+                _mm256_permute4x64_epi64::<0b01_00_01_00>(sc),
+                _mm256_permute4x64_epi64::<0b11_10_11_10>(sc),
+            ];
             let aq = ab.qs.as_ptr() as *const u8;
             let (ql, qh) = (wb, wb.add(128));
             let mut q = _mm256_setzero_si256();
-            for h in 0..2 {
+            for (h, half) in halves.iter().enumerate() {
                 for (kk, &l) in q6k_levels(ql, qh, h).iter().enumerate() {
-                    let scv = _mm256_setr_m128i(
-                        _mm_set1_epi16(*scb.add(8 * h + 2 * kk) as i16),
-                        _mm_set1_epi16(*scb.add(8 * h + 2 * kk + 1) as i16),
-                    );
+                    let scv = _mm256_shuffle_epi8(*half, masks[kk]);
                     let p = _mm256_maddubs_epi16(l, load(aq.add(128 * h + 32 * kk)));
                     q = _mm256_add_epi32(q, _mm256_madd_epi16(p, scv));
                 }
