@@ -49,6 +49,16 @@ fn convert(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn verify(llm: &Path, mmproj: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    verify_env(llm, mmproj, extra, &[])
+}
+
+/// [`verify`] with extra environment variables.
+fn verify_env(
+    llm: &Path,
+    mmproj: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, serde_json::Value, String) {
     let mut args = vec![
         "verify",
         CK,
@@ -61,9 +71,18 @@ fn verify(llm: &Path, mmproj: &Path, extra: &[&str]) -> (i32, serde_json::Value,
         "--json",
     ];
     args.extend_from_slice(extra);
-    let (rc, out, err) = run(&args);
+    let o = Command::new(BIN)
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
     let v = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
-    (rc, v, err)
+    (
+        o.status.code().unwrap_or(-1),
+        v,
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 /// `quantize IN --type TY -o DIR/q-TY.gguf` (writes q-TY.manifest.json beside it).
@@ -455,31 +474,11 @@ fn shared_products_change_no_figure() {
         }
     }
     assert_eq!(cases.len(), 4, "the fault set changed");
-    let verify_env = |l: &Path, share: &str| {
-        let o = Command::new(BIN)
-            .args([
-                "verify",
-                CK,
-                "--vision-tower",
-                TOWER,
-                "--gguf",
-                l.to_str().unwrap(),
-                "--mmproj",
-                mmproj.to_str().unwrap(),
-                "--json",
-                "--device",
-                "cpu",
-            ])
-            .env("MMFUSER_VERIFY_SHARE", share)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        (o.status.code(), v)
-    };
     let mut unbroken_shared = 0;
     for (what, l) in &cases {
-        let (rc_on, on) = verify_env(l, "1");
-        let (rc_off, off) = verify_env(l, "0");
+        let cpu = ["--device", "cpu"];
+        let (rc_on, on, _) = verify_env(l, &mmproj, &cpu, &[("MMFUSER_VERIFY_SHARE", "1")]);
+        let (rc_off, off, _) = verify_env(l, &mmproj, &cpu, &[("MMFUSER_VERIFY_SHARE", "0")]);
         assert_eq!(rc_on, rc_off, "{what}");
         for key in [
             "exact_logits",
@@ -507,15 +506,15 @@ fn shared_products_change_no_figure() {
             sh["shared"].as_u64().unwrap(),
             sh["computed"].as_u64().unwrap(),
         );
-        println!("  {what:<52} shared {shared:>3}, computed {computed:>3}, exit {rc_on:?}");
+        println!("  {what:<52} shared {shared:>3}, computed {computed:>3}, exit {rc_on}");
         if what.starts_with("unbroken") {
-            assert_eq!(rc_on, Some(0));
+            assert_eq!(rc_on, 0);
             // Every product is shared, the Q/K ones (HF row order on the expected side) with
             // their columns put back in that order.
             assert_eq!(computed, 0, "{what}");
             unbroken_shared = shared;
         } else {
-            assert_eq!(rc_on, Some(3), "{what}");
+            assert_eq!(rc_on, 3, "{what}");
             assert!(shared < unbroken_shared, "{what}: {shared} shared");
         }
     }

@@ -85,7 +85,7 @@ struct Done<'a, T> {
 
 impl<T> Drop for Done<'_, T> {
     fn drop(&mut self) {
-        let mut s = self.ex.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.ex.state();
         match self.role {
             Role::Leader => s.leader_done = true,
             Role::Follower => {
@@ -149,6 +149,14 @@ where
         computed: s.computed,
     };
     (rl, rf, sharing)
+}
+
+impl<T> Exchange<T> {
+    /// The shared state (a side that panicked holding it left it consistent: every change is
+    /// one push, pop or count).
+    fn state(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl<B: Backend + ?Sized> Paired<'_, B> {
@@ -228,7 +236,7 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
     ) -> Result<B::T> {
         let weight = ws.stored_at(name).map(|at| (name.to_string(), at));
         let y = self.inner.linear_from(ws, name, x, bias)?;
-        let mut s = self.ex.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.ex.state();
         while s.queue.len() >= AHEAD && !s.follower_done {
             s = self.ex.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -254,7 +262,7 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
         index: usize,
     ) -> Result<B::T> {
         let theirs = {
-            let mut s = self.ex.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.ex.state();
             loop {
                 while s.queue.front().is_some_and(|p| p.index < index) {
                     s.queue.pop_front();
@@ -272,20 +280,12 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
         };
         if let (Some(p), Some(mine)) = (theirs, ws.stored_at(name)) {
             if let Some(y) = self.same_product(p, name, &mine, x, bias)? {
-                self.ex
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .shared += 1;
+                self.ex.state().shared += 1;
                 return Ok(y);
             }
         }
         let y = self.inner.linear_from(ws, name, x, bias)?;
-        self.ex
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .computed += 1;
+        self.ex.state().computed += 1;
         Ok(y)
     }
 }

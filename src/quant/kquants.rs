@@ -104,6 +104,33 @@ impl Isa {
     }
 }
 
+/// A Q4_K / Q5_K super-block before packing: (d, dmin, packed 6-bit scales and mins, levels).
+type Levels = (f16, f16, [u8; 12], [u8; QK_K]);
+
+/// The `make_qkx2_quants` search of a format: levels 0..=nmax, `nstep + 1` candidate inverse
+/// scales `(rmin + rdelta*is + nmax) / (max - min)`.
+#[derive(Clone, Copy)]
+struct Search {
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+}
+
+/// ggml's parameters for Q4_K and Q5_K (`quantize_row_q4_K_ref`, `quantize_row_q5_K_ref`).
+const Q4K_SEARCH: Search = Search {
+    nmax: 15,
+    rmin: -1.0,
+    rdelta: 0.1,
+    nstep: 20,
+};
+const Q5K_SEARCH: Search = Search {
+    nmax: 31,
+    rmin: -0.5,
+    rdelta: 0.1,
+    nstep: 15,
+};
+
 fn as_block(x: &[f32]) -> &[f32; QK_K] {
     x.try_into().expect("256 values per super-block")
 }
@@ -171,13 +198,13 @@ fn finish_scale_min_k(
 /// Steps (1)-(3) shared by Q4_K and Q5_K: returns (d, dmin, packed scales, levels 0..=nmax).
 /// `rmin/rdelta/nstep` are the make_qkx2_quants search parameters of the format.
 #[inline(always)]
-fn quantize_scale_min_k_scalar(
-    x: &[f32; QK_K],
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+fn quantize_scale_min_k_scalar(x: &[f32; QK_K], search: Search) -> Levels {
+    let Search {
+        nmax,
+        rmin,
+        rdelta,
+        nstep,
+    } = search;
     let mut levels = [0u8; QK_K];
     let mut laux = [0u8; 32];
     let mut weights = [0f32; 32];
@@ -211,45 +238,50 @@ fn quantize_scale_min_k_scalar(
 /// [`quantize_scale_min_k_scalar`] with the search in AVX2 lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn quantize_scale_min_k_avx2(
-    x: &[f32; QK_K],
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f16, f16, [u8; 12], [u8; QK_K]) {
-    let r = simd::qkx2_avx2(x, nmax, rmin, rdelta, nstep);
-    finish_lanes(x, &r, 0, nmax)
+unsafe fn quantize_scale_min_k_avx2(x: &[f32; QK_K], s: Search) -> Levels {
+    let r = simd::qkx2_avx2(x, s.nmax, s.rmin, s.rdelta, s.nstep);
+    finish_lanes(x, &r, 0, s.nmax)
 }
 
 /// As [`quantize_scale_min_k_avx2`] for two consecutive super-blocks, whose searches share the
-/// vectors (16 lanes): the same bytes, about 1.5x faster (two independent dependency chains).
+/// vectors (16 lanes): the same bytes, faster (two independent dependency chains).
+///
+/// # Safety
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn quantize_scale_min_k_pair_avx2(
-    x: &[f32; 2 * QK_K],
-    nmax: i32,
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> [(f16, f16, [u8; 12], [u8; QK_K]); 2] {
-    let r = simd::qkx2_pair_avx2(x, nmax, rmin, rdelta, nstep);
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_scale_min_k_pair_avx2(x: &[f32; 2 * QK_K], s: Search) -> [Levels; 2] {
+    let r = simd::qkx2_pair_avx2(x, s.nmax, s.rmin, s.rdelta, s.nstep);
     let (a, b) = x.split_at(QK_K);
     [
-        finish_lanes(as_block(a), &r, 0, nmax),
-        finish_lanes(as_block(b), &r, 8, nmax),
+        finish_lanes(as_block(a), &r, 0, s.nmax),
+        finish_lanes(as_block(b), &r, 8, s.nmax),
     ]
+}
+
+/// Q4_K / Q5_K `quantize_many_with`: super-blocks in pairs through the AVX2 search where the
+/// CPU has it (`quantize_run`), each result `pack`ed into the format's block.
+fn scale_min_k_many<B: Block>(
+    x: &[f32],
+    out: &mut [u8],
+    isa: Isa,
+    search: Search,
+    one: impl Fn(&[f32; QK_K], Isa) -> B,
+    pack: fn(Levels) -> B,
+) {
+    quantize_run(x, out, isa, one, |xs| {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
+        return unsafe { quantize_scale_min_k_pair_avx2(xs, search) }.map(pack);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no SIMD search off x86-64: {} {}", xs.len(), search.nmax)
+    })
 }
 
 /// Steps (2)-(3) for the super-block `x` whose search results are lanes `at..at + 8` of `r`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn finish_lanes(
-    x: &[f32; QK_K],
-    r: &simd::Qkx2Lanes,
-    at: usize,
-    nmax: i32,
-) -> (f16, f16, [u8; 12], [u8; QK_K]) {
+fn finish_lanes(x: &[f32; QK_K], r: &simd::Qkx2Lanes, at: usize, nmax: i32) -> Levels {
     let lanes = |v: &[f32; 16]| -> [f32; 8] { v[at..at + 8].try_into().expect("8 lanes") };
     let mut levels = [0u8; QK_K];
     let (scales, mins) = (lanes(&r.scale), lanes(&r.min));
@@ -313,35 +345,23 @@ impl BlockQ4K {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `usable` checked that the CPU has AVX2.
             Isa::Avx2 | Isa::Avx512 => unsafe { Self::quantize_avx2(x) },
-            _ => Self::pack(quantize_scale_min_k_scalar(x, 15, -1.0, 0.1, 20)),
+            _ => Self::pack(quantize_scale_min_k_scalar(x, Q4K_SEARCH)),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn quantize_avx2(x: &[f32; QK_K]) -> Self {
-        Self::pack(quantize_scale_min_k_avx2(x, 15, -1.0, 0.1, 20))
+        Self::pack(quantize_scale_min_k_avx2(x, Q4K_SEARCH))
     }
 
     /// [`Block::quantize_many`] with a given implementation of the search (same bytes for all).
     pub(crate) fn quantize_many_with(x: &[f32], out: &mut [u8], isa: Isa) {
-        quantize_run(x, out, isa, Self::quantize_with, |xs| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
-            return unsafe { Self::quantize_pair_avx2(xs) };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("no SIMD search off x86-64: {}", xs.len())
-        })
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn quantize_pair_avx2(x: &[f32; 2 * QK_K]) -> [Self; 2] {
-        quantize_scale_min_k_pair_avx2(x, 15, -1.0, 0.1, 20).map(Self::pack)
+        scale_min_k_many(x, out, isa, Q4K_SEARCH, Self::quantize_with, Self::pack)
     }
 
     #[inline(always)]
-    fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
+    fn pack((d, dmin, scales, l): Levels) -> Self {
         let mut qs = [0u8; QK_K / 2];
         for c in 0..4 {
             for i in 0..32 {
@@ -424,35 +444,23 @@ impl BlockQ5K {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `usable` checked that the CPU has AVX2.
             Isa::Avx2 | Isa::Avx512 => unsafe { Self::quantize_avx2(x) },
-            _ => Self::pack(quantize_scale_min_k_scalar(x, 31, -0.5, 0.1, 15)),
+            _ => Self::pack(quantize_scale_min_k_scalar(x, Q5K_SEARCH)),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn quantize_avx2(x: &[f32; QK_K]) -> Self {
-        Self::pack(quantize_scale_min_k_avx2(x, 31, -0.5, 0.1, 15))
+        Self::pack(quantize_scale_min_k_avx2(x, Q5K_SEARCH))
     }
 
     /// [`Block::quantize_many`] with a given implementation of the search (same bytes for all).
     pub(crate) fn quantize_many_with(x: &[f32], out: &mut [u8], isa: Isa) {
-        quantize_run(x, out, isa, Self::quantize_with, |xs| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
-            return unsafe { Self::quantize_pair_avx2(xs) };
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("no SIMD search off x86-64: {}", xs.len())
-        })
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn quantize_pair_avx2(x: &[f32; 2 * QK_K]) -> [Self; 2] {
-        quantize_scale_min_k_pair_avx2(x, 31, -0.5, 0.1, 15).map(Self::pack)
+        scale_min_k_many(x, out, isa, Q5K_SEARCH, Self::quantize_with, Self::pack)
     }
 
     #[inline(always)]
-    fn pack((d, dmin, scales, l): (f16, f16, [u8; 12], [u8; QK_K])) -> Self {
+    fn pack((d, dmin, scales, l): Levels) -> Self {
         let mut qs = [0u8; QK_K / 2];
         let mut qh = [0u8; QK_K / 8];
         for c in 0..4 {
