@@ -3,7 +3,10 @@
 //! performs exactly the scalar sequence of f32 operations of its sub-block — the same sums in
 //! the same index order, the same `(w*l)*l` products, ggml's `nearest_int` bit trick, the same
 //! strict comparisons — with per-lane selects in place of branches. No FMA is ever used, so
-//! the results are bit-identical to the scalar reference (and to ggml's x86-64 build).
+//! the results are bit-identical to the scalar reference (and to ggml's x86-64 build). One
+//! shortcut, value for value: in the Q4_K/Q5_K search passes, where a cheap bound shows every
+//! lane's `iscale * (x - min)` is far inside the range where ggml's bit trick equals rounding to
+//! nearest even (`short_road`), the levels are rounded and clamped as floats (3 ops, not 6).
 //!
 //! Lanes whose scalar code would return early (a flat sub-block in `make_qkx2_quants`, an
 //! all-below-`GROUP_MAX_EPS` one in `make_qx_quants`) run the search on garbage (inf/NaN,
@@ -65,6 +68,11 @@ pub(super) trait Vf: Copy {
     unsafe fn bits(m: Self::M) -> u32;
     /// `nearest_int(self).clamp(lo, hi) as f32` (ggml's bit trick, then an exact conversion).
     unsafe fn level(self, lo: i32, hi: i32) -> Self;
+    /// [`level`](Vf::level) with `lo` = 0, in three float ops (round to nearest even, max, min)
+    /// instead of six. Equal to it wherever |self| <= 2^22 - 1 (the bit trick is exact there:
+    /// self + 1.5·2^23 stays below 2^24; a -0 rounds to -0 and `max(-0, +0)` gives the second
+    /// operand, +0). The caller checks a narrower range, 2^21 (`short_road`).
+    unsafe fn level0_in_range(self, hi: f32) -> Self;
 }
 
 #[derive(Clone, Copy)]
@@ -154,6 +162,14 @@ impl Vf for F32x8 {
         );
         F32x8(_mm256_cvtepi32_ps(i))
     }
+    #[inline(always)]
+    unsafe fn level0_in_range(self, hi: f32) -> Self {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0);
+        F32x8(_mm256_min_ps(
+            _mm256_max_ps(r, _mm256_setzero_ps()),
+            _mm256_set1_ps(hi),
+        ))
+    }
 }
 
 /// Two AVX2 vectors as one of 16 lanes: lanes 0..8 in the first, 8..16 in the second. Each
@@ -236,6 +252,10 @@ impl Vf for F32x8x2 {
     #[inline(always)]
     unsafe fn level(self, lo: i32, hi: i32) -> Self {
         F32x8x2(self.0.level(lo, hi), self.1.level(lo, hi))
+    }
+    #[inline(always)]
+    unsafe fn level0_in_range(self, hi: f32) -> Self {
+        F32x8x2(self.0.level0_in_range(hi), self.1.level0_in_range(hi))
     }
 }
 
@@ -332,6 +352,15 @@ impl Vf for F32x16 {
         );
         F32x16(_mm512_cvtepi32_ps(i))
     }
+    #[inline(always)]
+    unsafe fn level0_in_range(self, hi: f32) -> Self {
+        // roundscale with imm 0: round to nearest even, keep no fraction bits.
+        let r = _mm512_roundscale_ps::<0>(self.0);
+        F32x16(_mm512_min_ps(
+            _mm512_max_ps(r, _mm512_setzero_ps()),
+            _mm512_set1_ps(hi),
+        ))
+    }
 }
 
 /// Per-sub-block results of the Q4_K/Q5_K search (`make_qkx2_quants` plus the weights), for one
@@ -347,6 +376,16 @@ pub(super) struct Qkx2Lanes {
     pub min_used: [f32; 16],
     /// ... except in flat sub-blocks (bit j set: `max == min`), whose levels are all 0.
     pub flat: u32,
+}
+
+/// Whether every lane's `iscale * (x - min)`, for any x in `[xlo, max]`, is below 2^21 in
+/// magnitude, so that `level0_in_range` equals `level(0, _)` there. An upper bound computed with
+/// the same rounded operations (rounding is monotonic, so |fl(x - min)| <= fl(|max - min| +
+/// |xlo - min|) and the product's bound follows); NaN or inf anywhere answers no.
+#[inline(always)]
+unsafe fn short_road<V: Vf>(iscale: V, max: V, min: V, xlo: V) -> bool {
+    let reach = iscale.abs().mul(max.sub(min).abs().add(xlo.sub(min).abs()));
+    V::bits(reach.lt(V::splat((1u32 << 21) as f32))) == (1u32 << V::N) - 1
 }
 
 /// Q4_K/Q5_K step (1) for the `V::N` sub-blocks of 32 values of `x` (one super-block per 8):
@@ -382,6 +421,7 @@ unsafe fn qkx2_lanes<V: Vf>(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep:
         sum_w = sum_w.add(w[i]);
         sum_x = sum_x.add(w[i].mul(xt[i]));
     }
+    let xlo = min;
     min = V::select(min.gt(zero), zero, min);
     let flat = max.eq(min);
     let min0 = min;
@@ -402,15 +442,31 @@ unsafe fn qkx2_lanes<V: Vf>(x: &[f32], nmax: i32, rmin: f32, rdelta: f32, nstep:
     // decides between them (the division is off the critical path, the values are the same).
     let c_is = |is: i32| V::splat(rmin + rdelta * is as f32 + nmax_f);
     iscale = c_is(0).div(max.sub(min));
+    // Where every lane's |iscale * (x - min)| is below 2^21 the levels take the short road
+    // (`level0_in_range`). `reach` bounds it from above: x lies in [xlo, max], rounding is
+    // monotonic, and a NaN or inf bound fails the test (elsewhere ggml's bit trick yields garbage
+    // that only the trick itself reproduces).
     for is in 0..=nstep {
+        let short = short_road(iscale, max, min, xlo);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
-        for i in 0..32 {
-            let l = iscale.mul(xt[i].sub(min)).level(0, nmax);
-            laux[i] = l;
-            let wl = w[i].mul(l);
-            sum_l = sum_l.add(wl);
-            sum_l2 = sum_l2.add(wl.mul(l));
-            sum_xl = sum_xl.add(wl.mul(xt[i]));
+        // One loop body, compiled once per road (a macro: no call in the hot loop).
+        macro_rules! pass {
+            ($t:ident => $level:expr) => {
+                for i in 0..32 {
+                    let $t = iscale.mul(xt[i].sub(min));
+                    let l = $level;
+                    laux[i] = l;
+                    let wl = w[i].mul(l);
+                    sum_l = sum_l.add(wl);
+                    sum_l2 = sum_l2.add(wl.mul(l));
+                    sum_xl = sum_xl.add(wl.mul(xt[i]));
+                }
+            };
+        }
+        if short {
+            pass!(t => t.level0_in_range(nmax_f));
+        } else {
+            pass!(t => t.level(0, nmax));
         }
         let d = sum_w.mul(sum_l2).sub(sum_l.mul(sum_l));
         let d_pos = d.gt(zero);
@@ -579,4 +635,154 @@ pub(super) unsafe fn qx_avx512(x: &[f32; 256]) -> QxLanes {
     let mut out = QxLanes::default();
     qx_lanes::<F32x16>(x, &mut out, 0);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn avx2() -> bool {
+        let here = is_x86_feature_detected!("avx2");
+        if !here {
+            eprintln!("skipped: this CPU has no AVX2 (the lanes did not run)");
+        }
+        here
+    }
+
+    /// Deterministic values over every magnitude that matters: exact halves (the ties), near
+    /// integers, signed zeros, subnormals, values near the 2^21 / 2^22 edges.
+    fn probes() -> Vec<f32> {
+        let mut v = vec![
+            0.0, -0.0, 0.5, -0.5, 1.5, 2.5, -2.5, 14.5, 15.5, 16.5, 1e-40, -1e-40,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let m = (state >> 40) as f32 / (1u64 << 24) as f32;
+            let e = ((state >> 8) % 26) as i32 - 3; // 2^-3 .. 2^22
+            let sign = if state & 1 == 0 { 1.0 } else { -1.0 };
+            v.push(sign * m * 2f32.powi(e));
+            v.push(sign * ((state >> 20) % 64) as f32 + 0.5 * sign);
+        }
+        v.extend([4194303.5, -4194303.5, 2097151.5, -2097152.0, 4194304.0]);
+        v
+    }
+
+    fn lanes(f: impl Fn(F32x8) -> F32x8, x: &[f32; 8]) -> [f32; 8] {
+        let mut out = [0f32; 8];
+        // SAFETY: the callers checked AVX2.
+        unsafe { f(F32x8(_mm256_loadu_ps(x.as_ptr()))).store(out.as_mut_ptr()) };
+        out
+    }
+
+    /// The short road gives ggml's trick's bits for every |t| <= 2^22 - 1, and not beyond (why
+    /// the search asks `short_road` first; 4194303.5 already parts them).
+    #[test]
+    fn short_level_equals_the_trick_in_range() {
+        if !avx2() {
+            return;
+        }
+        let v = probes();
+        for hi in [15.0f32, 31.0] {
+            for c in v.chunks_exact(8) {
+                let x: [f32; 8] = c.try_into().unwrap();
+                // SAFETY (both closures): AVX2 checked above.
+                let short = lanes(|t| unsafe { t.level0_in_range(hi) }, &x);
+                let trick = lanes(|t| unsafe { t.level(0, hi as i32) }, &x);
+                for k in 0..8 {
+                    if x[k].abs() <= 4194303.0 {
+                        assert_eq!(short[k].to_bits(), trick[k].to_bits(), "t {} hi {hi}", x[k]);
+                    }
+                }
+            }
+        }
+        let far = [
+            f32::INFINITY,
+            8388608.0,
+            -1.6e8,
+            4194303.5,
+            1e30,
+            3e7,
+            5e6,
+            7e6,
+        ];
+        // SAFETY (both closures): AVX2 checked above.
+        let short = lanes(|t| unsafe { t.level0_in_range(15.0) }, &far);
+        let trick = lanes(|t| unsafe { t.level(0, 15) }, &far);
+        assert_ne!(short, trick, "out of range the roads part");
+    }
+
+    /// `short_road` never says yes where some x in [xlo, max] takes iscale * (x - min) to 2^21 or
+    /// beyond (checked at both ends, at points between and at their float neighbours), and says
+    /// no for NaN and inf.
+    #[test]
+    fn short_road_bound_holds() {
+        if !avx2() {
+            return;
+        }
+        let v = probes();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut pick = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            v[(state % v.len() as u64) as usize]
+        };
+        let (mut yes, mut no) = (0, 0);
+        for _ in 0..20000 {
+            let mut l = [[0f32; 8]; 4]; // iscale, max, min, xlo
+            for k in 0..8 {
+                let (a, b) = (pick(), pick());
+                l[1][k] = a.max(b);
+                l[3][k] = a.min(b);
+                l[2][k] = -pick().abs();
+                l[0][k] = pick() / (1.0 + pick().abs());
+            }
+            // SAFETY: AVX2 checked above.
+            let ok = unsafe {
+                let ld = |a: &[f32; 8]| F32x8(_mm256_loadu_ps(a.as_ptr()));
+                short_road(ld(&l[0]), ld(&l[1]), ld(&l[2]), ld(&l[3]))
+            };
+            if !ok {
+                no += 1;
+                continue;
+            }
+            yes += 1;
+            for k in 0..8 {
+                let (is, hi, m, lo) = (l[0][k], l[1][k], l[2][k], l[3][k]);
+                let mid = lo + (hi - lo) * 0.37;
+                for x in [
+                    lo,
+                    hi,
+                    mid,
+                    f32::from_bits(lo.to_bits() ^ 1),
+                    f32::from_bits(hi.to_bits() ^ 1),
+                ] {
+                    if !(lo..=hi).contains(&x) {
+                        continue;
+                    }
+                    let f = is * (x - m);
+                    assert!(f.abs() < 2097152.0, "iscale {is} x {x} min {m}: {f}");
+                }
+            }
+        }
+        assert!(
+            yes > 100 && no > 100,
+            "both answers exercised: {yes} yes, {no} no"
+        );
+        for bad in [f32::NAN, f32::INFINITY] {
+            // SAFETY: AVX2 checked above.
+            let ok = unsafe {
+                short_road(
+                    F32x8::splat(bad),
+                    F32x8::splat(1.0),
+                    F32x8::splat(0.0),
+                    F32x8::splat(0.0),
+                )
+            };
+            assert!(!ok, "{bad}");
+        }
+    }
 }
