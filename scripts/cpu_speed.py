@@ -122,6 +122,11 @@ def main():
         stages = ", ".join(f"{s['name']} {s['seconds']:.1f}" for s in v["stages"])
         print(f"verify     {'PASS' if v['passed'] else 'FAIL'} {v['seconds']:.1f} s over {v['n_positions']} positions, "
               f"peak RSS {v['peak_rss_kib'] / 2**20:.2f} GiB ({stages})")
+        t = v["tensors"]
+        shared = v.get("exact_shared_products")
+        print(f"           tensors {t['equal']} of {t['compared']} equal; exact logits rel RMS "
+              f"{(v['exact_logits'].get('metrics') or {}).get('rel_rms')}; expected model's products "
+              + (f"{shared['shared']} shared, {shared['computed']} computed" if shared else "not shared"))
         print(f"ratio verify / llama.cpp's evaluation of {n_prompt} positions: "
               f"{v['seconds'] / l['prefill_seconds']:.2f}x")
 
