@@ -732,26 +732,26 @@ mod tests {
         };
         let (mut yes, mut no) = (0, 0);
         for _ in 0..20000 {
-            let mut l = [[0f32; 8]; 4]; // iscale, max, min, xlo
-            for k in 0..8 {
+            // Per lane: (iscale, max, min, xlo), xlo <= max, min <= 0.
+            let lanes: [[f32; 4]; 8] = std::array::from_fn(|_| {
                 let (a, b) = (pick(), pick());
-                l[1][k] = a.max(b);
-                l[3][k] = a.min(b);
-                l[2][k] = -pick().abs();
-                l[0][k] = pick() / (1.0 + pick().abs());
-            }
+                let min = -pick().abs();
+                [pick() / (1.0 + pick().abs()), a.max(b), min, a.min(b)]
+            });
             // SAFETY: AVX2 checked above.
             let ok = unsafe {
-                let ld = |a: &[f32; 8]| F32x8(_mm256_loadu_ps(a.as_ptr()));
-                short_road(ld(&l[0]), ld(&l[1]), ld(&l[2]), ld(&l[3]))
+                let ld = |j: usize| {
+                    let v: [f32; 8] = std::array::from_fn(|k| lanes[k][j]);
+                    F32x8(_mm256_loadu_ps(v.as_ptr()))
+                };
+                short_road(ld(0), ld(1), ld(2), ld(3))
             };
             if !ok {
                 no += 1;
                 continue;
             }
             yes += 1;
-            for k in 0..8 {
-                let (is, hi, m, lo) = (l[0][k], l[1][k], l[2][k], l[3][k]);
+            for &[is, hi, m, lo] in &lanes {
                 let mid = lo + (hi - lo) * 0.37;
                 for x in [
                     lo,
