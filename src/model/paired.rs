@@ -15,7 +15,8 @@
 //! How: each side runs its own model code (its weights, hyper-parameters and rope) in its own
 //! thread, behind a [`Paired`] backend. The leader (the artefact side) computes every
 //! `linear_from` and publishes it, in call order, into a short queue; the follower, at its n-th
-//! `linear_from`, takes the leader's n-th product if the weight's stored bytes are the same place
+//! `linear_from`, takes the n-th from the queue (one published and one taken per call, so the
+//! queue's front is always it) and uses that product if the weight's stored bytes are the same place
 //! (`WeightSource::stored_at`) and the input and bias are equal bit for bit, and otherwise computes
 //! its own. The queue is bounded (the leader waits for the follower), so memory stays at a few
 //! products. When either side stops (done, error or panic) the other goes on alone.
@@ -32,7 +33,6 @@ const AHEAD: usize = 4;
 
 /// One published product: the call's operands (what the follower compares) and its result.
 struct Product<T> {
-    index: usize,
     /// The weight's name and where its stored bytes lie (None: not shareable).
     weight: Option<(String, StoredAt)>,
     x: T,
@@ -41,15 +41,15 @@ struct Product<T> {
 }
 
 struct State<T> {
+    /// The leader's products the follower has not reached yet, in call order.
     queue: VecDeque<Product<T>>,
     leader_done: bool,
     follower_done: bool,
-    shared: usize,
-    computed: usize,
+    sharing: Sharing,
 }
 
-/// What the two sides share. Create one per pair of forwards ([`run`]).
-pub struct Exchange<T> {
+/// What the two sides share, one per pair of forwards ([`run`]).
+struct Exchange<T> {
     state: Mutex<State<T>>,
     changed: Condvar,
 }
@@ -73,7 +73,6 @@ pub struct Paired<'a, B: Backend + ?Sized> {
     inner: &'a B,
     ex: &'a Exchange<B::T>,
     role: Role,
-    calls: std::cell::Cell<usize>,
 }
 
 /// Marks the side finished when dropped (also on an error or a panic), so the other never waits
@@ -114,8 +113,7 @@ where
             queue: VecDeque::new(),
             leader_done: false,
             follower_done: false,
-            shared: 0,
-            computed: 0,
+            sharing: Sharing::default(),
         }),
         changed: Condvar::new(),
     };
@@ -123,7 +121,6 @@ where
         inner: b,
         ex: &ex,
         role,
-        calls: std::cell::Cell::new(0),
     };
     let (rl, rf) = std::thread::scope(|s| {
         let h = s.spawn(|| {
@@ -143,11 +140,7 @@ where
         let rl = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
         (rl, rf)
     });
-    let s = ex.state.into_inner().unwrap_or_else(|p| p.into_inner());
-    let sharing = Sharing {
-        shared: s.shared,
-        computed: s.computed,
-    };
+    let sharing = ex.state().sharing;
     (rl, rf, sharing)
 }
 
@@ -232,7 +225,6 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
         name: &str,
         x: &B::T,
         bias: Option<&B::T>,
-        index: usize,
     ) -> Result<B::T> {
         let weight = ws.stored_at(name).map(|at| (name.to_string(), at));
         let y = self.inner.linear_from(ws, name, x, bias)?;
@@ -242,7 +234,6 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
         }
         if !s.follower_done {
             s.queue.push_back(Product {
-                index,
                 weight,
                 x: x.clone(),
                 bias: bias.cloned(),
@@ -259,33 +250,25 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
         name: &str,
         x: &B::T,
         bias: Option<&B::T>,
-        index: usize,
     ) -> Result<B::T> {
+        // The leader's product of this same call (None once it has stopped short of it).
         let theirs = {
             let mut s = self.ex.state();
-            loop {
-                while s.queue.front().is_some_and(|p| p.index < index) {
-                    s.queue.pop_front();
-                }
-                if s.queue.front().is_some_and(|p| p.index == index) {
-                    let p = s.queue.pop_front();
-                    self.ex.changed.notify_all();
-                    break p;
-                }
-                if s.leader_done {
-                    break None;
-                }
+            while s.queue.is_empty() && !s.leader_done {
                 s = self.ex.changed.wait(s).unwrap_or_else(|p| p.into_inner());
             }
+            let p = s.queue.pop_front();
+            self.ex.changed.notify_all();
+            p
         };
         if let (Some(p), Some(mine)) = (theirs, ws.stored_at(name)) {
             if let Some(y) = self.same_product(p, name, &mine, x, bias)? {
-                self.ex.state().shared += 1;
+                self.ex.state().sharing.shared += 1;
                 return Ok(y);
             }
         }
         let y = self.inner.linear_from(ws, name, x, bias)?;
-        self.ex.state().computed += 1;
+        self.ex.state().sharing.computed += 1;
         Ok(y)
     }
 }
@@ -326,11 +309,9 @@ impl<B: Backend + ?Sized> Backend for Paired<'_, B> {
         x: &B::T,
         bias: Option<&B::T>,
     ) -> Result<B::T> {
-        let index = self.calls.get();
-        self.calls.set(index + 1);
         match self.role {
-            Role::Leader => self.lead(ws, name, x, bias, index),
-            Role::Follower => self.follow(ws, name, x, bias, index),
+            Role::Leader => self.lead(ws, name, x, bias),
+            Role::Follower => self.follow(ws, name, x, bias),
         }
     }
     fn attention(

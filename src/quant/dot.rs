@@ -689,41 +689,8 @@ mod avx2 {
     /// `w` of the low half to the low 8 words, word `v` of the high half to the high 8 words.
     #[inline(always)]
     unsafe fn word_mask(w: i8, v: i8) -> __m256i {
-        let (a, b) = (2 * w, 2 * v);
-        _mm256_setr_epi8(
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-        )
+        let m: [i8; 32] = std::array::from_fn(|i| 2 * if i < 16 { w } else { v } + (i & 1) as i8);
+        _mm256_loadu_si256(m.as_ptr().cast())
     }
 
     /// One weight row of Q4_K against one activation row (decode): `tile::<1, false>` with the
@@ -736,16 +703,7 @@ mod avx2 {
         let blocks = (w.len() / 144).min(a.len());
         let m4 = _mm256_set1_epi8(0xF);
         // Chunk c's two scales are words 2c and 2c + 1 of the 8: low half of `sc` twice.
-        let masks = [
-            word_mask(0, 0),
-            word_mask(1, 1),
-            word_mask(2, 2),
-            word_mask(3, 3),
-            word_mask(4, 4),
-            word_mask(5, 5),
-            word_mask(6, 6),
-            word_mask(7, 7),
-        ];
+        let masks: [__m256i; 8] = std::array::from_fn(|j| word_mask(j as i8, j as i8));
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 144);
@@ -785,12 +743,8 @@ mod avx2 {
         let blocks = (w.len() / 210).min(a.len());
         // Group kk of a half: scales 2kk (i16 lanes 0..7) and 2kk + 1 (lanes 8..15) of that
         // half's 8, which `halves` puts in both 128-bit lanes.
-        let masks = [
-            word_mask(0, 1),
-            word_mask(2, 3),
-            word_mask(4, 5),
-            word_mask(6, 7),
-        ];
+        let masks: [__m256i; 4] =
+            std::array::from_fn(|kk| word_mask(2 * kk as i8, 2 * kk as i8 + 1));
         let mut f = _mm256_setzero_ps();
         for (b, ab) in a.iter().enumerate().take(blocks) {
             let wb = w.as_ptr().add(b * 210);

@@ -864,25 +864,21 @@ pub fn run_on(
     // An error in the artefact forward is one the probe itself causes (as on the source side).
     let (art_out, exp_out) = match &art_blocked {
         None if pair => {
+            // The bar follows the artefact side, which sets the pace: the expected side waits
+            // for it, and fetches no weight for the products it takes.
             let what = "forwards 1-2/3, artefact and expected side by side";
-            progress.start(what, 2 * n_weights, Unit::Tensors);
-            let (a_ws, e_ws) = (
-                Counted {
-                    inner: &art,
-                    progress,
-                },
-                Counted {
-                    inner: &exp,
-                    progress,
-                },
-            );
+            progress.start(what, n_weights, Unit::Tensors);
+            let a_ws = Counted {
+                inner: &art,
+                progress,
+            };
             let (mut a_outs, mut e_outs) = (vec![], vec![]);
             let mut total = model::paired::Sharing::default();
             for p in &probes_in {
                 let (a, e, sh) = model::paired::run(
                     &crate::cpu::CpuBackend,
                     |b| forward(b, &a_ws, &hp_art, &p.pv, &p.art_ids),
-                    |b| forward(b, &e_ws, &hp_src, &p.pv, &p.ids),
+                    |b| forward(b, &exp, &hp_src, &p.pv, &p.ids),
                 );
                 a_outs.push(a.and_then(outputs)?);
                 e_outs.push(e.and_then(outputs)?);
