@@ -14,6 +14,7 @@
 //!   weights read once per forward would cost.
 //!
 //! `BENCH_DOT_ONLY=1`: our kernels only (to compare settings quickly).
+//! `BENCH_TYPES=Q5_K,Q8_0,...`: our kernels only, on 4096x4096 weights of those types.
 //!
 //! Prints seconds (best of REPS), GFLOP/s (2*rows*out*in / s) and GB/s of weight bytes read.
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
@@ -82,19 +83,37 @@ fn main() {
         "GFLOP/s",
         "x dot"
     );
-    for (name, ty, out, k) in [
+    let mut shapes = vec![
         ("attn_q 4096x4096", GgmlType::Q4K, 4096, 4096),
         ("ffn_up 11008x4096", GgmlType::Q4K, 11008, 4096),
         ("ffn_down 4096x11008", GgmlType::Q6K, 4096, 11008),
-    ] {
+    ];
+    let mut dot_only = dot_only;
+    if let Ok(types) = std::env::var("BENCH_TYPES") {
+        dot_only = true;
+        // BENCH_OUT: weight rows (default 4096; more than the caches hold times decode honestly).
+        let out: usize = std::env::var("BENCH_OUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4096);
+        shapes = types
+            .split(',')
+            .map(|t| {
+                let ty = GgmlType::from_name(t).unwrap_or_else(|| panic!("unknown type {t}"));
+                ("out x 4096", ty, out, 4096)
+            })
+            .collect();
+    }
+    for (name, ty, out, k) in shapes {
         let w = quant::quantize_par(ty, &values(out * k, 1, 0.05), k).unwrap();
         let cty = match ty {
             GgmlType::Q4K => GgmlDType::Q4K,
             _ => GgmlDType::Q6K,
         };
-        let qm =
+        let qm = (!dot_only).then(|| {
             QMatMul::from_qtensor(qtensor_from_ggml(cty, &w, vec![out, k], &Device::Cpu).unwrap())
-                .unwrap();
+                .unwrap()
+        });
         for n in [1usize, 512] {
             let x = values(n * k, 2, 1.0);
             let xt = Tensor::from_vec(x.clone(), (n, k), &Device::Cpu).unwrap();
@@ -109,6 +128,7 @@ fn main() {
                 continue;
             }
             let t_f32 = best(reps, || f32_road(ty, &w, out, k, &xt));
+            let qm = qm.as_ref().unwrap();
             let t_candle = best(reps, || qm.forward(&xt).unwrap());
             let t_fresh = best(reps, || {
                 let q = QMatMul::from_qtensor(
