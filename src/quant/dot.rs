@@ -48,11 +48,10 @@ pub struct BlockQ8K {
     pub bsums: [i16; QK_K / 16],
 }
 
-/// A Q8_0 block of activations: its f16 scale as stored by ggml, and the same value widened to
-/// f32 once (every weight block it meets needs it as f32).
+/// A Q8_0 block of activations, its scale (an f16 in ggml's block) held widened to f32: every
+/// weight block it meets needs it as f32, and the f16 is `f16::from_f32(d)`, exactly.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockQ8_0Act {
-    pub d16: f16,
     pub d: f32,
     pub qs: [i8; QK8_0],
 }
@@ -94,14 +93,11 @@ pub fn quantize_q8k(x: &[f32]) -> BlockQ8K {
 /// used for files): id = 127/max|x|, q = x*id rounded half to even, d = f16(max|x|/127).
 pub fn quantize_q8_0_act(x: &[f32]) -> BlockQ8_0Act {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d16 = f16::from_f32(amax / 127.0);
     let mut b = BlockQ8_0Act {
-        d16,
-        d: d16.to_f32(),
+        d: f16::from_f32(amax / 127.0).to_f32(),
         qs: [0; QK8_0],
     };
     if x.iter().any(|v| !v.is_finite()) {
-        b.d16 = f16::NAN;
         b.d = f32::NAN;
         return b;
     }
@@ -351,15 +347,18 @@ fn zero_lanes_scalar(ty: GgmlType, w: &[u8], a: &BlockQ8_0Act) -> [i32; 8] {
 /// f -= m·(dmin_w·d_a) (Q4_K, Q5_K), each a fused multiply-add, as the AVX2 kernels do.
 #[inline(always)]
 fn fold_k(ty: GgmlType, f: &mut [f32; 8], lanes: &Lanes, k: &KScales, a: &BlockQ8K) {
-    let dq = k.d * a.d;
-    for (fl, &q) in f.iter_mut().zip(&lanes.q) {
-        *fl = (q as f32).mul_add(dq, *fl);
-    }
+    fma_lanes(f, &lanes.q, k.d * a.d);
     if ty != GgmlType::Q6K {
-        let dm = k.dmin * a.d;
-        for (fl, &m) in f.iter_mut().zip(&lanes.m) {
-            *fl = (-(m as f32)).mul_add(dm, *fl);
-        }
+        // -(m·dm) + f, as the kernels' fnmadd: the same bits as m·(-dm) + f.
+        fma_lanes(f, &lanes.m, -(k.dmin * a.d));
+    }
+}
+
+/// f[l] += q[l]·d, each one fused multiply-add (every type's per-block fold).
+#[inline(always)]
+fn fma_lanes(f: &mut [f32; 8], q: &[i32; 8], d: f32) {
+    for (fl, &q) in f.iter_mut().zip(q) {
+        *fl = (q as f32).mul_add(d, *fl);
     }
 }
 
@@ -416,10 +415,7 @@ pub fn dot_row_0(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8_0Act]) -> f32 {
     let _ = isa;
     let mut f = [0f32; 8];
     for (wb, ab) in w.chunks_exact(ty.type_size()).zip(a) {
-        let d = f16_at(wb, 0) * ab.d;
-        for (fl, q) in f.iter_mut().zip(zero_lanes_scalar(ty, wb, ab)) {
-            *fl = (q as f32).mul_add(d, *fl);
-        }
+        fma_lanes(&mut f, &zero_lanes_scalar(ty, wb, ab), f16_at(wb, 0) * ab.d);
     }
     hsum8(&f)
 }
@@ -857,7 +853,7 @@ mod avx2 {
 
     /// One weight row of Q6_K against one activation row (decode): `tile::<1, true>` with the
     /// scales widened in registers, the same lanes and fold; each group's pair of scales is
-    /// shuffled out of the widened scales (see `q4k_row`).
+    /// shuffled out of the widened scales (see `q45k_row`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let blocks = (w.len() / 210).min(a.len());
@@ -1147,7 +1143,7 @@ mod tests {
     }
 
     fn bytes_of_q8_0(b: &BlockQ8_0Act) -> Vec<u8> {
-        let mut v = b.d16.to_le_bytes().to_vec();
+        let mut v = f16::from_f32(b.d).to_le_bytes().to_vec();
         v.extend(b.qs.iter().map(|&q| q as u8));
         v
     }
