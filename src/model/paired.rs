@@ -150,6 +150,13 @@ impl<T> Exchange<T> {
     fn state(&self) -> std::sync::MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The shared state once `until` holds of it (woken by every change the other side makes).
+    fn state_when(&self, until: impl Fn(&State<T>) -> bool) -> std::sync::MutexGuard<'_, State<T>> {
+        self.changed
+            .wait_while(self.state(), |s| !until(s))
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl<B: Backend + ?Sized> Paired<'_, B> {
@@ -228,10 +235,9 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
     ) -> Result<B::T> {
         let weight = ws.stored_at(name).map(|at| (name.to_string(), at));
         let y = self.inner.linear_from(ws, name, x, bias)?;
-        let mut s = self.ex.state();
-        while s.queue.len() >= AHEAD && !s.follower_done {
-            s = self.ex.changed.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        let mut s = self
+            .ex
+            .state_when(|s| s.queue.len() < AHEAD || s.follower_done);
         if !s.follower_done {
             s.queue.push_back(Product {
                 weight,
@@ -253,10 +259,7 @@ impl<B: Backend + ?Sized> Paired<'_, B> {
     ) -> Result<B::T> {
         // The leader's product of this same call (None once it has stopped short of it).
         let theirs = {
-            let mut s = self.ex.state();
-            while s.queue.is_empty() && !s.leader_done {
-                s = self.ex.changed.wait(s).unwrap_or_else(|p| p.into_inner());
-            }
+            let mut s = self.ex.state_when(|s| !s.queue.is_empty() || s.leader_done);
             let p = s.queue.pop_front();
             self.ex.changed.notify_all();
             p
