@@ -15,6 +15,11 @@
 //! kernels (tests: `fixtures/dot/`) Q8_0, Q4_0, Q5_0 and Q6_K are bit-identical; Q4_K and Q5_K
 //! agree to f32 rounding of the mins' terms, which llama.cpp sums apart in its own order.
 //!
+//! Instruction sets (`Isa`): scalar (the reference), AVX2, and AVX-512 with VNNI. The AVX-512
+//! kernels compute the same integer lanes and the same folds: one vpdpwssd / vpdpbusd where AVX2
+//! takes a multiply-add and an add, and for many rows 64-byte vectors holding two activation rows
+//! (`PairQ8K`, `PairQ8_0`; `dot/avx512.rs`), so every ISA gives every output the same bits.
+//!
 //! Block layouts (ggml-common.h; little-endian):
 //! - Q8_0 `{f16 d; i8 qs[32]}`: x = d*q.
 //! - Q4_0 `{f16 d; u8 qs[16]}`: x[j] = d*((qs[j]&15)-8), x[j+16] = d*((qs[j]>>4)-8).
@@ -110,6 +115,90 @@ pub fn quantize_q8_0_act(x: &[f32]) -> BlockQ8_0Act {
     b
 }
 
+/// Two activation rows' Q8_K blocks (rows 2i and 2i + 1, the same block b) laid out for the
+/// AVX-512 tiles, which hold row 2i in the low half of a vector and row 2i + 1 in the high half:
+/// each 32-value group of row 2i followed by the same group of row 2i + 1; the bsums of row 2i,
+/// then of row 2i + 1; each row's d in 8 lanes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct PairQ8K {
+    qs: [i8; 2 * QK_K],
+    bsums: [i16; 2 * QK_K / 16],
+    d: [f32; 16],
+}
+
+/// Two activation rows' Q8_0 blocks laid out as [`PairQ8K`]: row 2i's 32 values then row
+/// 2i + 1's; `bias` starts each vpdpbusd lane (4 neighbours) at -128·(their sum), since the
+/// kernels multiply levels + 128 (unsigned) by the activations; each row's d in 8 lanes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct PairQ8_0 {
+    qs: [i8; 2 * QK8_0],
+    bias: [i32; 16],
+    d: [f32; 16],
+}
+
+/// The row pairs of quantized activations (`n / 2` pairs of `per_row` blocks each: pair p,
+/// block b at `p * per_row + b`; an odd last row is left out).
+enum Pairs {
+    K(Vec<PairQ8K>),
+    Zero(Vec<PairQ8_0>),
+}
+
+impl Pairs {
+    fn of(act: &Act, per_row: usize, n: usize) -> Pairs {
+        let pairs = n / 2;
+        let idx = |i: usize| (2 * (i / per_row) * per_row + i % per_row, per_row);
+        match act {
+            Act::Q8K(a) => Pairs::K(
+                (0..pairs * per_row)
+                    .into_par_iter()
+                    .map(|i| {
+                        let (r0, step) = idx(i);
+                        let (x, y) = (&a[r0], &a[r0 + step]);
+                        let mut p = PairQ8K {
+                            qs: [0; 2 * QK_K],
+                            bsums: [0; 2 * QK_K / 16],
+                            d: [0.0; 16],
+                        };
+                        for (g, dst) in p.qs.chunks_exact_mut(64).enumerate() {
+                            dst[..32].copy_from_slice(&x.qs[32 * g..32 * g + 32]);
+                            dst[32..].copy_from_slice(&y.qs[32 * g..32 * g + 32]);
+                        }
+                        p.bsums[..16].copy_from_slice(&x.bsums);
+                        p.bsums[16..].copy_from_slice(&y.bsums);
+                        p.d[..8].fill(x.d);
+                        p.d[8..].fill(y.d);
+                        p
+                    })
+                    .collect(),
+            ),
+            Act::Q8_0(a) => Pairs::Zero(
+                (0..pairs * per_row)
+                    .into_par_iter()
+                    .map(|i| {
+                        let (r0, step) = idx(i);
+                        let mut p = PairQ8_0 {
+                            qs: [0; 2 * QK8_0],
+                            bias: [0; 16],
+                            d: [0.0; 16],
+                        };
+                        for (h, row) in [&a[r0], &a[r0 + step]].into_iter().enumerate() {
+                            p.qs[32 * h..32 * h + 32].copy_from_slice(&row.qs);
+                            for (l, four) in row.qs.chunks_exact(4).enumerate() {
+                                p.bias[8 * h + l] =
+                                    -128 * four.iter().map(|&v| v as i32).sum::<i32>();
+                            }
+                            p.d[8 * h..8 * h + 8].fill(row.d);
+                        }
+                        p
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// Activation rows quantized for one weight type.
 pub enum Act {
     Q8K(Vec<BlockQ8K>),
@@ -122,19 +211,69 @@ pub enum Isa {
     Scalar,
     /// AVX2 with FMA and F16C (every AVX2 CPU x86-64 has shipped has all three).
     Avx2,
+    /// `Avx2` plus AVX-512 F, BW, VL and VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later): the
+    /// same kernels with VNNI's fused integer multiply-adds (the same exact integer sums in fewer
+    /// operations) and 512-bit float tiles (the same chain of FMAs per output).
+    Avx512,
 }
 
 impl Isa {
-    /// The best this CPU runs.
+    /// What the CPU runs: the best it has, or a lesser one named by `MMFUSER_CPU_ISA`
+    /// (`scalar`, `avx2`: for comparing them on one machine; read once). Asking for more than the
+    /// CPU has gives what it has.
     pub fn current() -> Isa {
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+        use std::sync::OnceLock;
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::detected();
+            let asked = match std::env::var("MMFUSER_CPU_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => best,
+            };
+            if asked.rank() < best.rank() {
+                asked
+            } else {
+                best
+            }
+        })
+    }
+
+    /// The best this CPU has.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
         {
-            return Isa::Avx2;
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            match (avx2, avx512) {
+                (true, true) => return Isa::Avx512,
+                (true, false) => return Isa::Avx2,
+                _ => {}
+            }
         }
         Isa::Scalar
+    }
+
+    /// Every instruction set this CPU runs, the scalar reference first (the tests compare them).
+    pub fn all_here() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.rank() <= Isa::detected().rank())
+            .collect()
+    }
+
+    fn rank(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether the AVX2 kernels (or their VNNI forms) run.
+    pub(crate) fn vector(self) -> bool {
+        self != Isa::Scalar
     }
 }
 
@@ -374,14 +513,18 @@ fn hsum8(f: &[f32; 8]) -> f32 {
 /// `ks`: the row's scales if decoded already (else each block's are decoded as it comes).
 fn dot_row_k_with(ty: GgmlType, isa: Isa, w: &[u8], ks: Option<&[KScales]>, a: &[BlockQ8K]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
-        // SAFETY: AVX2, FMA, F16C detected (Isa::current); lengths as the caller guarantees.
+    if isa.vector() {
+        // SAFETY: AVX2, FMA, F16C (and for Avx512 its features) detected (Isa::current);
+        // lengths as the caller guarantees.
         return unsafe {
-            match (ty, ks) {
-                (GgmlType::Q4K, None) => avx2::q45k_row::<false>(w, a),
-                (GgmlType::Q5K, None) => avx2::q45k_row::<true>(w, a),
-                (GgmlType::Q6K, None) => avx2::q6k_row(w, a),
-                _ => avx2::k_row_tile::<1>(ty, w, ks, [a])[0],
+            match (ty, ks, isa == Isa::Avx512) {
+                (GgmlType::Q4K, None, false) => avx2::q45k_row::<false>(w, a),
+                (GgmlType::Q5K, None, false) => avx2::q45k_row::<true>(w, a),
+                (GgmlType::Q6K, None, false) => avx2::q6k_row(w, a),
+                (GgmlType::Q4K, None, true) => avx2::q45k_row_vnni::<false>(w, a),
+                (GgmlType::Q5K, None, true) => avx2::q45k_row_vnni::<true>(w, a),
+                (GgmlType::Q6K, None, true) => avx2::q6k_row_vnni(w, a),
+                _ => avx2::k_row_tile::<1>(isa, ty, w, ks, [a])[0],
             }
         };
     }
@@ -406,10 +549,10 @@ pub fn dot_row_k(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8K]) -> f32 {
 /// The caller guarantees the lengths agree (`matmul` checks them).
 pub fn dot_row_0(ty: GgmlType, isa: Isa, w: &[u8], a: &[BlockQ8_0Act]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.vector() {
         let mut state = [[0f32; 8]];
-        // SAFETY: AVX2, FMA, F16C detected (Isa::current); whole blocks.
-        unsafe { avx2::zero_tile_state::<1>(ty, w, [a], &mut state) };
+        // SAFETY: the features of `isa` detected (Isa::current); whole blocks.
+        unsafe { avx2::zero_tile_state::<1>(isa, ty, w, [a], &mut state) };
         return hsum8(&state[0]);
     }
     let _ = isa;
@@ -435,6 +578,13 @@ const K_RUN_BLOCKS: usize = 16;
 /// Blocks per run along k in the AVX2 tiles of the 32-value types: as many values as
 /// K_RUN_BLOCKS (8 rows' run of Q8_0 activations, 8 x 128 x 36 bytes, 37 KB).
 const ZERO_RUN_BLOCKS: usize = K_RUN_BLOCKS * QK_K / QK8_0;
+/// Activation rows per pass of the AVX-512 tiles (in row pairs): twice AVX2's, as their 32
+/// vector registers hold twice the accumulators.
+const PAIR_TILE_ROWS: usize = 16;
+/// Runs along k of the AVX-512 tiles, in super-blocks (8 pairs x 8 x 640 bytes, 41 KB) and in
+/// 32-value blocks (8 pairs x 32 x 192 bytes, 48 KB): what 8 rows' runs take on AVX2.
+const K_PAIR_RUN_BLOCKS: usize = 8;
+const ZERO_PAIR_RUN_BLOCKS: usize = 32;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
 /// (row-major, as stored in GGUF). Errors if `ty` has no kernel or the sizes disagree.
@@ -482,6 +632,12 @@ pub fn matmul_with(
         return Ok(yt);
     }
     let act = quantize_act(ty, x, k);
+    // The AVX-512 tiles read activation rows in pairs.
+    #[cfg(target_arch = "x86_64")]
+    let pairs = (isa == Isa::Avx512 && n >= PAIR_TILE_ROWS)
+        .then(|| Pairs::of(&act, k / ty.block_size(), n));
+    #[cfg(not(target_arch = "x86_64"))]
+    let pairs: Option<Pairs> = None;
     // A lone activation row (decode) is a pass over the weight's bytes, bound by memory: a few
     // long runs of rows per thread keep the hardware prefetchers streaming.
     let rows_per_task = if n == 1 {
@@ -493,8 +649,8 @@ pub fn matmul_with(
     yt.par_chunks_mut(n * rows_per_task)
         .zip(w.par_chunks(row_bytes * rows_per_task))
         .for_each(|(ys, ws)| match &act {
-            Act::Q8K(a) => k_task(isa, ty, ws, row_bytes, a, n, ys),
-            Act::Q8_0(a) => zero_task(isa, ty, ws, row_bytes, a, n, ys),
+            Act::Q8K(a) => k_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
+            Act::Q8_0(a) => zero_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
         });
     if n == 1 {
         return Ok(yt);
@@ -515,12 +671,14 @@ pub fn matmul_with(
 /// activation rows in tiles that stay in cache while the task's weight rows pass over them. Each
 /// output is summed exactly as `dot_row_k` sums it. A lone row (decode) decodes each block's
 /// scales as it comes: no buffer.
+#[allow(clippy::too_many_arguments)]
 fn k_task(
     isa: Isa,
     ty: GgmlType,
     ws: &[u8],
     row_bytes: usize,
     a: &[BlockQ8K],
+    pairs: Option<&Pairs>,
     n: usize,
     ys: &mut [f32],
 ) {
@@ -531,7 +689,7 @@ fn k_task(
             .map(|b| match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX2, FMA, F16C detected; b is one whole block.
-                Isa::Avx2 => unsafe { avx2::k_scales_fast(ty, b.as_ptr()) },
+                Isa::Avx2 | Isa::Avx512 => unsafe { avx2::k_scales_fast(ty, b.as_ptr()) },
                 _ => k_scales(ty, b),
             })
             .collect()
@@ -539,21 +697,33 @@ fn k_task(
         vec![]
     };
     #[cfg(target_arch = "x86_64")]
-    if n > 1 && isa == Isa::Avx2 {
-        let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
-            let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
-            let kd = &dec[r * per_row + b0..r * per_row + b1];
-            let acts =
-                std::array::from_fn(|i| &a[(j0 + i) * per_row + b0..(j0 + i) * per_row + b1]);
-            // SAFETY: AVX2, FMA, F16C detected by the caller; whole super-blocks.
-            unsafe { avx2::k_row_tile_state::<TILE_ROWS>(ty, wr, Some(kd), acts, st) };
-        };
+    if n > 1 && isa.vector() {
         let one = |r: usize, j: usize| {
             let (wr, kd) = (
                 &ws[r * row_bytes..(r + 1) * row_bytes],
                 &dec[r * per_row..(r + 1) * per_row],
             );
             dot_row_k_with(ty, isa, wr, Some(kd), &a[j * per_row..(j + 1) * per_row])
+        };
+        if let Some(Pairs::K(p)) = pairs {
+            let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut _| {
+                let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
+                let kd = &dec[r * per_row + b0..r * per_row + b1];
+                let at = |i: usize| (j0 / 2 + i) * per_row;
+                let acts = std::array::from_fn(|i| &p[at(i) + b0..at(i) + b1]);
+                // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
+                unsafe { avx512::k_pairs_state(ty, wr, kd, acts, st) };
+            };
+            let rows = ws.len() / row_bytes;
+            return tiles::<PAIR_TILE_ROWS>(rows, per_row, K_PAIR_RUN_BLOCKS, n, ys, tile, one);
+        }
+        let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
+            let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
+            let kd = &dec[r * per_row + b0..r * per_row + b1];
+            let acts =
+                std::array::from_fn(|i| &a[(j0 + i) * per_row + b0..(j0 + i) * per_row + b1]);
+            // SAFETY: the features of `isa` detected by the caller; whole super-blocks.
+            unsafe { avx2::k_row_tile_state::<TILE_ROWS>(isa, ty, wr, Some(kd), acts, st) };
         };
         return tiles(
             ws.len() / row_bytes,
@@ -579,29 +749,42 @@ fn k_task(
 /// One task of [`matmul`] for Q8_0 / Q4_0 / Q5_0 weights, as [`k_task`]: on AVX2 in [`tiles`]
 /// (each block's levels unpacked once for TILE_ROWS activation rows), else row by row; each
 /// output summed exactly as `dot_row_0` sums it.
+#[allow(clippy::too_many_arguments)]
 fn zero_task(
     isa: Isa,
     ty: GgmlType,
     ws: &[u8],
     row_bytes: usize,
     a: &[BlockQ8_0Act],
+    pairs: Option<&Pairs>,
     n: usize,
     ys: &mut [f32],
 ) {
     let size = ty.type_size();
     let per_row = row_bytes / size;
     #[cfg(target_arch = "x86_64")]
-    if n > 1 && isa == Isa::Avx2 {
+    if n > 1 && isa.vector() {
+        let one = |r: usize, j: usize| {
+            let wr = &ws[r * row_bytes..(r + 1) * row_bytes];
+            dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row])
+        };
+        if let Some(Pairs::Zero(p)) = pairs {
+            let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut _| {
+                let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
+                let at = |i: usize| (j0 / 2 + i) * per_row;
+                let acts = std::array::from_fn(|i| &p[at(i) + b0..at(i) + b1]);
+                // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
+                unsafe { avx512::zero_pairs_state(ty, wr, acts, st) };
+            };
+            let rows = ws.len() / row_bytes;
+            return tiles::<PAIR_TILE_ROWS>(rows, per_row, ZERO_PAIR_RUN_BLOCKS, n, ys, tile, one);
+        }
         let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
             let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
             let acts =
                 std::array::from_fn(|i| &a[(j0 + i) * per_row + b0..(j0 + i) * per_row + b1]);
-            // SAFETY: AVX2, FMA, F16C detected by the caller; whole blocks.
-            unsafe { avx2::zero_tile_state::<TILE_ROWS>(ty, wr, acts, st) };
-        };
-        let one = |r: usize, j: usize| {
-            let wr = &ws[r * row_bytes..(r + 1) * row_bytes];
-            dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row])
+            // SAFETY: the features of `isa` detected by the caller; whole blocks.
+            unsafe { avx2::zero_tile_state::<TILE_ROWS>(isa, ty, wr, acts, st) };
         };
         return tiles(
             ws.len() / row_bytes,
@@ -660,16 +843,44 @@ fn tiles<const C: usize>(
     }
 }
 
-// ---- AVX2 -------------------------------------------------------------------------------------
+// ---- AVX-512 (row pairs), AVX2 ----------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The integer sums of one block with 32-byte vectors: `maddubs` multiplies unsigned weight
     //! levels by signed activations and adds pairs into i16 (no saturation: |levels| <= 63,
     //! |activations| <= 127), `madd` by the sub-block scale (or 1) adds pairs into i32.
-    //! Safety: callers run these only after detecting AVX2; the slices have the block's size.
-    use super::{BlockQ8K, BlockQ8_0Act, GgmlType, KScales};
+    //! Each kernel has a VNNI form (`V`, entry points `*_vnni`, for `Isa::Avx512`): `madd` and
+    //! the add after it become one vpdpwssd, maddubs + madd by 1 one vpdpbusd. Integer sums in
+    //! the same lanes, so the same bits.
+    //! Safety: callers run these only after detecting AVX2 (and for the VNNI forms AVX-512 VNNI
+    //! and VL); the slices have the block's size.
+    use super::{BlockQ8K, BlockQ8_0Act, GgmlType, Isa, KScales};
     use std::arch::x86_64::*;
+
+    /// acc plus the products of the i16 pairs of `p` and `s` added in pairs into i32 lanes.
+    #[inline(always)]
+    unsafe fn madd_acc<const V: bool>(acc: __m256i, p: __m256i, s: __m256i) -> __m256i {
+        if V {
+            _mm256_dpwssd_epi32(acc, p, s)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(p, s))
+        }
+    }
+
+    /// Unsigned bytes `u` times signed bytes `s`, 4 neighbouring products summed per i32 lane
+    /// (the callers' pairs fit i16, so maddubs does not saturate and both forms agree).
+    #[inline(always)]
+    unsafe fn dot4<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if V {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
 
     /// The f16 at `p` widened to f32 in all 8 lanes. Every lane is used (each product with a
     /// broadcast activation scale is a full-width multiply): converting one lane and broadcasting
@@ -813,6 +1024,17 @@ mod avx2 {
     /// rather than moved in from integer registers (two).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q45k_row<const Q5: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        q45k_row_body::<Q5, false>(w, a)
+    }
+
+    /// [`q45k_row`] with VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn q45k_row_vnni<const Q5: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        q45k_row_body::<Q5, true>(w, a)
+    }
+
+    #[inline(always)]
+    unsafe fn q45k_row_body<const Q5: bool, const V: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let size = if Q5 { 176 } else { 144 };
         let blocks = (w.len() / size).min(a.len());
         // Chunk c's two scales are words 2c and 2c + 1 of the 8: low half of `sc` twice.
@@ -839,9 +1061,9 @@ mod avx2 {
                 let [lo, hi] = k45_levels(Q5, qs, hb, c);
                 let s1 = _mm256_shuffle_epi8(scv, masks[2 * c]);
                 let s2 = _mm256_shuffle_epi8(scv, masks[2 * c + 1]);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(aq.add(64 * c))), s1);
-                let p2 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32))), s2);
-                q = _mm256_add_epi32(q, _mm256_add_epi32(p1, p2));
+                let p1 = _mm256_maddubs_epi16(lo, load(aq.add(64 * c)));
+                let p2 = _mm256_maddubs_epi16(hi, load(aq.add(64 * c + 32)));
+                q = madd_acc::<V>(madd_acc::<V>(q, p1, s1), p2, s2);
             }
             let bs =
                 _mm256_madd_epi16(m16, _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i));
@@ -856,6 +1078,17 @@ mod avx2 {
     /// shuffled out of the widened scales (see `q45k_row`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q6k_row(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        q6k_row_body::<false>(w, a)
+    }
+
+    /// [`q6k_row`] with VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn q6k_row_vnni(w: &[u8], a: &[BlockQ8K]) -> f32 {
+        q6k_row_body::<true>(w, a)
+    }
+
+    #[inline(always)]
+    unsafe fn q6k_row_body<const V: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
         let blocks = (w.len() / 210).min(a.len());
         // Group kk of a half: scales 2kk (i16 lanes 0..7) and 2kk + 1 (lanes 8..15) of that
         // half's 8, which `halves` puts in both 128-bit lanes.
@@ -878,7 +1111,7 @@ mod avx2 {
                 for (kk, &l) in q6k_levels(ql, qh, h).iter().enumerate() {
                     let scv = _mm256_shuffle_epi8(*half, masks[kk]);
                     let p = _mm256_maddubs_epi16(l, load(aq.add(128 * h + 32 * kk)));
-                    q = _mm256_add_epi32(q, _mm256_madd_epi16(p, scv));
+                    q = madd_acc::<V>(q, p, scv);
                 }
             }
             let bs = _mm256_madd_epi16(sc, _mm256_loadu_si256(ab.bsums.as_ptr() as *const __m256i));
@@ -908,23 +1141,38 @@ mod avx2 {
     /// activation rows: the lanes of `super::Lanes`, folded as `super::fold_k`, added as
     /// `super::hsum8`, so each output equals the scalar `dot_row_k` bit for bit. The weight's
     /// levels are unpacked once per block for the C rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn k_row_tile<const C: usize>(
+        isa: Isa,
         ty: GgmlType,
         w: &[u8],
         ks: Option<&[KScales]>,
         a: [&[BlockQ8K]; C],
     ) -> [f32; C] {
         let mut state = [[0f32; 8]; C];
-        k_row_tile_state(ty, w, ks, a, &mut state);
+        k_row_tile_state(isa, ty, w, ks, a, &mut state);
         std::array::from_fn(|j| super::hsum8(&state[j]))
     }
 
     /// [`k_row_tile`] over some of a row's super-blocks, continuing the 8 f32 lanes of each
     /// output in `state` (the fold is sequential per block, so a row summed in several calls over
     /// consecutive runs of blocks gives the bits of one call).
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn k_row_tile_state<const C: usize>(
+        isa: Isa,
+        ty: GgmlType,
+        w: &[u8],
+        ks: Option<&[KScales]>,
+        a: [&[BlockQ8K]; C],
+        state: &mut [[f32; 8]; C],
+    ) {
+        if isa == Isa::Avx512 {
+            k_state_vnni(ty, w, ks, a, state)
+        } else {
+            k_state(ty, w, ks, a, state)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k_state<const C: usize>(
         ty: GgmlType,
         w: &[u8],
         ks: Option<&[KScales]>,
@@ -932,9 +1180,24 @@ mod avx2 {
         state: &mut [[f32; 8]; C],
     ) {
         match ty {
-            GgmlType::Q6K => tile::<C, Q6>(w, ks, a, state),
-            GgmlType::Q5K => tile::<C, Q5>(w, ks, a, state),
-            _ => tile::<C, Q4>(w, ks, a, state),
+            GgmlType::Q6K => tile::<C, Q6, false>(w, ks, a, state),
+            GgmlType::Q5K => tile::<C, Q5, false>(w, ks, a, state),
+            _ => tile::<C, Q4, false>(w, ks, a, state),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn k_state_vnni<const C: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        ks: Option<&[KScales]>,
+        a: [&[BlockQ8K]; C],
+        state: &mut [[f32; 8]; C],
+    ) {
+        match ty {
+            GgmlType::Q6K => tile::<C, Q6, true>(w, ks, a, state),
+            GgmlType::Q5K => tile::<C, Q5, true>(w, ks, a, state),
+            _ => tile::<C, Q4, true>(w, ks, a, state),
         }
     }
 
@@ -944,7 +1207,7 @@ mod avx2 {
     const Q6: u8 = 2;
 
     #[inline(always)]
-    unsafe fn tile<const C: usize, const T: u8>(
+    unsafe fn tile<const C: usize, const T: u8, const V: bool>(
         w: &[u8],
         ks: Option<&[KScales]>,
         a: [&[BlockQ8K]; C],
@@ -981,7 +1244,7 @@ mod avx2 {
                         );
                         for j in 0..C {
                             let p = _mm256_maddubs_epi16(l, load(aq[j].add(128 * h + 32 * kk)));
-                            q[j] = _mm256_add_epi32(q[j], _mm256_madd_epi16(p, scv));
+                            q[j] = madd_acc::<V>(q[j], p, scv);
                         }
                     }
                 }
@@ -998,9 +1261,7 @@ mod avx2 {
                     for j in 0..C {
                         let p1 = _mm256_maddubs_epi16(lo, load(aq[j].add(64 * c)));
                         let p2 = _mm256_maddubs_epi16(hi, load(aq[j].add(64 * c + 32)));
-                        let p =
-                            _mm256_add_epi32(_mm256_madd_epi16(p1, s1), _mm256_madd_epi16(p2, s2));
-                        q[j] = _mm256_add_epi32(q[j], p);
+                        q[j] = madd_acc::<V>(madd_acc::<V>(q[j], p1, s1), p2, s2);
                     }
                 }
             }
@@ -1060,22 +1321,50 @@ mod avx2 {
     /// 8 f32 lanes of each output in `state`: the lanes of `super::zero_lanes_scalar` (signed x
     /// signed by maddubs of |level| and the activation with the level's sign: no saturation,
     /// |level| <= 128 and |a| <= 127), folded as `super::dot_row_0` folds them.
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn zero_tile_state<const C: usize>(
+        isa: Isa,
+        ty: GgmlType,
+        w: &[u8],
+        a: [&[BlockQ8_0Act]; C],
+        state: &mut [[f32; 8]; C],
+    ) {
+        if isa == Isa::Avx512 {
+            zero_state_vnni(ty, w, a, state)
+        } else {
+            zero_state(ty, w, a, state)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn zero_state<const C: usize>(
         ty: GgmlType,
         w: &[u8],
         a: [&[BlockQ8_0Act]; C],
         state: &mut [[f32; 8]; C],
     ) {
         match ty {
-            GgmlType::Q8_0 => zero_tile::<C, 0>(w, a, state),
-            GgmlType::Q4_0 => zero_tile::<C, 1>(w, a, state),
-            _ => zero_tile::<C, 2>(w, a, state),
+            GgmlType::Q8_0 => zero_tile::<C, 0, false>(w, a, state),
+            GgmlType::Q4_0 => zero_tile::<C, 1, false>(w, a, state),
+            _ => zero_tile::<C, 2, false>(w, a, state),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn zero_state_vnni<const C: usize>(
+        ty: GgmlType,
+        w: &[u8],
+        a: [&[BlockQ8_0Act]; C],
+        state: &mut [[f32; 8]; C],
+    ) {
+        match ty {
+            GgmlType::Q8_0 => zero_tile::<C, 0, true>(w, a, state),
+            GgmlType::Q4_0 => zero_tile::<C, 1, true>(w, a, state),
+            _ => zero_tile::<C, 2, true>(w, a, state),
         }
     }
 
     #[inline(always)]
-    unsafe fn zero_tile<const C: usize, const T: u8>(
+    unsafe fn zero_tile<const C: usize, const T: u8, const V: bool>(
         w: &[u8],
         a: [&[BlockQ8_0Act]; C],
         state: &mut [[f32; 8]; C],
@@ -1088,7 +1377,6 @@ mod avx2 {
         let blocks = w.len() / size;
         // Checked once here so that the loop reads without a check per block and row.
         assert!(a.iter().all(|r| r.len() >= blocks));
-        let ones = _mm256_set1_epi16(1);
         let mut f: [__m256; C] = std::array::from_fn(|j| _mm256_loadu_ps(state[j].as_ptr()));
         for b in 0..blocks {
             let wb = w.as_ptr().add(b * size);
@@ -1099,7 +1387,7 @@ mod avx2 {
             for j in 0..C {
                 let ab = a[j].get_unchecked(b);
                 let av = _mm256_sign_epi8(load(ab.qs.as_ptr() as *const u8), lv);
-                let q = _mm256_madd_epi16(_mm256_maddubs_epi16(mag, av), ones);
+                let q = dot4::<V>(mag, av);
                 let d = _mm256_mul_ps(dw, _mm256_set1_ps(ab.d));
                 f[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, f[j]);
             }
@@ -1125,6 +1413,21 @@ mod tests {
         GgmlType::Q5K,
         GgmlType::Q6K,
     ];
+
+    /// Every instruction set this CPU runs (scalar first); each one it lacks is said out loud as
+    /// a skip of `test`.
+    fn isas_here(test: &str) -> Vec<Isa> {
+        let here = Isa::all_here();
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            if !here.contains(&isa) {
+                crate::quant::tests::skip::skip(
+                    &format!("{test} [{isa:?}]"),
+                    "this CPU lacks it; that path did not run",
+                );
+            }
+        }
+        here
+    }
 
     fn dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/dot")
@@ -1216,7 +1519,7 @@ mod tests {
             let out = ds[0];
             let wd = crate::quant::dequantize(ty, &w, out * k).unwrap();
             let w0 = crate::quant::dequantize(ty, &zero_levels(ty, &w), out * k).unwrap();
-            for isa in [Isa::Scalar, Isa::current()] {
+            for isa in isas_here("matmul_matches_llamacpp_vec_dot") {
                 let got = matmul_with(isa, ty, &w, out, k, &x, n).unwrap();
                 let mut worst = 0f64;
                 for o in 0..out {
@@ -1248,7 +1551,7 @@ mod tests {
     /// on random bytes too (any level, any scale bits, non-finite scales aside).
     #[test]
     fn simd_equals_scalar_exactly() {
-        if Isa::current() == Isa::Scalar {
+        if !Isa::detected().vector() {
             eprintln!("SKIPPED simd_equals_scalar_exactly: this CPU has no AVX2");
             return;
         }
@@ -1284,7 +1587,6 @@ mod tests {
                     }
                 }
                 let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
-                let b = matmul_with(Isa::current(), ty, &w, out, k, &x, n).unwrap();
                 assert!(a.iter().all(|v| v.is_finite()), "{ty}");
                 // The tiled matmul gives each output exactly the one-row dot product.
                 let act = quantize_act(ty, &x, k);
@@ -1304,13 +1606,11 @@ mod tests {
                         assert_eq!(a[j * out + o].to_bits(), want.to_bits(), "{ty} {j} {o}");
                     }
                 }
-                if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-                    panic!(
-                        "{ty}: output {i}: scalar {} vs {:?} {}",
-                        a[i],
-                        Isa::current(),
-                        b[i]
-                    );
+                for isa in isas_here("simd_equals_scalar_exactly") {
+                    let b = matmul_with(isa, ty, &w, out, k, &x, n).unwrap();
+                    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+                        panic!("{ty}: output {i}: scalar {} vs {isa:?} {}", a[i], b[i]);
+                    }
                 }
             }
         }
@@ -1346,7 +1646,7 @@ mod tests {
         }
         // The vector decode gives the same scales, on random Q4_K, Q5_K and Q6_K blocks.
         #[cfg(target_arch = "x86_64")]
-        if Isa::current() == Isa::Avx2 {
+        if Isa::current().vector() {
             for round in 0..4096u64 {
                 for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
                     let w: Vec<u8> = (0..ty.type_size() as u64)

@@ -226,22 +226,30 @@ unsafe fn task(
             let live = NR.min(cols.end - r0);
             pack_panel(isa, weight, r0, live, p0, &mut panel[..kc * NR]);
         }
+        // AVX-512: two panels per tile (32 outputs, 12 accumulators), the last one alone.
+        let width = if isa == Isa::Avx512 { 2 } else { 1 };
         for i0 in rows.clone().step_by(MR) {
             let m = MR.min(rows.end - i0);
             let a = &x[i0 * k + p0..];
-            for (pi, panel) in pack.chunks_exact(KC * NR).enumerate() {
+            for pi in (0..panels).step_by(width) {
                 let c0 = cols.start + pi * NR;
+                let both = pi + 1 < panels && width == 2;
+                let end = if both { KC * NR + kc * NR } else { kc * NR };
                 let tile = Tile {
                     kc,
                     a,
                     lda: k,
-                    b: &panel[..kc * NR],
+                    b: &pack[pi * KC * NR..][..end],
                     c: y.add(i0 * out + c0),
                     ldc: out,
-                    live: NR.min(cols.end - c0),
+                    live: (if both { 2 * NR } else { NR }).min(cols.end - c0),
                     first: p0 == 0,
                 };
-                tile.run(isa, m);
+                if both {
+                    tile.run_pair(m);
+                } else {
+                    tile.run(isa, m);
+                }
             }
         }
     }
@@ -254,7 +262,7 @@ fn pack_panel(isa: Isa, m: &Stored<'_>, r0: usize, live: usize, p0: usize, dst: 
     let (w, size, stride) = (m.bytes, m.ty.type_size(), m.stride);
     let mut p = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.vector() {
         // Whole 8x8 squares: 8 rows' 8 values widened and transposed into 8 columns.
         p = kc / 8 * 8;
         for g in [0, 8] {
@@ -305,7 +313,7 @@ impl Tile<'_> {
     unsafe fn run(&self, isa: Isa, m: usize) {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => match m {
+            Isa::Avx2 | Isa::Avx512 => match m {
                 1 => avx2::tile::<1>(self),
                 2 => avx2::tile::<2>(self),
                 3 => avx2::tile::<3>(self),
@@ -315,6 +323,28 @@ impl Tile<'_> {
             },
             _ => self.scalar(m),
         }
+    }
+
+    /// [`Tile::run`] on two panels at once: `b` holds the second at offset `KC * NR`, `live`
+    /// counts the outputs of both. Only with `Isa::Avx512` (detected by the caller).
+    ///
+    /// # Safety
+    /// As [`Tile::run`]; AVX-512 F detected.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_pair(&self, m: usize) {
+        match m {
+            1 => avx512::tile2::<1>(self),
+            2 => avx512::tile2::<2>(self),
+            3 => avx512::tile2::<3>(self),
+            4 => avx512::tile2::<4>(self),
+            5 => avx512::tile2::<5>(self),
+            _ => avx512::tile2::<MR>(self),
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_pair(&self, _m: usize) {
+        unreachable!("two-panel tiles are AVX-512 only")
     }
 
     unsafe fn scalar(&self, m: usize) {
@@ -444,6 +474,50 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Tile, KC, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// `M` rows of a two-panel tile (see [`Tile::run_pair`]): 32 outputs per row in two 16-lane
+    /// vectors, each lane one output's chain of FMAs, as the AVX2 tile and the scalar code sum.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn tile2<const M: usize>(t: &Tile<'_>) {
+        debug_assert!(M <= MR && t.b.len() >= KC * NR + t.kc * NR && t.live > NR);
+        // Outputs that exist in each half (the second panel may be partial).
+        let mask = |h: usize| -> __mmask16 {
+            let n = t.live.saturating_sub(h * NR).min(NR);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let (m0, m1) = (mask(0), mask(1));
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        if !t.first {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.ldc).cast_const();
+                *a = [
+                    _mm512_maskz_loadu_ps(m0, c),
+                    _mm512_maskz_loadu_ps(m1, c.add(NR)),
+                ];
+            }
+        }
+        let (a, b) = (t.a.as_ptr(), t.b.as_ptr());
+        for p in 0..t.kc {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(KC * NR + p * NR));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(i * t.lda + p));
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let c = t.c.add(i * t.ldc);
+            _mm512_mask_storeu_ps(c, m0, a[0]);
+            _mm512_mask_storeu_ps(c.add(NR), m1, a[1]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,11 +586,7 @@ mod tests {
     ];
 
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        if Isa::current() != Isa::Scalar {
-            v.push(Isa::current());
-        }
-        v
+        Isa::all_here()
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 /// `skip::skip(what, reason)`: a check that cannot run on this machine, said out loud (the same
 /// file the integration tests use).
-mod skip {
+pub(crate) mod skip {
     include!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/skip.rs"));
 }
 

@@ -1,0 +1,328 @@
+//! The many-row kernels on 64-byte vectors: two activation rows per vector (low half row 2i,
+//! high half row 2i + 1, laid out so by [`PairQ8K`] / [`PairQ8_0`]), the weight's levels
+//! broadcast to both halves. Each half computes exactly the integer lanes and the f32 folds of the
+//! AVX2 kernels (`super::avx2`), so every output has the same bits; an instruction does the work
+//! of two.
+//! Safety: callers run these only after detecting `Isa::Avx512`; the slices have whole blocks.
+use super::{GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
+use std::arch::x86_64::*;
+
+/// Row pairs per tile.
+const PAIRS: usize = PAIR_TILE_ROWS / 2;
+
+/// How far ahead of the block being summed the weight is prefetched (as the AVX2 kernels).
+const PREFETCH_BYTES: usize = 3072;
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m512i {
+    _mm512_loadu_si512(p.cast())
+}
+
+/// 32 bytes at `p` in both halves.
+#[inline(always)]
+unsafe fn load_both(p: *const u8) -> __m512i {
+    _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()))
+}
+
+#[inline(always)]
+unsafe fn prefetch_ahead(wb: *const u8, lines: usize) {
+    let ahead = wb.wrapping_add(PREFETCH_BYTES);
+    for line in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
+    }
+}
+
+/// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5 (Q6_K's high bits of group k).
+#[inline(always)]
+unsafe fn hbits(hb: __m512i, k: usize) -> __m512i {
+    let s = match k {
+        0 => _mm512_slli_epi16(hb, 4),
+        1 => _mm512_slli_epi16(hb, 2),
+        2 => hb,
+        _ => _mm512_srli_epi16(hb, 2),
+    };
+    _mm512_and_si512(s, _mm512_set1_epi8(0x30))
+}
+
+/// Bit k of each byte of `hb` moved to bit 4 (Q5_K's fifth bit of sub-block k).
+#[inline(always)]
+unsafe fn fifth_bit(hb: __m512i, k: usize) -> __m512i {
+    let s = match k {
+        0 => _mm512_slli_epi16(hb, 4),
+        1 => _mm512_slli_epi16(hb, 3),
+        2 => _mm512_slli_epi16(hb, 2),
+        3 => _mm512_slli_epi16(hb, 1),
+        4 => hb,
+        5 => _mm512_srli_epi16(hb, 1),
+        6 => _mm512_srli_epi16(hb, 2),
+        _ => _mm512_srli_epi16(hb, 3),
+    };
+    _mm512_and_si512(s, _mm512_set1_epi8(0x10))
+}
+
+/// Two groups' sums of 4 products (`lo`, `hi`: i32 lanes, each within i16) as the i16 pairs
+/// (lo, hi) of each lane: `hi`'s low 16 bits moved into the top of `lo`'s lanes by one byte
+/// shuffle. A vpdpwssd of that with the pairs (scale of lo, scale of hi) adds both groups' scaled
+/// sums to each lane: three multiplies for two groups (vpdpbusd, vpdpbusd, vpdpwssd) where the
+/// AVX2 road takes four (maddubs and madd twice), the same integers.
+/// `idx` is [`PAIR_WORDS`] in a register.
+#[inline(always)]
+unsafe fn pair_words(lo: __m512i, hi: __m512i, idx: __m512i) -> __m512i {
+    _mm512_mask_shuffle_epi8(lo, 0xCCCC_CCCC_CCCC_CCCC, hi, idx)
+}
+
+/// Bytes 2, 3 of each dword take bytes 0, 1 of that dword (in-lane byte shuffle indices).
+const PAIR_WORDS: [i8; 64] = {
+    let mut idx = [0i8; 64];
+    let mut i = 0;
+    while i < 64 {
+        idx[i] = ((i % 16) - (i % 4) + (i % 2)) as i8;
+        i += 1;
+    }
+    idx
+};
+
+/// `super::avx2::k_row_tile_state` for PAIR_TILE_ROWS activation rows given as PAIRS row pairs.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn k_pairs_state(
+    ty: GgmlType,
+    w: &[u8],
+    ks: &[KScales],
+    a: [&[PairQ8K]; PAIRS],
+    state: &mut [[f32; 8]; PAIR_TILE_ROWS],
+) {
+    match ty {
+        GgmlType::Q6K => k_pairs::<Q6>(w, ks, a, state),
+        GgmlType::Q5K => k_pairs::<Q5>(w, ks, a, state),
+        _ => k_pairs::<Q4>(w, ks, a, state),
+    }
+}
+
+const Q4: u8 = 0;
+const Q5: u8 = 1;
+const Q6: u8 = 2;
+
+/// Indices for vpermw picking Q6_K's scales for groups 2g, 2g + 1 of half h from the 16 scales (in
+/// both halves of the vector): i32 lane l (of 8 per row) holds (scale of group 2g, of 2g + 1) for
+/// values 4l..4l + 3, i.e. scales 8h + 4g + (l >= 4) and 8h + 4g + 2 + (l >= 4); entry 2h + g.
+const Q6_SCALE_INDEX: [[i16; 32]; 4] = {
+    let mut idx = [[0i16; 32]; 4];
+    let mut hg = 0;
+    while hg < 4 {
+        let (h, g) = (hg / 2, hg % 2);
+        let mut i = 0;
+        while i < 32 {
+            let (l, second) = ((i / 2) % 8, i % 2);
+            idx[hg][i] = (8 * h + 4 * g + 2 * second + if l >= 4 { 1 } else { 0 }) as i16;
+            i += 1;
+        }
+        hg += 1;
+    }
+    idx
+};
+
+/// The two rows' 8 f32 lanes of pair `j` in one vector.
+#[inline(always)]
+unsafe fn load_state(state: &[[f32; 8]; PAIR_TILE_ROWS], j: usize) -> __m512 {
+    _mm512_loadu_ps(state[2 * j..].as_ptr().cast())
+}
+
+#[inline(always)]
+unsafe fn store_state(state: &mut [[f32; 8]; PAIR_TILE_ROWS], j: usize, f: __m512) {
+    _mm512_storeu_ps(state[2 * j..].as_mut_ptr().cast(), f)
+}
+
+#[inline(always)]
+unsafe fn k_pairs<const T: u8>(
+    w: &[u8],
+    ks: &[KScales],
+    a: [&[PairQ8K]; PAIRS],
+    state: &mut [[f32; 8]; PAIR_TILE_ROWS],
+) {
+    let size = match T {
+        Q6 => 210,
+        Q5 => 176,
+        _ => 144,
+    };
+    let blocks = w.len() / size;
+    assert!(ks.len() >= blocks && a.iter().all(|r| r.len() >= blocks));
+    let m4 = _mm512_set1_epi8(0xF);
+    let words = load(PAIR_WORDS.as_ptr().cast());
+    let q6_index: [__m512i; 4] = std::array::from_fn(|i| load(Q6_SCALE_INDEX[i].as_ptr().cast()));
+    let mut f: [__m512; PAIRS] = std::array::from_fn(|j| load_state(state, j));
+    for b in 0..blocks {
+        let wb = w.as_ptr().add(b * size);
+        prefetch_ahead(wb, size.div_ceil(64));
+        let k = ks.get_unchecked(b);
+        let ap: [*const u8; PAIRS] =
+            std::array::from_fn(|j| a[j].get_unchecked(b).qs.as_ptr().cast());
+        let mut q = [_mm512_setzero_si512(); PAIRS];
+        if T == Q6 {
+            let (ql, qh) = (wb, wb.add(128));
+            let sc = _mm512_broadcast_i64x4(_mm256_loadu_si256(k.sc.as_ptr().cast()));
+            for h in 0..2 {
+                let lo = load_both(ql.add(64 * h));
+                let hi = load_both(ql.add(64 * h + 32));
+                let hb = load_both(qh.add(32 * h));
+                let levels = [
+                    _mm512_or_si512(_mm512_and_si512(lo, m4), hbits(hb, 0)),
+                    _mm512_or_si512(_mm512_and_si512(hi, m4), hbits(hb, 1)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), hbits(hb, 2)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(hi, 4), m4), hbits(hb, 3)),
+                ];
+                for g in 0..2 {
+                    // Groups 2g and 2g + 1 of this half: lane l < 4 (values 0..15 of a group)
+                    // scales 8h + 4g and 8h + 4g + 2, lane l >= 4 the next ones.
+                    let scv = _mm512_permutexvar_epi16(q6_index[2 * h + g], sc);
+                    let chunk = 4 * h + 2 * g;
+                    for j in 0..PAIRS {
+                        let s0 = _mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            levels[2 * g],
+                            load(ap[j].add(64 * chunk)),
+                        );
+                        let s1 = _mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            levels[2 * g + 1],
+                            load(ap[j].add(64 * chunk + 64)),
+                        );
+                        q[j] = _mm512_dpwssd_epi32(q[j], pair_words(s0, s1, words), scv);
+                    }
+                }
+            }
+        } else {
+            let (qs, hb) = if T == Q5 {
+                (wb.add(48), load_both(wb.add(16)))
+            } else {
+                (wb.add(16), _mm512_setzero_si512())
+            };
+            for c in 0..4 {
+                let v = load_both(qs.add(32 * c));
+                let mut lo = _mm512_and_si512(v, m4);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if T == Q5 {
+                    lo = _mm512_or_si512(lo, fifth_bit(hb, 2 * c));
+                    hi = _mm512_or_si512(hi, fifth_bit(hb, 2 * c + 1));
+                }
+                // The pair (sc[2c], sc[2c + 1]) in every lane: adjacent i16, one 32-bit load.
+                let scv =
+                    _mm512_set1_epi32(k.sc.as_ptr().add(2 * c).cast::<i32>().read_unaligned());
+                for j in 0..PAIRS {
+                    let zero = _mm512_setzero_si512();
+                    let s0 = _mm512_dpbusd_epi32(zero, lo, load(ap[j].add(128 * c)));
+                    let s1 = _mm512_dpbusd_epi32(zero, hi, load(ap[j].add(128 * c + 64)));
+                    q[j] = _mm512_dpwssd_epi32(q[j], pair_words(s0, s1, words), scv);
+                }
+            }
+        }
+        // Q6_K: lanes less 32·sc·bsum; Q4_K, Q5_K: the mins' lanes m·bsum, folded apart.
+        let per_sub = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+            if T == Q6 {
+                k.sc.as_ptr()
+            } else {
+                k.m16.as_ptr()
+            }
+            .cast(),
+        ));
+        let (d, dmin) = (_mm512_set1_ps(k.d), _mm512_set1_ps(k.dmin));
+        for j in 0..PAIRS {
+            let ab = a[j].get_unchecked(b);
+            let bs = _mm512_madd_epi16(per_sub, load(ab.bsums.as_ptr().cast()));
+            let da = _mm512_loadu_ps(ab.d.as_ptr());
+            // d·d_a per lane: the product the AVX2 kernels form as scalars, the same bits.
+            let dq = _mm512_mul_ps(d, da);
+            if T == Q6 {
+                let qj = _mm512_sub_epi32(q[j], _mm512_slli_epi32(bs, 5));
+                f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qj), dq, f[j]);
+            } else {
+                f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[j]), dq, f[j]);
+                let dm = _mm512_mul_ps(dmin, da);
+                f[j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(bs), dm, f[j]);
+            }
+        }
+    }
+    for (j, &fj) in f.iter().enumerate() {
+        store_state(state, j, fj);
+    }
+}
+
+/// The 32 levels of a Q8_0 / Q4_0 / Q5_0 block (T: 0, 1, 2) plus 128, as unsigned bytes, in
+/// both halves: vpdpbusd multiplies unsigned by signed, and the pair block carries -128·(the
+/// activations' sums of 4) to start each lane with (see [`PairQ8_0`]).
+#[inline(always)]
+unsafe fn zero_levels_biased<const T: u8>(wb: *const u8) -> __m512i {
+    if T == 0 {
+        // i8 + 128 as u8: the sign bit flipped.
+        return _mm512_xor_si512(load_both(wb.add(2)), _mm512_set1_epi8(-128));
+    }
+    let qs = _mm_loadu_si128(wb.add(if T == 1 { 2 } else { 6 }) as *const __m128i);
+    let nib = _mm256_and_si256(
+        _mm256_setr_m128i(qs, _mm_srli_epi16(qs, 4)),
+        _mm256_set1_epi8(0xF),
+    );
+    let v = if T == 1 {
+        // (nib - 8) + 128
+        _mm256_add_epi8(nib, _mm256_set1_epi8(120))
+    } else {
+        // Q5_0: bit i of qh to byte i; (nib | fifth - 16) + 128.
+        let qh = wb.add(2).cast::<i32>().read_unaligned();
+        let pick: [i8; 32] = std::array::from_fn(|i| (i / 8) as i8);
+        let bytes = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh),
+            _mm256_loadu_si256(pick.as_ptr().cast()),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        let fifth = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+        _mm256_add_epi8(_mm256_or_si256(nib, fifth), _mm256_set1_epi8(112))
+    };
+    _mm512_broadcast_i64x4(v)
+}
+
+/// `super::avx2::zero_tile_state` for PAIR_TILE_ROWS activation rows given as PAIRS row pairs.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn zero_pairs_state(
+    ty: GgmlType,
+    w: &[u8],
+    a: [&[PairQ8_0]; PAIRS],
+    state: &mut [[f32; 8]; PAIR_TILE_ROWS],
+) {
+    match ty {
+        GgmlType::Q8_0 => zero_pairs::<0>(w, a, state),
+        GgmlType::Q4_0 => zero_pairs::<1>(w, a, state),
+        _ => zero_pairs::<2>(w, a, state),
+    }
+}
+
+#[inline(always)]
+unsafe fn zero_pairs<const T: u8>(
+    w: &[u8],
+    a: [&[PairQ8_0]; PAIRS],
+    state: &mut [[f32; 8]; PAIR_TILE_ROWS],
+) {
+    let size = match T {
+        0 => 34,
+        1 => 18,
+        _ => 22,
+    };
+    let blocks = w.len() / size;
+    assert!(a.iter().all(|r| r.len() >= blocks));
+    let mut f: [__m512; PAIRS] = std::array::from_fn(|j| load_state(state, j));
+    for b in 0..blocks {
+        let wb = w.as_ptr().add(b * size);
+        prefetch_ahead(wb, 1);
+        let dw = _mm512_cvtph_ps(_mm256_set1_epi16(wb.cast::<i16>().read_unaligned()));
+        let u = zero_levels_biased::<T>(wb);
+        for j in 0..PAIRS {
+            let ab = a[j].get_unchecked(b);
+            // Σ (level + 128)·a - 128·Σ a = Σ level·a, per lane of 4 neighbours: exact.
+            let start = load(ab.bias.as_ptr().cast());
+            let q = _mm512_dpbusd_epi32(start, u, load(ab.qs.as_ptr().cast()));
+            let d = _mm512_mul_ps(dw, _mm512_loadu_ps(ab.d.as_ptr()));
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, f[j]);
+        }
+    }
+    for (j, &fj) in f.iter().enumerate() {
+        store_state(state, j, fj);
+    }
+}
