@@ -845,6 +845,28 @@ fn tiles<const C: usize>(
 
 // ---- AVX-512 (row pairs), AVX2 ----------------------------------------------------------------
 
+/// What a kernel's const parameter `T` stands for: a K-quant (`KQ4`, `KQ5`, `KQ6`), or a 32-value
+/// type (0 Q8_0, 1 Q4_0, 2 Q5_0); block sizes come from `GgmlType::type_size`.
+const KQ4: u8 = 0;
+const KQ5: u8 = 1;
+const KQ6: u8 = 2;
+
+fn k_type(t: u8) -> GgmlType {
+    match t {
+        KQ6 => GgmlType::Q6K,
+        KQ5 => GgmlType::Q5K,
+        _ => GgmlType::Q4K,
+    }
+}
+
+fn zero_type(t: u8) -> GgmlType {
+    match t {
+        0 => GgmlType::Q8_0,
+        1 => GgmlType::Q4_0,
+        _ => GgmlType::Q5_0,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -1035,7 +1057,7 @@ mod avx2 {
 
     #[inline(always)]
     unsafe fn q45k_row_body<const Q5: bool, const V: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
-        let size = if Q5 { 176 } else { 144 };
+        let size = if Q5 { GgmlType::Q5K } else { GgmlType::Q4K }.type_size();
         let blocks = (w.len() / size).min(a.len());
         // Chunk c's two scales are words 2c and 2c + 1 of the 8: low half of `sc` twice.
         let masks: [__m256i; 8] = std::array::from_fn(|j| word_mask(j as i8, j as i8));
@@ -1201,10 +1223,7 @@ mod avx2 {
         }
     }
 
-    /// The K-quant a `tile` is made for.
-    const Q4: u8 = 0;
-    const Q5: u8 = 1;
-    const Q6: u8 = 2;
+    use super::{k_type, zero_type, KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
 
     #[inline(always)]
     unsafe fn tile<const C: usize, const T: u8, const V: bool>(
@@ -1213,11 +1232,8 @@ mod avx2 {
         a: [&[BlockQ8K]; C],
         state: &mut [[f32; 8]; C],
     ) {
-        let (size, ty) = match T {
-            Q6 => (210, GgmlType::Q6K),
-            Q5 => (176, GgmlType::Q5K),
-            _ => (144, GgmlType::Q4K),
-        };
+        let ty = k_type(T);
+        let size = ty.type_size();
         let blocks = w.len() / size;
         debug_assert!(a.iter().all(|r| r.len() >= blocks) && ks.is_none_or(|k| k.len() >= blocks));
         let mut f: [__m256; C] = std::array::from_fn(|j| _mm256_loadu_ps(state[j].as_ptr()));
@@ -1369,11 +1385,7 @@ mod avx2 {
         a: [&[BlockQ8_0Act]; C],
         state: &mut [[f32; 8]; C],
     ) {
-        let size = match T {
-            0 => 34,
-            1 => 18,
-            _ => 22,
-        };
+        let size = zero_type(T).type_size();
         let blocks = w.len() / size;
         // Checked once here so that the loop reads without a check per block and row.
         assert!(a.iter().all(|r| r.len() >= blocks));

@@ -51,7 +51,8 @@ pub(crate) enum Isa {
     Scalar,
     /// One sub-block per lane of 256-bit vectors (Q4_K/Q5_K: 8 lanes, Q6_K: 2 x 8).
     Avx2,
-    /// As `Avx2`, but Q6_K's 16 sub-blocks in one 512-bit vector.
+    /// As `Avx2`, but 16 lanes in one 512-bit vector: Q6_K's 16 sub-blocks, Q4_K/Q5_K's pairs of
+    /// super-blocks.
     Avx512,
 }
 
@@ -252,10 +253,28 @@ unsafe fn quantize_scale_min_k_avx2(x: &[f32; QK_K], s: Search) -> Levels {
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_scale_min_k_pair_avx2(x: &[f32; 2 * QK_K], s: Search) -> [Levels; 2] {
     let r = simd::qkx2_pair_avx2(x, s.nmax, s.rmin, s.rdelta, s.nstep);
+    finish_pair(x, &r, s)
+}
+
+/// [`quantize_scale_min_k_pair_avx2`] with the 16 lanes in one AVX-512 vector.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+unsafe fn quantize_scale_min_k_pair_avx512(x: &[f32; 2 * QK_K], s: Search) -> [Levels; 2] {
+    let r = simd::qkx2_pair_avx512(x, s.nmax, s.rmin, s.rdelta, s.nstep);
+    finish_pair(x, &r, s)
+}
+
+/// Steps (2)-(3) for both super-blocks of a pair search.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn finish_pair(x: &[f32; 2 * QK_K], r: &simd::Qkx2Lanes, s: Search) -> [Levels; 2] {
     let (a, b) = x.split_at(QK_K);
     [
-        finish_lanes(as_block(a), &r, 0, s.nmax),
-        finish_lanes(as_block(b), &r, 8, s.nmax),
+        finish_lanes(as_block(a), r, 0, s.nmax),
+        finish_lanes(as_block(b), r, 8, s.nmax),
     ]
 }
 
@@ -271,8 +290,16 @@ fn scale_min_k_many<B: Block>(
 ) {
     quantize_run(x, out, isa, one, |xs| {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: quantize_run passes pairs only where `usable` found AVX2.
-        return unsafe { quantize_scale_min_k_pair_avx2(xs, search) }.map(pack);
+        // SAFETY: quantize_run passes pairs only where `usable` found AVX2 (and AVX-512F for
+        // Avx512).
+        return unsafe {
+            if isa.usable() == Isa::Avx512 {
+                quantize_scale_min_k_pair_avx512(xs, search)
+            } else {
+                quantize_scale_min_k_pair_avx2(xs, search)
+            }
+        }
+        .map(pack);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no SIMD search off x86-64: {} {}", xs.len(), search.nmax)
     })

@@ -4,7 +4,8 @@
 //! AVX2 kernels (`super::avx2`), so every output has the same bits; an instruction does the work
 //! of two.
 //! Safety: callers run these only after detecting `Isa::Avx512`; the slices have whole blocks.
-use super::{GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
+use super::{k_type, zero_type, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
+use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
 use std::arch::x86_64::*;
 
 /// Row pairs per tile.
@@ -98,10 +99,6 @@ pub(super) unsafe fn k_pairs_state(
     }
 }
 
-const Q4: u8 = 0;
-const Q5: u8 = 1;
-const Q6: u8 = 2;
-
 /// Indices for vpermw picking Q6_K's scales for groups 2g, 2g + 1 of half h from the 16 scales (in
 /// both halves of the vector): i32 lane l (of 8 per row) holds (scale of group 2g, of 2g + 1) for
 /// values 4l..4l + 3, i.e. scales 8h + 4g + (l >= 4) and 8h + 4g + 2 + (l >= 4); entry 2h + g.
@@ -139,11 +136,7 @@ unsafe fn k_pairs<const T: u8>(
     a: [&[PairQ8K]; PAIRS],
     state: &mut [[f32; 8]; PAIR_TILE_ROWS],
 ) {
-    let size = match T {
-        Q6 => 210,
-        Q5 => 176,
-        _ => 144,
-    };
+    let size = k_type(T).type_size();
     let blocks = w.len() / size;
     assert!(ks.len() >= blocks && a.iter().all(|r| r.len() >= blocks));
     let m4 = _mm512_set1_epi8(0xF);
@@ -300,11 +293,7 @@ unsafe fn zero_pairs<const T: u8>(
     a: [&[PairQ8_0]; PAIRS],
     state: &mut [[f32; 8]; PAIR_TILE_ROWS],
 ) {
-    let size = match T {
-        0 => 34,
-        1 => 18,
-        _ => 22,
-    };
+    let size = zero_type(T).type_size();
     let blocks = w.len() / size;
     assert!(a.iter().all(|r| r.len() >= blocks));
     let mut f: [__m512; PAIRS] = std::array::from_fn(|j| load_state(state, j));

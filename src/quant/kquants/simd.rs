@@ -17,7 +17,8 @@
 //! in that pass); the caller recomputes those levels only where it needs them (a sub-block
 //! whose stored scale is zero), with the same formula, hence the same levels.
 //!
-//! Q4_K/Q5_K: the 8 sub-blocks of one super-block are the 8 lanes of an AVX2 vector.
+//! Q4_K/Q5_K: the 8 sub-blocks of one super-block are the 8 lanes of an AVX2 vector (two
+//! super-blocks: two AVX2 vectors, or one AVX-512 vector).
 //! Q6_K: the 16 sub-blocks are the 16 lanes of an AVX-512 vector, or two AVX2 vectors.
 
 #[cfg(target_arch = "x86")]
@@ -530,6 +531,21 @@ pub(super) unsafe fn qkx2_pair_avx2(
     nstep: i32,
 ) -> Qkx2Lanes {
     qkx2_lanes::<F32x8x2>(x, nmax, rmin, rdelta, nstep)
+}
+
+/// [`qkx2_lanes`] for two consecutive super-blocks at once (16 lanes in one AVX-512 vector).
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn qkx2_pair_avx512(
+    x: &[f32; 512],
+    nmax: i32,
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> Qkx2Lanes {
+    qkx2_lanes::<F32x16>(x, nmax, rmin, rdelta, nstep)
 }
 
 /// Per-sub-block results of the Q6_K search (`make_qx_quants`, nmax 32).
