@@ -67,9 +67,38 @@ unsafe fn fifth_bit(hb: __m512i, k: usize) -> __m512i {
 /// sums to each lane: three multiplies for two groups (vpdpbusd, vpdpbusd, vpdpwssd) where the
 /// AVX2 road takes four (maddubs and madd twice), the same integers.
 /// `idx` is [`PAIR_WORDS`] in a register.
-#[inline(always)]
+/// Written as assembly: from the intrinsic, LLVM's generic tuning emits a plain shuffle and a
+/// masked move (two operations).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 unsafe fn pair_words(lo: __m512i, hi: __m512i, idx: __m512i) -> __m512i {
-    _mm512_mask_shuffle_epi8(lo, 0xCCCC_CCCC_CCCC_CCCC, hi, idx)
+    let mut out = lo;
+    std::arch::asm!(
+        "vpshufb {out}{{{k}}}, {hi}, {idx}",
+        out = inout(zmm_reg) out,
+        k = in(kreg) 0xCCCC_CCCC_CCCC_CCCCu64,
+        hi = in(zmm_reg) hi,
+        idx = in(zmm_reg) idx,
+        options(pure, nomem, nostack),
+    );
+    out
+}
+
+/// acc + the products of the i16 pairs of `a` and `b` added in pairs into i32 lanes: one
+/// vpdpwssd. Written as assembly: from the intrinsic, LLVM's generic tuning (no -mcpu) splits it
+/// into vpmaddwd and vpaddd, the two operations VNNI is there to fuse.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    std::arch::asm!(
+        "vpdpwssd {acc}, {a}, {b}",
+        acc = inout(zmm_reg) acc,
+        a = in(zmm_reg) a,
+        b = in(zmm_reg) b,
+        options(pure, nomem, nostack),
+    );
+    acc
 }
 
 /// Bytes 2, 3 of each dword take bytes 0, 1 of that dword (in-lane byte shuffle indices).
@@ -129,7 +158,8 @@ unsafe fn store_state(state: &mut [[f32; 8]; PAIR_TILE_ROWS], j: usize, f: __m51
     _mm512_storeu_ps(state[2 * j..].as_mut_ptr().cast(), f)
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
 unsafe fn k_pairs<const T: u8>(
     w: &[u8],
     ks: &[KScales],
@@ -179,7 +209,7 @@ unsafe fn k_pairs<const T: u8>(
                             levels[2 * g + 1],
                             load(ap[j].add(64 * chunk + 64)),
                         );
-                        q[j] = _mm512_dpwssd_epi32(q[j], pair_words(s0, s1, words), scv);
+                        q[j] = dpwssd(q[j], pair_words(s0, s1, words), scv);
                     }
                 }
             }
@@ -204,7 +234,7 @@ unsafe fn k_pairs<const T: u8>(
                     let zero = _mm512_setzero_si512();
                     let s0 = _mm512_dpbusd_epi32(zero, lo, load(ap[j].add(128 * c)));
                     let s1 = _mm512_dpbusd_epi32(zero, hi, load(ap[j].add(128 * c + 64)));
-                    q[j] = _mm512_dpwssd_epi32(q[j], pair_words(s0, s1, words), scv);
+                    q[j] = dpwssd(q[j], pair_words(s0, s1, words), scv);
                 }
             }
         }
