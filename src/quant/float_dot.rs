@@ -141,43 +141,56 @@ pub fn gemm_serial(
         (0..rows).for_each(|i| c[i * ldc..i * ldc + cols].fill(0.0));
         return;
     }
-    let mut panel = vec![0f32; KC * NR];
+    // AVX-512: two panels per tile (see `task`), packed KC * NR apart.
+    let width = if isa == Isa::Avx512 { 2 } else { 1 };
+    let mut panel = vec![0f32; width * KC * NR];
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
-        for c0 in (0..cols).step_by(NR) {
-            let live = NR.min(cols - c0);
-            let dst = &mut panel[..kc * NR];
-            match b {
-                Right::Rows { data, stride } => {
-                    let m = Stored {
-                        ty: GgmlType::F32,
-                        bytes: bytemuck::cast_slice(data),
-                        stride,
-                    };
-                    pack_panel(isa, &m, c0, live, p0, dst);
-                }
-                Right::Cols { data, stride } => {
-                    for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
-                        let row = &data[(p0 + q) * stride + c0..][..live];
-                        d[..live].copy_from_slice(row);
-                        d[live..].fill(0.0);
+        for c0 in (0..cols).step_by(width * NR) {
+            let live = (width * NR).min(cols - c0);
+            for h in 0..live.div_ceil(NR) {
+                let (c1, live1) = (c0 + h * NR, NR.min(live - h * NR));
+                let dst = &mut panel[h * KC * NR..][..kc * NR];
+                match b {
+                    Right::Rows { data, stride } => {
+                        let m = Stored {
+                            ty: GgmlType::F32,
+                            bytes: bytemuck::cast_slice(data),
+                            stride,
+                        };
+                        pack_panel(isa, &m, c1, live1, p0, dst);
+                    }
+                    Right::Cols { data, stride } => {
+                        for (q, d) in dst.chunks_exact_mut(NR).enumerate() {
+                            let row = &data[(p0 + q) * stride + c1..][..live1];
+                            d[..live1].copy_from_slice(row);
+                            d[live1..].fill(0.0);
+                        }
                     }
                 }
             }
+            let both = live > NR;
+            let end = if both { KC * NR + kc * NR } else { kc * NR };
             for i0 in (0..rows).step_by(MR) {
                 let tile = Tile {
                     kc,
                     a: &a[i0 * lda + p0..],
                     lda,
-                    b: &panel[..kc * NR],
+                    b: &panel[..end],
                     c: c[i0 * ldc + c0..].as_mut_ptr(),
                     ldc,
                     live,
                     first: p0 == 0,
                 };
                 // SAFETY: rows i0..i0+m of c, columns c0..c0+live, lie in `c` (asserted above),
-                // which this call borrows mutably.
-                unsafe { tile.run(isa, MR.min(rows - i0)) };
+                // which this call borrows mutably; two panels only with Isa::Avx512.
+                unsafe {
+                    if both {
+                        tile.run_pair(MR.min(rows - i0))
+                    } else {
+                        tile.run(isa, MR.min(rows - i0))
+                    }
+                };
             }
         }
     }
@@ -602,6 +615,61 @@ mod tests {
                         y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
                         "{ty} {isa:?} n={n} out={out} k={k}"
                     );
+                }
+            }
+        }
+    }
+
+    /// gemm_serial (attention's tiles) on every ISA: each output its chain of FMAs, with B given
+    /// as rows or as columns, strides wider than the shapes, and edges in every dimension.
+    #[test]
+    fn gemm_serial_outputs_are_chains_on_every_isa() {
+        for (rows, k, cols) in [
+            (1, 1, 1),
+            (7, 300, 33),
+            (13, 64, 50),
+            (6, 517, 16),
+            (3, 9, 70),
+        ] {
+            let (lda, ldb, ldc) = (k + 3, k.max(cols) + 5, cols + 2);
+            let a = values(rows * lda, 7);
+            let bdata = values(ldb * k.max(cols), 8);
+            for by_rows in [true, false] {
+                // B[p][j] as the product reads it.
+                let bv = |p: usize, j: usize| {
+                    if by_rows {
+                        bdata[j * ldb + p]
+                    } else {
+                        bdata[p * ldb + j]
+                    }
+                };
+                let right = if by_rows {
+                    Right::Rows {
+                        data: &bdata,
+                        stride: ldb,
+                    }
+                } else {
+                    Right::Cols {
+                        data: &bdata,
+                        stride: ldb,
+                    }
+                };
+                for isa in isas() {
+                    let mut c = vec![f32::NAN; rows * ldc];
+                    gemm_serial(isa, &a, lda, rows, k, right, cols, &mut c, ldc);
+                    for i in 0..rows {
+                        for j in 0..cols {
+                            let want =
+                                (0..k).fold(0f32, |acc, p| a[i * lda + p].mul_add(bv(p, j), acc));
+                            assert_eq!(
+                                c[i * ldc + j].to_bits(),
+                                want.to_bits(),
+                                "{isa:?} rows={rows} k={k} cols={cols} by_rows={by_rows} ({i}, {j})"
+                            );
+                        }
+                        // Columns past `cols` are not written.
+                        assert!(c[i * ldc + cols..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                    }
                 }
             }
         }

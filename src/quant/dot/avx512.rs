@@ -4,7 +4,7 @@
 //! AVX2 kernels (`super::avx2`), so every output has the same bits; an instruction does the work
 //! of two.
 //! Safety: callers run these only after detecting `Isa::Avx512`; the slices have whole blocks.
-use super::{k_type, zero_type, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
+use super::{k_type, zero_type, BlockQ8K, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
 use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
 use std::arch::x86_64::*;
 
@@ -344,4 +344,58 @@ unsafe fn zero_pairs<const T: u8>(
     for (j, &fj) in f.iter().enumerate() {
         store_state(state, j, fj);
     }
+}
+
+/// `super::quantize_q8k_scalar` on 16 lanes, the same values: the largest magnitude is exact
+/// (a max), the first value holding it gives the sign as the scalar scan does (strict `>`), and
+/// each level is ggml's `nearest_int` bit trick on the same f32 product, then min(127).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_q8k(x: &[f32; 256]) -> BlockQ8K {
+    let mut b = BlockQ8K {
+        d: 0.0,
+        qs: [0; 256],
+        bsums: [0; 16],
+    };
+    let p = x.as_ptr();
+    let sign = _mm512_set1_ps(-0.0);
+    let mut amax = _mm512_setzero_ps();
+    let mut finite = true;
+    for c in 0..16 {
+        let a = _mm512_andnot_ps(sign, _mm512_loadu_ps(p.add(16 * c)));
+        // |v| <= f32::MAX is false for inf and NaN.
+        finite &= _mm512_cmp_ps_mask::<_CMP_LE_OQ>(a, _mm512_set1_ps(f32::MAX)) == 0xffff;
+        amax = _mm512_max_ps(amax, a);
+    }
+    if !finite {
+        b.d = f32::NAN;
+        return b;
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    if amax == 0.0 {
+        return b;
+    }
+    let at = (0..16)
+        .find_map(|c| {
+            let a = _mm512_andnot_ps(sign, _mm512_loadu_ps(p.add(16 * c)));
+            let m = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, _mm512_set1_ps(amax));
+            (m != 0).then(|| 16 * c + m.trailing_zeros() as usize)
+        })
+        .expect("the largest magnitude is one of the values");
+    let iscale = -127.0 / x[at];
+    let (sv, magic) = (_mm512_set1_ps(iscale), _mm512_set1_ps(12582912.0));
+    for c in 0..16 {
+        let t = _mm512_add_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(p.add(16 * c))), magic);
+        let i = _mm512_sub_epi32(
+            _mm512_and_si512(_mm512_castps_si512(t), _mm512_set1_epi32(0x007f_ffff)),
+            _mm512_set1_epi32(0x0040_0000),
+        );
+        let q = _mm512_min_epi32(i, _mm512_set1_epi32(127));
+        _mm_storeu_si128(
+            b.qs.as_mut_ptr().add(16 * c).cast(),
+            _mm512_cvtepi32_epi8(q),
+        );
+        b.bsums[c] = _mm512_reduce_add_epi32(q) as i16;
+    }
+    b.d = 1.0 / iscale;
+    b
 }
