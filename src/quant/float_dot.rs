@@ -13,7 +13,8 @@
 //!
 //! Shape of the work (the usual blocked GEMM): a task owns up to `NC_MAX` weight rows; for each
 //! run of `KC` along k it widens its rows into `NR`-row panels laid out `[k][NR]`, then each tile
-//! of `MR` activation rows x `NR` outputs reads its activations once per run and a panel per tile.
+//! of `MR` activation rows x `NR` outputs (AVX-512: `MR2` rows x two panels) reads its activations
+//! once per run and a panel per tile.
 use super::dot::Isa;
 use super::{GgmlType, QuantError};
 use rayon::prelude::*;
@@ -23,6 +24,9 @@ const NR: usize = 16;
 /// Activation rows per tile: 6 x 2 accumulators, 2 weight vectors and a broadcast fill 15 of
 /// AVX2's 16 vector registers.
 const MR: usize = 6;
+/// Activation rows per two-panel tile (AVX-512): 24 accumulators of its 32 registers, so each
+/// panel load serves 12 FMAs.
+const MR2: usize = 12;
 /// k per run: a task's panels (at most `NC_MAX` rows) are 128 KB of f32 and stay in L2.
 const KC: usize = 256;
 /// Most weight rows per task.
@@ -240,28 +244,34 @@ unsafe fn task(
             pack_panel(isa, weight, r0, live, p0, &mut panel[..kc * NR]);
         }
         // AVX-512: two panels per tile (32 outputs, 12 accumulators), the last one alone.
-        let width = if isa == Isa::Avx512 { 2 } else { 1 };
-        for i0 in rows.clone().step_by(MR) {
-            let m = MR.min(rows.end - i0);
-            let a = &x[i0 * k + p0..];
+        let (width, step) = if isa == Isa::Avx512 {
+            (2, MR2)
+        } else {
+            (1, MR)
+        };
+        for i0 in rows.clone().step_by(step) {
+            let m = step.min(rows.end - i0);
             for pi in (0..panels).step_by(width) {
                 let c0 = cols.start + pi * NR;
                 let both = pi + 1 < panels && width == 2;
                 let end = if both { KC * NR + kc * NR } else { kc * NR };
-                let tile = Tile {
+                // Rows i0 + s .. i0 + s + m.
+                let tile = |s: usize| Tile {
                     kc,
-                    a,
+                    a: &x[(i0 + s) * k + p0..],
                     lda: k,
                     b: &pack[pi * KC * NR..][..end],
-                    c: y.add(i0 * out + c0),
+                    c: y.add((i0 + s) * out + c0),
                     ldc: out,
                     live: (if both { 2 * NR } else { NR }).min(cols.end - c0),
                     first: p0 == 0,
                 };
                 if both {
-                    tile.run_pair(m);
+                    tile(0).run_pair(m);
                 } else {
-                    tile.run(isa, m);
+                    for s in (0..m).step_by(MR) {
+                        tile(s).run(isa, MR.min(m - s));
+                    }
                 }
             }
         }
@@ -351,7 +361,13 @@ impl Tile<'_> {
             3 => avx512::tile2::<3>(self),
             4 => avx512::tile2::<4>(self),
             5 => avx512::tile2::<5>(self),
-            _ => avx512::tile2::<MR>(self),
+            6 => avx512::tile2::<6>(self),
+            7 => avx512::tile2::<7>(self),
+            8 => avx512::tile2::<8>(self),
+            9 => avx512::tile2::<9>(self),
+            10 => avx512::tile2::<10>(self),
+            11 => avx512::tile2::<11>(self),
+            _ => avx512::tile2::<MR2>(self),
         }
     }
 
@@ -489,14 +505,14 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{Tile, KC, MR, NR};
+    use super::{Tile, KC, MR2, NR};
     use std::arch::x86_64::*;
 
     /// `M` rows of a two-panel tile (see [`Tile::run_pair`]): 32 outputs per row in two 16-lane
     /// vectors, each lane one output's chain of FMAs, as the AVX2 tile and the scalar code sum.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn tile2<const M: usize>(t: &Tile<'_>) {
-        debug_assert!(M <= MR && t.b.len() >= KC * NR + t.kc * NR && t.live > NR);
+        debug_assert!(M <= MR2 && t.b.len() >= KC * NR + t.kc * NR && t.live > NR);
         // Outputs that exist in each half (the second panel may be partial).
         let mask = |h: usize| -> __mmask16 {
             let n = t.live.saturating_sub(h * NR).min(NR);
