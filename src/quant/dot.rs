@@ -732,7 +732,8 @@ fn k_task(
                 unsafe { avx512::k_pairs_state(ty, wr, kd, acts, st) };
             };
             let rows = ws.len() / row_bytes;
-            return tiles::<PAIR_TILE_ROWS>(rows, per_row, K_PAIR_RUN_BLOCKS, n, ys, tile, one);
+            let run = K_PAIR_RUN_BLOCKS;
+            return tiles::<PAIR_TILE_ROWS>(rows, per_row, run, n, 2, ys, tile, one);
         }
         let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
             let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
@@ -747,6 +748,7 @@ fn k_task(
             per_row,
             K_RUN_BLOCKS,
             n,
+            1,
             ys,
             tile,
             one,
@@ -794,7 +796,8 @@ fn zero_task(
                 unsafe { avx512::zero_pairs_state(ty, wr, acts, st) };
             };
             let rows = ws.len() / row_bytes;
-            return tiles::<PAIR_TILE_ROWS>(rows, per_row, ZERO_PAIR_RUN_BLOCKS, n, ys, tile, one);
+            let run = ZERO_PAIR_RUN_BLOCKS;
+            return tiles::<PAIR_TILE_ROWS>(rows, per_row, run, n, 2, ys, tile, one);
         }
         let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
             let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
@@ -808,6 +811,7 @@ fn zero_task(
             per_row,
             ZERO_RUN_BLOCKS,
             n,
+            1,
             ys,
             tile,
             one,
@@ -825,20 +829,26 @@ fn zero_task(
 /// rows' run of activations stays close while every weight row passes over it. `tile(r, b0,
 /// b1, j0, state)` continues the 8 f32 lanes of outputs (r, j0..j0 + C) over blocks b0..b1 (the
 /// fold is sequential per block, so runs give the bits of one pass); `one(r, j)` is the whole
-/// output for the activation rows left over.
+/// output for the activation rows left over. The rows past the last whole tile go through one
+/// more tile ending at row n (its start a multiple of `align`, as row pairs need), which computes
+/// a few rows again, to the same bits: one pass over the weight instead of one per row left.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn tiles<const C: usize>(
     rows: usize,
     per_row: usize,
     run: usize,
     n: usize,
+    align: usize,
     ys: &mut [f32],
     tile: impl Fn(usize, usize, usize, usize, &mut [[f32; 8]; C]),
     one: impl Fn(usize, usize) -> f32,
 ) {
     let mut state = vec![[[0f32; 8]; C]; rows];
-    let mut j0 = 0;
-    while j0 + C <= n {
+    let starts = (0..n / C).map(|t| t * C);
+    let last = (n % C != 0 && n >= C).then(|| (n - C) / align * align);
+    let mut done = 0;
+    for j0 in starts.chain(last) {
         state.iter_mut().for_each(|s| *s = [[0f32; 8]; C]);
         for b0 in (0..per_row).step_by(run) {
             let b1 = (b0 + run).min(per_row);
@@ -851,9 +861,9 @@ fn tiles<const C: usize>(
                 ys[r * n + j0 + i] = hsum8(s);
             }
         }
-        j0 += C;
+        done = j0 + C;
     }
-    for j in j0..n {
+    for j in done..n {
         for r in 0..rows {
             ys[r * n + j] = one(r, j);
         }
