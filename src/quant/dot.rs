@@ -639,9 +639,9 @@ pub fn matmul_with(
             bytes: Some(x.len() * 4),
         });
     }
-    let mut yt = vec![0f32; out * n];
+    let mut y = vec![0f32; n * out];
     if n == 0 || out == 0 {
-        return Ok(yt);
+        return Ok(y);
     }
     let act = quantize_act(ty, x, k);
     // The AVX-512 tiles read activation rows in pairs.
@@ -658,32 +658,51 @@ pub fn matmul_with(
     } else {
         ROWS_PER_TASK
     };
-    yt.par_chunks_mut(n * rows_per_task)
-        .zip(w.par_chunks(row_bytes * rows_per_task))
-        .for_each(|(ys, ws)| match &act {
-            Act::Q8K(a) => k_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
-            Act::Q8_0(a) => zero_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
-        });
-    if n == 1 {
-        return Ok(yt);
-    }
-    // [out, n] -> [n, out], in parallel over blocks of 16 output rows: each weight row's 16
-    // values are one cache line read (one row at a time read a line per value, 3% of a prefill).
-    const JB: usize = 16;
-    let mut y = vec![0f32; n * out];
-    y.par_chunks_mut(out * JB).enumerate().for_each(|(b, yb)| {
-        let (j0, rows) = (b * JB, yb.len() / out);
-        for o in 0..out {
-            for (i, &v) in yt[o * n + j0..o * n + j0 + rows].iter().enumerate() {
-                yb[i * out + o] = v;
+    let y_out = YPtr(y.as_mut_ptr());
+    w.par_chunks(row_bytes * rows_per_task)
+        .enumerate()
+        .for_each(|(t, ws)| {
+            // Each task writes y straight in place ([n, out]: no transposed copy), in its own
+            // columns.
+            let ys = TaskOut {
+                y: y_out,
+                stride: out,
+                r0: t * rows_per_task,
+            };
+            match &act {
+                Act::Q8K(a) => k_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
+                Act::Q8_0(a) => zero_task(isa, ty, ws, row_bytes, a, pairs.as_ref(), n, ys),
             }
-        }
-    });
+        });
     Ok(y)
 }
 
+/// y's buffer, shared by the tasks of [`matmul`].
+#[derive(Clone, Copy)]
+struct YPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements (their own columns) and y outlives them.
+unsafe impl Send for YPtr {}
+unsafe impl Sync for YPtr {}
+
+/// Where a task's outputs go: (its weight row r, activation row j) is y[j * stride + r0 + r].
+#[derive(Clone, Copy)]
+struct TaskOut {
+    y: YPtr,
+    stride: usize,
+    r0: usize,
+}
+
+impl TaskOut {
+    /// # Safety
+    /// r is one of the task's weight rows and j < n (the element lies in y, owned by this task).
+    #[inline(always)]
+    unsafe fn put(self, r: usize, j: usize, v: f32) {
+        *self.y.0.add(j * self.stride + self.r0 + r) = v;
+    }
+}
+
 /// One task of [`matmul`] for a K-quant: its weight rows `ws` against all `n` activation rows
-/// `a`, into `ys` [rows, n]. Scales decoded once per task; on AVX2, [`tiles`] of TILE_ROWS
+/// `a`, into its columns of y (`ys`). Scales decoded once per task; on AVX2, [`tiles`] of TILE_ROWS
 /// activation rows per pass over a weight row (its levels unpacked once for them), else
 /// activation rows in tiles that stay in cache while the task's weight rows pass over them. Each
 /// output is summed exactly as `dot_row_k` sums it. A lone row (decode) decodes each block's
@@ -697,7 +716,7 @@ fn k_task(
     a: &[BlockQ8K],
     pairs: Option<&Pairs>,
     n: usize,
-    ys: &mut [f32],
+    ys: TaskOut,
 ) {
     let size = ty.type_size();
     let per_row = row_bytes / size;
@@ -759,7 +778,9 @@ fn k_task(
         for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
             let kd = (n > 1).then(|| &dec[r * per_row..(r + 1) * per_row]);
             for j in j0..j1 {
-                ys[r * n + j] = dot_row_k_with(ty, isa, wr, kd, &a[j * per_row..(j + 1) * per_row]);
+                let v = dot_row_k_with(ty, isa, wr, kd, &a[j * per_row..(j + 1) * per_row]);
+                // SAFETY: r is a row of this task, j < n.
+                unsafe { ys.put(r, j, v) };
             }
         }
     }
@@ -777,7 +798,7 @@ fn zero_task(
     a: &[BlockQ8_0Act],
     pairs: Option<&Pairs>,
     n: usize,
-    ys: &mut [f32],
+    ys: TaskOut,
 ) {
     let size = ty.type_size();
     let per_row = row_bytes / size;
@@ -819,16 +840,18 @@ fn zero_task(
     }
     for j in 0..n {
         for (r, wr) in ws.chunks_exact(row_bytes).enumerate() {
-            ys[r * n + j] = dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]);
+            let v = dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row]);
+            // SAFETY: r is a row of this task, j < n.
+            unsafe { ys.put(r, j, v) };
         }
     }
 }
 
-/// `rows` weight rows (of `per_row` blocks) against all `n` activation rows, into `ys`
-/// [rows, n]: C activation rows at a time, and along k in runs of `run` blocks, so that the C
-/// rows' run of activations stays close while every weight row passes over it. `tile(r, b0,
-/// b1, j0, state)` continues the 8 f32 lanes of outputs (r, j0..j0 + C) over blocks b0..b1 (the
-/// fold is sequential per block, so runs give the bits of one pass); `one(r, j)` is the whole
+/// `rows` weight rows (of `per_row` blocks) against all `n` activation rows, into their
+/// columns of y (`ys`): C activation rows at a time, and along k in runs of `run` blocks, so
+/// that the C rows' run of activations stays close while every weight row passes over it.
+/// `tile(r, b0, b1, j0, state)` continues the 8 f32 lanes of outputs (r, j0..j0 + C) over
+/// blocks b0..b1 (the fold is sequential per block, so runs give the bits of one pass); `one(r, j)` is the whole
 /// output for the activation rows left over. The rows past the last whole tile go through one
 /// more tile ending at row n (its start a multiple of `align`, as row pairs need), which computes
 /// a few rows again, to the same bits: one pass over the weight instead of one per row left.
@@ -840,7 +863,7 @@ fn tiles<const C: usize>(
     run: usize,
     n: usize,
     align: usize,
-    ys: &mut [f32],
+    ys: TaskOut,
     tile: impl Fn(usize, usize, usize, usize, &mut [[f32; 8]; C]),
     one: impl Fn(usize, usize) -> f32,
 ) {
@@ -858,14 +881,16 @@ fn tiles<const C: usize>(
         }
         for (r, st) in state.iter().enumerate() {
             for (i, s) in st.iter().enumerate() {
-                ys[r * n + j0 + i] = hsum8(s);
+                // SAFETY: r < rows of this task, j0 + i < n.
+                unsafe { ys.put(r, j0 + i, hsum8(s)) };
             }
         }
         done = j0 + C;
     }
     for j in done..n {
         for r in 0..rows {
-            ys[r * n + j] = one(r, j);
+            // SAFETY: as above.
+            unsafe { ys.put(r, j, one(r, j)) };
         }
     }
 }
