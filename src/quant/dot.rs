@@ -852,9 +852,10 @@ fn zero_task(
 /// that the C rows' run of activations stays close while every weight row passes over it.
 /// `tile(r, b0, b1, j0, state)` continues the 8 f32 lanes of outputs (r, j0..j0 + C) over
 /// blocks b0..b1 (the fold is sequential per block, so runs give the bits of one pass);
-/// `one(r, j)` is the whole output for the activation rows left over. The rows past the last whole tile go through one
-/// more tile ending at row n (its start a multiple of `align`, as row pairs need), which computes
-/// a few rows again, to the same bits: one pass over the weight instead of one per row left.
+/// `one(r, j)` is the whole output for the activation rows left over. The rows past the last
+/// whole tile go through one more tile ending at row n (its start a multiple of `align`, as row
+/// pairs need), which computes a few rows again, to the same bits: one pass over the weight
+/// instead of one per row left.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tiles<const C: usize>(
