@@ -1004,7 +1004,7 @@ mod avx2 {
     /// Ask for `lines` cache lines of the weight `PREFETCH_BYTES` past the block at `wb` (a
     /// hint, never a fault, also past the end of the slice).
     #[inline(always)]
-    unsafe fn prefetch_ahead(wb: *const u8, lines: usize) {
+    pub(super) unsafe fn prefetch_ahead(wb: *const u8, lines: usize) {
         let ahead = wb.wrapping_add(PREFETCH_BYTES);
         for line in 0..lines {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);

@@ -4,15 +4,13 @@
 //! AVX2 kernels (`super::avx2`), so every output has the same bits; an instruction does the work
 //! of two.
 //! Safety: callers run these only after detecting `Isa::Avx512`; the slices have whole blocks.
+use super::avx2::prefetch_ahead;
 use super::{k_type, zero_type, BlockQ8K, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
 use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
 use std::arch::x86_64::*;
 
 /// Row pairs per tile.
 const PAIRS: usize = PAIR_TILE_ROWS / 2;
-
-/// How far ahead of the block being summed the weight is prefetched (as the AVX2 kernels).
-const PREFETCH_BYTES: usize = 3072;
 
 #[inline(always)]
 unsafe fn load(p: *const u8) -> __m512i {
@@ -23,14 +21,6 @@ unsafe fn load(p: *const u8) -> __m512i {
 #[inline(always)]
 unsafe fn load_both(p: *const u8) -> __m512i {
     _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()))
-}
-
-#[inline(always)]
-unsafe fn prefetch_ahead(wb: *const u8, lines: usize) {
-    let ahead = wb.wrapping_add(PREFETCH_BYTES);
-    for line in 0..lines {
-        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-    }
 }
 
 /// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5 (Q6_K's high bits of group k).
