@@ -146,7 +146,7 @@ pub fn gemm_serial(
         return;
     }
     // AVX-512: two panels per tile (see `task`), packed KC * NR apart.
-    let width = if isa == Isa::Avx512 { 2 } else { 1 };
+    let width = panels_per_tile(isa);
     let mut panel = vec![0f32; width * KC * NR];
     for p0 in (0..k).step_by(KC) {
         let kc = KC.min(k - p0);
@@ -173,14 +173,13 @@ pub fn gemm_serial(
                     }
                 }
             }
-            let both = live > NR;
-            let end = if both { KC * NR + kc * NR } else { kc * NR };
-            for i0 in (0..rows).step_by(MR) {
+            let step = rows_per_tile(isa);
+            for i0 in (0..rows).step_by(step) {
                 let tile = Tile {
                     kc,
                     a: &a[i0 * lda + p0..],
                     lda,
-                    b: &panel[..end],
+                    b: &panel,
                     c: c[i0 * ldc + c0..].as_mut_ptr(),
                     ldc,
                     live,
@@ -188,13 +187,7 @@ pub fn gemm_serial(
                 };
                 // SAFETY: rows i0..i0+m of c, columns c0..c0+live, lie in `c` (asserted above),
                 // which this call borrows mutably; two panels only with Isa::Avx512.
-                unsafe {
-                    if both {
-                        tile.run_pair(MR.min(rows - i0))
-                    } else {
-                        tile.run(isa, MR.min(rows - i0))
-                    }
-                };
+                unsafe { tile.run_rows(isa, step.min(rows - i0)) };
             }
         }
     }
@@ -243,36 +236,22 @@ unsafe fn task(
             let live = NR.min(cols.end - r0);
             pack_panel(isa, weight, r0, live, p0, &mut panel[..kc * NR]);
         }
-        // AVX-512: two panels per tile (32 outputs, 12 accumulators), the last one alone.
-        let (width, step) = if isa == Isa::Avx512 {
-            (2, MR2)
-        } else {
-            (1, MR)
-        };
+        // AVX-512: two panels per tile (32 outputs), the last one alone.
+        let (width, step) = (panels_per_tile(isa), rows_per_tile(isa));
         for i0 in rows.clone().step_by(step) {
-            let m = step.min(rows.end - i0);
             for pi in (0..panels).step_by(width) {
                 let c0 = cols.start + pi * NR;
-                let both = pi + 1 < panels && width == 2;
-                let end = if both { KC * NR + kc * NR } else { kc * NR };
-                // Rows i0 + s .. i0 + s + m.
-                let tile = |s: usize| Tile {
+                let tile = Tile {
                     kc,
-                    a: &x[(i0 + s) * k + p0..],
+                    a: &x[i0 * k + p0..],
                     lda: k,
-                    b: &pack[pi * KC * NR..][..end],
-                    c: y.add((i0 + s) * out + c0),
+                    b: &pack[pi * KC * NR..],
+                    c: y.add(i0 * out + c0),
                     ldc: out,
-                    live: (if both { 2 * NR } else { NR }).min(cols.end - c0),
+                    live: (width * NR).min(cols.end - c0),
                     first: p0 == 0,
                 };
-                if both {
-                    tile(0).run_pair(m);
-                } else {
-                    for s in (0..m).step_by(MR) {
-                        tile(s).run(isa, MR.min(m - s));
-                    }
-                }
+                tile.run_rows(isa, step.min(rows.end - i0));
             }
         }
     }
@@ -330,7 +309,45 @@ struct Tile<'a> {
     first: bool,
 }
 
+/// Panels (of NR outputs) one tile covers: two on AVX-512 (`avx512::tile2`), else one.
+fn panels_per_tile(isa: Isa) -> usize {
+    if isa == Isa::Avx512 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Activation rows the callers hand to one [`Tile::run_rows`].
+fn rows_per_tile(isa: Isa) -> usize {
+    if isa == Isa::Avx512 {
+        MR2
+    } else {
+        MR
+    }
+}
+
 impl Tile<'_> {
+    /// `m` rows (at most `rows_per_tile(isa)`): a two-panel tile where `live` spans two panels
+    /// (packed `KC * NR` apart in `b`; made only for `Isa::Avx512`), else single-panel tiles of
+    /// up to MR rows.
+    ///
+    /// # Safety
+    /// As [`Tile::run`].
+    unsafe fn run_rows(&self, isa: Isa, m: usize) {
+        if self.live > NR {
+            return self.run_pair(m);
+        }
+        for s in (0..m).step_by(MR) {
+            let rows = Tile {
+                a: &self.a[s * self.lda..],
+                c: self.c.add(s * self.ldc),
+                ..*self
+            };
+            rows.run(isa, MR.min(m - s));
+        }
+    }
+
     /// # Safety
     /// `c` addresses `m` rows of `live` writable values at stride `ldc`, owned by the caller.
     unsafe fn run(&self, isa: Isa, m: usize) {
