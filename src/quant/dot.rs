@@ -64,9 +64,14 @@ pub struct BlockQ8_0Act {
 /// ggml's `quantize_row_q8_K_ref` on 256 values. A non-finite input makes `d` NaN, so that it
 /// shows in every output it touches instead of becoming a finite wrong number.
 pub fn quantize_q8k(x: &[f32]) -> BlockQ8K {
+    quantize_q8k_with(Isa::current(), x)
+}
+
+/// [`quantize_q8k`] on a chosen instruction set (the same blocks on each).
+pub fn quantize_q8k_with(isa: Isa, x: &[f32]) -> BlockQ8K {
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, Ok(x)) = (Isa::current(), <&[f32; QK_K]>::try_from(x)) {
-        // SAFETY: AVX-512 F and BW detected (Isa::current).
+    if let (Isa::Avx512, Ok(x)) = (isa, <&[f32; QK_K]>::try_from(x)) {
+        // SAFETY: the caller's `isa` is one the CPU runs (Isa::current / Isa::all_here).
         return unsafe { avx512::quantize_q8k(x) };
     }
     quantize_q8k_scalar(x)
@@ -304,15 +309,16 @@ fn is_k(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
 }
 
-/// Quantize `x` (rows of `k` values) for products with weights of type `ty`, in parallel.
-pub fn quantize_act(ty: GgmlType, x: &[f32], k: usize) -> Act {
+/// Quantize `x` (rows of `k` values) for products with weights of type `ty`, in parallel, on
+/// `isa` (the product's own).
+pub fn quantize_act(isa: Isa, ty: GgmlType, x: &[f32], k: usize) -> Act {
     // Tasks of 4096 values (whole blocks of either kind): a rayon task per block cost more
     // than the block.
     let task = 16 * QK_K;
     if is_k(ty) {
         Act::Q8K(
             x.par_chunks(task)
-                .flat_map_iter(|c| c.chunks(QK_K).map(quantize_q8k))
+                .flat_map_iter(|c| c.chunks(QK_K).map(|b| quantize_q8k_with(isa, b)))
                 .collect(),
         )
     } else {
@@ -643,7 +649,7 @@ pub fn matmul_with(
     if n == 0 || out == 0 {
         return Ok(y);
     }
-    let act = quantize_act(ty, x, k);
+    let act = quantize_act(isa, ty, x, k);
     // The AVX-512 tiles read activation rows in pairs.
     #[cfg(target_arch = "x86_64")]
     let pairs = (isa == Isa::Avx512 && n >= PAIR_TILE_ROWS)
@@ -1665,7 +1671,7 @@ mod tests {
                 let a = matmul_with(Isa::Scalar, ty, &w, out, k, &x, n).unwrap();
                 assert!(a.iter().all(|v| v.is_finite()), "{ty}");
                 // The tiled matmul gives each output exactly the one-row dot product.
-                let act = quantize_act(ty, &x, k);
+                let act = quantize_act(Isa::Scalar, ty, &x, k);
                 let per = k / ty.block_size();
                 let rb = w.len() / out;
                 for j in 0..n {
@@ -1755,14 +1761,12 @@ mod tests {
         }
     }
 
-    /// The activation quantizer of this CPU (AVX-512 where present) equals the scalar one: random
+    /// The activation quantizer on every ISA here equals the scalar one: random
     /// rows, magnitude ties of both signs (the first one sets the sign), zeros, subnormals,
     /// extremes and non-finite values.
     #[test]
     fn q8k_quantizer_equals_scalar() {
-        if !isas_here("q8k_quantizer_equals_scalar").contains(&Isa::Avx512) {
-            return;
-        }
+        let isas = isas_here("q8k_quantizer_equals_scalar");
         let mut s = 0x853c_49e6_748f_ea9bu64;
         let mut next = move || {
             s ^= s << 13;
@@ -1799,13 +1803,15 @@ mod tests {
             rows.push((0..QK_K).map(|k| if k == 77 { bad } else { 1.0 }).collect());
         }
         for x in &rows {
-            let (a, b) = (quantize_q8k(x), quantize_q8k_scalar(x));
-            let same_d = a.d.to_bits() == b.d.to_bits() || (a.d.is_nan() && b.d.is_nan());
-            assert!(
-                same_d && a.qs == b.qs && a.bsums == b.bsums,
-                "{:?}",
-                &x[..4]
-            );
+            let b = quantize_q8k_scalar(x);
+            for &isa in &isas {
+                let a = quantize_q8k_with(isa, x);
+                let same_d = a.d.to_bits() == b.d.to_bits() || (a.d.is_nan() && b.d.is_nan());
+                let same = same_d && a.qs == b.qs && a.bsums == b.bsums;
+                assert!(same, "{isa:?} {:?}", &x[..4]);
+            }
+            // The public entry point (this CPU's best) too.
+            assert_eq!(quantize_q8k(x).qs, b.qs);
         }
     }
 
