@@ -876,7 +876,7 @@ fn tiles<const C: usize>(
 ) {
     let mut state = vec![[[0f32; 8]; C]; rows];
     let starts = (0..n / C).map(|t| t * C);
-    let last = (n % C != 0 && n >= C).then(|| (n - C) / align * align);
+    let last = (!n.is_multiple_of(C) && n >= C).then(|| (n - C) / align * align);
     let mut done = 0;
     for j0 in starts.chain(last) {
         state.iter_mut().for_each(|s| *s = [[0f32; 8]; C]);
