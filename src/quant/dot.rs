@@ -598,10 +598,11 @@ const ZERO_RUN_BLOCKS: usize = K_RUN_BLOCKS * QK_K / QK8_0;
 /// same on a Sapphire Rapids core (Q4_K 5% slower, Q6_K 8% faster) but would leave up to 15 rows
 /// of a short prompt to the one-row kernels.
 const PAIR_TILE_ROWS: usize = 8;
-/// Runs along k of the AVX-512 tiles: in super-blocks as AVX2's (4 pairs x 16 x 640 bytes,
-/// 41 KB), and in 32-value blocks 64 (4 pairs x 64 x 192 bytes, 48 KB; 1.4x faster than 128, and
-/// 16, 32 and 64 alike).
-const K_PAIR_RUN_BLOCKS: usize = K_RUN_BLOCKS;
+/// Runs along k of the AVX-512 tiles: in super-blocks 4 (4 pairs x 4 x 640 bytes, 10 KB of the
+/// 48 KB L1 of a Sapphire Rapids core, the rest for the weight rows passing over it; measured
+/// 2-3% faster than 8 and 3-5% faster than 16, whose 41 KB filled it), and in 32-value blocks 64
+/// (4 pairs x 64 x 192 bytes, 48 KB; 1.4x faster than 128, and 16, 32 and 64 alike).
+const K_PAIR_RUN_BLOCKS: usize = 4;
 const ZERO_PAIR_RUN_BLOCKS: usize = 64;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
@@ -703,7 +704,13 @@ impl TaskOut {
     /// r is one of the task's weight rows and j < n (the element lies in y, owned by this task).
     #[inline(always)]
     unsafe fn put(self, r: usize, j: usize, v: f32) {
-        *self.y.0.add(j * self.stride + self.r0 + r) = v;
+        *self.at(r, j) = v;
+    }
+
+    /// Where output (r, j) goes; the same conditions as [`TaskOut::put`].
+    #[inline(always)]
+    unsafe fn at(self, r: usize, j: usize) -> *mut f32 {
+        self.y.0.add(j * self.stride + self.r0 + r)
     }
 }
 
@@ -748,13 +755,34 @@ fn k_task(
             dot_row_k_with(ty, isa, wr, Some(kd), &a[j * per_row..(j + 1) * per_row])
         };
         if let Some(Pairs::K(p)) = pairs {
+            // Q5_K, Q6_K: the task's levels unpacked once, not once per activation tile
+            // (quant_dot_bench on a Sapphire Rapids core: Q6_K 1.11x, Q5_K 1.07x; Q4_K, whose
+            // unpacking is two operations per 32 levels, measured no gain, so it reads its
+            // blocks).
+            let lv = avx512::unpacks_levels(ty).then(|| {
+                let mut lv = vec![0u8; ws.len() / size * avx512::LEVELS_BYTES];
+                // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
+                unsafe { avx512::unpack_levels(ty, ws, &mut lv) };
+                lv
+            });
             let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut _| {
-                let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
-                let kd = &dec[r * per_row + b0..r * per_row + b1];
+                let (c0, c1) = (r * per_row + b0, r * per_row + b1);
                 let at = |i: usize| (j0 / 2 + i) * per_row;
                 let acts = std::array::from_fn(|i| &p[at(i) + b0..at(i) + b1]);
                 // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
-                unsafe { avx512::k_pairs_state(ty, wr, kd, acts, st) };
+                unsafe {
+                    match &lv {
+                        Some(lv) => {
+                            let per = avx512::LEVELS_BYTES;
+                            let l = &lv[c0 * per..c1 * per];
+                            avx512::k_pairs_state_levels(ty, l, &dec[c0..c1], acts, st)
+                        }
+                        None => {
+                            let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
+                            avx512::k_pairs_state(ty, wr, &dec[c0..c1], acts, st)
+                        }
+                    }
+                }
             };
             let rows = ws.len() / row_bytes;
             let run = K_PAIR_RUN_BLOCKS;
@@ -886,10 +914,21 @@ fn tiles<const C: usize>(
                 tile(r, b0, b1, j0, st);
             }
         }
-        for (r, st) in state.iter().enumerate() {
-            for (i, s) in st.iter().enumerate() {
-                // SAFETY: r < rows of this task, j0 + i < n.
-                unsafe { ys.put(r, j0 + i, hsum8(s)) };
+        if let Ok(st) = <&[[[f32; 8]; C]; 8]>::try_from(&state[..]) {
+            // A whole task of 8 weight rows: each activation row's 8 outputs, contiguous in y,
+            // summed and stored together.
+            for i in 0..C {
+                let m = st.each_ref().map(|r| &r[i]);
+                // SAFETY: tiles run only on an ISA with AVX2 (the callers' `isa.vector()`); the
+                // task's 8 columns of row j0 + i of y are its own, j0 + i < n.
+                unsafe { avx2::hsum8_x8(m, ys.at(0, j0 + i)) };
+            }
+        } else {
+            for (r, st) in state.iter().enumerate() {
+                for (i, s) in st.iter().enumerate() {
+                    // SAFETY: r < rows of this task, j0 + i < n.
+                    unsafe { ys.put(r, j0 + i, hsum8(s)) };
+                }
             }
         }
         done = j0 + C;
@@ -1215,6 +1254,43 @@ mod avx2 {
             );
         }
         hsum8(f)
+    }
+
+    /// `super::hsum8` of each of 8 lane sets, the 8 sums stored at `out..out + 8`: the sets as
+    /// the rows of an 8 x 8 matrix, its columns gathered by unpacks and shuffles, then hsum8's
+    /// additions on whole columns in hsum8's order (so each sum has its bits). One task's 8
+    /// outputs of one activation row, contiguous in y, in one store.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn hsum8_x8(m: [&[f32; 8]; 8], out: *mut f32) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(m[i].as_ptr()));
+        // t: rows 2k, 2k + 1 interleaved; u: lanes (c, c + 4) of rows 4h..4h + 3.
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i.is_multiple_of(2) {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        let u = |h: usize, c: usize| {
+            let (a, b) = (t[4 * h + c / 2], t[4 * h + 2 + c / 2]);
+            if c.is_multiple_of(2) {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        };
+        // col(c) = lane c of rows 0..8, col4(c) = lane c + 4.
+        let both = |c: usize| {
+            let (lo, hi) = (u(0, c), u(1, c));
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(lo, hi),
+                _mm256_permute2f128_ps::<0x31>(lo, hi),
+            )
+        };
+        let (a0, a1, a2, a3) = (both(0), both(1), both(2), both(3));
+        let h = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+        _mm256_storeu_ps(out, h);
     }
 
     /// How far ahead of the block being summed `tile` prefetches the weight (prefetching past

@@ -7,6 +7,10 @@
 use super::avx2::prefetch_ahead;
 use super::{k_type, zero_type, BlockQ8K, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
 use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
+
+/// [`k_pairs`]'s `T` for Q6_K and Q5_K weights given as unpacked levels ([`unpack_levels`]).
+const Q6L: u8 = 3;
+const Q5L: u8 = 4;
 use std::arch::x86_64::*;
 
 /// Row pairs per tile.
@@ -118,6 +122,100 @@ pub(super) unsafe fn k_pairs_state(
     }
 }
 
+/// Bytes of one super-block's unpacked levels ([`unpack_levels`]).
+pub(super) const LEVELS_BYTES: usize = 256;
+
+/// Whether [`k_pairs_state_levels`] takes `ty` (its levels unpacked ahead by [`unpack_levels`]).
+pub(super) fn unpacks_levels(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q5K | GgmlType::Q6K)
+}
+
+/// The levels of each super-block of Q5_K or Q6_K weights `w`, [`LEVELS_BYTES`] per block into
+/// `out`, in the order [`k_pairs`] takes them.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn unpack_levels(ty: GgmlType, w: &[u8], out: &mut [u8]) {
+    let size = ty.type_size();
+    assert!(unpacks_levels(ty) && w.len().is_multiple_of(size));
+    assert_eq!(out.len(), w.len() / size * LEVELS_BYTES);
+    for (wb, ob) in w.chunks_exact(size).zip(out.chunks_exact_mut(LEVELS_BYTES)) {
+        if ty == GgmlType::Q6K {
+            q6_levels(wb.as_ptr(), ob.as_mut_ptr())
+        } else {
+            q5_levels(wb.as_ptr(), ob.as_mut_ptr())
+        }
+    }
+}
+
+/// [`k_pairs_state`] for Q5_K or Q6_K weights given as their unpacked levels (`lv`, from
+/// [`unpack_levels`]): a task's weight rows pass by every activation tile (dozens of times in
+/// a prefill), so their levels are put together once, not once per tile.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn k_pairs_state_levels(
+    ty: GgmlType,
+    lv: &[u8],
+    ks: &[KScales],
+    a: [&[PairQ8K]; PAIRS],
+    state: &mut [[f32; 8]; PAIR_TILE_ROWS],
+) {
+    match ty {
+        GgmlType::Q6K => k_pairs::<Q6L>(lv, ks, a, state),
+        _ => k_pairs::<Q5L>(lv, ks, a, state),
+    }
+}
+
+/// One Q6_K super-block's levels (0..63) at `wb` into the 256 bytes at `ob`: for each half h,
+/// the low nibbles of ql bytes 64h..64h + 32, of 64h + 32..64h + 64, then their high nibbles,
+/// each with its two high bits from the half's 32 qh bytes.
+#[inline(always)]
+unsafe fn q6_levels(wb: *const u8, ob: *mut u8) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let hbits = |hb: __m256i, k: usize| {
+        let s = match k {
+            0 => _mm256_slli_epi16(hb, 4),
+            1 => _mm256_slli_epi16(hb, 2),
+            2 => hb,
+            _ => _mm256_srli_epi16(hb, 2),
+        };
+        _mm256_and_si256(s, _mm256_set1_epi8(0x30))
+    };
+    let (ql, qh) = (wb, wb.add(128));
+    for h in 0..2 {
+        let lo = _mm256_loadu_si256(ql.add(64 * h).cast());
+        let hi = _mm256_loadu_si256(ql.add(64 * h + 32).cast());
+        let hb = _mm256_loadu_si256(qh.add(32 * h).cast());
+        let levels = [
+            _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
+            _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
+        ];
+        for (i, l) in levels.into_iter().enumerate() {
+            _mm256_storeu_si256(ob.add(128 * h + 32 * i).cast(), l);
+        }
+    }
+}
+
+/// One Q5_K super-block's levels (0..31) at `wb` into the 256 bytes at `ob`: for each 64 values
+/// c, the low nibbles of its 32 qs bytes then the high ones, each with its fifth bit from qh.
+#[inline(always)]
+unsafe fn q5_levels(wb: *const u8, ob: *mut u8) {
+    let m4 = _mm256_set1_epi8(0xF);
+    let fifth = |hb: __m256i, k: usize| {
+        let bit = _mm256_set1_epi8(1 << k);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    };
+    let (qs, hb) = (wb.add(48), _mm256_loadu_si256(wb.add(16).cast()));
+    for c in 0..4 {
+        let v = _mm256_loadu_si256(qs.add(32 * c).cast());
+        let lo = _mm256_or_si256(_mm256_and_si256(v, m4), fifth(hb, 2 * c));
+        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        let hi = _mm256_or_si256(hi, fifth(hb, 2 * c + 1));
+        _mm256_storeu_si256(ob.add(64 * c).cast(), lo);
+        _mm256_storeu_si256(ob.add(64 * c + 32).cast(), hi);
+    }
+}
+
 /// Indices for vpermw picking Q6_K's scales for groups 2g, 2g + 1 of half h from the 16 scales (in
 /// both halves of the vector): i32 lane l (of 8 per row) holds (scale of group 2g, of 2g + 1) for
 /// values 4l..4l + 3, i.e. scales 8h + 4g + (l >= 4) and 8h + 4g + 2 + (l >= 4); entry 2h + g.
@@ -156,7 +254,11 @@ unsafe fn k_pairs<const T: u8>(
     a: [&[PairQ8K]; PAIRS],
     state: &mut [[f32; 8]; PAIR_TILE_ROWS],
 ) {
-    let size = k_type(T).type_size();
+    let size = if T == Q6L || T == Q5L {
+        LEVELS_BYTES
+    } else {
+        k_type(T).type_size()
+    };
     let blocks = w.len() / size;
     assert!(ks.len() >= blocks && a.iter().all(|r| r.len() >= blocks));
     let m4 = _mm512_set1_epi8(0xF);
@@ -170,19 +272,24 @@ unsafe fn k_pairs<const T: u8>(
         let ap: [*const u8; PAIRS] =
             std::array::from_fn(|j| a[j].get_unchecked(b).qs.as_ptr().cast());
         let mut q = [_mm512_setzero_si512(); PAIRS];
-        if T == Q6 {
+        if T == Q6 || T == Q6L {
             let (ql, qh) = (wb, wb.add(128));
             let sc = _mm512_broadcast_i64x4(_mm256_loadu_si256(k.sc.as_ptr().cast()));
             for h in 0..2 {
-                let lo = load_both(ql.add(64 * h));
-                let hi = load_both(ql.add(64 * h + 32));
-                let hb = load_both(qh.add(32 * h));
-                let levels = [
-                    _mm512_or_si512(_mm512_and_si512(lo, m4), hbits(hb, 0)),
-                    _mm512_or_si512(_mm512_and_si512(hi, m4), hbits(hb, 1)),
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(lo, 4), m4), hbits(hb, 2)),
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(hi, 4), m4), hbits(hb, 3)),
-                ];
+                let levels = if T == Q6L {
+                    std::array::from_fn(|i| load_both(wb.add(128 * h + 32 * i)))
+                } else {
+                    let lo = load_both(ql.add(64 * h));
+                    let hi = load_both(ql.add(64 * h + 32));
+                    let hb = load_both(qh.add(32 * h));
+                    let (lo4, hi4) = (_mm512_srli_epi16(lo, 4), _mm512_srli_epi16(hi, 4));
+                    [
+                        _mm512_or_si512(_mm512_and_si512(lo, m4), hbits(hb, 0)),
+                        _mm512_or_si512(_mm512_and_si512(hi, m4), hbits(hb, 1)),
+                        _mm512_or_si512(_mm512_and_si512(lo4, m4), hbits(hb, 2)),
+                        _mm512_or_si512(_mm512_and_si512(hi4, m4), hbits(hb, 3)),
+                    ]
+                };
                 for g in 0..2 {
                     // Groups 2g and 2g + 1 of this half: lane l < 4 (values 0..15 of a group)
                     // scales 8h + 4g and 8h + 4g + 2, lane l >= 4 the next ones.
@@ -210,9 +317,15 @@ unsafe fn k_pairs<const T: u8>(
                 (wb.add(16), _mm512_setzero_si512())
             };
             for c in 0..4 {
-                let v = load_both(qs.add(32 * c));
-                let mut lo = _mm512_and_si512(v, m4);
-                let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                let (mut lo, mut hi) = if T == Q5L {
+                    (load_both(wb.add(64 * c)), load_both(wb.add(64 * c + 32)))
+                } else {
+                    let v = load_both(qs.add(32 * c));
+                    (
+                        _mm512_and_si512(v, m4),
+                        _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                    )
+                };
                 if T == Q5 {
                     lo = _mm512_or_si512(lo, fifth_bit(hb, 2 * c));
                     hi = _mm512_or_si512(hi, fifth_bit(hb, 2 * c + 1));
@@ -230,7 +343,7 @@ unsafe fn k_pairs<const T: u8>(
         }
         // Q6_K: lanes less 32·sc·bsum; Q4_K, Q5_K: the mins' lanes m·bsum, folded apart.
         let per_sub = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-            if T == Q6 {
+            if T == Q6 || T == Q6L {
                 k.sc.as_ptr()
             } else {
                 k.m16.as_ptr()
@@ -244,7 +357,7 @@ unsafe fn k_pairs<const T: u8>(
             let da = _mm512_loadu_ps(ab.d.as_ptr());
             // d·d_a per lane: the product the AVX2 kernels form as scalars, the same bits.
             let dq = _mm512_mul_ps(d, da);
-            if T == Q6 {
+            if T == Q6 || T == Q6L {
                 let qj = _mm512_sub_epi32(q[j], _mm512_slli_epi32(bs, 5));
                 f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qj), dq, f[j]);
             } else {
