@@ -113,6 +113,13 @@ impl<T: Clone> KvCache<T> {
 
 /// One decoder layer: x + attn(rms(x)), then + mlp(rms(.)). Row t of x is at position pos0 + t;
 /// with a cache, its keys/values are appended and the attention reads all of them.
+///
+/// `last_row`: only the last row's output is wanted (the last layer of a prefill whose logits are
+/// the last position's). Every row's keys and values are still made (the cache keeps them), but
+/// the query, the attention output and the feed-forward run on that row alone: each row's result
+/// depends on its own row of every product, so that row's output is the same, minus the work
+/// for the rows nothing reads.
+#[allow(clippy::too_many_arguments)]
 fn layer<B: Backend>(
     b: &B,
     ws: &dyn WeightSource,
@@ -121,21 +128,29 @@ fn layer<B: Backend>(
     i: usize,
     pos0: usize,
     cache: Option<(&mut KvSlot<B::T>, KvType)>,
+    last_row: bool,
 ) -> Result<B::T> {
     // With a cache, its first pos0 rows are the earlier positions.
     let p = format!("blk.{i}");
+    let n = b.dims(x).0;
+    let last_row = last_row && n > 1;
     let norm = |x: &B::T, n: &str| -> Result<B::T> {
         let w = b.param(ws, &format!("{p}.{n}.weight"))?;
         b.rms_norm(x, &w, hp.rms_eps)
     };
     let lin = |x: &B::T, n: &str| linear(b, ws, x, &format!("{p}.{n}.weight"), None);
     let h = norm(x, "attn_norm")?;
-    let rope = |x: &B::T, heads: usize| match ws.rope_mode() {
+    let rope = |x: &B::T, heads: usize, pos0: usize| match ws.rope_mode() {
         RopeMode::Interleaved => b.rope_interleaved(x, heads, pos0, hp.rope_theta),
         RopeMode::Neox => b.rope_neox(x, heads, pos0, hp.rope_theta),
     };
-    let q = rope(&lin(&h, "attn_q")?, hp.n_head)?;
-    let k = rope(&lin(&h, "attn_k")?, hp.n_head_kv)?;
+    let q = if last_row {
+        let h_last = b.rows(&h, n - 1, 1)?;
+        rope(&lin(&h_last, "attn_q")?, hp.n_head, pos0 + n - 1)?
+    } else {
+        rope(&lin(&h, "attn_q")?, hp.n_head, pos0)?
+    };
+    let k = rope(&lin(&h, "attn_k")?, hp.n_head_kv, pos0)?;
     let v = lin(&h, "attn_v")?;
     let a = match cache {
         None => b.attention(&q, &k, &v, hp.n_head, hp.n_head_kv, true)?,
@@ -159,6 +174,13 @@ fn layer<B: Backend>(
         }
     };
     drop((q, h));
+    let x_last;
+    let x = if last_row {
+        x_last = b.rows(x, n - 1, 1)?;
+        &x_last
+    } else {
+        x
+    };
     let x = b.add(x, &lin(&a, "attn_output")?)?;
     let h = norm(&x, "ffn_norm")?;
     let g = b.silu_mul(&lin(&h, "ffn_gate")?, &lin(&h, "ffn_up")?)?;
@@ -201,7 +223,7 @@ pub fn decode<B: Backend>(
     let b = &Checked::new(b);
     let mut x = upload_checked(b, hp, embeds)?;
     for i in 0..hp.n_layer {
-        x = layer(b, ws, hp, &x, i, 0, None)?;
+        x = layer(b, ws, hp, &x, i, 0, None, false)?;
     }
     head(b, ws, hp, &x)
 }
@@ -247,11 +269,9 @@ pub fn decode_cached<B: Backend>(
             i,
             pos0,
             Some((&mut cache.layers[i], cache.ty)),
+            last_only && i + 1 == hp.n_layer,
         )?;
     }
     cache.len += n;
-    if last_only && n > 1 {
-        x = b.rows(&x, n - 1, 1)?;
-    }
     head(b, ws, hp, &x)
 }
