@@ -11,6 +11,8 @@ use crate::quant::{GgmlType, QuantError};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+mod exp;
+
 /// The CPU backend (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
@@ -486,11 +488,8 @@ fn map_rows(x: &Tensor, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Result<Tensor>
 
 fn softmax_in_place(v: &mut [f32]) {
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
-    for a in v.iter_mut() {
-        *a = (*a - max).exp();
-        sum += *a as f64;
-    }
+    exp::exp_shifted(v, max);
+    let sum: f64 = v.iter().map(|&a| a as f64).sum();
     let inv = (1.0 / sum) as f32;
     for a in v.iter_mut() {
         *a *= inv;
@@ -827,15 +826,17 @@ impl Backend for CpuBackend {
     }
     fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let (r, c) = dims2(gate);
-        let v = with_f32(gate, |g| {
+        // Runs of 16 KB per rayon task.
+        const RUN: usize = 4096;
+        let mut out = vec![0f32; r * c];
+        with_f32(gate, |g| {
             with_f32(up, |u| {
-                g.par_iter()
-                    .zip(u.par_iter())
-                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                    .collect::<Vec<f32>>()
+                out.par_chunks_mut(RUN)
+                    .zip(g.par_chunks(RUN).zip(u.par_chunks(RUN)))
+                    .for_each(|(o, (g, u))| exp::silu_mul(g, u, o))
             })
         })??;
-        mat(v, r, c)
+        mat(out, r, c)
     }
 
     fn rope_interleaved(
