@@ -177,6 +177,8 @@ impl LoadedModel {
     pub fn from_gguf(llm: &Path, mmproj: &Path) -> Result<Self> {
         let mut w = GgufWeights::open(llm, mmproj)?;
         w.keep_resident = true;
+        w.llm.read_ahead();
+        w.mmproj.read_ahead();
         let mut hparams = w.hparams()?;
         hparams.clip.n_layer = hparams.clip.blocks_needed();
         let vocab = vocab_from_gguf(&w.llm)?;

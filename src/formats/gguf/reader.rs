@@ -338,6 +338,14 @@ impl GgufFile {
         &self.mmap[t.offset as usize..(t.offset + t.n_bytes) as usize]
     }
 
+    /// Ask the kernel to read the whole file ahead (it returns at once): a runtime that keeps
+    /// every weight (generate) then streams the file in large sequential reads while it starts,
+    /// instead of faulting pages in one by one in the middle of its first forward pass.
+    pub fn read_ahead(&self) {
+        // A hint: where the kernel refuses it, pages still come in on first use.
+        let _ = self.mmap.advise(memmap2::Advice::WillNeed);
+    }
+
     /// Drop a tensor's pages from this process (they stay in the page cache): keeps resident
     /// memory near what is in use when a model is read tensor by tensor.
     pub fn release(&self, t: &ReaderTensor) {
