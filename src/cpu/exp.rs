@@ -78,7 +78,10 @@ mod avx2 {
     #[inline(always)]
     unsafe fn exp8(x: __m256) -> __m256 {
         // maxps / minps return their second operand when one is NaN: NaN stays NaN.
-        let x = _mm256_min_ps(_mm256_set1_ps(X_MAX), _mm256_max_ps(_mm256_set1_ps(X_MIN), x));
+        let x = _mm256_min_ps(
+            _mm256_set1_ps(X_MAX),
+            _mm256_max_ps(_mm256_set1_ps(X_MIN), x),
+        );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
         );
@@ -133,7 +136,9 @@ mod tests {
     /// Values across the range and its edges (clamped ends, zero, ties of the rounding).
     fn samples() -> Vec<f32> {
         let mut v: Vec<f32> = (0..200_001).map(|i| -100.0 + i as f32 * 1e-3).collect();
-        v.extend([0.0, -0.0, 1e-30, -1e-30, 87.9, -86.9, 88.0, -87.0, 1e6, -1e6]);
+        v.extend([
+            0.0, -0.0, 1e-30, -1e-30, 87.9, -86.9, 88.0, -87.0, 1e6, -1e6,
+        ]);
         v.extend((0..64).map(|i| (i as f32 - 32.0) * std::f32::consts::LN_2 / 2.0));
         v
     }
@@ -141,7 +146,10 @@ mod tests {
     #[test]
     fn exp_is_accurate() {
         let mut worst = 0f64;
-        for x in samples().into_iter().filter(|x| (X_MIN..=X_MAX).contains(x)) {
+        for x in samples()
+            .into_iter()
+            .filter(|x| (X_MIN..=X_MAX).contains(x))
+        {
             let want = (x as f64).exp();
             let rel = ((exp(x) as f64 - want) / want).abs();
             worst = worst.max(rel);
@@ -162,7 +170,11 @@ mod tests {
         let mut out = vec![0f32; x.len()];
         silu_mul(&x, &u, &mut out);
         for ((&g, &u), &o) in x.iter().zip(&u).zip(&out) {
-            assert_eq!(o.to_bits(), (g / (1.0 + exp(-g)) * u).to_bits(), "silu at {g}");
+            assert_eq!(
+                o.to_bits(),
+                (g / (1.0 + exp(-g)) * u).to_bits(),
+                "silu at {g}"
+            );
         }
         let mut v = x.clone();
         exp_shifted(&mut v, 3.0);
@@ -187,7 +199,10 @@ mod tests {
             let want = g as f64 / (1.0 + (-(g as f64)).exp());
             let err = (o as f64 - want).abs();
             if g >= X_MIN {
-                assert!(err <= 1e-6 * want.abs().max(1e-30), "silu({g}) = {o}, want {want}");
+                assert!(
+                    err <= 1e-6 * want.abs().max(1e-30),
+                    "silu({g}) = {o}, want {want}"
+                );
             } else {
                 // exp(-g) clamped at exp(88): silu is g / 1.6e38 where it is smaller still.
                 assert!(o <= 0.0 && err <= 1e-38 * g.abs() as f64, "silu({g}) = {o}");

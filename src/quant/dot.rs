@@ -765,24 +765,15 @@ fn k_task(
                 unsafe { avx512::unpack_levels(ty, ws, &mut lv) };
                 lv
             });
-            let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut _| {
-                let (c0, c1) = (r * per_row + b0, r * per_row + b1);
+            let (w, levels) = lv.as_ref().map_or((ws, false), |lv| (&lv[..], true));
+            // Every weight row of the task in one call.
+            let tile = |b0: usize, b1: usize, j0: usize, states: &mut [_]| {
                 let at = |i: usize| (j0 / 2 + i) * per_row;
                 let acts = std::array::from_fn(|i| &p[at(i) + b0..at(i) + b1]);
                 // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
                 unsafe {
-                    match &lv {
-                        Some(lv) => {
-                            let per = avx512::LEVELS_BYTES;
-                            let l = &lv[c0 * per..c1 * per];
-                            avx512::k_pairs_state_levels(ty, l, &dec[c0..c1], acts, st)
-                        }
-                        None => {
-                            let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
-                            avx512::k_pairs_state(ty, wr, &dec[c0..c1], acts, st)
-                        }
-                    }
-                }
+                    avx512::k_pairs_rows(ty, w, levels, &dec, per_row, (b0, b1), acts, states)
+                };
             };
             let rows = ws.len() / row_bytes;
             let run = K_PAIR_RUN_BLOCKS;
@@ -803,7 +794,7 @@ fn k_task(
             n,
             1,
             ys,
-            tile,
+            each_row(tile),
             one,
         );
     }
@@ -852,7 +843,7 @@ fn zero_task(
             };
             let rows = ws.len() / row_bytes;
             let run = ZERO_PAIR_RUN_BLOCKS;
-            return tiles::<PAIR_TILE_ROWS>(rows, per_row, run, n, 2, ys, tile, one);
+            return tiles::<PAIR_TILE_ROWS>(rows, per_row, run, n, 2, ys, each_row(tile), one);
         }
         let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut [[f32; 8]; TILE_ROWS]| {
             let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
@@ -868,7 +859,7 @@ fn zero_task(
             n,
             1,
             ys,
-            tile,
+            each_row(tile),
             one,
         );
     }
@@ -884,8 +875,9 @@ fn zero_task(
 /// `rows` weight rows (of `per_row` blocks) against all `n` activation rows, into their
 /// columns of y (`ys`): C activation rows at a time, and along k in runs of `run` blocks, so
 /// that the C rows' run of activations stays close while every weight row passes over it.
-/// `tile(r, b0, b1, j0, state)` continues the 8 f32 lanes of outputs (r, j0..j0 + C) over
-/// blocks b0..b1 (the fold is sequential per block, so runs give the bits of one pass);
+/// `tile(b0, b1, j0, states)` continues, for every row r, the 8 f32 lanes of outputs
+/// (r, j0..j0 + C) in `states[r]` over blocks b0..b1 (the fold is sequential per block, so runs
+/// give the bits of one pass);
 /// `one(r, j)` is the whole output for the activation rows left over. The rows past the last
 /// whole tile go through one more tile ending at row n (its start a multiple of `align`, as row
 /// pairs need), which computes a few rows again, to the same bits: one pass over the weight
@@ -899,7 +891,7 @@ fn tiles<const C: usize>(
     n: usize,
     align: usize,
     ys: TaskOut,
-    tile: impl Fn(usize, usize, usize, usize, &mut [[f32; 8]; C]),
+    tile: impl Fn(usize, usize, usize, &mut [[[f32; 8]; C]]),
     one: impl Fn(usize, usize) -> f32,
 ) {
     let mut state = vec![[[0f32; 8]; C]; rows];
@@ -910,9 +902,7 @@ fn tiles<const C: usize>(
         state.iter_mut().for_each(|s| *s = [[0f32; 8]; C]);
         for b0 in (0..per_row).step_by(run) {
             let b1 = (b0 + run).min(per_row);
-            for (r, st) in state.iter_mut().enumerate() {
-                tile(r, b0, b1, j0, st);
-            }
+            tile(b0, b1, j0, &mut state);
         }
         if let Ok(st) = <&[[[f32; 8]; C]; 8]>::try_from(&state[..]) {
             // A whole task of 8 weight rows: each activation row's 8 outputs, contiguous in y,
@@ -937,6 +927,18 @@ fn tiles<const C: usize>(
         for r in 0..rows {
             // SAFETY: as above.
             unsafe { ys.put(r, j, one(r, j)) };
+        }
+    }
+}
+
+/// A [`tiles`] tile made of a per-row one, `tile(r, b0, b1, j0, state of row r)`: row after row.
+#[cfg(target_arch = "x86_64")]
+fn each_row<const C: usize>(
+    tile: impl Fn(usize, usize, usize, usize, &mut [[f32; 8]; C]),
+) -> impl Fn(usize, usize, usize, &mut [[[f32; 8]; C]]) {
+    move |b0, b1, j0, states| {
+        for (r, st) in states.iter_mut().enumerate() {
+            tile(r, b0, b1, j0, st)
         }
     }
 }
