@@ -1061,7 +1061,7 @@ mod avx2 {
     /// The four 32-value groups of levels (0..63) of half `h` of a Q6_K block (`ql`, `qh` its
     /// low-nibble and high-bit arrays), in the order of the activations they meet.
     #[inline(always)]
-    unsafe fn q6k_levels(ql: *const u8, qh: *const u8, h: usize) -> [__m256i; 4] {
+    pub(super) unsafe fn q6k_levels(ql: *const u8, qh: *const u8, h: usize) -> [__m256i; 4] {
         let m4 = _mm256_set1_epi8(0xF);
         let lo = load(ql.add(64 * h));
         let hi = load(ql.add(64 * h + 32));
@@ -1135,7 +1135,12 @@ mod avx2 {
     /// bits from `hb`, its qh array) whose nibbles are at `qs`: low nibbles (sub-block 2c), then
     /// high nibbles (2c + 1). (`q5` a constant at every call, folded once inlined.)
     #[inline(always)]
-    unsafe fn k45_levels(q5: bool, qs: *const u8, hb: __m256i, c: usize) -> [__m256i; 2] {
+    pub(super) unsafe fn k45_levels(
+        q5: bool,
+        qs: *const u8,
+        hb: __m256i,
+        c: usize,
+    ) -> [__m256i; 2] {
         let m4 = _mm256_set1_epi8(0xF);
         let v = load(qs.add(32 * c));
         let lo = _mm256_and_si256(v, m4);

@@ -191,54 +191,25 @@ pub(super) unsafe fn unpack_levels(ty: GgmlType, w: &[u8], out: &mut [u8]) {
     }
 }
 
-/// One Q6_K super-block's levels (0..63) at `wb` into the 256 bytes at `ob`: for each half h,
-/// the low nibbles of ql bytes 64h..64h + 32, of 64h + 32..64h + 64, then their high nibbles,
-/// each with its two high bits from the half's 32 qh bytes.
+/// One Q6_K super-block's levels (0..63) at `wb` into the 256 bytes at `ob`: half h's four
+/// groups (`super::avx2::q6k_levels`) at 128h.
 #[inline(always)]
 unsafe fn q6_levels(wb: *const u8, ob: *mut u8) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let hbits = |hb: __m256i, k: usize| {
-        let s = match k {
-            0 => _mm256_slli_epi16(hb, 4),
-            1 => _mm256_slli_epi16(hb, 2),
-            2 => hb,
-            _ => _mm256_srli_epi16(hb, 2),
-        };
-        _mm256_and_si256(s, _mm256_set1_epi8(0x30))
-    };
-    let (ql, qh) = (wb, wb.add(128));
     for h in 0..2 {
-        let lo = _mm256_loadu_si256(ql.add(64 * h).cast());
-        let hi = _mm256_loadu_si256(ql.add(64 * h + 32).cast());
-        let hb = _mm256_loadu_si256(qh.add(32 * h).cast());
-        let levels = [
-            _mm256_or_si256(_mm256_and_si256(lo, m4), hbits(hb, 0)),
-            _mm256_or_si256(_mm256_and_si256(hi, m4), hbits(hb, 1)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m4), hbits(hb, 2)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m4), hbits(hb, 3)),
-        ];
+        let levels = super::avx2::q6k_levels(wb, wb.add(128), h);
         for (i, l) in levels.into_iter().enumerate() {
             _mm256_storeu_si256(ob.add(128 * h + 32 * i).cast(), l);
         }
     }
 }
 
-/// One Q5_K super-block's levels (0..31) at `wb` into the 256 bytes at `ob`: for each 64 values
-/// c, the low nibbles of its 32 qs bytes then the high ones, each with its fifth bit from qh.
+/// One Q5_K super-block's levels (0..31) at `wb` into the 256 bytes at `ob`: chunk c's two
+/// groups (`super::avx2::k45_levels`) at 64c.
 #[inline(always)]
 unsafe fn q5_levels(wb: *const u8, ob: *mut u8) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let fifth = |hb: __m256i, k: usize| {
-        let bit = _mm256_set1_epi8(1 << k);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    };
-    let (qs, hb) = (wb.add(48), _mm256_loadu_si256(wb.add(16).cast()));
+    let hb = _mm256_loadu_si256(wb.add(16).cast());
     for c in 0..4 {
-        let v = _mm256_loadu_si256(qs.add(32 * c).cast());
-        let lo = _mm256_or_si256(_mm256_and_si256(v, m4), fifth(hb, 2 * c));
-        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        let hi = _mm256_or_si256(hi, fifth(hb, 2 * c + 1));
+        let [lo, hi] = super::avx2::k45_levels(true, wb.add(48), hb, c);
         _mm256_storeu_si256(ob.add(64 * c).cast(), lo);
         _mm256_storeu_si256(ob.add(64 * c + 32).cast(), hi);
     }
