@@ -117,7 +117,8 @@ impl<T: Clone> KvCache<T> {
 /// `last_row`: only the last row's output is wanted (the last layer of a prefill whose logits are
 /// the last position's). Every row's keys and values are still made (the cache keeps them), but
 /// the query, the attention output and the feed-forward run on that row alone: each row's result
-/// depends on its own row of every product, so that row's output is the same, minus the work
+/// depends on its own row of every product, so that row's output is the same (up to the
+/// attention's summation order: one query row takes the backend's few-rows road), minus the work
 /// for the rows nothing reads.
 #[allow(clippy::too_many_arguments)]
 fn layer<B: Backend>(
