@@ -765,15 +765,13 @@ fn k_task(
                 unsafe { avx512::unpack_levels(ty, ws, &mut lv) };
                 lv
             });
-            let (w, levels) = lv.as_ref().map_or((ws, false), |lv| (&lv[..], true));
+            let w = lv.as_deref().unwrap_or(ws);
             // Every weight row of the task in one call.
             let tile = |b0: usize, b1: usize, j0: usize, states: &mut [_]| {
                 let at = |i: usize| (j0 / 2 + i) * per_row;
                 let acts = std::array::from_fn(|i| &p[at(i) + b0..at(i) + b1]);
                 // SAFETY: Isa::Avx512 detected (pairs are made only for it); whole blocks.
-                unsafe {
-                    avx512::k_pairs_rows(ty, w, levels, &dec, per_row, (b0, b1), acts, states)
-                };
+                unsafe { avx512::k_pairs_rows(ty, w, &dec, per_row, (b0, b1), acts, states) };
             };
             let rows = ws.len() / row_bytes;
             let run = K_PAIR_RUN_BLOCKS;

@@ -7,10 +7,6 @@
 use super::avx2::prefetch_ahead;
 use super::{k_type, zero_type, BlockQ8K, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
 use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
-
-/// [`k_pairs`]'s `T` for Q6_K and Q5_K weights given as unpacked levels ([`unpack_levels`]).
-const Q6L: u8 = 3;
-const Q5L: u8 = 4;
 use std::arch::x86_64::*;
 
 /// Row pairs per tile.
@@ -25,34 +21,6 @@ unsafe fn load(p: *const u8) -> __m512i {
 #[inline(always)]
 unsafe fn load_both(p: *const u8) -> __m512i {
     _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()))
-}
-
-/// Bits 2k..2k+1 of each byte of `hb`, moved to bits 4..5 (Q6_K's high bits of group k).
-#[inline(always)]
-unsafe fn hbits(hb: __m512i, k: usize) -> __m512i {
-    let s = match k {
-        0 => _mm512_slli_epi16(hb, 4),
-        1 => _mm512_slli_epi16(hb, 2),
-        2 => hb,
-        _ => _mm512_srli_epi16(hb, 2),
-    };
-    _mm512_and_si512(s, _mm512_set1_epi8(0x30))
-}
-
-/// Bit k of each byte of `hb` moved to bit 4 (Q5_K's fifth bit of sub-block k).
-#[inline(always)]
-unsafe fn fifth_bit(hb: __m512i, k: usize) -> __m512i {
-    let s = match k {
-        0 => _mm512_slli_epi16(hb, 4),
-        1 => _mm512_slli_epi16(hb, 3),
-        2 => _mm512_slli_epi16(hb, 2),
-        3 => _mm512_slli_epi16(hb, 1),
-        4 => hb,
-        5 => _mm512_srli_epi16(hb, 1),
-        6 => _mm512_srli_epi16(hb, 2),
-        _ => _mm512_srli_epi16(hb, 3),
-    };
-    _mm512_and_si512(s, _mm512_set1_epi8(0x10))
 }
 
 /// Two groups' sums of 4 products (`lo`, `hi`: i32 lanes, each within i16) as the i16 pairs
@@ -109,26 +77,22 @@ const PAIR_WORDS: [i8; 64] = {
 /// `super::avx2::k_row_tile_state` for PAIR_TILE_ROWS activation rows given as PAIRS row pairs
 /// (`a`: blocks b0..b1), over blocks b0..b1 of every weight row of a task at once: row r's
 /// blocks (of `per_row`) and scales start at r · per_row in `w` and `ks`, its lanes are
-/// `states[r]`. `w` holds the rows' blocks as stored or, with `levels`, their unpacked levels
-/// ([`unpack_levels`]). One call for all rows: per call, the slices, the dispatch and the
-/// constants cost a tenth of a 4-block run.
+/// `states[r]`. `w` holds Q4_K's blocks as stored, and Q5_K's and Q6_K's levels unpacked
+/// ([`unpacks_levels`], [`unpack_levels`]). One call for all rows: per call, the slices, the
+/// dispatch and the constants cost a tenth of a 4-block run.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn k_pairs_rows(
     ty: GgmlType,
     w: &[u8],
-    levels: bool,
     ks: &[KScales],
     per_row: usize,
     (b0, b1): (usize, usize),
     a: [&[PairQ8K]; PAIRS],
     states: &mut [[[f32; 8]; PAIR_TILE_ROWS]],
 ) {
-    match (ty, levels) {
-        (GgmlType::Q6K, true) => k_rows::<Q6L>(w, ks, per_row, (b0, b1), a, states),
-        (GgmlType::Q5K, true) => k_rows::<Q5L>(w, ks, per_row, (b0, b1), a, states),
-        (GgmlType::Q6K, false) => k_rows::<Q6>(w, ks, per_row, (b0, b1), a, states),
-        (GgmlType::Q5K, false) => k_rows::<Q5>(w, ks, per_row, (b0, b1), a, states),
+    match ty {
+        GgmlType::Q6K => k_rows::<Q6>(w, ks, per_row, (b0, b1), a, states),
+        GgmlType::Q5K => k_rows::<Q5>(w, ks, per_row, (b0, b1), a, states),
         _ => k_rows::<Q4>(w, ks, per_row, (b0, b1), a, states),
     }
 }
@@ -157,13 +121,13 @@ unsafe fn k_rows<const T: u8>(
     }
 }
 
-/// Bytes per block of what [`k_pairs`] reads for `T`.
+/// Bytes per block of what [`k_pairs`] reads for `T`: Q4_K's block, or a block's levels.
 #[inline(always)]
 fn block_bytes(t: u8) -> usize {
-    if t == Q6L || t == Q5L {
-        LEVELS_BYTES
-    } else {
+    if t == Q4 {
         k_type(t).type_size()
+    } else {
+        LEVELS_BYTES
     }
 }
 
@@ -245,6 +209,8 @@ unsafe fn store_state(state: &mut [[f32; 8]; PAIR_TILE_ROWS], j: usize, f: __m51
     _mm512_storeu_ps(state[2 * j..].as_mut_ptr().cast(), f)
 }
 
+/// One weight row's blocks `w` (`T`: Q4 its Q4_K blocks as stored, Q5 / Q6 its unpacked levels)
+/// against PAIRS row pairs, continuing their lanes in `state`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn k_pairs<const T: u8>(
@@ -267,24 +233,11 @@ unsafe fn k_pairs<const T: u8>(
         let ap: [*const u8; PAIRS] =
             std::array::from_fn(|j| a[j].get_unchecked(b).qs.as_ptr().cast());
         let mut q = [_mm512_setzero_si512(); PAIRS];
-        if T == Q6 || T == Q6L {
-            let (ql, qh) = (wb, wb.add(128));
+        if T == Q6 {
             let sc = _mm512_broadcast_i64x4(_mm256_loadu_si256(k.sc.as_ptr().cast()));
             for h in 0..2 {
-                let levels = if T == Q6L {
-                    std::array::from_fn(|i| load_both(wb.add(128 * h + 32 * i)))
-                } else {
-                    let lo = load_both(ql.add(64 * h));
-                    let hi = load_both(ql.add(64 * h + 32));
-                    let hb = load_both(qh.add(32 * h));
-                    let (lo4, hi4) = (_mm512_srli_epi16(lo, 4), _mm512_srli_epi16(hi, 4));
-                    [
-                        _mm512_or_si512(_mm512_and_si512(lo, m4), hbits(hb, 0)),
-                        _mm512_or_si512(_mm512_and_si512(hi, m4), hbits(hb, 1)),
-                        _mm512_or_si512(_mm512_and_si512(lo4, m4), hbits(hb, 2)),
-                        _mm512_or_si512(_mm512_and_si512(hi4, m4), hbits(hb, 3)),
-                    ]
-                };
+                let levels: [__m512i; 4] =
+                    std::array::from_fn(|i| load_both(wb.add(128 * h + 32 * i)));
                 for g in 0..2 {
                     // Groups 2g and 2g + 1 of this half: lane l < 4 (values 0..15 of a group)
                     // scales 8h + 4g and 8h + 4g + 2, lane l >= 4 the next ones.
@@ -306,25 +259,16 @@ unsafe fn k_pairs<const T: u8>(
                 }
             }
         } else {
-            let (qs, hb) = if T == Q5 {
-                (wb.add(48), load_both(wb.add(16)))
-            } else {
-                (wb.add(16), _mm512_setzero_si512())
-            };
             for c in 0..4 {
-                let (mut lo, mut hi) = if T == Q5L {
+                let (lo, hi) = if T == Q5 {
                     (load_both(wb.add(64 * c)), load_both(wb.add(64 * c + 32)))
                 } else {
-                    let v = load_both(qs.add(32 * c));
+                    let v = load_both(wb.add(16 + 32 * c));
                     (
                         _mm512_and_si512(v, m4),
                         _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
                     )
                 };
-                if T == Q5 {
-                    lo = _mm512_or_si512(lo, fifth_bit(hb, 2 * c));
-                    hi = _mm512_or_si512(hi, fifth_bit(hb, 2 * c + 1));
-                }
                 // The pair (sc[2c], sc[2c + 1]) in every lane: adjacent i16, one 32-bit load.
                 let scv =
                     _mm512_set1_epi32(k.sc.as_ptr().add(2 * c).cast::<i32>().read_unaligned());
@@ -338,7 +282,7 @@ unsafe fn k_pairs<const T: u8>(
         }
         // Q6_K: lanes less 32·sc·bsum; Q4_K, Q5_K: the mins' lanes m·bsum, folded apart.
         let per_sub = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-            if T == Q6 || T == Q6L {
+            if T == Q6 {
                 k.sc.as_ptr()
             } else {
                 k.m16.as_ptr()
@@ -352,7 +296,7 @@ unsafe fn k_pairs<const T: u8>(
             let da = _mm512_loadu_ps(ab.d.as_ptr());
             // d·d_a per lane: the product the AVX2 kernels form as scalars, the same bits.
             let dq = _mm512_mul_ps(d, da);
-            if T == Q6 || T == Q6L {
+            if T == Q6 {
                 let qj = _mm512_sub_epi32(q[j], _mm512_slli_epi32(bs, 5));
                 f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(qj), dq, f[j]);
             } else {
