@@ -276,9 +276,10 @@ impl Isa {
 
     /// Every instruction set this CPU runs, the scalar reference first (the tests compare them).
     pub fn all_here() -> Vec<Isa> {
+        let best = Isa::detected().rank();
         [Isa::Scalar, Isa::Avx2, Isa::Avx512]
             .into_iter()
-            .filter(|i| i.rank() <= Isa::detected().rank())
+            .filter(|i| i.rank() <= best)
             .collect()
     }
 
@@ -902,21 +903,23 @@ fn tiles<const C: usize>(
             let b1 = (b0 + run).min(per_row);
             tile(b0, b1, j0, &mut state);
         }
-        if let Ok(st) = <&[[[f32; 8]; C]; 8]>::try_from(&state[..]) {
-            // A whole task of 8 weight rows: each activation row's 8 outputs, contiguous in y,
-            // summed and stored together.
+        // Each group of 8 weight rows: an activation row's 8 outputs, contiguous in y, summed
+        // and stored together; the rows after the last group one by one.
+        let groups = state.chunks_exact(8);
+        let rest = groups.remainder().len();
+        for (g, st) in groups.enumerate() {
+            let st: &[[[f32; 8]; C]; 8] = st.try_into().expect("chunks of 8");
             for i in 0..C {
                 let m = st.each_ref().map(|r| &r[i]);
                 // SAFETY: tiles run only on an ISA with AVX2 (the callers' `isa.vector()`); the
-                // task's 8 columns of row j0 + i of y are its own, j0 + i < n.
-                unsafe { avx2::hsum8_x8(m, ys.at(0, j0 + i)) };
+                // task's columns 8g..8g + 8 of row j0 + i of y are its own, j0 + i < n.
+                unsafe { avx2::hsum8_x8(m, ys.at(8 * g, j0 + i)) };
             }
-        } else {
-            for (r, st) in state.iter().enumerate() {
-                for (i, s) in st.iter().enumerate() {
-                    // SAFETY: r < rows of this task, j0 + i < n.
-                    unsafe { ys.put(r, j0 + i, hsum8(s)) };
-                }
+        }
+        for (r, st) in state.iter().enumerate().skip(rows - rest) {
+            for (i, s) in st.iter().enumerate() {
+                // SAFETY: r < rows of this task, j0 + i < n.
+                unsafe { ys.put(r, j0 + i, hsum8(s)) };
             }
         }
         done = j0 + C;
@@ -1225,7 +1228,7 @@ mod avx2 {
 
     #[inline(always)]
     unsafe fn q6k_row_body<const V: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
-        let blocks = (w.len() / 210).min(a.len());
+        let blocks = (w.len() / GgmlType::Q6K.type_size()).min(a.len());
         // Group kk of a half: scales 2kk (i16 lanes 0..7) and 2kk + 1 (lanes 8..15) of that
         // half's 8, which `halves` puts in both 128-bit lanes.
         let masks: [__m256i; 4] =

@@ -631,10 +631,6 @@ mod tests {
         (50, 3, 9),
     ];
 
-    fn isas() -> Vec<Isa> {
-        Isa::all_here()
-    }
-
     #[test]
     fn every_output_is_its_chain_of_fmas_on_every_isa() {
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
@@ -642,7 +638,7 @@ mod tests {
                 let x = values(n * k, 1);
                 let w = stored(ty, &values(out * k, 2));
                 let want = chains(ty, &w, out, k, &x, n);
-                for isa in isas() {
+                for isa in Isa::all_here() {
                     let y = matmul_with(isa, ty, &w, out, k, &x, n).unwrap();
                     assert!(
                         y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
@@ -687,7 +683,7 @@ mod tests {
                         stride: ldb,
                     }
                 };
-                for isa in isas() {
+                for isa in Isa::all_here() {
                     let mut c = vec![f32::NAN; rows * ldc];
                     gemm_serial(isa, &a, lda, rows, k, right, cols, &mut c, ldc);
                     for i in 0..rows {
