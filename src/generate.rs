@@ -281,6 +281,17 @@ pub enum Stop {
     Context,
 }
 
+impl std::fmt::Display for Stop {
+    /// The JSON report's spelling, so the human line and `--json` say the same words.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::Eos => "eos",
+            Stop::MaxTokens => "max_tokens",
+            Stop::Context => "context",
+        })
+    }
+}
+
 /// One answer.
 #[derive(Debug, Clone)]
 pub struct TurnOutput {
@@ -647,7 +658,7 @@ fn run_with<B: Backend>(
     )?;
     let stats = |t: &TurnOutput| {
         progress.warn(&format!(
-            "\nprefill {} positions in {:.3} s ({:.1} tokens/s); decode {} tokens in {:.3} s ({:.1} tokens/s); stop: {:?}",
+            "\nprefill {} positions in {:.3} s ({:.1} tokens/s); decode {} tokens in {:.3} s ({:.1} tokens/s); stop: {}",
             t.prefill_positions,
             t.prefill_seconds,
             Speed::new(t.prefill_positions, t.prefill_seconds).tokens_per_second,
@@ -717,6 +728,13 @@ fn run_with<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_prints_as_the_report_spells_it() {
+        for s in [Stop::Eos, Stop::MaxTokens, Stop::Context] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.to_string());
+        }
+    }
 
     fn opts(t: f32, k: usize, p: f32) -> SamplingOptions {
         SamplingOptions {

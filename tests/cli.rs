@@ -309,6 +309,18 @@ fn exit_codes_follow_one_rule() {
     );
     one(os(&[&"synth", &"--size", &"tiny"]), 2);
     one(os(&[&"demo", &"--no-such-flag"]), 2);
+    // an unknown instruction set is refused by name, not run as the default
+    let r = run_with(
+        verify_args(&llm, &mmproj, &["-q"]),
+        t,
+        &[("MMFUSER_CPU_ISA", "avx-2")],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("MMFUSER_CPU_ISA=avx-2") && r.stderr.contains("scalar, avx2 or avx512"),
+        "{}",
+        r.stderr
+    );
     // a check that ran and failed: 3
     let q = t.join("q.gguf");
     run(

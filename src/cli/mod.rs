@@ -642,6 +642,7 @@ pub fn escape_controls(s: &str) -> String {
 }
 
 fn run(cli: Cli, argv: Vec<String>) -> Result<()> {
+    crate::quant::dot::Isa::asked().map_err(Error::usage)?;
     if !matches!(cli.command, Command::Quantize { .. }) {
         init_threads(None)?;
     }

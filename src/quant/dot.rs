@@ -233,19 +233,38 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// The variable that names a lesser instruction set, for comparing them on one machine.
+    pub const ENV: &'static str = "MMFUSER_CPU_ISA";
+
+    /// What `MMFUSER_CPU_ISA` asks for: None when unset or empty; an error, naming the accepted
+    /// values, for anything else unknown (the CLI checks it first, so a typo is not silently
+    /// the default).
+    pub fn asked() -> std::result::Result<Option<Isa>, String> {
+        let v = match std::env::var_os(Self::ENV) {
+            None => return Ok(None),
+            Some(v) => v,
+        };
+        match v.to_str().map(str::trim) {
+            Some("") => Ok(None),
+            Some("scalar") => Ok(Some(Isa::Scalar)),
+            Some("avx2") => Ok(Some(Isa::Avx2)),
+            Some("avx512") => Ok(Some(Isa::Avx512)),
+            _ => Err(format!(
+                "{}={} is not an instruction set: use scalar, avx2 or avx512 (or unset it for the best this CPU has)",
+                Self::ENV,
+                v.to_string_lossy().escape_debug()
+            )),
+        }
+    }
+
     /// What the CPU runs: the best it has, or a lesser one named by `MMFUSER_CPU_ISA`
-    /// (`scalar`, `avx2`: for comparing them on one machine; read once). Asking for more than the
-    /// CPU has gives what it has.
+    /// (read once). Asking for more than the CPU has gives what it has.
     pub fn current() -> Isa {
         use std::sync::OnceLock;
         static CHOSEN: OnceLock<Isa> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let best = Isa::detected();
-            let asked = match std::env::var("MMFUSER_CPU_ISA").as_deref() {
-                Ok("scalar") => Isa::Scalar,
-                Ok("avx2") => Isa::Avx2,
-                _ => best,
-            };
+            let asked = Isa::asked().ok().flatten().unwrap_or(best);
             if asked.rank() < best.rank() {
                 asked
             } else {
