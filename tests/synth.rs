@@ -127,9 +127,9 @@ fn synth_tiny_then_hf_to_gguf() {
         .iter()
         .find(|n| n.starts_with("mmproj-") && n.ends_with(".gguf"))
         .expect("mmproj gguf");
-    let g = GgufFile::open(&gg.join(llm)).unwrap();
+    let g = GgufFile::open(gg.join(llm)).unwrap();
     assert_eq!(g.tensors.len(), 2 * 9 + 3, "{names:?}");
-    let p = GgufFile::open(&gg.join(mmproj)).unwrap();
+    let p = GgufFile::open(gg.join(mmproj)).unwrap();
     assert!(
         p.tensors.iter().any(|t| t.info.name.contains("gamma")),
         "fuser gammas in the mmproj"

@@ -645,7 +645,7 @@ fn fuser_hparams(
         )));
     }
     let pts = attn_self / m;
-    if off_self != m * pts * 2 || attn_cross != m * l * pts || clip.n_embd % m != 0 {
+    if off_self != m * pts * 2 || attn_cross != m * l * pts || !clip.n_embd.is_multiple_of(m) {
         return Err(bad(format!("M={m}, L={l}, P={pts} do not explain offsets {off_cross}/{off_self}, weights {attn_cross}/{attn_self}, C={}", clip.n_embd)));
     }
     if l != 4 {

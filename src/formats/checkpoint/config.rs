@@ -5,7 +5,10 @@ use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
 /// CLIP normalisation used when no preprocessor_config.json says otherwise (spec §3b).
+/// Written as CLIP publishes them (more digits than an f32 holds), so they can be compared by eye.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// `mm_vision_select_layer`: a list (MMFuser) or one index (LLaVA-1.5).
@@ -280,7 +283,7 @@ impl LlavaConfig {
         }
         let rope_theta = rope_theta as f32;
         if let Some(hd) = opt_usize(&path, t, "head_dim")? {
-            if hd as usize != n_embd / n_head {
+            if hd != n_embd / n_head {
                 return Err(Error::input(
                     &path,
                     format!(

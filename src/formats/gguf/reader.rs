@@ -282,7 +282,7 @@ impl GgufFile {
             };
             let n_el = info.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let n_bytes = match n_el {
-                Some(_) if info.ne[0] % ty.block_size() as u64 != 0 => {
+                Some(_) if !info.ne[0].is_multiple_of(ty.block_size() as u64) => {
                     return Err(Error::tensor(
                         path,
                         &name,
