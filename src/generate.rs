@@ -612,13 +612,21 @@ fn run_with<B: Backend>(
             ),
         ));
     }
-    let has_image = ids.contains(&model::IMAGE_TOKEN);
+    let markers = ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count();
+    if markers > 1 {
+        let what = format!("the prompt has {markers} <image> markers; one image is supported");
+        return Err(match &opts.input_ids {
+            Some(f) => Error::input(f, what),
+            None => Error::usage(format!("--prompt: {what}")),
+        });
+    }
+    let has_image = markers == 1;
     let pixels = pixel_values(opts, hp)?;
     let (pixels, image_desc) = match (has_image, pixels) {
         (true, Some(p)) => (Some(p.0), p.1),
         (true, None) => {
             return Err(Error::usage(
-                "the prompt has an <image>: give --image FILE or --pixel-values X.npy",
+                "the prompt has an <image> (--prompt puts the question after one): give --image FILE or --pixel-values X.npy",
             ))
         }
         (false, Some(_)) => {

@@ -619,6 +619,24 @@ fn cli_json_report() {
         "{}",
         r.stderr
     );
+    // Two images in one prompt: a usage error for --prompt, bad input naming an ids file.
+    let two = dir.path().join("two_images.json");
+    std::fs::write(&two, "[1, -200, 5, -200, 6]").unwrap();
+    let r = run(base(&["--input-ids", two.to_str().unwrap()]), &root());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("two_images.json") && r.stderr.contains("2 <image> markers"),
+        "{}",
+        r.stderr
+    );
+    let r = run(base(&["--prompt", "<image> and <image>"]), &root());
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--prompt: the prompt has 2 <image> markers"),
+        "{}",
+        r.stderr
+    );
     let r = run(
         vec![
             "generate".into(),
