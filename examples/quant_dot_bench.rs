@@ -15,6 +15,7 @@
 //!
 //! `BENCH_DOT_ONLY=1`: our kernels only (to compare settings quickly).
 //! `BENCH_TYPES=Q5_K,Q8_0,...`: our kernels only, on 4096x4096 weights of those types.
+//! `BENCH_ROWS=1,32,512`: the activation row counts timed (default 1 and 512).
 //!
 //! Prints seconds (best of REPS), GFLOP/s (2*rows*out*in / s) and GB/s of weight bytes read.
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
@@ -88,6 +89,18 @@ fn main() {
         ("ffn_up 11008x4096", GgmlType::Q4K, 11008, 4096),
         ("ffn_down 4096x11008", GgmlType::Q6K, 4096, 11008),
     ];
+    // BENCH_ROWS: activation row counts (default 1,512: decode's mat-vec and a prefill).
+    let rows: Vec<usize> = std::env::var("BENCH_ROWS")
+        .map(|v| {
+            v.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .expect("BENCH_ROWS: row counts, comma-separated")
+                })
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![1, 512]);
     let mut dot_only = dot_only;
     if let Ok(types) = std::env::var("BENCH_TYPES") {
         dot_only = true;
@@ -114,7 +127,7 @@ fn main() {
             QMatMul::from_qtensor(qtensor_from_ggml(cty, &w, vec![out, k], &Device::Cpu).unwrap())
                 .unwrap()
         });
-        for n in [1usize, 512] {
+        for &n in &rows {
             let x = values(n * k, 2, 1.0);
             let xt = Tensor::from_vec(x.clone(), (n, k), &Device::Cpu).unwrap();
             let t_dot = best(reps, || dot::matmul(ty, &w, out, k, &x, n).unwrap());

@@ -18,7 +18,11 @@
 //! Instruction sets (`Isa`): scalar (the reference), AVX2, and AVX-512 with VNNI. The AVX-512
 //! kernels compute the same integer lanes and the same folds: one vpdpwssd / vpdpbusd where AVX2
 //! takes a multiply-add and an add, and for many rows 64-byte vectors holding two activation rows
-//! (`PairQ8K`, `PairQ8_0`; `dot/avx512.rs`), so every ISA gives every output the same bits.
+//! (`PairQ8K`, `PairQ8_0`; `dot/avx512.rs`), so every ISA gives every output the same bits. For
+//! many rows of the 32-value types, the wide kernel turns the vector the other way: lane r holds
+//! weight row r of 16 (the task's rows transposed once), 4 activation levels are broadcast, so
+//! one vpdpbusd, one conversion and one fused multiply-add make lane l of 16 outputs where the
+//! pair kernel's also needed a multiply of the scales per row pair (Q8_0 about 2x).
 //!
 //! Block layouts (ggml-common.h; little-endian):
 //! - Q8_0 `{f16 d; i8 qs[32]}`: x = d*q.
@@ -153,14 +157,45 @@ pub struct PairQ8_0 {
     d: [f32; 16],
 }
 
-/// The row pairs of quantized activations (`n / 2` pairs of `per_row` blocks each: pair p,
-/// block b at `p * per_row + b`; an odd last row is left out).
+/// One activation row's Q8_0 block as the wide AVX-512 kernel reads it (`avx512::zero_wide`):
+/// each 4 levels broadcast to every lane, `bias` = -128·(their sum) to start the lane with (the
+/// weight levels are stored + 128, unsigned), d widened.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct RowQ8_0 {
+    qs: [i8; QK8_0],
+    bias: [i32; QK8_0 / 4],
+    d: f32,
+}
+
+/// Activations laid out for the AVX-512 kernels. `K`, `Zero`: row pairs (`n / 2` pairs of
+/// `per_row` blocks each: pair p, block b at `p * per_row + b`; an odd last row is left out).
+/// `Rows`: every row (row j, block b at `j * per_row + b`), for the 32-value types' wide kernel.
 enum Pairs {
     K(Vec<PairQ8K>),
     Zero(Vec<PairQ8_0>),
+    Rows(Vec<RowQ8_0>),
 }
 
 impl Pairs {
+    /// The wide kernel's rows, from the Q8_0 activation blocks.
+    fn rows(a: &[BlockQ8_0Act]) -> Pairs {
+        Pairs::Rows(
+            a.par_iter()
+                .map(|b| RowQ8_0 {
+                    qs: b.qs,
+                    bias: std::array::from_fn(|l| {
+                        -128 * b.qs[4 * l..4 * l + 4]
+                            .iter()
+                            .map(|&v| v as i32)
+                            .sum::<i32>()
+                    }),
+                    d: b.d,
+                })
+                .collect(),
+        )
+    }
+
     fn of(act: &Act, per_row: usize, n: usize) -> Pairs {
         let pairs = n / 2;
         let idx = |i: usize| (2 * (i / per_row) * per_row + i % per_row, per_row);
@@ -624,6 +659,16 @@ const PAIR_TILE_ROWS: usize = 8;
 /// (4 pairs x 64 x 192 bytes, 48 KB; 1.4x faster than 128, and 16, 32 and 64 alike).
 const K_PAIR_RUN_BLOCKS: usize = 4;
 const ZERO_PAIR_RUN_BLOCKS: usize = 64;
+/// Activation rows from which the 32-value types take the wide AVX-512 kernel: below, its
+/// per-task repacking of the weight costs about what the kernel saves (quant_dot_bench, 2
+/// threads, against the pair kernel: 8 rows Q8_0 level, Q4_0 0.65-0.95x; 16 rows 1.2-1.4x).
+const WIDE_MIN_ROWS: usize = 16;
+/// Weight rows per task of the wide kernel: one dword of each in a 64-byte vector.
+const WIDE_ROWS: usize = 16;
+/// Activation rows per pass of the wide kernel over a task's repacked weight, and blocks per run
+/// along k: 16 blocks of 16 weight rows (9 KB) and of 8 activation rows (9 KB) stay in L1.
+const WIDE_TILE_ROWS: usize = 8;
+const WIDE_RUN_BLOCKS: usize = 16;
 
 /// y [n, out] = x [n, k] · W^T, W being `out` rows of `k` values of type `ty` in `w`
 /// (row-major, as stored in GGUF). Errors if `ty` has no kernel or the sizes disagree.
@@ -671,10 +716,16 @@ pub fn matmul_with(
         return Ok(y);
     }
     let act = quantize_act(isa, ty, x, k);
-    // The AVX-512 tiles read activation rows in pairs.
+    // The AVX-512 tiles read activation rows in pairs; the 32-value types' wide kernel, from
+    // WIDE_MIN_ROWS rows, reads them one by one against 16 weight rows at once.
     #[cfg(target_arch = "x86_64")]
-    let pairs = (isa == Isa::Avx512 && n >= PAIR_TILE_ROWS)
-        .then(|| Pairs::of(&act, k / ty.block_size(), n));
+    let pairs = (isa == Isa::Avx512 && n >= PAIR_TILE_ROWS).then(|| match &act {
+        // (Its gathers take i32 offsets within a task's rows.)
+        Act::Q8_0(a) if n >= WIDE_MIN_ROWS && WIDE_ROWS * row_bytes <= i32::MAX as usize => {
+            Pairs::rows(a)
+        }
+        _ => Pairs::of(&act, k / ty.block_size(), n),
+    });
     #[cfg(not(target_arch = "x86_64"))]
     let pairs: Option<Pairs> = None;
     // A lone activation row (decode) is a pass over the weight's bytes, bound by memory: a few
@@ -682,6 +733,8 @@ pub fn matmul_with(
     let rows_per_task = if n == 1 {
         out.div_ceil(4 * rayon::current_num_threads())
             .max(ROWS_PER_TASK)
+    } else if matches!(pairs, Some(Pairs::Rows(_))) {
+        WIDE_ROWS
     } else {
         ROWS_PER_TASK
     };
@@ -851,6 +904,9 @@ fn zero_task(
             let wr = &ws[r * row_bytes..(r + 1) * row_bytes];
             dot_row_0(ty, isa, wr, &a[j * per_row..(j + 1) * per_row])
         };
+        if let Some(Pairs::Rows(a)) = pairs {
+            return wide_task(ty, ws, row_bytes, a, n, ys);
+        }
         if let Some(Pairs::Zero(p)) = pairs {
             let tile = |r: usize, b0: usize, b1: usize, j0: usize, st: &mut _| {
                 let wr = &ws[r * row_bytes + b0 * size..r * row_bytes + b1 * size];
@@ -888,6 +944,58 @@ fn zero_task(
             unsafe { ys.put(r, j, v) };
         }
     }
+}
+
+/// [`zero_task`] on AVX-512 for many activation rows: the task's (up to 16) weight rows repacked
+/// once, then WIDE_TILE_ROWS activation rows at a time, in runs along k, by the wide kernel
+/// (`avx512::zero_wide`), which keeps every output's 8 lanes and folds as `dot_row_0` does.
+#[cfg(target_arch = "x86_64")]
+fn wide_task(ty: GgmlType, ws: &[u8], row_bytes: usize, a: &[RowQ8_0], n: usize, ys: TaskOut) {
+    use avx512::{WideBlock, WideState};
+    thread_local! {
+        // The repacked weight, reused by the thread's next tasks: no allocation (and no fresh
+        // pages) per task.
+        static WIDE: std::cell::RefCell<Vec<WideBlock>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let per_row = row_bytes / ty.type_size();
+    let rows = ws.len() / row_bytes;
+    WIDE.with_borrow_mut(|w| {
+        // SAFETY: Isa::Avx512 detected (Pairs::Rows is made only for it); the caller's rows
+        // (WIDE_ROWS at most, their offsets within i32: matmul's choice).
+        unsafe { avx512::wide_blocks(ty, ws, row_bytes, w) };
+        let mut state = [WideState::default(); WIDE_TILE_ROWS];
+        for j0 in (0..n).step_by(WIDE_TILE_ROWS) {
+            let j1 = (j0 + WIDE_TILE_ROWS).min(n);
+            let st = &mut state[..j1 - j0];
+            st.fill(WideState::default());
+            for b0 in (0..per_row).step_by(WIDE_RUN_BLOCKS) {
+                let b1 = (b0 + WIDE_RUN_BLOCKS).min(per_row);
+                let act = |j: usize| &a[j * per_row + b0..j * per_row + b1];
+                let mut j = j0;
+                while j < j1 {
+                    let at = j - j0;
+                    // SAFETY: Isa::Avx512 detected (Pairs::Rows is made only for it); w and the
+                    // activations hold the same blocks b0..b1.
+                    unsafe {
+                        if j + 2 <= j1 {
+                            let two: &mut [WideState; 2] =
+                                (&mut st[at..at + 2]).try_into().expect("two");
+                            avx512::zero_wide::<2>(&w[b0..b1], [act(j), act(j + 1)], two);
+                        } else {
+                            let one: &mut [WideState; 1] =
+                                (&mut st[at..at + 1]).try_into().expect("one");
+                            avx512::zero_wide::<1>(&w[b0..b1], [act(j)], one);
+                        }
+                    }
+                    j += 2;
+                }
+            }
+            for (i, s) in st.iter().enumerate() {
+                // SAFETY: the task's rows 0..rows of y's row j0 + i are its own, j0 + i < n.
+                unsafe { avx512::wide_out(s, rows, ys.at(0, j0 + i)) };
+            }
+        }
+    });
 }
 
 /// `rows` weight rows (of `per_row` blocks) against all `n` activation rows, into their
@@ -1743,8 +1851,18 @@ mod tests {
         // More activation rows than one tile, weight rows not a multiple of a task's; then one
         // activation row (decode's own kernels).
         // k of 37 super-blocks (296 blocks of 32): runs of K_RUN_BLOCKS (ZERO_RUN_BLOCKS) and a
-        // partial one in the AVX2 tiles.
-        for (n, out, k) in [(37, 11, 1024), (19, 11, 37 * 256), (1, 11, 1024)] {
+        // partial one in the AVX2 tiles. On AVX-512, 13 rows take the pair kernels (a tile of 8
+        // and a last tile ending at row 13); from WIDE_MIN_ROWS the 32-value types take the wide
+        // kernel: 37 weight rows are two whole tasks of 16 and one of 5, 33 activation rows four
+        // tiles and a lone row.
+        assert!((8..WIDE_MIN_ROWS).contains(&13) && WIDE_MIN_ROWS <= 19);
+        for (n, out, k) in [
+            (37, 11, 1024),
+            (19, 11, 37 * 256),
+            (13, 11, 37 * 256),
+            (33, 37, 37 * 256),
+            (1, 11, 1024),
+        ] {
             let mut s = 0x2545_f491_4f6c_dd1du64;
             let mut next = || {
                 s ^= s << 13;

@@ -6,6 +6,7 @@
 //! Safety: callers run these only after detecting `Isa::Avx512`; the slices have whole blocks.
 use super::avx2::prefetch_ahead;
 use super::{k_type, zero_type, BlockQ8K, GgmlType, KScales, PairQ8K, PairQ8_0, PAIR_TILE_ROWS};
+use super::{RowQ8_0, QK8_0, WIDE_ROWS};
 use super::{KQ4 as Q4, KQ5 as Q5, KQ6 as Q6};
 use std::arch::x86_64::*;
 
@@ -386,6 +387,142 @@ unsafe fn zero_pairs<const T: u8>(
     for (j, &fj) in f.iter().enumerate() {
         store_state(state, j, fj);
     }
+}
+
+// ---- the wide kernel of the 32-value types: 16 weight rows per vector ------------------------
+
+/// One 32-value block of WIDE_ROWS weight rows, transposed: lane r of `lv[l]` holds row r's levels
+/// 4l..4l + 3 plus 128 (unsigned bytes), `d[r]` its scale. A vpdpbusd of `lv[l]` with 4 activation
+/// levels broadcast gives lane l of `super::zero_lanes_scalar` for 16 rows at once.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct WideBlock {
+    lv: [[u8; 64]; QK8_0 / 4],
+    d: [f32; WIDE_ROWS],
+}
+
+/// One activation row's outputs in progress for WIDE_ROWS weight rows: `f[l][r]` is lane l of
+/// output r's 8 f32 lanes (as `dot_row_0` keeps them).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(super) struct WideState {
+    f: [[f32; WIDE_ROWS]; QK8_0 / 4],
+}
+
+/// The task's weight rows (`ws`, up to WIDE_ROWS of `row_bytes`, `WIDE_ROWS * row_bytes` within
+/// i32: gather offsets) transposed into `out`, one [`WideBlock`] per block; rows past the last
+/// are level 0 and scale 0 (computed, never stored). Each vector is one gather of 16 dwords.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn wide_blocks(
+    ty: GgmlType,
+    ws: &[u8],
+    row_bytes: usize,
+    out: &mut Vec<WideBlock>,
+) {
+    match ty {
+        GgmlType::Q8_0 => wide_blocks_t::<0>(ws, row_bytes, out),
+        GgmlType::Q4_0 => wide_blocks_t::<1>(ws, row_bytes, out),
+        _ => wide_blocks_t::<2>(ws, row_bytes, out),
+    }
+}
+
+#[inline(always)]
+unsafe fn wide_blocks_t<const T: u8>(ws: &[u8], row_bytes: usize, out: &mut Vec<WideBlock>) {
+    let size = zero_type(T).type_size();
+    let (rows, per_row) = (ws.len() / row_bytes, row_bytes / size);
+    assert!(rows <= WIDE_ROWS && WIDE_ROWS * row_bytes <= i32::MAX as usize);
+    let live = ((1u32 << rows) - 1) as u16;
+    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let row_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(row_bytes as i32));
+    let flip = _mm512_set1_epi8(-128);
+    // Q4_0 / Q5_0: each row's 32 levels (+ 128) unpacked here first, rows past the last level 0.
+    let mut levels = [[128u8; QK8_0]; WIDE_ROWS];
+    let level_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(QK8_0 as i32));
+    out.clear();
+    out.reserve(per_row);
+    for b in 0..per_row {
+        let block = ws.as_ptr().add(b * size);
+        let mut wide = WideBlock {
+            lv: [[0; 64]; QK8_0 / 4],
+            d: [0.0; WIDE_ROWS],
+        };
+        if T == 0 {
+            for (l, lv) in wide.lv.iter_mut().enumerate() {
+                let at = _mm512_add_epi32(row_at, _mm512_set1_epi32(2 + 4 * l as i32));
+                let v = _mm512_mask_i32gather_epi32::<1>(
+                    _mm512_setzero_si512(),
+                    live,
+                    at,
+                    block.cast(),
+                );
+                // i8 + 128 as u8: the sign bit flipped (rows past the last: 0 -> level 0).
+                _mm512_store_si512(lv.as_mut_ptr().cast(), _mm512_xor_si512(v, flip));
+            }
+        } else {
+            for (r, lr) in levels.iter_mut().enumerate().take(rows) {
+                let v = zero_levels_biased::<T>(block.add(r * row_bytes));
+                _mm256_storeu_si256(lr.as_mut_ptr().cast(), _mm512_castsi512_si256(v));
+            }
+            for (l, lv) in wide.lv.iter_mut().enumerate() {
+                let at = _mm512_add_epi32(level_at, _mm512_set1_epi32(4 * l as i32));
+                let v = _mm512_i32gather_epi32::<1>(at, levels.as_ptr().cast());
+                _mm512_store_si512(lv.as_mut_ptr().cast(), v);
+            }
+        }
+        // The f16 scales (the first 2 bytes of each row's block), widened exactly.
+        let h =
+            _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live, row_at, block.cast());
+        _mm512_store_ps(
+            wide.d.as_mut_ptr(),
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)),
+        );
+        out.push(wide);
+    }
+}
+
+/// C activation rows (`a`, their blocks matching `w`'s) continue their states over the blocks of
+/// `w`: per block, lane l of every weight row is Σ (level + 128)·a - 128·Σ a over 4 neighbours
+/// (one vpdpbusd for 16 rows, exact), then f[l] += lane·(d_w·d_a) (one fused multiply-add):
+/// `dot_row_0`'s lanes and folds, in the other direction of the vector.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn zero_wide<const C: usize>(
+    w: &[WideBlock],
+    a: [&[RowQ8_0]; C],
+    state: &mut [WideState; C],
+) {
+    assert!(a.iter().all(|r| r.len() == w.len()));
+    let mut f: [[__m512; QK8_0 / 4]; C] =
+        std::array::from_fn(|c| std::array::from_fn(|l| _mm512_load_ps(state[c].f[l].as_ptr())));
+    for (b, wb) in w.iter().enumerate() {
+        let dw = _mm512_load_ps(wb.d.as_ptr());
+        let d: [__m512; C] =
+            std::array::from_fn(|c| _mm512_mul_ps(dw, _mm512_set1_ps(a[c].get_unchecked(b).d)));
+        for (l, lv) in wb.lv.iter().enumerate() {
+            let lv = _mm512_load_si512(lv.as_ptr().cast());
+            for c in 0..C {
+                let ab = a[c].get_unchecked(b);
+                let four = ab.qs.as_ptr().cast::<i32>().add(l).read_unaligned();
+                let q =
+                    _mm512_dpbusd_epi32(_mm512_set1_epi32(ab.bias[l]), lv, _mm512_set1_epi32(four));
+                f[c][l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d[c], f[c][l]);
+            }
+        }
+    }
+    for (fc, sc) in f.iter().zip(state.iter_mut()) {
+        for (fl, sl) in fc.iter().zip(sc.f.iter_mut()) {
+            _mm512_store_ps(sl.as_mut_ptr(), *fl);
+        }
+    }
+}
+
+/// The first `rows` outputs of a state, each its 8 lanes added as `super::hsum8` adds them
+/// (halves, pairs, the last two: here for 16 rows at once), stored at `y` (contiguous).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn wide_out(s: &WideState, rows: usize, y: *mut f32) {
+    let f: [__m512; 8] = std::array::from_fn(|l| _mm512_load_ps(s.f[l].as_ptr()));
+    let a: [__m512; 4] = std::array::from_fn(|i| _mm512_add_ps(f[i], f[i + 4]));
+    let v = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+    _mm512_mask_storeu_ps(y, (1u32 << rows).wrapping_sub(1) as u16, v);
 }
 
 /// `super::quantize_q8k_scalar` on 16 lanes, the same values: the largest magnitude is exact
