@@ -910,6 +910,16 @@ fn termination_signals_remove_partial_files() {
     }
 }
 
+/// Shorten the file at `path` to `len` bytes in place (as another process truncating it would).
+fn cut(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// `big_checkpoint` converted to F16 under `root`: (checkpoint, LLM GGUF, mmproj GGUF).
 fn big_f16_files(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let big = big_checkpoint(root);
@@ -945,15 +955,8 @@ fn input_shrinking_during_quantize_is_an_error() {
     // succeeds (exit 0, nothing to detect), so it is run again from an intact input.
     for _ in 0..5 {
         std::fs::copy(&pristine, &input).unwrap();
-        let (status, stderr) = signal_mid_write(&a, tmp.path(), &out, 0, |_| {
-            // Keep the header and tensor infos, drop most of the data.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&input)
-                .unwrap()
-                .set_len(len / 8)
-                .unwrap();
-        });
+        // Keep the header and tensor infos, drop most of the data.
+        let (status, stderr) = signal_mid_write(&a, tmp.path(), &out, 0, |_| cut(&input, len / 8));
         assert_eq!(status.signal(), None, "killed by a signal: {stderr}");
         if status.code() == Some(0) {
             eprintln!("quantize had read its input before the cut; retrying");
@@ -1004,16 +1007,11 @@ fn input_shrinking_during_verify_is_an_error() {
     let maps = format!("/proc/{}/maps", child.id());
     let needle = input.to_string_lossy().into_owned();
     let t0 = std::time::Instant::now();
-    let mut cut = false;
+    let mut cut_done = false;
     while child.try_wait().unwrap().is_none() && t0.elapsed() < RUN_TIMEOUT {
         if std::fs::read_to_string(&maps).is_ok_and(|m| m.contains(&needle)) {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&input)
-                .unwrap()
-                .set_len(len / 8)
-                .unwrap();
-            cut = true;
+            cut(&input, len / 8);
+            cut_done = true;
             break;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
@@ -1021,7 +1019,7 @@ fn input_shrinking_during_verify_is_an_error() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        cut,
+        cut_done,
         "verify never mapped the artefact: {:?} {stderr}",
         out.status
     );
