@@ -21,8 +21,8 @@
 //! (`PairQ8K`, `PairQ8_0`; `dot/avx512.rs`), so every ISA gives every output the same bits. For
 //! many rows of the 32-value types, the wide kernel turns the vector the other way: lane r holds
 //! weight row r of 16 (the task's rows transposed once), 4 activation levels are broadcast, so
-//! one vpdpbusd, one conversion and one fused multiply-add make lane l of 16 outputs where the
-//! pair kernel's also needed a multiply of the scales per row pair (Q8_0 about 2x).
+//! one vpdpbusd, one conversion and one fused multiply-add make lane l of 16 outputs (the pair
+//! kernel also multiplied the scales for every row pair): Q8_0 about 2.5x per core.
 //!
 //! Block layouts (ggml-common.h; little-endian):
 //! - Q8_0 `{f16 d; i8 qs[32]}`: x = d*q.
