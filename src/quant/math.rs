@@ -23,6 +23,17 @@ pub fn nearest_int(f: f32) -> i32 {
     (i & 0x007f_ffff) - 0x0040_0000
 }
 
+/// C `roundf` (half away from zero) for |f| < 2^31, without the libm call `f32::round` makes on
+/// x86-64's baseline (no SSE4.1): the truncation `f as i32` and the fraction `f - t` are exact, so
+/// stepping away from zero when |fraction| >= 1/2 gives roundf's integer; plain arithmetic,
+/// which the compiler vectorises.
+#[inline(always)]
+pub fn round_away(f: f32) -> i32 {
+    let t = f as i32;
+    let frac = f - t as f32;
+    t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
+}
+
 /// fp32 -> fp16 bits, round to nearest even (ggml's `GGML_FP32_TO_FP16`).
 #[inline(always)]
 pub fn fp16(v: f32) -> f16 {
@@ -226,6 +237,20 @@ pub fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// round_away is C roundf (Rust's f32::round) on every 61st f32 below 2^31 of either sign,
+    /// and on each tie n + 1/2 and its two neighbours.
+    #[test]
+    fn round_away_is_roundf() {
+        let below = 2f32.powi(31).to_bits();
+        let ties = (0..300).map(|n| n as f32 + 0.5).flat_map(|t| [t.next_down(), t, t.next_up()]);
+        let some = (0..below).step_by(61).map(f32::from_bits);
+        for v in some.chain(ties).chain([0.49999997, 0.5, 1.5, 2.5, 127.5, 126.99999]) {
+            for v in [v, -v] {
+                assert_eq!(round_away(v), v.round() as i32, "{v:e}");
+            }
+        }
+    }
 
     #[test]
     fn quant_nearest_int_is_half_to_even() {
