@@ -708,6 +708,14 @@ mod tests {
     fn a_row_alone_equals_that_row_among_many_whatever_the_threads() {
         let (n, out, k) = (29, 70, 600);
         let x = values(n * k, 3);
+        for ty in [GgmlType::F32, GgmlType::F16] {
+            let w = stored(ty, &values(out * k, 4));
+            let all = matmul(ty, &w, out, k, &x, n).unwrap();
+            for i in [0, 5, 28] {
+                let one = matmul(ty, &w, out, k, &x[i * k..(i + 1) * k], 1).unwrap();
+                assert_eq!(one, all[i * out..(i + 1) * out], "{ty}");
+            }
+        }
         let w = stored(GgmlType::BF16, &values(out * k, 4));
         let all = matmul(GgmlType::BF16, &w, out, k, &x, n).unwrap();
         for i in [0, 5, 28] {

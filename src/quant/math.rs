@@ -243,9 +243,14 @@ mod tests {
     #[test]
     fn round_away_is_roundf() {
         let below = 2f32.powi(31).to_bits();
-        let ties = (0..300).map(|n| n as f32 + 0.5).flat_map(|t| [t.next_down(), t, t.next_up()]);
+        let ties = (0..300)
+            .map(|n| n as f32 + 0.5)
+            .flat_map(|t| [t.next_down(), t, t.next_up()]);
         let some = (0..below).step_by(61).map(f32::from_bits);
-        for v in some.chain(ties).chain([0.49999997, 0.5, 1.5, 2.5, 127.5, 126.99999]) {
+        for v in some
+            .chain(ties)
+            .chain([0.49999997, 0.5, 1.5, 2.5, 127.5, 126.99999])
+        {
             for v in [v, -v] {
                 assert_eq!(round_away(v), v.round() as i32, "{v:e}");
             }
