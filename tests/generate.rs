@@ -579,14 +579,28 @@ fn cli_json_report() {
     );
 
     // Usage errors (exit 2) and bad input (exit 1, naming the file).
-    for (args, code) in [
-        (vec!["--input-ids", ids, "--temp", "-1"], 2),
-        (vec!["--input-ids", ids, "--top-p", "0"], 2),
-        (vec!["--input-ids", ids, "--max-tokens", "0"], 2),
-        (vec![], 2),
+    // (A negative --temp is read as a value and refused as one, not as an unknown flag.)
+    for (args, code, says) in [
+        (
+            vec!["--input-ids", ids, "--temp", "-1"],
+            2,
+            "--temp -1 must be",
+        ),
+        (
+            vec!["--input-ids", ids, "--top-p", "0"],
+            2,
+            "--top-p 0 must be",
+        ),
+        (
+            vec!["--input-ids", ids, "--max-tokens", "0"],
+            2,
+            "--max-tokens",
+        ),
+        (vec![], 2, "--prompt"),
     ] {
         let r = run(base(&args), &root());
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
     }
     // The context (256 positions) ends the text: 89 prompt positions, then 167 fed tokens and
     // one more sampled from the last position's logits.

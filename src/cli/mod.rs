@@ -291,13 +291,14 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    // A negative value is read as a value (and refused as one), not as an unknown flag.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temp: f32,
     /// Sample from the k most likely tokens only (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample from the most likely tokens whose probability reaches p.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
