@@ -14,8 +14,8 @@
 //! Shape of the work (the usual blocked GEMM): a task owns up to `NC_MAX` weight rows; for each
 //! run of `KC` along k it widens its rows into `NR`-row panels laid out `[k][NR]`, then each tile
 //! of `MR` activation rows x `NR` outputs (AVX-512: `MR2` rows x two panels) reads its activations
-//! once per run and a panel per tile. One activation row (decode) on AVX-512 skips the panels:
-//! 16 weight rows' next 16 values are loaded, widened and transposed in registers, so each lane
+//! once per run and a panel per tile. One activation row (decode) skips the panels: 16 (AVX2: 8)
+//! weight rows' next 16 (8) values are loaded, widened and transposed in registers, so each lane
 //! still carries one output's chain (F16 7B decode 2.4x faster than through the panels).
 use super::dot::Isa;
 use super::{GgmlType, QuantError};
@@ -33,7 +33,8 @@ const MR2: usize = 12;
 const KC: usize = 256;
 /// Most weight rows per task.
 const NC_MAX: usize = 128;
-/// Weight rows per task of the one-row product (AVX-512): groups of NR, each read once.
+/// Weight rows per task of the one-row product (AVX2 / AVX-512): groups of 8 / NR, each read
+/// once.
 const MATVEC_ROWS: usize = 4 * NR;
 
 /// Weight types this module multiplies on their stored bytes.
@@ -87,19 +88,26 @@ pub fn matmul_with(
         return Ok(y);
     }
     #[cfg(target_arch = "x86_64")]
-    if n == 1 && isa == Isa::Avx512 {
+    if n == 1 && isa.vector() {
         // A lone row (decode): its weight rows are read once, so packing them into panels (a
         // store and a load of every value, plus the transposes) is pure cost.
-        let groups = out.div_ceil(NR);
+        let group = if isa == Isa::Avx512 { NR } else { 8 };
+        let size = ty.type_size();
         y.par_chunks_mut(MATVEC_ROWS)
             .enumerate()
             .for_each(|(t, yt)| {
-                for (g, yg) in yt.chunks_mut(NR).enumerate() {
-                    let r0 = t * MATVEC_ROWS + g * NR;
-                    debug_assert!(r0 / NR < groups);
-                    let rows = &w[r0 * k * ty.type_size()..(r0 + yg.len()) * k * ty.type_size()];
-                    // SAFETY: Isa::Avx512 detected; `rows` holds yg.len() <= NR rows of k values.
-                    unsafe { avx512::matvec(ty, rows, k, x, yg) };
+                for (g, yg) in yt.chunks_mut(group).enumerate() {
+                    let r0 = t * MATVEC_ROWS + g * group;
+                    let rows = &w[r0 * k * size..(r0 + yg.len()) * k * size];
+                    // SAFETY: the ISA's features detected; `rows` holds yg.len() <= group rows
+                    // of k values.
+                    unsafe {
+                        if isa == Isa::Avx512 {
+                            avx512::matvec(ty, rows, k, x, yg)
+                        } else {
+                            avx2::matvec(ty, rows, k, x, yg)
+                        }
+                    };
                 }
             });
         return Ok(y);
@@ -467,6 +475,42 @@ mod avx2 {
                 _mm256_storeu_ps(dst[(q0 + q) * NR..].as_mut_ptr(), *col);
             }
         }
+    }
+
+    /// `super::avx512::matvec` on 8-lane vectors: 8 weight rows' next 8 values loaded, widened
+    /// and transposed 8x8 in registers, each lane one output's chain of FMAs over k in order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn matvec(ty: GgmlType, w: &[u8], k: usize, x: &[f32], y: &mut [f32]) {
+        let (live, size) = (y.len(), ty.type_size());
+        assert!(live <= 8 && w.len() == live * k * size && x.len() == k);
+        let row = |i: usize| w.as_ptr().add(i * k * size);
+        let mut acc = _mm256_setzero_ps();
+        let whole = k / 8 * 8;
+        for q0 in (0..whole).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| {
+                if i < live {
+                    widen8(ty, row(i).add(q0 * size))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            for (j, cj) in transpose8(r).iter().enumerate() {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*x.get_unchecked(q0 + j)), *cj, acc);
+            }
+        }
+        for (q, &xq) in x.iter().enumerate().skip(whole) {
+            let col: [f32; 8] = std::array::from_fn(|i| {
+                if i < live {
+                    super::widen(ty, std::slice::from_raw_parts(row(i).add(q * size), size))
+                } else {
+                    0.0
+                }
+            });
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(xq), _mm256_loadu_ps(col.as_ptr()), acc);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        y.copy_from_slice(&out[..live]);
     }
 
     /// The 8x8 transpose: lane j of result i is lane i of input j.
