@@ -316,6 +316,20 @@ fn pack_panel(isa: Isa, m: &Stored<'_>, r0: usize, live: usize, p0: usize, dst: 
     }
 }
 
+/// Value q of each of the first `live` weight rows in `w` (k values of `ty` each), zero past
+/// them: one column of an L-row group of the one-row product, past its last whole square.
+#[cfg(target_arch = "x86_64")]
+fn column<const L: usize>(ty: GgmlType, w: &[u8], k: usize, live: usize, q: usize) -> [f32; L] {
+    let size = ty.type_size();
+    std::array::from_fn(|i| {
+        if i < live {
+            widen(ty, &w[(i * k + q) * size..])
+        } else {
+            0.0
+        }
+    })
+}
+
 /// The value of type `ty` at the start of `b` as f32 (exact for all three types).
 fn widen(ty: GgmlType, b: &[u8]) -> f32 {
     match ty {
@@ -499,13 +513,7 @@ mod avx2 {
             }
         }
         for (q, &xq) in x.iter().enumerate().skip(whole) {
-            let col: [f32; 8] = std::array::from_fn(|i| {
-                if i < live {
-                    super::widen(ty, std::slice::from_raw_parts(row(i).add(q * size), size))
-                } else {
-                    0.0
-                }
-            });
+            let col = super::column::<8>(ty, w, k, live, q);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(xq), _mm256_loadu_ps(col.as_ptr()), acc);
         }
         let mut out = [0f32; 8];
@@ -669,13 +677,7 @@ mod avx512 {
             }
         }
         for (q, &xq) in x.iter().enumerate().skip(whole) {
-            let col: [f32; 16] = std::array::from_fn(|i| {
-                if i < live {
-                    super::widen(ty, std::slice::from_raw_parts(row(i).add(q * size), size))
-                } else {
-                    0.0
-                }
-            });
+            let col = super::column::<16>(ty, w, k, live, q);
             acc = _mm512_fmadd_ps(_mm512_set1_ps(xq), _mm512_loadu_ps(col.as_ptr()), acc);
         }
         _mm512_mask_storeu_ps(y.as_mut_ptr(), ((1u32 << live) - 1) as __mmask16, acc);
