@@ -598,9 +598,8 @@ fn run_with<B: Backend>(
     if ids.is_empty() {
         return Err(Error::usage("the prompt has no tokens"));
     }
-    let n_pos = ids.len()
-        + ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count()
-            * hp.clip.n_patches().saturating_sub(1);
+    let markers = ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count();
+    let n_pos = ids.len() + markers * hp.clip.n_patches().saturating_sub(1);
     if n_pos > hp.llama.n_ctx {
         return Err(Error::input(
             opts.input_ids
@@ -612,7 +611,6 @@ fn run_with<B: Backend>(
             ),
         ));
     }
-    let markers = ids.iter().filter(|&&i| i == model::IMAGE_TOKEN).count();
     if markers > 1 {
         let what = format!("the prompt has {markers} <image> markers; one image is supported");
         return Err(match &opts.input_ids {
