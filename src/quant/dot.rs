@@ -168,6 +168,12 @@ struct RowQ8_0 {
     d: f32,
 }
 
+/// -128·(the sum of each 4 neighbouring levels) of a Q8_0 activation block: what the AVX-512
+/// kernels start each vpdpbusd lane with, as they multiply weight levels + 128 (unsigned).
+fn bias4(qs: &[i8; QK8_0]) -> [i32; QK8_0 / 4] {
+    std::array::from_fn(|l| -128 * qs[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum::<i32>())
+}
+
 /// Activations laid out for the AVX-512 kernels. `K`, `Zero`: row pairs (`n / 2` pairs of
 /// `per_row` blocks each: pair p, block b at `p * per_row + b`; an odd last row is left out).
 /// `Rows`: every row (row j, block b at `j * per_row + b`), for the 32-value types' wide kernel.
@@ -184,12 +190,7 @@ impl Pairs {
             a.par_iter()
                 .map(|b| RowQ8_0 {
                     qs: b.qs,
-                    bias: std::array::from_fn(|l| {
-                        -128 * b.qs[4 * l..4 * l + 4]
-                            .iter()
-                            .map(|&v| v as i32)
-                            .sum::<i32>()
-                    }),
+                    bias: bias4(&b.qs),
                     d: b.d,
                 })
                 .collect(),
@@ -235,10 +236,7 @@ impl Pairs {
                         };
                         for (h, row) in [&a[r0], &a[r0 + step]].into_iter().enumerate() {
                             p.qs[32 * h..32 * h + 32].copy_from_slice(&row.qs);
-                            for (l, four) in row.qs.chunks_exact(4).enumerate() {
-                                p.bias[8 * h + l] =
-                                    -128 * four.iter().map(|&v| v as i32).sum::<i32>();
-                            }
+                            p.bias[8 * h..8 * h + 8].copy_from_slice(&bias4(&row.qs));
                             p.d[8 * h..8 * h + 8].fill(row.d);
                         }
                         p
@@ -1097,6 +1095,9 @@ fn zero_type(t: u8) -> GgmlType {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+/// The 8x8 transpose of f32 vectors, shared with `float_dot`'s AVX2 kernels.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -1392,40 +1393,46 @@ mod avx2 {
     }
 
     /// `super::hsum8` of each of 8 lane sets, the 8 sums stored at `out..out + 8`: the sets as
-    /// the rows of an 8 x 8 matrix, its columns gathered by unpacks and shuffles, then hsum8's
-    /// additions on whole columns in hsum8's order (so each sum has its bits). One task's 8
-    /// outputs of one activation row, contiguous in y, in one store.
+    /// the rows of an 8 x 8 matrix, transposed, then hsum8's additions on whole columns in
+    /// hsum8's order (so each sum has its bits). One task's 8 outputs of one activation row,
+    /// contiguous in y, in one store.
     #[target_feature(enable = "avx2")]
     pub unsafe fn hsum8_x8(m: [&[f32; 8]; 8], out: *mut f32) {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(m[i].as_ptr()));
-        // t: rows 2k, 2k + 1 interleaved; u: lanes (c, c + 4) of rows 4h..4h + 3.
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i.is_multiple_of(2) {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
-        let u = |h: usize, c: usize| {
-            let (a, b) = (t[4 * h + c / 2], t[4 * h + 2 + c / 2]);
-            if c.is_multiple_of(2) {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(a, b)
-            }
-        };
-        // col(c) = lane c of rows 0..8, col4(c) = lane c + 4.
-        let both = |c: usize| {
-            let (lo, hi) = (u(0, c), u(1, c));
-            _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(lo, hi),
-                _mm256_permute2f128_ps::<0x31>(lo, hi),
-            )
-        };
-        let (a0, a1, a2, a3) = (both(0), both(1), both(2), both(3));
-        let h = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+        let c = transpose8(std::array::from_fn(|i| _mm256_loadu_ps(m[i].as_ptr())));
+        let a: [__m256; 4] = std::array::from_fn(|j| _mm256_add_ps(c[j], c[j + 4]));
+        let h = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
         _mm256_storeu_ps(out, h);
+    }
+
+    /// The 8x8 transpose: lane j of result i is lane i of input j.
+    #[inline(always)]
+    pub(crate) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
     }
 
     /// How far ahead of the block being summed `tile` prefetches the weight (prefetching past
